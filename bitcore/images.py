@@ -1,0 +1,73 @@
+"""Safe image decoding shared by the data pipeline and the predictor.
+
+Magic bytes decide the format (never a file name or a client's Content-Type); only an
+allow-list of formats is decoded; decompression bombs are errors, not warnings; EXIF
+orientation is applied; the result is always RGB.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
+DEFAULT_MAX_PIXELS = 64_000_000  # ~8000x8000; larger is refused as a possible bomb
+
+_MAGIC = (
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"BM", "BMP"),
+)
+
+
+class ImageError(ValueError):
+    """The bytes are not an acceptable image; `reason` is short and machine-friendly."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def sniff_format(head: bytes) -> str | None:
+    """The image format from the first bytes, or None if not an allowed one."""
+    if len(head) >= 12 and head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    for magic, fmt in _MAGIC:
+        if head.startswith(magic):
+            return fmt
+    return None
+
+
+def decode_image(source: bytes | str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode fully (so truncation is caught now) to an RGB image, or raise ImageError."""
+    data = source if isinstance(source, bytes) else Path(source).read_bytes()
+    fmt = sniff_format(data[:16])
+    if fmt is None:
+        raise ImageError("unsupported_format", f"not an allowed image type ({', '.join(ALLOWED_FORMATS)})")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data), formats=[fmt]) as img:
+                width, height = img.size
+                if width * height > max_pixels:
+                    raise ImageError(
+                        "too_many_pixels",
+                        f"image is {width}x{height} = {width * height} pixels, over the {max_pixels} cap",
+                    )
+                img.seek(0)  # GIF/WebP: first frame only
+                img.load()
+                rgb = ImageOps.exif_transpose(img).convert("RGB")
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError("too_many_pixels", f"decompression bomb refused: {exc}") from exc
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageError("undecodable", f"cannot decode {fmt} image: {exc}") from exc
+    if rgb.width < 1 or rgb.height < 1:
+        raise ImageError("empty", "image has no pixels")
+    return rgb
