@@ -103,7 +103,9 @@ def load_metadata(artifact_dir: str | Path) -> ArtifactMetadata:
     return ArtifactMetadata.from_dict(data)
 
 
-def load_weights(artifact_dir: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+def load_weights(
+    artifact_dir: str | Path, device: str | torch.device = "cpu"
+) -> dict[str, torch.Tensor]:
     """Read the safetensors weights. Anything else (a pickle, a .pt) is refused."""
     path = Path(artifact_dir) / WEIGHTS_FILE
     if not path.is_file():
@@ -114,7 +116,9 @@ def load_weights(artifact_dir: str | Path, device: str | torch.device = "cpu") -
         raise ArtifactError(f"{path} is not a valid safetensors file: {exc}") from exc
 
 
-def load_model(artifact_dir: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, ArtifactMetadata]:
+def load_model(
+    artifact_dir: str | Path, device: str | torch.device = "cpu"
+) -> tuple[torch.nn.Module, ArtifactMetadata]:
     """Rebuild the registry model and load its weights strictly (a mismatch is an error)."""
     from bitcore.models import create_model
 

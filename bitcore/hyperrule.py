@@ -161,9 +161,7 @@ def plan(
     _check_dataset(num_examples, image_size)
     unknown = sorted(set(overrides) - set(OVERRIDABLE))
     if unknown:
-        raise PlanError(
-            f"unknown override(s) {unknown}; allowed: {list(OVERRIDABLE)}", unknown[0]
-        )
+        raise PlanError(f"unknown override(s) {unknown}; allowed: {list(OVERRIDABLE)}", unknown[0])
     given = {k: v for k, v in overrides.items() if v is not None}
     precrop, crop = resolution(image_size, resolution_variant)
     supports = schedule(num_examples)
@@ -235,13 +233,12 @@ def _check_dataset(num_examples: int, image_size: tuple[int, int]) -> None:
 def _check_plan(p: Plan) -> None:
     if p.crop > p.precrop:
         raise PlanError(f"crop ({p.crop}) must be <= precrop ({p.precrop})", "crop")
-    if p.micro_batch_size is not None:
-        if p.micro_batch_size > p.batch_size or p.batch_size % p.micro_batch_size:
-            raise PlanError(
-                f"micro_batch_size ({p.micro_batch_size}) must divide batch_size "
-                f"({p.batch_size})",
-                "micro_batch_size",
-            )
+    mbs = p.micro_batch_size
+    if mbs is not None and (mbs > p.batch_size or p.batch_size % mbs):
+        raise PlanError(
+            f"micro_batch_size ({mbs}) must divide batch_size ({p.batch_size})",
+            "micro_batch_size",
+        )
     if p.warmup_steps >= p.total_steps and p.total_steps > 1:
         raise PlanError(
             f"warmup_steps ({p.warmup_steps}) must be < total steps ({p.total_steps})",

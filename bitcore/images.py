@@ -43,12 +43,16 @@ def sniff_format(head: bytes) -> str | None:
     return None
 
 
-def decode_image(source: bytes | str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def decode_image(
+    source: bytes | str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> Image.Image:
     """Decode fully (so truncation is caught now) to an RGB image, or raise ImageError."""
     data = source if isinstance(source, bytes) else Path(source).read_bytes()
     fmt = sniff_format(data[:16])
     if fmt is None:
-        raise ImageError("unsupported_format", f"not an allowed image type ({', '.join(ALLOWED_FORMATS)})")
+        raise ImageError(
+            "unsupported_format", f"not an allowed image type ({', '.join(ALLOWED_FORMATS)})"
+        )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

@@ -36,9 +36,7 @@ def eval_preprocess(image: Image.Image, crop: int) -> torch.Tensor:
     return to_unit_range(np.asarray(resized, dtype=np.uint8))
 
 
-def random_crop_flip(
-    pixels: torch.Tensor, crop: int, generator: torch.Generator
-) -> torch.Tensor:
+def random_crop_flip(pixels: torch.Tensor, crop: int, generator: torch.Generator) -> torch.Tensor:
     """Random crop x crop window and a coin-flip horizontal mirror of a (..., C, H, W) tensor."""
     height, width = pixels.shape[-2:]
     if crop > height or crop > width:

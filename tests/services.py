@@ -75,10 +75,22 @@ class PrivateServers:
     def start_redis(self) -> str:
         binary = shutil.which("redis-server")
         if not binary:
-            raise ServiceUnavailable("no Redis answers and redis-server is not installed. " + HOW_TO)
+            raise ServiceUnavailable(
+                "no Redis answers and redis-server is not installed. " + HOW_TO
+            )
         port = _free_port()
         proc = subprocess.Popen(
-            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            [
+                binary,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -91,19 +103,38 @@ class PrivateServers:
         initdb = shutil.which("initdb") or _pg_bin("initdb")
         pg_ctl = shutil.which("pg_ctl") or _pg_bin("pg_ctl")
         if not (initdb and pg_ctl):
-            raise ServiceUnavailable("no PostgreSQL answers and initdb/pg_ctl are not installed. " + HOW_TO)
+            raise ServiceUnavailable(
+                "no PostgreSQL answers and initdb/pg_ctl are not installed. " + HOW_TO
+            )
         data = self.tmp / "pgdata"
         port = _free_port()
         prefix: list[str] = []
         if os.geteuid() == 0:  # PostgreSQL refuses to run as root
             runuser = shutil.which("runuser")
             if not runuser:
-                raise ServiceUnavailable("running as root without runuser to start PostgreSQL. " + HOW_TO)
+                raise ServiceUnavailable(
+                    "running as root without runuser to start PostgreSQL. " + HOW_TO
+                )
             prefix = [runuser, "-u", "postgres", "--"]
             shutil.chown(self.tmp, "postgres")
-        subprocess.run([*prefix, initdb, "-D", str(data), "-U", "postgres", "-A", "trust"], check=True, capture_output=True)
         subprocess.run(
-            [*prefix, pg_ctl, "-D", str(data), "-o", f"-p {port} -k {self.tmp} -h 127.0.0.1", "-l", str(self.tmp / "pg.log"), "-w", "start"],
+            [*prefix, initdb, "-D", str(data), "-U", "postgres", "-A", "trust"],
+            check=True,
+            capture_output=True,
+        )
+        subprocess.run(
+            [
+                *prefix,
+                pg_ctl,
+                "-D",
+                str(data),
+                "-o",
+                f"-p {port} -k {self.tmp} -h 127.0.0.1",
+                "-l",
+                str(self.tmp / "pg.log"),
+                "-w",
+                "start",
+            ],
             check=True,
             capture_output=True,
         )
@@ -136,7 +167,11 @@ def _wait(check, what: str, timeout: float = 20.0) -> None:  # type: ignore[no-u
 
 
 def find_redis(private: PrivateServers) -> str:
-    url = os.environ.get("TEST_REDIS_URL") or os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
+    url = (
+        os.environ.get("TEST_REDIS_URL")
+        or os.environ.get("REDIS_URL")
+        or "redis://127.0.0.1:6379/0"
+    )
     if _redis_answers(url):
         return url
     return private.start_redis()
