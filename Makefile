@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-unit lint typecheck check up bench clean
+.PHONY: install test test-unit lint lint-deploy typecheck check up bench clean
 
 install: $(STAMP)
 
@@ -28,10 +28,16 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# Docker has no engine on the CI machines: the image and compose files are checked statically.
+lint-deploy: install
+	$(BIN)/hadolint docker/Dockerfile
+	command -v docker-compose >/dev/null || (apt-get update -qq && apt-get install -y -qq docker-compose)
+	docker-compose -f docker-compose.yml config -q
+
 typecheck: install
 	$(BIN)/mypy
 
-check: lint typecheck test
+check: lint lint-deploy typecheck test
 
 # Embedded default: gateway + worker on this machine, SQLite, no external servers.
 up: install
