@@ -59,6 +59,13 @@ class ArtifactMetadata:
             raise ArtifactError(f"not a {FORMAT} metadata file (format={data.get('format')!r})")
         if data.get("format_version") != FORMAT_VERSION:
             raise ArtifactError(f"unsupported artifact format_version {data.get('format_version')}")
+        classes = data.get("classes")
+        if not isinstance(classes, list) or not classes:
+            raise ArtifactError(
+                f"artifact metadata 'classes' must be a non-empty list, got {classes!r}"
+            )
+        if len(set(map(str, classes))) != len(classes):
+            raise ArtifactError("artifact metadata 'classes' has duplicate names")
         try:
             return cls(
                 model_name=str(data["model_name"]),
@@ -123,9 +130,15 @@ def load_model(
     from bitcore.models import create_model
 
     meta = load_metadata(artifact_dir)
-    model = create_model(meta.model_name, len(meta.classes))
+    try:
+        model = create_model(meta.model_name, len(meta.classes))
+    except ValueError as exc:  # unknown architecture name
+        raise ArtifactError(f"artifact metadata names a model bitcore cannot build: {exc}") from exc
     state = load_weights(artifact_dir)
-    result = model.load_state_dict(state, strict=False)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatch, e.g. a head for another number of classes
+        raise ArtifactError(f"weights do not match {meta.model_name}: {exc}") from exc
     if result.missing_keys or result.unexpected_keys:
         raise ArtifactError(
             f"weights do not match {meta.model_name}: missing {result.missing_keys[:5]}, "

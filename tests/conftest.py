@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import pytest
@@ -10,8 +9,9 @@ import torch
 
 from tests.services import PrivateServers, create_database, drop_database, find_postgres, find_redis
 
-# Two cores are shared by the test process, Celery workers and uvicorn servers it starts.
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Two cores are shared by the test process and the Celery workers and servers it starts; the
+# tests' models are tiny, so one intra-op thread each is fastest (thread overhead dominates).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
