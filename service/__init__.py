@@ -1,0 +1,1 @@
+"""bitserve gateway: the FastAPI app, its persistence layer (settings, database, storage)."""

@@ -1,0 +1,57 @@
+"""The FastAPI application factory. Nothing is built at import time: create_app does it."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
+
+from service.db import Database
+from service.errors import install_error_handlers
+from service.metrics import Metrics, MetricsMiddleware
+from service.routers import base_models, datasets, health, jobs, models
+from service.serving import ModelCache
+from service.settings import Settings, get_settings
+from service.storage import Storage
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    db = Database(settings.database_url)
+    storage = Storage(settings.artifact_root)
+    metrics = Metrics()
+    metrics.watch_jobs(db)
+    model_cache = ModelCache(settings, storage, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if settings.auto_migrate:
+            await run_in_threadpool(db.migrate)
+        model_cache.start()
+        try:
+            yield
+        finally:
+            await model_cache.close()
+            db.dispose()
+
+    app = FastAPI(
+        title="bitserve",
+        version="0.1.0",
+        description="Fine-tune BiT (Big Transfer) models with the BiT-HyperRule and serve them.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.db = db
+    app.state.storage = storage
+    app.state.metrics = metrics
+    app.state.models = model_cache
+    install_error_handlers(app)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    for module in (health, base_models, datasets, jobs, models):
+        app.include_router(module.router)
+    return app

@@ -1,0 +1,393 @@
+"""Safe extraction of uploaded dataset archives (.zip, .tar.gz).
+
+Two passes. The first reads only metadata (member names, types, declared sizes) and refuses
+the whole archive if any member could escape the target (`../`, absolute paths, drive
+letters), is a link, device or FIFO, or if the archive is too big once uncompressed (entry
+count, total size, compression ratio: zip bombs). Only then does the second pass write, and it
+writes regular files only, at paths we compute, counting the bytes it actually writes (a
+header may lie about sizes). Python's tarfile `filter="data"` is applied as a second opinion on
+every tar member, not relied on alone.
+
+Nested archives (.zip, .tar, .gz, ...) are not extracted: they are skipped and reported, so a
+dataset cannot smuggle a second level of decompression past the limits.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import re
+import stat
+import tarfile
+import zipfile
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import IO, Any, Literal
+
+ArchiveKind = Literal["zip", "tar.gz"]
+NESTED_SUFFIXES = (
+    ".zip", ".tar", ".gz", ".tgz", ".bz2", ".tbz", ".tbz2", ".xz", ".txz", ".zst", ".7z", ".rar",
+    ".lz", ".lzma", ".z",
+)  # fmt: skip
+SKIPPED_DIRS = frozenset({"__MACOSX"})  # macOS resource forks: never images
+# Small outputs are not held to the ratio limit: a 200x ratio only matters once the output is
+# big, and tiny flat images (a solid-colour BMP) compress far better than that. A tar.gz is
+# one gzip stream (no per-member sizes), so its whole stream is held to the ratio past a
+# larger floor: many small flat images together may legitimately pass 1 MiB.
+RATIO_MIN_BYTES = 1 << 20
+STREAM_RATIO_MIN_BYTES = 64 << 20
+COPY_CHUNK = 1 << 20
+_DRIVE = re.compile(r"^[A-Za-z]:")
+
+
+class ArchiveError(ValueError):
+    """The archive is refused; `status`/`code` map directly to the API error."""
+
+    def __init__(self, status: int, code: str, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.details = details
+
+
+def _unsafe(message: str, path: str, reason: str) -> ArchiveError:
+    return ArchiveError(422, "archive_unsafe", message, path=path, reason=reason)
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_entries: int = 100_000
+    max_uncompressed_bytes: int = 8 << 30
+    max_compression_ratio: float = 200.0
+    ratio_min_bytes: int = RATIO_MIN_BYTES  # per zip member
+    stream_ratio_min_bytes: int = STREAM_RATIO_MIN_BYTES  # per tar.gz stream
+
+
+@dataclass(frozen=True)
+class Skipped:
+    path: str
+    reason: str
+
+
+@dataclass
+class Extracted:
+    files: int = 0
+    bytes: int = 0
+    skipped: list[Skipped] = field(default_factory=list)
+    folders: list[str] = field(default_factory=list)  # created even if empty (empty classes)
+
+
+@dataclass(frozen=True)
+class _Member:
+    path: str  # normalised relative posix path
+    size: int
+    handle: object  # ZipInfo or TarInfo, for the second pass
+
+
+def detect_kind(path: str | Path) -> ArchiveKind | None:
+    """The archive type from its first bytes (never from a name or a Content-Type)."""
+    with open(path, "rb") as handle:
+        head = handle.read(4)
+    if head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):  # local file header, or an empty zip
+        return "zip"
+    if head[:2] == b"\x1f\x8b":  # gzip: a tar inside is checked while reading it
+        return "tar.gz"
+    return None
+
+
+def safe_relpath(name: str) -> str | None:
+    """The member name as a relative posix path, None for "." entries; raises if unsafe."""
+    if "\x00" in name:
+        raise _unsafe("member name contains a NUL byte", name, "bad_name")
+    # Backslashes: some Windows tools write them as separators; treat them so, so that
+    # "..\\x" cannot hide a parent reference.
+    posix = name.replace("\\", "/")
+    if posix.startswith("/") or _DRIVE.match(posix):
+        raise _unsafe(f"member {name!r} has an absolute path", name, "absolute_path")
+    parts = [p for p in PurePosixPath(posix).parts if p not in ("", ".")]
+    if ".." in parts:
+        raise _unsafe(f"member {name!r} escapes the archive folder", name, "path_traversal")
+    if any(len(p.encode()) > 255 for p in parts):
+        raise _unsafe(f"member {name!r} has a name part over 255 bytes", name, "bad_name")
+    return "/".join(parts) or None
+
+
+def _is_nested_archive(path: str) -> bool:
+    lower = path.lower()
+    return lower.endswith(NESTED_SUFFIXES)
+
+
+def _skipped_dir(path: str) -> bool:
+    return any(part in SKIPPED_DIRS for part in path.split("/"))
+
+
+class _Budget:
+    """Counts entries and bytes against the limits; raises the API error when crossed."""
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self.entries = 0
+        self.declared = 0
+
+    def entry(self) -> None:
+        self.entries += 1
+        if self.entries > self.limits.max_entries:
+            raise ArchiveError(
+                413,
+                "archive_too_large",
+                f"archive has more than {self.limits.max_entries} entries",
+                reason="too_many_entries",
+                limit=self.limits.max_entries,
+            )
+
+    def size(self, path: str, size: int) -> None:
+        self.declared += size
+        if self.declared > self.limits.max_uncompressed_bytes:
+            raise ArchiveError(
+                413,
+                "archive_too_large",
+                f"archive expands to more than {self.limits.max_uncompressed_bytes} bytes",
+                reason="uncompressed_size",
+                limit=self.limits.max_uncompressed_bytes,
+            )
+
+    def ratio(self, path: str, size: int, compressed: int) -> None:
+        ratio = size / max(1, compressed)
+        if size > self.limits.ratio_min_bytes and ratio > self.limits.max_compression_ratio:
+            raise _ratio_error(path, ratio, self.limits.max_compression_ratio)
+
+
+def _ratio_error(path: str, ratio: float, limit: float) -> ArchiveError:
+    return ArchiveError(
+        422,
+        "archive_unsafe",
+        f"member {path!r} expands {ratio:.0f}x (limit {limit:.0f}x): refused as a zip bomb",
+        path=path,
+        reason="compression_ratio",
+        ratio=round(ratio, 1),
+        limit=limit,
+    )
+
+
+# --- zip -------------------------------------------------------------------------------------
+
+
+def _scan_zip(archive: zipfile.ZipFile, budget: _Budget, out: Extracted) -> list[_Member]:
+    members: list[_Member] = []
+    for info in archive.infolist():
+        budget.entry()
+        path = safe_relpath(info.filename)
+        mode = info.external_attr >> 16  # unix mode, when the creator was a unix tool
+        kind = stat.S_IFMT(mode) if info.create_system == 3 else 0
+        if kind == stat.S_IFLNK:
+            raise _unsafe(f"member {info.filename!r} is a symbolic link", info.filename, "link")
+        if kind and kind not in (stat.S_IFREG, stat.S_IFDIR):
+            raise _unsafe(
+                f"member {info.filename!r} is a device, FIFO or socket", info.filename, "special"
+            )
+        if path is None or _skipped_dir(path):
+            continue
+        if info.is_dir():
+            out.folders.append(path)
+            continue
+        if info.flag_bits & 0x1:
+            raise ArchiveError(
+                422, "archive_invalid", "encrypted zip members are not supported", path=path
+            )
+        budget.size(path, info.file_size)
+        budget.ratio(path, info.file_size, info.compress_size)
+        if _is_nested_archive(path):
+            out.skipped.append(Skipped(path, "nested_archive"))
+            continue
+        members.append(_Member(path, info.file_size, info))
+    return members
+
+
+# --- tar.gz ----------------------------------------------------------------------------------
+
+
+class _CountingReader:
+    """The decompressed tar stream, refused as it is read once it grows past `limit` bytes or
+    past `max_ratio` times the compressed bytes read so far (gzip bombs stop early, not after
+    decompressing gigabytes)."""
+
+    def __init__(
+        self, raw: io.BufferedIOBase, compressed: IO[bytes], limit: int, limits: Limits, name: str
+    ) -> None:
+        self.raw = raw
+        self.compressed = compressed
+        self.limit = limit
+        self.limits = limits
+        self.name = name
+        self.count = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read(size)
+        self.count += len(data)
+        if self.count > self.limit:
+            raise ArchiveError(
+                413,
+                "archive_too_large",
+                f"archive expands to more than {self.limit} bytes",
+                reason="uncompressed_size",
+                limit=self.limit,
+            )
+        if self.count > self.limits.stream_ratio_min_bytes:
+            # tell() runs ahead of what was decompressed (read-ahead): errs towards accepting.
+            ratio = self.count / max(1, self.compressed.tell())
+            if ratio > self.limits.max_compression_ratio:
+                raise _ratio_error(self.name, ratio, self.limits.max_compression_ratio)
+        return data
+
+
+def _tar_stream_limit(limits: Limits) -> int:
+    # Tar adds a 512-byte header per member and pads data to 512 bytes, plus end blocks.
+    return limits.max_uncompressed_bytes + 1024 * (limits.max_entries + 2) + 10240
+
+
+def _scan_tar(path: Path, limits: Limits, budget: _Budget, out: Extracted) -> list[_Member]:
+    members: list[_Member] = []
+    with open(path, "rb") as compressed, gzip.GzipFile(fileobj=compressed, mode="rb") as raw:
+        counted = _CountingReader(raw, compressed, _tar_stream_limit(limits), limits, path.name)
+        # Stream mode ("r|"): one pass, nothing buffered, member data skipped as it goes by.
+        with tarfile.open(fileobj=counted, mode="r|") as archive:  # type: ignore[call-overload]
+            for info in archive:
+                budget.entry()
+                rel = safe_relpath(info.name)
+                if info.issym() or info.islnk():
+                    raise _unsafe(f"member {info.name!r} is a link", info.name, "link")
+                if not (info.isfile() or info.isdir()):
+                    raise _unsafe(
+                        f"member {info.name!r} is a device, FIFO or other special file",
+                        info.name,
+                        "special",
+                    )
+                try:  # Python's own policy as a second opinion
+                    tarfile.data_filter(info, "/nonexistent-target")
+                except tarfile.FilterError as exc:
+                    raise _unsafe(
+                        f"member {info.name!r} refused: {exc}", info.name, "filter"
+                    ) from None
+                if rel is None or _skipped_dir(rel):
+                    continue
+                if info.isdir():
+                    out.folders.append(rel)
+                    continue
+                budget.size(rel, info.size)
+                if _is_nested_archive(rel):
+                    out.skipped.append(Skipped(rel, "nested_archive"))
+                    continue
+                members.append(_Member(rel, info.size, info.name))
+    return members
+
+
+# --- extraction ------------------------------------------------------------------------------
+
+
+def _target_path(target: Path, rel: str) -> Path:
+    dest = (target / rel).resolve()
+    if not dest.is_relative_to(target) or dest == target:
+        raise _unsafe(f"member {rel!r} escapes the target folder", rel, "path_traversal")
+    return dest
+
+
+def _copy(
+    source: IO[bytes], dest: Path, declared: int, rel: str, total: list[int], limit: int
+) -> int:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    written = 0
+    # "xb": never follow or overwrite something already there (duplicate names are refused).
+    try:
+        with open(dest, "xb") as handle:
+            while chunk := source.read(COPY_CHUNK):
+                written += len(chunk)
+                total[0] += len(chunk)
+                if written > declared or total[0] > limit:
+                    raise ArchiveError(
+                        413,
+                        "archive_too_large",
+                        f"member {rel!r} expands beyond its declared size",
+                        reason="uncompressed_size",
+                        path=rel,
+                    )
+                handle.write(chunk)
+    except FileExistsError:
+        raise ArchiveError(
+            422, "archive_invalid", f"member {rel!r} appears twice", path=rel
+        ) from None
+    return written
+
+
+def _zip_files(path: Path, members: list[_Member]) -> Iterator[tuple[_Member, IO[bytes]]]:
+    with zipfile.ZipFile(path) as archive:
+        for member in members:
+            assert isinstance(member.handle, zipfile.ZipInfo)
+            with archive.open(member.handle) as source:
+                yield member, source
+
+
+def _tar_files(path: Path, members: list[_Member]) -> Iterator[tuple[_Member, IO[bytes]]]:
+    wanted = {str(m.handle): m for m in members}
+    with tarfile.open(path, mode="r:gz") as archive:
+        for info in archive:
+            member = wanted.get(info.name)
+            if member is None or not info.isfile():
+                continue
+            source = archive.extractfile(info)
+            if source is None:  # pragma: no cover - isfile() members always have data
+                continue
+            with source:
+                yield member, source
+
+
+def extract_archive(
+    path: str | Path, target: str | Path, limits: Limits, kind: ArchiveKind | None = None
+) -> Extracted:
+    """Check then extract `path` into the (new or empty) folder `target`.
+
+    Raises ArchiveError: 415 unsupported_media_type (not a zip or gzip), 413
+    archive_too_large (entries, total size), 422 archive_unsafe (traversal, links, devices,
+    compression ratio) or 422 archive_invalid (corrupt). On error `target` may hold partial
+    output: the caller removes it.
+    """
+    path = Path(path)
+    target = Path(target)
+    kind = kind or detect_kind(path)
+    if kind is None:
+        raise ArchiveError(
+            415, "unsupported_media_type", "upload a .zip or .tar.gz archive", reason="magic_bytes"
+        )
+    target.mkdir(parents=True, exist_ok=True)
+    target = target.resolve()
+    out = Extracted()
+    budget = _Budget(limits)
+    try:
+        if kind == "zip":
+            with zipfile.ZipFile(path) as archive:
+                members = _scan_zip(archive, budget, out)
+            files = _zip_files(path, members)
+        else:
+            members = _scan_tar(path, limits, budget, out)
+            files = _tar_files(path, members)
+        total = [0]
+        for folder in out.folders:
+            _target_path(target, folder).mkdir(parents=True, exist_ok=True)
+        for member, source in files:
+            dest = _target_path(target, member.path)
+            out.bytes += _copy(
+                source, dest, member.size, member.path, total, limits.max_uncompressed_bytes
+            )
+            out.files += 1
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        raise ArchiveError(
+            422, "archive_invalid", f"the archive is corrupt or truncated: {exc}"
+        ) from None
+    except (NotADirectoryError, IsADirectoryError, FileExistsError) as exc:
+        raise ArchiveError(
+            422, "archive_invalid", f"a file and a folder share a name: {exc.filename}"
+        ) from None
+    if out.files < len(members):
+        raise ArchiveError(422, "archive_invalid", "the archive changed while it was read")
+    return out

@@ -1,0 +1,234 @@
+"""Datasets: plain functions the routes (and tests) call.
+
+An upload becomes a dataset in one blocking step (`create_dataset`, run in a worker thread):
+safe extraction, decoding and validating every image (bitcore.data.index), a resized copy at
+the HyperRule's pre-crop size for training (bitcore.data.cache), then the database row. The
+row is written last, so a dataset that exists is always complete; on any failure its folder
+is removed.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from bitcore import hyperrule
+from bitcore.data.cache import build_cache
+from bitcore.data.index import DatasetError, DatasetIndex, index_directory
+from service import jobs
+from service.archives import ArchiveError, ArchiveKind, Extracted, Limits, extract_archive
+from service.db import Database
+from service.errors import ApiError, not_found
+from service.ids import new_id, rfc3339
+from service.pagination import paginate
+from service.settings import Settings
+from service.storage import Storage
+from service.tables import ACTIVE_JOB_STATES, Dataset, Job
+
+log = logging.getLogger(__name__)
+
+FILES_DIR = "files"
+INDEX_FILE = "index.json"
+CACHE_DIR = "cache"
+MAX_NAME_LENGTH = 200
+_ARCHIVE_SUFFIX = re.compile(r"(\.tar\.gz|\.tgz|\.zip|\.gz)$", re.IGNORECASE)
+
+
+def dataset_body(row: Dataset) -> dict[str, Any]:
+    """The REST shape (api.md, POST /v1/datasets -> 201)."""
+    return {
+        "id": row.id,
+        "name": row.name,
+        "status": row.status,
+        "num_images": row.num_images,
+        "num_classes": row.num_classes,
+        "classes": row.classes,
+        "image_size": row.image_size,
+        "rejected": row.rejected,
+        "bytes": row.bytes,
+        "created_at": rfc3339(row.created_at),
+    }
+
+
+def dataset_name(given: str | None, filename: str | None, fallback: str) -> str:
+    """The client's name if given, else the archive's file name without its suffix."""
+    if given is not None:
+        name = given.strip()
+        if not name or len(name) > MAX_NAME_LENGTH or not name.isprintable():
+            raise ApiError(
+                422,
+                "invalid_request",
+                f"name must be 1-{MAX_NAME_LENGTH} printable characters",
+                {"field": "name"},
+            )
+        return name
+    stem = _ARCHIVE_SUFFIX.sub("", Path((filename or "").replace("\\", "/")).name)
+    stem = "".join(c for c in stem if c.isprintable()).strip()[:MAX_NAME_LENGTH]
+    return stem or fallback
+
+
+def index_path(storage: Storage, row: Dataset) -> Path:
+    """Where the dataset's bitcore DatasetIndex lives (the worker trains from it)."""
+    return storage.path(row.storage_key) / INDEX_FILE
+
+
+def cache_dir(storage: Storage, row: Dataset) -> Path:
+    return storage.path(row.storage_key) / CACHE_DIR
+
+
+def _limits(settings: Settings) -> Limits:
+    return Limits(
+        max_entries=settings.max_archive_entries,
+        max_uncompressed_bytes=settings.max_uncompressed_bytes,
+        max_compression_ratio=settings.max_compression_ratio,
+    )
+
+
+def _rejected(index: DatasetIndex, files: Path, extracted: Extracted) -> list[dict[str, str]]:
+    """Skipped members and undecodable images, as paths inside the uploaded archive."""
+    items = [{"path": s.path, "reason": s.reason} for s in extracted.skipped]
+    for r in index.rejected:
+        path = (index.root / r.path).relative_to(files).as_posix()
+        items.append({"path": path, "reason": r.reason})
+    return sorted(items, key=lambda item: item["path"])
+
+
+def build_dataset_files(
+    archive: Path, kind: ArchiveKind, directory: Path, settings: Settings
+) -> tuple[DatasetIndex, list[dict[str, str]]]:
+    """Extract, index and cache into `directory`. Blocking: call from a worker thread."""
+    files = directory / FILES_DIR
+    try:
+        extracted = extract_archive(archive, files, _limits(settings), kind)
+    except ArchiveError as exc:
+        raise ApiError(exc.status, exc.code, str(exc), dict(exc.details)) from None
+    try:
+        index = index_directory(
+            files,
+            max_pixels=settings.max_image_pixels,
+            min_images_per_class=settings.min_images_per_class,
+        )
+    except DatasetError as exc:
+        raise ApiError(422, exc.code, str(exc), exc.details) from None
+    index.save(directory / INDEX_FILE)
+    # The training copy at the HyperRule's pre-crop size: decoding full-size uploads on
+    # every epoch would dominate a CPU fine-tuning run.
+    # The pre-crop size depends on the image size only (BiT sec. 3.3), so jobs on this dataset
+    # find this cache unless they override `precrop`.
+    plan = hyperrule.plan(index.num_images, index.median_size)
+    build_cache(index, plan.precrop, directory / CACHE_DIR, max_pixels=settings.max_image_pixels)
+    return index, _rejected(index, files, extracted)
+
+
+def create_dataset(
+    db: Database,
+    storage: Storage,
+    settings: Settings,
+    archive: Path,
+    kind: ArchiveKind,
+    *,
+    name: str,
+    size: int,
+    tenant_id: str | None,
+) -> Dataset:
+    """Turn an uploaded archive into a ready dataset (blocking). Raises ApiError."""
+    dataset_id = new_id("ds")
+    directory = storage.dataset_dir(dataset_id)
+    directory.mkdir(parents=True)
+    try:
+        index, rejected = build_dataset_files(archive, kind, directory, settings)
+        height, width = index.median_size
+        row = Dataset(
+            id=dataset_id,
+            tenant_id=tenant_id,
+            name=name,
+            status="ready",
+            num_images=index.num_images,
+            num_classes=len(index.classes),
+            classes=[{"name": n, "count": c} for n, c in index.counts().items()],
+            image_size={"median_height": height, "median_width": width},
+            rejected=rejected,
+            bytes=size,
+            storage_key=storage.key(directory),
+        )
+        with db.session() as session:
+            session.add(row)
+        return row
+    except BaseException:
+        storage.remove(directory)
+        raise
+
+
+def get_dataset(session: Session, tenant_id: str | None, dataset_id: str) -> Dataset:
+    """The dataset, or 404 for unknown ids and other tenants' datasets alike."""
+    row = session.get(Dataset, dataset_id)
+    if row is None or row.tenant_id != tenant_id or row.status != "ready":
+        raise not_found("dataset", dataset_id)
+    return row
+
+
+def list_datasets(
+    session: Session, tenant_id: str | None, limit: int, cursor: str | None
+) -> tuple[list[Dataset], str | None]:
+    query = sa.select(Dataset).where(
+        Dataset.tenant_id.is_(None) if tenant_id is None else Dataset.tenant_id == tenant_id,
+        Dataset.status == "ready",
+    )
+    return paginate(session, query, limit, cursor)
+
+
+def delete_dataset(db: Database, storage: Storage, tenant_id: str | None, dataset_id: str) -> None:
+    """Delete the row, then the files. 409 while a queued/running/cancelling job uses it."""
+    with db.session() as session:
+        # Row lock (PostgreSQL): a job created concurrently waits for this decision.
+        row = session.get(Dataset, dataset_id, with_for_update=True)
+        if row is None or row.tenant_id != tenant_id or row.status != "ready":
+            raise not_found("dataset", dataset_id)
+        active = session.scalars(
+            sa.select(Job.id)
+            .where(Job.dataset_id == dataset_id, Job.status.in_(ACTIVE_JOB_STATES))
+            .limit(10)
+        ).all()
+        if active:
+            raise ApiError(
+                409,
+                "dataset_in_use",
+                "jobs are using this dataset; cancel them or wait for them to finish",
+                {"jobs": list(active)},
+            )
+        directory = storage.path(row.storage_key)
+        session.delete(row)
+    storage.remove(directory)
+
+
+def plan_estimate(
+    row: Dataset, base_model: str, validation_fraction: float, overrides: dict[str, Any]
+) -> dict[str, Any]:
+    """GET /v1/datasets/{id}/plan: the plan a job would get (same function), and its work."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        plan = jobs.plan_for_dataset(row, base_model, validation_fraction, given)
+    except jobs.JobError as exc:
+        raise ApiError(exc.status, exc.code, exc.message, exc.details) from None
+    images = int(plan["total_steps"]) * int(plan["batch_size"])
+    train_examples = int(plan["source"]["num_examples"])
+    return {
+        "dataset_id": row.id,
+        "base_model": base_model,
+        "validation_fraction": validation_fraction,
+        "plan": plan,
+        "estimate": {
+            "training_examples": train_examples,
+            "images_processed": images,
+            "epochs": round(images / train_examples, 2),
+            # No throughput has been measured for this deployment's hardware, so no time is
+            # promised; images_processed divided by a measured images/s gives it.
+            "seconds": None,
+            "basis": "total_steps x batch_size training images; time unknown until measured",
+        },
+    }

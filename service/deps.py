@@ -1,0 +1,51 @@
+"""FastAPI dependencies (Annotated): settings, database, session, storage, tenant.
+
+Everything comes from app.state, built once by create_app, so tests can run several apps with
+different settings in one process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy.orm import Session
+
+from service.db import Database
+from service.settings import Settings
+from service.storage import Storage
+
+
+def get_app_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def get_db(request: Request) -> Database:
+    db: Database = request.app.state.db
+    return db
+
+
+def get_storage(request: Request) -> Storage:
+    storage: Storage = request.app.state.storage
+    return storage
+
+
+def get_session(db: Annotated[Database, Depends(get_db)]) -> Iterator[Session]:
+    """A session for one request. Routes commit explicitly; anything uncommitted is rolled back."""
+    with db.sessionmaker() as session:
+        yield session
+
+
+def get_tenant(request: Request) -> str | None:
+    """The caller's tenant; None while API keys are not configured (single tenant)."""
+    tenant: str | None = getattr(request.state, "tenant_id", None)
+    return tenant
+
+
+SettingsDep = Annotated[Settings, Depends(get_app_settings)]
+DbDep = Annotated[Database, Depends(get_db)]
+SessionDep = Annotated[Session, Depends(get_session)]
+StorageDep = Annotated[Storage, Depends(get_storage)]
+TenantDep = Annotated[str | None, Depends(get_tenant)]

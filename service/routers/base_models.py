@@ -1,0 +1,47 @@
+"""GET /v1/base-models: the models a job can start from."""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+from fastapi import APIRouter
+
+from bitcore import catalog
+from bitcore.models import MODEL_SPECS, count_parameters
+from service.deps import SettingsDep
+
+router = APIRouter(prefix="/v1", tags=["base models"])
+
+
+@cache
+def _parameters(name: str) -> int:
+    # Built on the meta device, but R152x4 still takes a moment: once per process is enough.
+    return count_parameters(name)
+
+
+def base_model_catalog(checkpoint_dir: Any, base_url: str | None) -> list[dict[str, Any]]:
+    """Every registry model: published ones with their checkpoint, small ones without."""
+    items = []
+    for name, spec in MODEL_SPECS.items():
+        entry = catalog.CATALOG.get(name) if spec.published else None
+        items.append(
+            {
+                "name": name,
+                "architecture": spec.architecture,
+                "parameters": _parameters(name),
+                "upstream": entry.upstream if entry else spec.upstream,
+                "published": spec.published,
+                "requires_checkpoint": entry is not None,
+                "checkpoint_present": catalog.is_present(name, checkpoint_dir) if entry else None,
+                "download_bytes": entry.approx_bytes if entry else None,
+                "url": entry.url(base_url) if entry else None,
+                "description": spec.description,
+            }
+        )
+    return items
+
+
+@router.get("/base-models")
+def list_base_models(settings: SettingsDep) -> dict[str, Any]:
+    return {"items": base_model_catalog(settings.checkpoint_dir, settings.checkpoint_base_url)}

@@ -1,0 +1,116 @@
+"""/v1/datasets: upload, list, get, delete, and the HyperRule plan a dataset would get."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request, Response
+from starlette.concurrency import run_in_threadpool
+
+from service import datasets
+from service.archives import detect_kind
+from service.deps import DbDep, SessionDep, SettingsDep, StorageDep, TenantDep
+from service.errors import ApiError
+from service.pagination import DEFAULT_LIMIT, CursorQuery, LimitQuery
+from service.uploads import receive_upload
+
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+
+UPLOAD_DOC = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {
+                        "file": {"type": "string", "format": "binary"},
+                        "name": {"type": "string", "maxLength": datasets.MAX_NAME_LENGTH},
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+@router.post("", status_code=201, openapi_extra=UPLOAD_DOC)
+async def upload_dataset(
+    request: Request, settings: SettingsDep, db: DbDep, storage: StorageDep, tenant: TenantDep
+) -> dict[str, Any]:
+    """A .zip or .tar.gz of `<class>/<image>` folders (the body is parsed as it streams)."""
+    tmp = await run_in_threadpool(storage.upload_tmp)
+    async with receive_upload(request, tmp, max_bytes=settings.max_upload_bytes) as upload:
+        kind = await run_in_threadpool(detect_kind, upload.path)
+        if kind is None:
+            raise ApiError(
+                415,
+                "unsupported_media_type",
+                "the file is not a .zip or .tar.gz archive (judged by its content)",
+            )
+        name = datasets.dataset_name(upload.fields.get("name"), upload.filename, "dataset")
+        row = await run_in_threadpool(
+            datasets.create_dataset,
+            db,
+            storage,
+            settings,
+            upload.path,
+            kind,
+            name=name,
+            size=upload.size,
+            tenant_id=tenant,
+        )
+    return datasets.dataset_body(row)
+
+
+@router.get("")
+def list_datasets(
+    session: SessionDep,
+    tenant: TenantDep,
+    limit: LimitQuery = DEFAULT_LIMIT,
+    cursor: CursorQuery = None,
+) -> dict[str, Any]:
+    rows, next_cursor = datasets.list_datasets(session, tenant, limit, cursor)
+    return {"items": [datasets.dataset_body(r) for r in rows], "next_cursor": next_cursor}
+
+
+@router.get("/{dataset_id}")
+def get_dataset(dataset_id: str, session: SessionDep, tenant: TenantDep) -> dict[str, Any]:
+    return datasets.dataset_body(datasets.get_dataset(session, tenant, dataset_id))
+
+
+@router.delete("/{dataset_id}", status_code=204)
+def delete_dataset(dataset_id: str, db: DbDep, storage: StorageDep, tenant: TenantDep) -> Response:
+    datasets.delete_dataset(db, storage, tenant, dataset_id)
+    return Response(status_code=204)
+
+
+@router.get("/{dataset_id}/plan")
+def dataset_plan(
+    dataset_id: str,
+    session: SessionDep,
+    tenant: TenantDep,
+    base_model: Annotated[str, Query(max_length=64)] = "BiT-M-R50x1",
+    validation_fraction: Annotated[float, Query(ge=0, lt=1)] = 0.1,
+    steps: Annotated[int | None, Query(ge=1)] = None,
+    warmup_steps: Annotated[int | None, Query(ge=0)] = None,
+    batch_size: Annotated[int | None, Query(ge=1)] = None,
+    micro_batch_size: Annotated[int | None, Query(ge=1)] = None,
+    base_lr: Annotated[float | None, Query(gt=0)] = None,
+    crop: Annotated[int | None, Query(ge=1)] = None,
+    precrop: Annotated[int | None, Query(ge=1)] = None,
+    mixup_alpha: Annotated[float | None, Query(ge=0)] = None,
+) -> dict[str, Any]:
+    row = datasets.get_dataset(session, tenant, dataset_id)
+    overrides = {
+        "steps": steps,
+        "warmup_steps": warmup_steps,
+        "batch_size": batch_size,
+        "micro_batch_size": micro_batch_size,
+        "base_lr": base_lr,
+        "crop": crop,
+        "precrop": precrop,
+        "mixup_alpha": mixup_alpha,
+    }
+    return datasets.plan_estimate(row, base_model, validation_fraction, overrides)

@@ -1,0 +1,87 @@
+"""Liveness, readiness and Prometheus metrics (no API key needed)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import anyio
+import sqlalchemy as sa
+from fastapi import APIRouter, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service.errors import error_response
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+router = APIRouter(tags=["health"])
+
+CHECK_TIMEOUT_S = 3.0
+READY_RETRY_AFTER = "5"
+
+
+def check_broker(url: str, timeout: float = CHECK_TIMEOUT_S) -> None:
+    """Raise unless the broker at `url` answers: a Redis PING, or a connect for sqla+ URLs."""
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        import redis
+
+        client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        try:
+            client.ping()
+        finally:
+            client.close()
+    elif url.startswith("sqla+"):
+        from service.db import create_engine
+
+        engine = create_engine(url.removeprefix("sqla+"))
+        try:
+            with engine.connect() as conn:
+                conn.execute(sa.text("SELECT 1"))
+        finally:
+            engine.dispose()
+    elif not url.startswith("memory://"):
+        raise ValueError(f"unsupported broker URL scheme: {url.split(':', 1)[0]}")
+
+
+def readiness_checks(request: Request) -> dict[str, Callable[[], None]]:
+    state = request.app.state
+    settings: Settings = state.settings
+    return {
+        "database": state.db.check,
+        "broker": lambda: check_broker(settings.broker_url),
+        "storage": state.storage.check,
+    }
+
+
+@router.get("/healthz")
+def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+async def readyz(request: Request) -> Response:
+    failing: dict[str, str] = {}
+    for name, check in readiness_checks(request).items():
+        try:
+            with anyio.fail_after(CHECK_TIMEOUT_S + 1):
+                # abandon_on_cancel: a hung dependency must not hang the probe itself.
+                await anyio.to_thread.run_sync(check, abandon_on_cancel=True)
+        except Exception as exc:  # any failure means "not ready"; the reason goes to the body
+            log.warning("readiness: %s failed: %s", name, exc)
+            failing[name] = f"{type(exc).__name__}: {exc}"[:300]
+    if failing:
+        return error_response(
+            503,
+            "not_ready",
+            f"not ready: {', '.join(failing)} unavailable",
+            {"failing": failing},
+            {"Retry-After": READY_RETRY_AFTER},
+        )
+    return Response('{"status":"ready"}', media_type="application/json")
+
+
+@router.get("/metrics")
+def metrics(request: Request) -> Response:
+    return Response(
+        generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST
+    )

@@ -1,0 +1,99 @@
+"""One place for configuration: a pydantic-settings class read through a cached getter.
+
+Environment variables use the prefix BITSERVE_ (BITSERVE_HOME, BITSERVE_PORT, ...); the
+database and broker URLs also answer to the conventional names DATABASE_URL,
+CELERY_BROKER_URL and REDIS_URL. Paths left unset are placed under `home`, so one directory
+holds everything an embedded (single-machine) deployment writes.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+GIB = 1 << 30
+
+
+def _env(name: str, *aliases: str) -> Any:
+    # A validation_alias replaces the prefixed env name, so list it explicitly; the field name
+    # itself stays accepted for Settings(field=...) in code and tests.
+    return AliasChoices(name, f"BITSERVE_{name.upper()}", *aliases)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="BITSERVE_", extra="ignore", populate_by_name=True, validate_default=True
+    )
+
+    home: Path = Path(".bitserve")
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+    # Defaults computed from the (already validated) home: data["home"] is absolute.
+    database_url: str = Field(
+        default_factory=lambda data: f"sqlite:///{data['home'] / 'bitserve.db'}",
+        validation_alias=_env("database_url", "DATABASE_URL"),
+    )
+    broker_url: str = Field(
+        default_factory=lambda data: f"sqla+sqlite:///{data['home'] / 'broker.db'}",
+        validation_alias=_env("broker_url", "CELERY_BROKER_URL", "REDIS_URL"),
+    )
+    checkpoint_dir: Path = Field(default_factory=lambda data: data["home"] / "checkpoints")
+    artifact_root: Path = Field(default_factory=lambda data: data["home"] / "store")
+    # None: migrate on start-up for the embedded SQLite set-up only; a shared PostgreSQL is
+    # migrated explicitly (`bitserve migrate`) so several gateways never race on it.
+    auto_migrate: bool | None = None
+
+    allow_downloads: bool = True
+    checkpoint_base_url: str | None = None
+
+    max_upload_bytes: int = Field(default=2 * GIB, gt=0)
+    max_archive_entries: int = Field(default=100_000, gt=0)
+    max_uncompressed_bytes: int = Field(default=8 * GIB, gt=0)
+    max_compression_ratio: float = Field(default=200.0, gt=1)
+    max_image_pixels: int = Field(default=64_000_000, gt=0)
+    min_images_per_class: int = Field(default=2, ge=1)
+
+    predict_max_batch_size: int = Field(default=32, gt=0)
+    predict_max_queue: int = Field(default=256, gt=0)
+    predict_max_queue_delay_ms: float = Field(default=2.0, ge=0)
+    model_cache_size: int = Field(default=4, gt=0)
+    predict_max_images_per_request: int = Field(default=64, gt=0)
+    # A predict request body (all its images, multipart or base64 JSON): 413 past it.
+    predict_max_request_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
+
+    job_max_attempts: int = Field(default=3, gt=0)
+    job_heartbeat_seconds: float = Field(default=5.0, gt=0)
+    job_stale_after_seconds: float = Field(default=60.0, gt=0)
+    job_progress_interval_seconds: float = Field(default=1.0, ge=0)
+    reconcile_interval_seconds: float = Field(default=30.0, gt=0)
+    # A queued job whose message was sent this long ago is sent again (the broker may have
+    # lost it, e.g. Redis restarted without persistence); duplicates are refused by the claim.
+    job_resend_after_seconds: float = Field(default=600.0, gt=0)
+    # Above the longest training job: Redis redelivers unacked late-ack tasks after this.
+    broker_visibility_timeout: int = Field(default=7 * 24 * 3600, gt=0)
+
+    device: str | None = None
+    train_queue: str = "train"
+    worker_concurrency: int = Field(default=1, gt=0)
+
+    @field_validator("home", "checkpoint_dir", "artifact_root")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    @model_validator(mode="after")
+    def _migrate_default(self) -> Settings:
+        if self.auto_migrate is None:
+            self.auto_migrate = self.database_url.startswith("sqlite")
+        return self
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings from the environment; tests build Settings(...) instead."""
+    return Settings()

@@ -1,0 +1,75 @@
+"""Where files live: server-generated paths under one root, never a path a client chose.
+
+Layout (relative "storage keys" are what the database stores):
+  datasets/<ds_id>/   files/ (extracted images), index.json, cache/ (resized copies)
+  jobs/<job_id>/      the training work dir (checkpoints, caches)
+  models/<mdl_id>/    a bitcore artifact (model.safetensors + metadata.json)
+  tmp/                uploads in flight
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from service.ids import is_id
+
+
+class Storage:
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).resolve()
+
+    def _dir(self, kind: str, prefix: str, object_id: str) -> Path:
+        # The id becomes a path part: accept only our own id format (no "..", no "/").
+        if not is_id(object_id, prefix):
+            raise ValueError(f"not a valid {prefix} id: {object_id!r}")
+        return self.root / kind / object_id
+
+    def dataset_dir(self, dataset_id: str) -> Path:
+        return self._dir("datasets", "ds", dataset_id)
+
+    def job_dir(self, job_id: str) -> Path:
+        return self._dir("jobs", "job", job_id)
+
+    def model_dir(self, model_id: str) -> Path:
+        return self._dir("models", "mdl", model_id)
+
+    def upload_tmp(self) -> Path:
+        """The folder for uploads in flight (created on demand)."""
+        path = self.root / "tmp"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def key(self, path: Path) -> str:
+        """The storage key (posix path relative to the root) of a path inside the store."""
+        return Path(path).resolve().relative_to(self.root).as_posix()
+
+    def path(self, key: str) -> Path:
+        """The path of a storage key; refuses keys that would leave the root."""
+        path = (self.root / key).resolve()
+        if not path.is_relative_to(self.root) or path == self.root:
+            raise ValueError(f"storage key {key!r} is outside the store")
+        return path
+
+    def remove(self, path: Path) -> None:
+        """Delete a file or tree inside the store (missing is fine)."""
+        path = Path(path)
+        if not path.resolve().is_relative_to(self.root) or path.resolve() == self.root:
+            raise ValueError(f"{path} is not inside the store")
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+    def check(self) -> None:
+        """Raise OSError unless a file can be created, written and removed under the root."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=".ready-", dir=self.root)
+        try:
+            os.write(fd, b"ok")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(name)

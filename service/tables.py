@@ -1,0 +1,131 @@
+"""The database tables (SQLAlchemy 2 typed ORM). Schema changes go through Alembic migrations.
+
+Every row carries `tenant_id` (None until API keys are configured) and every query filters by
+it, so one tenant never sees another's objects.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from service.ids import utcnow
+
+JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelling", "cancelled")
+ACTIVE_JOB_STATES = ("queued", "running", "cancelling")
+DATASET_STATES = ("ready", "deleting")
+
+
+class UTCDateTime(sa.TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every backend.
+
+    PostgreSQL stores `timestamptz`; SQLite has no time zones, so naive UTC is stored and
+    UTC is attached again on the way out (otherwise comparisons mix naive and aware values).
+    """
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map: ClassVar[dict[Any, Any]] = {
+        datetime: UTCDateTime,
+        dict[str, Any]: sa.JSON,
+        list[Any]: sa.JSON,
+    }
+
+
+class Dataset(Base):
+    __tablename__ = "datasets"
+    __table_args__ = (sa.Index("ix_datasets_tenant_created", "tenant_id", "created_at"),)
+
+    id: Mapped[str] = mapped_column(sa.String(40), primary_key=True)
+    tenant_id: Mapped[str | None] = mapped_column(sa.String(64))
+    name: Mapped[str] = mapped_column(sa.String(200))
+    status: Mapped[str] = mapped_column(sa.String(16), default="ready")
+    num_images: Mapped[int]
+    num_classes: Mapped[int]
+    classes: Mapped[list[Any]]  # [{name, count}]
+    image_size: Mapped[dict[str, Any]]  # {median_height, median_width}
+    rejected: Mapped[list[Any]]  # [{path, reason}]
+    bytes: Mapped[int] = mapped_column(sa.BigInteger)  # size of the uploaded archive
+    storage_key: Mapped[str] = mapped_column(sa.String(200))  # relative to the artifact root
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+    __table_args__ = (
+        sa.Index("ix_jobs_status_heartbeat", "status", "heartbeat_at"),
+        sa.Index("ix_jobs_tenant_created", "tenant_id", "created_at"),
+        # COALESCE: NULL tenants (no API keys) must still collide on the same key.
+        sa.Index(
+            "uq_jobs_tenant_idempotency",
+            sa.func.coalesce(sa.text("tenant_id"), ""),
+            "idempotency_key",
+            unique=True,
+        ),
+    )
+
+    id: Mapped[str] = mapped_column(sa.String(40), primary_key=True)
+    tenant_id: Mapped[str | None] = mapped_column(sa.String(64))
+    # SET NULL: a finished job outlives its dataset (deleting a dataset is refused only while
+    # an active job uses it).
+    dataset_id: Mapped[str | None] = mapped_column(
+        sa.ForeignKey("datasets.id", ondelete="SET NULL"), index=True
+    )
+    base_model: Mapped[str] = mapped_column(sa.String(64))
+    name: Mapped[str | None] = mapped_column(sa.String(200))
+    status: Mapped[str] = mapped_column(sa.String(16), default="queued")
+    plan: Mapped[dict[str, Any]]
+    validation_fraction: Mapped[float] = mapped_column(sa.Float, default=0.1)
+    seed: Mapped[int] = mapped_column(default=0)
+    overrides: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    idempotency_key: Mapped[str | None] = mapped_column(sa.String(200))
+    request_hash: Mapped[str | None] = mapped_column(sa.String(64))
+    progress: Mapped[dict[str, Any] | None]
+    attempts: Mapped[int] = mapped_column(default=0)
+    error_code: Mapped[str | None] = mapped_column(sa.String(64))
+    error_message: Mapped[str | None] = mapped_column(sa.Text)
+    model_id: Mapped[str | None] = mapped_column(sa.String(40))
+    metrics: Mapped[dict[str, Any] | None]
+    cancel_requested: Mapped[bool] = mapped_column(default=False)
+    worker_id: Mapped[str | None] = mapped_column(sa.String(200))
+    heartbeat_at: Mapped[datetime | None]
+    enqueued_at: Mapped[datetime | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class Model(Base):
+    __tablename__ = "models"
+    __table_args__ = (sa.Index("ix_models_tenant_created", "tenant_id", "created_at"),)
+
+    id: Mapped[str] = mapped_column(sa.String(40), primary_key=True)
+    tenant_id: Mapped[str | None] = mapped_column(sa.String(64))
+    job_id: Mapped[str | None] = mapped_column(sa.String(40), index=True)
+    base_model: Mapped[str] = mapped_column(sa.String(64))
+    name: Mapped[str | None] = mapped_column(sa.String(200))
+    classes: Mapped[list[Any]]  # [str], in label order
+    plan: Mapped[dict[str, Any]]
+    metrics: Mapped[dict[str, Any] | None]
+    input: Mapped[dict[str, Any]]  # {crop, mean, std}
+    storage_key: Mapped[str] = mapped_column(sa.String(200))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -1,0 +1,191 @@
+"""Receive a multipart upload straight to a temp file, with the byte cap enforced as it streams.
+
+Starlette's `request.form()` spools file parts without a size limit, so the body is parsed
+here with python-multipart's streaming parser: each chunk is counted before it is written,
+chunked bodies (no Content-Length) included, and nothing is held whole in memory. The temp
+file is removed when the `async with` block ends, whatever happened (errors, client
+disconnects), so the caller only has to consume it inside the block.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.requests import ClientDisconnect, Request
+
+from service.errors import ApiError
+
+MAX_FIELD_BYTES = 4096  # plain form fields (name, ...): small by nature
+
+
+@dataclass
+class Upload:
+    path: Path  # the temp file holding the file part
+    filename: str | None  # as the client named it: informative only, never a path we use
+    size: int  # bytes of the file part
+    fields: dict[str, str] = field(default_factory=dict)
+
+
+def too_large(limit: int) -> ApiError:
+    return ApiError(
+        413,
+        "payload_too_large",
+        f"the upload is larger than the limit of {limit} bytes",
+        {"limit_bytes": limit},
+    )
+
+
+class _FormWriter:
+    """python-multipart callbacks: the file part goes to `sink`, small fields to memory."""
+
+    def __init__(self, sink: IO[bytes], file_field: str) -> None:
+        self.sink = sink
+        self.file_field = file_field
+        self.file_seen = False
+        self.filename: str | None = None
+        self.size = 0
+        self.fields: dict[str, str] = {}
+        self._header_name = b""
+        self._header_value = b""
+        self._headers: dict[bytes, bytes] = {}
+        self._target: str | None = None  # "file", a field name, or None (ignored part)
+        self._buffer = bytearray()
+        self.complete = False  # the closing boundary was seen
+
+    def callbacks(self) -> dict[str, object]:
+        return {
+            "on_part_begin": self._part_begin,
+            "on_header_field": self._header_field,
+            "on_header_value": self._header_value_data,
+            "on_header_end": self._header_end,
+            "on_headers_finished": self._headers_finished,
+            "on_part_data": self._part_data,
+            "on_part_end": self._part_end,
+            "on_end": self._end,
+        }
+
+    def _part_begin(self) -> None:
+        self._headers = {}
+        self._target = None
+        self._buffer = bytearray()
+
+    def _header_field(self, data: bytes, start: int, end: int) -> None:
+        self._header_name += data[start:end]
+
+    def _header_value_data(self, data: bytes, start: int, end: int) -> None:
+        self._header_value += data[start:end]
+
+    def _header_end(self) -> None:
+        self._headers[self._header_name.lower()] = self._header_value
+        self._header_name = self._header_value = b""
+
+    def _headers_finished(self) -> None:
+        disposition, options = parse_options_header(self._headers.get(b"content-disposition"))
+        if disposition != b"form-data" or b"name" not in options:
+            raise ApiError(400, "malformed_request", "a multipart part lacks its form-data name")
+        name = options[b"name"].decode("utf-8", "replace")
+        if name == self.file_field:
+            if self.file_seen:
+                raise ApiError(400, "malformed_request", f"more than one {name!r} part")
+            self.file_seen = True
+            self._target = "file"
+            if b"filename" in options:
+                self.filename = options[b"filename"].decode("utf-8", "replace")[:255]
+        else:
+            self._target = name
+
+    def _part_data(self, data: bytes, start: int, end: int) -> None:
+        if self._target == "file":
+            # A page-cache write of one network chunk (<= 64 KiB): microseconds, so it stays
+            # on the event loop rather than paying a thread hop per chunk.
+            self.sink.write(data[start:end])
+            self.size += end - start
+        elif self._target is not None:
+            self._buffer += data[start:end]
+            if len(self._buffer) > MAX_FIELD_BYTES:
+                raise ApiError(
+                    413, "payload_too_large", f"form field {self._target!r} is over 4 KiB"
+                )
+
+    def _end(self) -> None:
+        self.complete = True
+
+    def _part_end(self) -> None:
+        if self._target not in (None, "file"):
+            assert self._target is not None
+            self.fields[self._target] = self._buffer.decode("utf-8", "replace")
+
+
+def _boundary(request: Request) -> bytes:
+    content_type, options = parse_options_header(request.headers.get("content-type"))
+    if content_type != b"multipart/form-data" or not options.get(b"boundary"):
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            "send the archive as multipart/form-data with a `file` part",
+        )
+    return options[b"boundary"]
+
+
+def _declared_length(request: Request, limit: int) -> None:
+    declared = request.headers.get("content-length")
+    if declared is None:
+        return
+    if not declared.isdigit():
+        raise ApiError(400, "malformed_request", "Content-Length is not a number")
+    if int(declared) > limit:
+        raise too_large(limit)  # refused before a byte of the body is read
+
+
+@asynccontextmanager
+async def receive_upload(
+    request: Request, tmp_dir: Path, *, max_bytes: int, file_field: str = "file"
+) -> AsyncIterator[Upload]:
+    """Stream the multipart body of `request`; yield the file part as a temp file.
+
+    Raises ApiError: 415 (not multipart), 413 payload_too_large (Content-Length or the
+    streamed bytes over `max_bytes`), 400 malformed_request, 422 missing file part.
+    """
+    boundary = _boundary(request)
+    _declared_length(request, max_bytes)
+    fd, name = tempfile.mkstemp(prefix="upload-", suffix=".part", dir=tmp_dir)
+    path = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as sink:
+            writer = _FormWriter(sink, file_field)
+            parser = MultipartParser(boundary, writer.callbacks())  # type: ignore[arg-type]
+            received = 0
+            try:
+                async for chunk in request.stream():
+                    received += len(chunk)
+                    if received > max_bytes:
+                        raise too_large(max_bytes)
+                    parser.write(chunk)
+                parser.finalize()
+            except MultipartParseError as exc:
+                raise ApiError(400, "malformed_request", f"bad multipart body: {exc}") from None
+            except ClientDisconnect:
+                raise ApiError(400, "client_disconnected", "the client went away") from None
+        if not writer.complete:
+            raise ApiError(
+                400, "malformed_request", "the multipart body ended before its closing boundary"
+            )
+        if not writer.file_seen:
+            raise ApiError(
+                422,
+                "invalid_request",
+                f"the form has no {file_field!r} part",
+                {"field": file_field},
+            )
+        yield Upload(path=path, filename=writer.filename, size=writer.size, fields=writer.fields)
+    finally:
+        with suppress(OSError):
+            path.unlink()

@@ -1,0 +1,121 @@
+"""Shared integration fixtures: a migrated PostgreSQL, Settings on it, a real HTTP server.
+
+`live_server` is a real uvicorn serving `create_app(settings)` on a free loopback port (in a
+thread of the test process, so tests can also reach `server.app.state`); `client` is an
+httpx.Client on it. `start_server(settings)` starts more servers with other settings (e.g. a
+small upload limit) and stops them when the test ends.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+from fastapi import FastAPI
+
+from service.app import create_app
+from service.db import migrate
+from service.settings import Settings
+
+STARTUP_TIMEOUT_S = 30.0
+
+
+class LiveServer:
+    """uvicorn in a background thread, on a socket bound before it starts (no port race)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.app: FastAPI = create_app(settings)
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = int(self.sock.getsockname()[1])
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(
+            self.app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True, name="uvicorn"
+        )
+
+    def start(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while not self.server.started:
+            if not self.thread.is_alive():
+                raise RuntimeError("uvicorn exited during start-up (see the log above)")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"uvicorn did not start within {STARTUP_TIMEOUT_S} s")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=15)
+        self.sock.close()
+
+
+def make_settings(home: Path, database_url: str, broker_url: str, **overrides: object) -> Settings:
+    return Settings(
+        home=home,
+        database_url=database_url,
+        broker_url=broker_url,
+        auto_migrate=False,  # migrated once per session by `migrated_db`
+        **overrides,  # type: ignore[arg-type]
+    )
+
+
+@pytest.fixture(scope="session")
+def migrated_db(postgres_url: str) -> str:
+    """The session's PostgreSQL database, at the latest schema (Alembic upgrade head)."""
+    migrate(postgres_url)
+    return postgres_url
+
+
+@pytest.fixture(scope="session")
+def settings(
+    migrated_db: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Settings:
+    """Settings for the session's server: real PostgreSQL and Redis, files in a temp home."""
+    return make_settings(tmp_path_factory.mktemp("bitserve-home"), migrated_db, redis_url)
+
+
+@pytest.fixture(scope="session")
+def live_server_instance(settings: Settings) -> Iterator[LiveServer]:
+    server = LiveServer(settings).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def live_server(live_server_instance: LiveServer) -> str:
+    """Base URL of a real uvicorn serving create_app(settings)."""
+    return live_server_instance.url
+
+
+@pytest.fixture
+def client(live_server: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=live_server, timeout=60) as http:
+        yield http
+
+
+@pytest.fixture
+def start_server() -> Iterator[Callable[[Settings], LiveServer]]:
+    """Start extra servers with their own settings; all stopped at the end of the test."""
+    started: list[LiveServer] = []
+
+    def start(settings: Settings) -> LiveServer:
+        server = LiveServer(settings).start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
