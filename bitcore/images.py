@@ -47,7 +47,18 @@ def decode_image(
     source: bytes | str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> Image.Image:
     """Decode fully (so truncation is caught now) to an RGB image, or raise ImageError."""
-    data = source if isinstance(source, bytes) else Path(source).read_bytes()
+    if not isinstance(source, bytes):
+        # Sniff before reading it all: a large non-image file costs 16 bytes, not its size.
+        with open(source, "rb") as fh:
+            if sniff_format(fh.read(16)) is None and fh.tell() > 0:
+                raise ImageError(
+                    "unsupported_format",
+                    f"not an allowed image type ({', '.join(ALLOWED_FORMATS)})",
+                )
+        source = Path(source).read_bytes()
+    data = source
+    if not data:
+        raise ImageError("empty", "file is empty (0 bytes)")
     fmt = sniff_format(data[:16])
     if fmt is None:
         raise ImageError(
@@ -70,7 +81,10 @@ def decode_image(
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageError("too_many_pixels", f"decompression bomb refused: {exc}") from exc
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
+    except UnidentifiedImageError as exc:
+        # Pillow's own message names an in-memory buffer object: not useful to a user.
+        raise ImageError("undecodable", f"cannot decode {fmt} image: corrupt data") from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageError("undecodable", f"cannot decode {fmt} image: {exc}") from exc
     if rgb.width < 1 or rgb.height < 1:
         raise ImageError("empty", "image has no pixels")
