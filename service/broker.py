@@ -1,0 +1,106 @@
+"""A light Celery client: the gateway sends "work on job X" by task name, never importing worker/.
+
+The database is the source of truth for jobs (operations.md, "Long jobs on Celery + Redis"):
+a message only says which job to work on, so a lost or duplicated message is harmless (the
+reconciler re-sends, the worker's compare-and-set claim drops duplicates).
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+from celery import Celery
+
+from service.settings import Settings
+
+FINETUNE_TASK = "bitserve.finetune"
+SQLITE_BROKER_PREFIX = "sqla+sqlite:///"
+# Sending must not hang a request when the broker is down: the job row is already committed
+# and the reconciler re-sends it later, so give up quickly.
+PUBLISH_RETRY_POLICY = {
+    "max_retries": 2,
+    "interval_start": 0,
+    "interval_step": 0.2,
+    "interval_max": 0.5,
+}
+
+
+def is_sqlalchemy_url(url: str) -> bool:
+    """kombu's SQLAlchemy transport ("sqla+sqlite:///...", "sqla+postgresql://...")."""
+    return url.startswith(("sqla+", "sqlalchemy+"))
+
+
+def transport_options(settings: Settings) -> dict[str, Any]:
+    """broker_transport_options for producer and worker alike.
+
+    Redis: `visibility_timeout` above the longest job, otherwise an unacked late-ack training
+    task is redelivered after the 1 h default and runs twice. The SQLAlchemy transport passes
+    its options to `create_engine` (an unknown keyword would raise) and has no visibility
+    timeout: there a SQLite busy timeout lets the gateway and worker processes share the file.
+    """
+    if is_sqlalchemy_url(settings.broker_url):
+        if "sqlite" in settings.broker_url.split("://", 1)[0]:
+            return {"connect_args": {"timeout": 30}}
+        return {}
+    return {"visibility_timeout": settings.broker_visibility_timeout}
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """Configuration shared by the client here and the worker app (worker/celery_app.py)."""
+    if settings.broker_url.startswith(SQLITE_BROKER_PREFIX):
+        # The embedded broker lives in a SQLite file under home: make sure its folder exists.
+        path = Path(settings.broker_url.removeprefix(SQLITE_BROKER_PREFIX))
+        path.parent.mkdir(parents=True, exist_ok=True)
+    return {
+        "broker_url": settings.broker_url,
+        "broker_transport_options": transport_options(settings),
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_timeout": 3,
+        "task_routes": {FINETUNE_TASK: {"queue": settings.train_queue}},
+        "task_default_queue": settings.train_queue,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "result_backend": None,
+        "task_ignore_result": True,
+    }
+
+
+class Broker:
+    """Sends training tasks by name. The Celery client is built lazily, once per instance."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._app: Celery | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def app(self) -> Celery:
+        with self._lock:
+            if self._app is None:
+                app = Celery("bitserve-client", set_as_current=False)
+                app.conf.update(celery_config(self.settings))
+                self._app = app
+            return self._app
+
+    def send_finetune(self, job_id: str) -> None:
+        """Publish `bitserve.finetune(job_id)` to the train queue; raises if the broker is down."""
+        self.app.send_task(
+            FINETUNE_TASK,
+            args=[job_id],
+            queue=self.settings.train_queue,
+            retry=True,
+            retry_policy=PUBLISH_RETRY_POLICY,
+        )
+
+    def check(self, timeout: float = 2.0) -> None:
+        """Raise if the broker does not answer (for /readyz)."""
+        with self.app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, timeout=timeout)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._app is not None:
+                self._app.close()
+                self._app = None

@@ -1,0 +1,155 @@
+"""/v1/jobs: create, read, list, cancel and follow (Server-Sent Events) fine-tuning jobs.
+
+Thin: parse, call service.jobs, map JobError to the API error shape. Database work runs in
+the thread pool (sync SQLAlchemy), never on the event loop.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Annotated, Any, TypeVar
+
+import anyio
+from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy.orm import Session
+from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.concurrency import run_in_threadpool
+
+from service import jobs
+from service.broker import Broker
+from service.db import Database
+from service.deps import DbDep, SessionDep, TenantDep
+from service.errors import ApiError
+from service.pagination import CursorQuery, LimitQuery, paginate
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+T = TypeVar("T")
+
+EVENTS_POLL_SECONDS = 0.5
+
+
+class JobCreate(BaseModel):
+    """POST /v1/jobs body. Overrides are checked by the BiT-HyperRule planner, which names the
+    offending field; allowed keys: steps, warmup_steps, batch_size, micro_batch_size, base_lr,
+    crop, precrop, mixup_alpha."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset_id: str = Field(min_length=1, max_length=64)
+    base_model: str = Field(default="BiT-M-R50x1", min_length=1, max_length=64)
+    validation_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    name: str | None = Field(default=None, max_length=200)
+
+
+def get_broker(request: Request) -> Broker:
+    """The app's Celery client, built on first use (service.broker; the worker is never imported)."""
+    broker: Broker | None = getattr(request.app.state, "broker", None)
+    if broker is None:
+        broker = Broker(request.app.state.settings)
+        request.app.state.broker = broker
+    return broker
+
+
+BrokerDep = Annotated[Broker, Depends(get_broker)]
+
+
+async def _call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    try:
+        return await run_in_threadpool(fn, *args, **kwargs)
+    except jobs.JobError as exc:
+        raise ApiError(exc.status, exc.code, exc.message, exc.details) from None
+
+
+@router.post("", status_code=202, summary="Start a fine-tuning job")
+async def create_job(
+    body: JobCreate,
+    session: SessionDep,
+    tenant: TenantDep,
+    broker: BrokerDep,
+    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+) -> JSONResponse:
+    request = jobs.JobRequest(**body.model_dump())
+    job, created = await _call(
+        jobs.create_job,
+        session,
+        request,
+        send=broker.send_finetune,
+        tenant_id=tenant,
+        idempotency_key=idempotency_key,
+    )
+    return JSONResponse(jobs.to_public(job), status_code=202 if created else 200)
+
+
+@router.get("", summary="List jobs, newest first")
+async def list_jobs(
+    session: SessionDep,
+    tenant: TenantDep,
+    status: Annotated[str | None, Query(description="only jobs in this state")] = None,
+    limit: LimitQuery = 20,
+    cursor: CursorQuery = None,
+) -> dict[str, Any]:
+    def page() -> tuple[list[Any], str | None]:
+        return paginate(session, jobs.list_query(tenant, status), limit, cursor)
+
+    items, next_cursor = await _call(page)
+    return {"items": [jobs.to_public(j) for j in items], "next_cursor": next_cursor}
+
+
+@router.get("/{job_id}", summary="A job: status, plan, progress, result")
+async def get_job(job_id: str, session: SessionDep, tenant: TenantDep) -> dict[str, Any]:
+    job = await _call(jobs.get_job, session, job_id, tenant)
+    return jobs.to_public(job)
+
+
+@router.post("/{job_id}/cancel", status_code=202, summary="Cancel a job")
+async def cancel_job(job_id: str, session: SessionDep, tenant: TenantDep) -> dict[str, Any]:
+    job = await _call(jobs.request_cancel, session, job_id, tenant)
+    return jobs.to_public(job)
+
+
+@router.get("/{job_id}/events", summary="Follow a job (Server-Sent Events)")
+async def job_events(
+    job_id: str, request: Request, db: DbDep, tenant: TenantDep
+) -> EventSourceResponse:
+    """`status` on every state change (and first, with the whole job), `progress` when the
+    progress changes, and a final `done` with the finished job; then the stream ends."""
+
+    def read() -> dict[str, Any]:
+        return _read_job(db, job_id, tenant)
+
+    first = await _call(read)  # 404 before the stream starts, not inside it
+    return EventSourceResponse(_follow(request, read, first), ping=15)
+
+
+def _read_job(db: Database, job_id: str, tenant: str | None) -> dict[str, Any]:
+    session: Session
+    with db.sessionmaker() as session:
+        return jobs.to_public(jobs.get_job(session, job_id, tenant))
+
+
+async def _follow(
+    request: Request, read: Callable[[], dict[str, Any]], job: dict[str, Any]
+) -> AsyncIterator[ServerSentEvent]:
+    yield _event("status", job)
+    status, progress = job["status"], job["progress"]
+    while job["status"] not in jobs.FINISHED_STATES:
+        await anyio.sleep(EVENTS_POLL_SECONDS)
+        if await request.is_disconnected():
+            return
+        job = await _call(read)
+        if job["progress"] != progress:
+            progress = job["progress"]
+            yield _event("progress", {"id": job["id"], **progress})
+        if job["status"] != status:
+            status = job["status"]
+            yield _event("status", job)
+    yield _event("done", job)
+
+
+def _event(name: str, data: dict[str, Any]) -> ServerSentEvent:
+    return ServerSentEvent(data=json.dumps(data), event=name)

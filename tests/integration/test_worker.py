@@ -1,0 +1,240 @@
+"""Jobs run by a REAL Celery worker process on PostgreSQL + Redis (tests/conftest.py).
+
+Tiny model (tiny-R10x0.25, from scratch), 8 generated images, 32 px crops: a job takes
+seconds on two shared CPU cores.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from bitcore.artifacts import load_metadata
+from service import jobs
+from service.broker import Broker
+from service.db import Database, migrate
+from service.settings import Settings
+from service.storage import Storage
+from service.tables import Job, Model
+from tests.integration.worker_fixtures import (
+    FAST_OVERRIDES,
+    WorkerProcess,
+    add_dataset,
+    fast_job_settings,
+    finished,
+    wait_for_job,
+)
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
+
+
+class Env:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.db = Database(settings.database_url)
+        self.storage = Storage(settings.artifact_root)
+        self.broker = Broker(settings)
+
+    def create(self, dataset_id: str, **overrides: Any) -> str:
+        request = jobs.JobRequest(
+            dataset_id=dataset_id,
+            base_model="tiny-R10x0.25",
+            validation_fraction=0.25,
+            overrides={**FAST_OVERRIDES, **overrides},
+        )
+        with self.db.sessionmaker() as session:
+            job, created = jobs.create_job(session, request, send=self.broker.send_finetune)
+        assert created
+        return job.id
+
+    def models_of(self, job_id: str) -> list[Model]:
+        with self.db.sessionmaker() as session:
+            return list(session.scalars(sa.select(Model).where(Model.job_id == job_id)))
+
+    def close(self) -> None:
+        self.broker.close()
+        self.db.dispose()
+
+
+@pytest.fixture(scope="module")
+def env(
+    tmp_path_factory: pytest.TempPathFactory, postgres_url: str, redis_url: str
+) -> Iterator[Env]:
+    migrate(postgres_url)
+    settings = fast_job_settings(
+        tmp_path_factory.mktemp("worker"), database_url=postgres_url, broker_url=redis_url
+    )
+    environment = Env(settings)
+    yield environment
+    environment.close()
+
+
+@pytest.fixture(scope="module")
+def worker(env: Env) -> Iterator[WorkerProcess]:
+    # prefork, as deployed: the task runs in a forked child, the reconciler in the parent.
+    with WorkerProcess(env.settings, pool="prefork") as process:
+        yield process
+
+
+def test_a_job_runs_to_success(env: Env, worker: WorkerProcess) -> None:
+    dataset_id = add_dataset(env.db, env.storage)
+    job_id = env.create(dataset_id)
+    seen = wait_for_job(env.db, job_id, lambda j: j.status != "queued", 60, "start", worker)
+    assert seen.status in ("running", "succeeded")
+    job = wait_for_job(env.db, job_id, finished, 120, "the end", worker)
+    assert (job.status, job.attempts, job.error_code) == ("succeeded", 1, None)
+    assert job.progress is not None
+    assert (job.progress["step"], job.progress["total_steps"], job.progress["phase"]) == (
+        12,
+        12,
+        "done",
+    )
+    assert job.started_at is not None and job.finished_at is not None
+    assert job.started_at <= job.finished_at
+    (model,) = env.models_of(job_id)
+    assert model.id == job.model_id and model.metrics == job.metrics
+    assert model.classes == ["a", "b"] and model.input["crop"] == 32
+    # 4 images per class, 25% validation: 1 per class -> 2 validation images.
+    assert job.metrics is not None and sum(job.metrics["confusion_matrix"][0]) == 1
+    artifact = env.storage.path(model.storage_key)
+    assert artifact == env.storage.model_dir(model.id)
+    meta = load_metadata(artifact)
+    assert (meta.classes, meta.crop, meta.model_name) == (["a", "b"], 32, "tiny-R10x0.25")
+    assert (artifact / "model.safetensors").stat().st_size > 100_000
+    assert not env.storage.job_dir(job_id).exists()  # work dir cleaned after success
+
+
+def test_cancelling_a_running_job_stops_it_and_keeps_no_model(
+    env: Env, worker: WorkerProcess
+) -> None:
+    dataset_id = add_dataset(env.db, env.storage)
+    job_id = env.create(dataset_id, steps=5000)
+    wait_for_job(
+        env.db,
+        job_id,
+        lambda j: j.status == "running" and (j.progress or {}).get("step", 0) >= 1,
+        90,
+        "first step",
+        worker,
+    )
+    with env.db.sessionmaker() as session:
+        assert jobs.request_cancel(session, job_id).status == "cancelling"
+    job = wait_for_job(env.db, job_id, finished, 15, "cancelled", worker)
+    assert job.status == "cancelled" and job.model_id is None
+    assert job.progress is not None and job.progress["step"] < 5000
+    assert env.models_of(job_id) == []
+    models_dir = env.settings.artifact_root / "models"
+    assert not models_dir.exists() or list(models_dir.iterdir()) == [
+        env.storage.model_dir(m.id) for m in _all_models(env)
+    ]
+    assert not env.storage.job_dir(job_id).exists()
+
+
+def test_a_job_past_its_attempt_limit_fails(env: Env, worker: WorkerProcess) -> None:
+    dataset_id = add_dataset(env.db, env.storage)
+    with env.db.sessionmaker() as session:
+        job, _ = jobs.create_job(
+            session,
+            jobs.JobRequest(dataset_id, "tiny-R10x0.25", overrides=FAST_OVERRIDES),
+            send=lambda _: None,  # not sent yet: first make it look like a crash loop
+        )
+        session.execute(
+            sa.update(Job).where(Job.id == job.id).values(attempts=env.settings.job_max_attempts)
+        )
+        session.commit()
+    env.broker.send_finetune(job.id)
+    done = wait_for_job(env.db, job.id, finished, 30, "failed", worker)
+    assert (done.status, done.error_code, done.attempts) == (
+        "failed",
+        "too_many_attempts",
+        env.settings.job_max_attempts,
+    )
+    assert env.models_of(job.id) == []
+
+
+def test_a_published_model_without_its_checkpoint_fails_fast(
+    env: Env, worker: WorkerProcess
+) -> None:
+    dataset_id = add_dataset(env.db, env.storage)
+    with env.db.sessionmaker() as session:
+        job, _ = jobs.create_job(
+            session,
+            jobs.JobRequest(dataset_id, "BiT-M-R50x1", overrides=FAST_OVERRIDES),
+            send=env.broker.send_finetune,
+        )
+    done = wait_for_job(env.db, job.id, finished, 30, "failed", worker)
+    assert (done.status, done.error_code) == ("failed", "checkpoint_missing")
+    expected = env.settings.checkpoint_dir / "BiT-M-R50x1.npz"
+    assert str(expected) in (done.error_message or "")
+
+
+@pytest.mark.slow
+def test_the_embedded_setup_runs_a_job(tmp_path: Path) -> None:
+    """SQLite database + kombu's SQLAlchemy broker on SQLite: `bitserve up` with no servers."""
+    home = tmp_path / "home"
+    settings = fast_job_settings(
+        tmp_path,
+        database_url=f"sqlite:///{home / 'bitserve.db'}",
+        broker_url=f"sqla+sqlite:///{home / 'broker.db'}",
+    )
+    migrate(settings.database_url)
+    embedded = Env(settings)
+    try:
+        dataset_id = add_dataset(embedded.db, embedded.storage)
+        job_id = embedded.create(dataset_id, steps=4)
+        with WorkerProcess(settings, pool="solo") as process:
+            job = wait_for_job(embedded.db, job_id, finished, 120, "the end", process)
+        assert (job.status, job.attempts) == ("succeeded", 1), job.error_message
+        assert len(embedded.models_of(job_id)) == 1
+    finally:
+        embedded.close()
+
+
+@pytest.mark.slow
+def test_stopped_and_killed_workers_hand_the_job_on_and_it_resumes(
+    env: Env, worker: WorkerProcess, tmp_path: Path
+) -> None:
+    """SIGTERM: the job checkpoints and goes back to the queue (attempt not counted).
+    SIGKILL: the next worker's reconciler re-queues it after the stale heartbeat (4 s). Each
+    worker resumes from the checkpoint in the job's work dir."""
+    worker.stop()  # this test runs its own workers
+    dataset_id = add_dataset(env.db, env.storage)
+    job_id = env.create(dataset_id, steps=8)  # checkpoint_every(8) == 1: after every step
+
+    def past(step: int) -> Callable[[Job], bool]:
+        return lambda j: j.status == "running" and (j.progress or {}).get("step", 0) >= step
+
+    first = WorkerProcess(env.settings, log_path=tmp_path / "first.log").start()
+    try:
+        wait_for_job(env.db, job_id, past(2), 90, "step 2", first)
+        first.stop()  # SIGTERM: warm shutdown
+        assert first.proc is not None and first.proc.returncode == 0
+    finally:
+        first.kill()
+    released = wait_for_job(env.db, job_id, lambda j: True, 1)
+    assert (released.status, released.attempts, released.worker_id) == ("queued", 0, None)
+    assert released.enqueued_at is not None  # sent again at once
+    assert "handed back to the queue" in first.log()
+
+    second = WorkerProcess(env.settings, log_path=tmp_path / "second.log").start()
+    try:
+        wait_for_job(env.db, job_id, past(4), 90, "step 4", second)
+    finally:
+        second.kill()  # SIGKILL: a machine lost mid-job
+    state_dir = env.storage.job_dir(job_id) / "state"
+    assert state_dir.exists() and any(state_dir.iterdir())  # a checkpoint survived the kill
+    with WorkerProcess(env.settings, log_path=tmp_path / "third.log") as third:
+        job = wait_for_job(env.db, job_id, finished, 150, "the end", third)
+    assert (job.status, job.attempts) == ("succeeded", 2), job.error_message
+    (model,) = env.models_of(job_id)
+    resumed_from = load_metadata(env.storage.path(model.storage_key)).extra["resumed_from"]
+    assert resumed_from is not None and 4 <= resumed_from < 8
+
+
+def _all_models(env: Env) -> list[Model]:
+    with env.db.sessionmaker() as session:
+        return list(session.scalars(sa.select(Model)))

@@ -1,0 +1,366 @@
+"""Run one fine-tuning job: claim it, make sure the base checkpoint is here, train, record.
+
+Every database write goes through service.jobs, fenced by this attempt's `worker_id`. While
+the job runs a heartbeat thread keeps `heartbeat_at` fresh and watches for a cancel request;
+training polls that flag between steps (cooperative cancel, operations.md) and checkpoints
+into the job's work dir, so a redelivered or reclaimed job resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from bitcore import catalog
+from bitcore.artifacts import INPUT_MEAN, INPUT_STD, load_metadata
+from bitcore.data.index import DatasetIndex
+from bitcore.hyperrule import Plan
+from bitcore.models import MODEL_SPECS
+from bitcore.train import Progress, TrainCallbacks, TrainingCancelled, finetune
+from service import jobs
+from service.broker import Broker
+from service.db import Database
+from service.ids import new_id
+from service.settings import Settings
+from service.storage import Storage
+from service.tables import Dataset, Job
+
+log = logging.getLogger(__name__)
+
+CANCEL_POLL_SECONDS = 1.0  # a cancel is noticed within about this (plus one training step)
+_databases: dict[tuple[int, str], Database] = {}
+_databases_lock = threading.Lock()
+
+
+class JobFailure(Exception):
+    """A failure with an API error code (e.g. checkpoint_missing) and a message for the user."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def process_database(url: str) -> Database:
+    """One engine per process (a forked child must not reuse its parent's connections)."""
+    key = (os.getpid(), url)
+    with _databases_lock:
+        if key not in _databases:
+            _databases[key] = Database(url)
+        return _databases[key]
+
+
+def new_worker_id() -> str:
+    """Names this attempt: host, process and a random token (fences its writes)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+
+
+def run_job(
+    job_id: str,
+    settings: Settings,
+    *,
+    db: Database | None = None,
+    storage: Storage | None = None,
+    shutdown: threading.Event | None = None,
+) -> str:
+    """Claim and run `job_id`; returns how it ended: succeeded, failed, cancelled, released,
+    lost, or why the claim was refused (its status, "too_many_attempts", "not_found").
+
+    `shutdown` set while training (the worker is stopping): training checkpoints and stops,
+    and the job goes back to the queue for the next worker, which resumes it."""
+    db = db or process_database(settings.database_url)
+    storage = storage or Storage(settings.artifact_root)
+    worker_id = new_worker_id()
+    with _session(db) as session:
+        claim = jobs.claim(session, job_id, worker_id, settings)
+    if not claim.claimed or claim.job is None:
+        log.info("job %s not claimed: %s", job_id, claim.reason)
+        return claim.reason
+    job = claim.job
+    log.info("job %s claimed by %s (attempt %d)", job_id, worker_id, job.attempts)
+    run = JobRun(db, storage, settings, job, worker_id, shutdown or threading.Event())
+    with run.heartbeat():
+        return run.execute()
+
+
+class JobRun:
+    """One attempt at one job, by one worker."""
+
+    def __init__(
+        self,
+        db: Database,
+        storage: Storage,
+        settings: Settings,
+        job: Job,
+        worker_id: str,
+        shutdown: threading.Event,
+    ) -> None:
+        self.db, self.storage, self.settings = db, storage, settings
+        self.job, self.worker_id = job, worker_id
+        self.shutdown = shutdown  # the worker is stopping: checkpoint and hand the job back
+        self.cancel = threading.Event()  # set on a cancel request or when the job is lost
+        self.lost = threading.Event()  # the job is no longer ours (reclaimed elsewhere)
+        self.work_dir = storage.job_dir(job.id)
+        self.model_id = new_id("mdl")
+        self.out_dir = storage.model_dir(self.model_id)
+        self.progress = Throttled(self._write_progress, settings.job_progress_interval_seconds)
+
+    def execute(self) -> str:
+        try:
+            return self._train()
+        except TrainingCancelled:
+            self.storage.remove(self.out_dir)
+            if self.shutdown.is_set() and not self.cancel.is_set():
+                return self._released()
+            return self._cancelled()
+        except JobFailure as exc:
+            return self._failed(exc.code, exc.message)
+        except Exception as exc:
+            log.exception("job %s failed", self.job.id)
+            return self._failed("training_error", f"{type(exc).__name__}: {exc}")
+
+    def _train(self) -> str:
+        index = self._dataset_index()
+        plan = Plan.from_dict(self.job.plan)
+        spec = MODEL_SPECS[self.job.base_model]
+        from_scratch = not spec.published
+        checkpoint = None if from_scratch else self._base_checkpoint()
+        result = finetune(
+            index,
+            self.job.base_model,
+            plan,
+            self.out_dir,
+            device=self.settings.device,
+            checkpoint=checkpoint,
+            from_scratch=from_scratch,
+            validation_fraction=self.job.validation_fraction,
+            seed=self.job.seed,
+            callbacks=_Callbacks(self),
+            resume=True,
+            checkpoint_every=checkpoint_every(plan.total_steps),
+            work_dir=self.work_dir,
+            num_workers=0 if _daemonic() else None,
+        )
+        meta = load_metadata(self.out_dir)
+        final = dict(self.progress.latest or {})
+        final.update(step=result.steps, total_steps=plan.total_steps, phase="done", eta_seconds=0)
+        with _session(self.db) as session:
+            model = jobs.finish_succeeded(
+                session,
+                self.job.id,
+                self.worker_id,
+                model_id=self.model_id,
+                storage_key=self.storage.key(self.out_dir),
+                classes=list(meta.classes),
+                input_spec={"crop": meta.crop, "mean": list(INPUT_MEAN), "std": list(INPUT_STD)},
+                metrics=result.metrics,
+                progress=final,
+            )
+        if model is None:  # cancel requested after the last step, or the job was taken over
+            self.storage.remove(self.out_dir)
+            return self._cancelled()
+        self.storage.remove(self.work_dir)
+        log.info("job %s succeeded: model %s", self.job.id, self.model_id)
+        return "succeeded"
+
+    def _dataset_index(self) -> DatasetIndex:
+        with _session(self.db) as session:
+            dataset = session.get(Dataset, self.job.dataset_id) if self.job.dataset_id else None
+            if dataset is None or dataset.status != "ready":
+                raise JobFailure(
+                    "dataset_missing", f"dataset {self.job.dataset_id} was deleted or is not ready"
+                )
+            index_path = self.storage.dataset_dir(dataset.id) / "index.json"
+        if not index_path.is_file():
+            raise JobFailure("dataset_missing", f"dataset {dataset.id} has no index on disk")
+        return DatasetIndex.load(index_path)
+
+    def _base_checkpoint(self) -> Path:
+        """The catalog checkpoint, downloaded first if needed (the job's "downloading" phase)."""
+        name, directory = self.job.base_model, self.settings.checkpoint_dir
+        path = catalog.local_path(name, directory)
+        if path.is_file():
+            return path
+        total_steps = int(self.job.plan["total_steps"])
+
+        def report(done: int, total: int | None) -> None:
+            self.progress(
+                {
+                    "step": 0,
+                    "total_steps": total_steps,
+                    "loss": None,
+                    "lr": None,
+                    "images_per_second": None,
+                    "eta_seconds": None,
+                    "phase": "downloading",
+                    "downloaded_bytes": done,
+                    "total_bytes": total,
+                }
+            )
+            if self.cancel.is_set() or self.shutdown.is_set():
+                raise TrainingCancelled(0)
+
+        try:
+            return catalog.pull(
+                name,
+                directory,
+                progress=report,
+                allow_download=self.settings.allow_downloads,
+                base_url=self.settings.checkpoint_base_url,
+            )
+        except catalog.CheckpointMissing as exc:
+            raise JobFailure("checkpoint_missing", str(exc)) from None
+        except catalog.CheckpointDownloadError as exc:
+            raise JobFailure(
+                "checkpoint_missing",
+                f"could not download the {name} checkpoint ({exc}). Download "
+                f"{catalog.get_entry(name).url(self.settings.checkpoint_base_url)} and save it "
+                f"as {path}, or set BITSERVE_CHECKPOINT_BASE_URL to a reachable mirror.",
+            ) from None
+
+    def _cancelled(self) -> str:
+        if self.lost.is_set():
+            log.warning("job %s was taken over by another worker; stopped", self.job.id)
+            return "lost"
+        with _session(self.db) as session:
+            jobs.finish_cancelled(session, self.job.id, self.worker_id)
+        self.storage.remove(self.work_dir)
+        log.info("job %s cancelled", self.job.id)
+        return "cancelled"
+
+    def _released(self) -> str:
+        """Back to the queue (attempt not counted) and sent again; the next worker resumes
+        from the checkpoint in the job's work dir."""
+        with _session(self.db) as session:
+            if not jobs.release(session, self.job.id, self.worker_id):
+                return self._cancelled()  # cancel requested meanwhile, or no longer ours
+            broker = Broker(self.settings)
+            try:
+                jobs.enqueue(session, self.job.id, broker.send_finetune)
+            finally:
+                broker.close()
+        log.info("job %s handed back to the queue (worker shutting down)", self.job.id)
+        return "released"
+
+    def _failed(self, code: str, message: str) -> str:
+        self.storage.remove(self.out_dir)
+        if self.lost.is_set():
+            return "lost"
+        with _session(self.db) as session:
+            jobs.finish_failed(session, self.job.id, self.worker_id, code, message)
+        self.storage.remove(self.work_dir)
+        log.warning("job %s failed: %s: %s", self.job.id, code, message)
+        return "failed"
+
+    def _write_progress(self, progress: dict[str, Any]) -> None:
+        try:
+            with _session(self.db) as session:
+                ours = jobs.record_progress(session, self.job.id, self.worker_id, progress)
+        except Exception as exc:  # a database blip must not kill hours of training
+            log.warning("progress write for job %s failed: %s", self.job.id, exc)
+            return
+        if not ours:
+            self.lost.set()
+            self.cancel.set()
+
+    @contextmanager
+    def heartbeat(self) -> Iterator[None]:
+        """Beat (and watch for cancel) in a thread while the job runs."""
+        stop = threading.Event()
+        thread = threading.Thread(
+            target=self._beat, args=(stop,), name=f"heartbeat-{self.job.id}", daemon=True
+        )
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join(timeout=10)
+
+    def _beat(self, stop: threading.Event) -> None:
+        interval = min(self.settings.job_heartbeat_seconds, CANCEL_POLL_SECONDS)
+        while not stop.wait(interval):
+            try:
+                with _session(self.db) as session:
+                    state = jobs.heartbeat(session, self.job.id, self.worker_id)
+            except Exception as exc:  # a database blip must not kill the job; retry next beat
+                log.warning("heartbeat for job %s failed: %s", self.job.id, exc)
+                continue
+            if state == "lost":
+                self.lost.set()
+            if state in ("cancel", "lost"):
+                self.cancel.set()
+
+
+class _Callbacks(TrainCallbacks):
+    def __init__(self, run: JobRun) -> None:
+        self.run = run
+
+    def on_progress(self, progress: Progress) -> None:
+        self.run.progress(progress.to_dict())
+
+    def should_cancel(self) -> bool:
+        return self.run.cancel.is_set() or self.run.shutdown.is_set()
+
+
+class Throttled:
+    """Write at most once per `interval` seconds, but always the first report, a change of
+    phase and the last step (so the stored progress never lags a finished phase)."""
+
+    def __init__(
+        self,
+        write: Callable[[dict[str, Any]], None],
+        interval: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.write, self.interval, self.clock = write, interval, clock
+        self.latest: dict[str, Any] | None = None
+        self._last_write = -float("inf")
+
+    def __call__(self, progress: dict[str, Any]) -> None:
+        previous, self.latest = self.latest, progress
+        now = self.clock()
+        due = now - self._last_write >= self.interval
+        phase_changed = previous is None or previous.get("phase") != progress.get("phase")
+        last_step = progress.get("step") == progress.get("total_steps")
+        if due or phase_changed or last_step:
+            self._last_write = now
+            self.write(progress)
+
+
+def checkpoint_every(total_steps: int) -> int:
+    """Checkpoint about 10 times per run, at least every 50 steps: a lost worker costs at most
+    a tenth of the run (or 50 steps) when the job resumes elsewhere."""
+    return max(1, min(50, total_steps // 10))
+
+
+def _daemonic() -> bool:
+    # Celery prefork children are daemonic and may not start DataLoader worker processes.
+    try:
+        import billiard.process
+
+        if billiard.process.current_process().daemon:
+            return True
+    except ImportError:
+        pass
+    return bool(multiprocessing.current_process().daemon)
+
+
+@contextmanager
+def _session(db: Database) -> Iterator[Session]:
+    with db.sessionmaker() as session:
+        yield session
+
+
+__all__ = ["JobFailure", "JobRun", "Throttled", "checkpoint_every", "new_worker_id", "run_job"]
