@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 from service.db import Database
 from service.errors import install_error_handlers
 from service.metrics import Metrics, MetricsMiddleware
-from service.routers import base_models, datasets, health, jobs, models
+from service.routers import base_models, datasets, health, jobs, models, ui
 from service.serving import ModelCache
 from service.settings import Settings, get_settings
 from service.storage import Storage
@@ -52,6 +52,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.models = model_cache
     install_error_handlers(app)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
-    for module in (health, base_models, datasets, jobs, models):
+    for module in (health, base_models, datasets, jobs, models, ui):
         app.include_router(module.router)
     return app

@@ -1,0 +1,315 @@
+"""The `bitserve` command: `up` (everything on one machine), `api`, `worker`, `migrate`.
+
+`bitserve up` is the embedded default: with nothing configured it keeps everything under
+BITSERVE_HOME (SQLite database, kombu's SQLAlchemy transport as the broker, the artifact
+store), runs the migrations, then starts the Celery training worker as a child process and
+the gateway (uvicorn) in this process. Ctrl-C or SIGTERM stops all of it: the gateway drains,
+the worker gets SIGTERM (a warm shutdown), and is killed if it has not stopped after a grace
+period; a job it was running is re-queued by the reconciler and resumes from its checkpoint.
+
+The service never imports `worker/` (the gateway must not load training code): the worker is
+started as `python -m celery -A worker.celery_app worker`, with the same environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from types import FrameType
+
+import uvicorn
+
+from service.settings import Settings, get_settings
+
+# A running training step checkpoints and hands its job back on SIGTERM (worker.runner); a big
+# model on a CPU may need a while for that. A second Ctrl-C kills at once.
+WORKER_STOP_GRACE_SECONDS = 30.0
+STARTUP_TIMEOUT_SECONDS = 60.0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    # Command-line values go through the environment so child processes see the same settings.
+    if getattr(args, "host", None):
+        os.environ["BITSERVE_HOST"] = args.host
+    if getattr(args, "port", None):
+        os.environ["BITSERVE_PORT"] = str(args.port)
+    get_settings.cache_clear()
+    settings = get_settings()
+    handler = {"up": cmd_up, "api": cmd_api, "worker": cmd_worker, "migrate": cmd_migrate}
+    return int(handler[args.command](settings))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bitserve", description="Fine-tune BiT models and serve them over REST."
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    up = commands.add_parser("up", help="migrate, then run the API and a training worker")
+    api = commands.add_parser("api", help="run the API gateway (uvicorn) only")
+    for sub in (up, api):
+        sub.add_argument("--host", help="listen address (default BITSERVE_HOST or 127.0.0.1)")
+        sub.add_argument("--port", type=int, help="listen port (default BITSERVE_PORT or 8000)")
+    commands.add_parser("worker", help="run a Celery training worker only")
+    commands.add_parser("migrate", help="bring the database schema up to date")
+    return parser
+
+
+# -- commands ------------------------------------------------------------------------------
+
+
+def cmd_migrate(settings: Settings) -> int:
+    from service.db import migrate
+
+    settings.home.mkdir(parents=True, exist_ok=True)
+    migrate(settings.database_url)
+    print(f"database is up to date: {_redact(settings.database_url)}", flush=True)
+    return 0
+
+
+def cmd_worker(settings: Settings) -> int:
+    settings.home.mkdir(parents=True, exist_ok=True)
+    command = worker_command(settings)
+    os.execve(command[0], command, child_environment(settings))
+    return 0  # not reached
+
+
+def cmd_api(settings: Settings) -> int:
+    from service.app import create_app
+
+    server = uvicorn.Server(_uvicorn_config(settings, create_app(settings)))
+    # uvicorn re-raises the signal it stopped on once it has shut down; handled here, Ctrl-C
+    # ends with exit status 0 instead of a KeyboardInterrupt traceback.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: None)
+    server.run()
+    return 0
+
+
+def cmd_up(settings: Settings) -> int:
+    """Migrate, start the worker, serve the API until Ctrl-C/SIGTERM, then stop everything."""
+    from service.app import create_app
+
+    _check_port_free(settings.host, settings.port)
+    cmd_migrate(settings)
+    received: list[int] = []
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        # uvicorn installs its own handlers while it serves and re-raises the signal after its
+        # graceful shutdown: recording it here (instead of dying) lets the children be stopped.
+        received.append(signum)
+        if len(received) > 1:  # a second Ctrl-C: stop waiting for the worker
+            supervisor.kill()
+
+    supervisor = Supervisor()
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    server = uvicorn.Server(_uvicorn_config(settings, create_app(settings)))
+    try:
+        supervisor.start("worker", worker_command(settings), child_environment(settings))
+        watcher = threading.Thread(
+            target=_watch, args=(server, supervisor, settings), name="bitserve-watch", daemon=True
+        )
+        watcher.start()
+        if not received:  # Ctrl-C while starting: do not start serving at all
+            server.run()
+    finally:
+        supervisor.stop(WORKER_STOP_GRACE_SECONDS)
+    if supervisor.failed:
+        print(f"bitserve: stopped because {supervisor.failed}", file=sys.stderr, flush=True)
+        return 1
+    print("bitserve: stopped", flush=True)
+    return 0
+
+
+# -- pieces ------------------------------------------------------------------------------
+
+
+def worker_command(settings: Settings) -> list[str]:
+    """The Celery worker for the training queue, one task at a time per process.
+
+    concurrency 1 -> the solo pool (the task runs in the worker process itself); more ->
+    prefork children (the parent never touches CUDA: the device is chosen inside the task).
+    """
+    concurrency = int(settings.worker_concurrency)
+    pool = "solo" if concurrency == 1 else "prefork"
+    return [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "worker.celery_app",
+        "worker",
+        "-Q",
+        settings.train_queue,
+        "-c",
+        str(concurrency),
+        f"--pool={pool}",
+        # The database, not the broker, coordinates workers (claims, heartbeats, cooperative
+        # cancel): Celery's mingle/gossip/event heartbeats would only add broadcast traffic,
+        # which the embedded SQLAlchemy transport emulates by polling (slow start-up).
+        "--without-mingle",
+        "--without-gossip",
+        "--without-heartbeat",
+        "--loglevel=INFO",
+        "-n",
+        f"bitserve-{os.getpid()}@{socket.gethostname()}",
+    ]
+
+
+def child_environment(settings: Settings) -> dict[str, str]:
+    """This environment, with BITSERVE_HOME made absolute so children resolve the same paths."""
+    env = dict(os.environ)
+    env["BITSERVE_HOME"] = str(settings.home)
+    return env
+
+
+class Supervisor:
+    """Child processes of `bitserve up`: started, watched, stopped (TERM, wait, KILL)."""
+
+    def __init__(self) -> None:
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.stopping = False
+        self.failed: str | None = None
+
+    def start(self, name: str, command: list[str], env: dict[str, str]) -> None:
+        # Own session: a terminal's Ctrl-C reaches only us, and we stop the children in order.
+        # PDEATHSIG: if we are killed outright (SIGKILL), the kernel still stops the children.
+        self.procs[name] = subprocess.Popen(
+            command, env=env, start_new_session=True, preexec_fn=_die_with_parent
+        )
+
+    def check(self) -> str | None:
+        """The first child that exited on its own, described; None while all run."""
+        for name, proc in self.procs.items():
+            code = proc.poll()
+            if code is not None and not self.stopping:
+                return f"the {name} process exited unexpectedly (exit code {code})"
+        return None
+
+    def terminate(self) -> None:
+        """SIGTERM every child still running (Celery: warm shutdown); does not wait."""
+        self.stopping = True
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.terminate()
+
+    def stop(self, grace: float) -> None:
+        self.terminate()
+        deadline = time.monotonic() + grace
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def kill(self) -> None:
+        self.stopping = True
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+
+
+def _watch(server: object, supervisor: Supervisor, settings: Settings) -> None:
+    """Print where things are once the API listens; stop the API if a child dies; when the
+    API starts shutting down, tell the worker at once (both drain in parallel)."""
+    announced = False
+    started = time.monotonic()
+    while not getattr(server, "should_exit", False):
+        problem = supervisor.check()
+        if problem is not None:
+            supervisor.failed = problem
+            server.should_exit = True  # type: ignore[attr-defined]
+            return
+        if not announced and getattr(server, "started", False):
+            announced = True
+            _announce(settings)
+        elif not announced and time.monotonic() - started > STARTUP_TIMEOUT_SECONDS:
+            announced = True  # uvicorn reports its own start-up errors
+        time.sleep(0.2)
+    supervisor.terminate()
+
+
+def _announce(settings: Settings) -> None:
+    base = f"http://{_display_host(settings.host)}:{settings.port}"
+    lines = [
+        "",
+        "bitserve is up",
+        f"  API:     {base}",
+        f"  docs:    {base}/docs",
+        f"  data:    {settings.home}",
+        f"  database {_redact(settings.database_url)}",
+        f"  broker   {_redact(settings.broker_url)}",
+        "  Ctrl-C stops the API and the worker.",
+        "",
+    ]
+    print("\n".join(lines), flush=True)
+
+
+def _uvicorn_config(settings: Settings, app: object) -> uvicorn.Config:
+    # One process: the model cache, the batcher and the DB engine live in it (load once).
+    return uvicorn.Config(
+        app,  # type: ignore[arg-type]
+        host=settings.host,
+        port=settings.port,
+        log_level="info",
+        timeout_graceful_shutdown=10,
+    )
+
+
+def _check_port_free(host: str, port: int) -> None:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise SystemExit(
+                f"bitserve: cannot listen on {host}:{port} ({exc.strerror}); "
+                "is bitserve already running? Set BITSERVE_PORT or --port to use another port."
+            ) from None
+
+
+def _die_with_parent() -> None:
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL("libc.so.6", use_errno=True)
+            libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _display_host(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+
+
+def _redact(url: str) -> str:
+    """A URL without its password, for printing."""
+    from sqlalchemy.engine import make_url
+
+    if url.startswith(("redis://", "rediss://", "amqp://")):
+        scheme, rest = url.split("://", 1)
+        if "@" in rest:
+            return f"{scheme}://***@{rest.split('@', 1)[1]}"
+        return url
+    try:
+        return make_url(url.replace("sqla+", "", 1)).render_as_string(hide_password=True)
+    except Exception:
+        return url.split("@", 1)[-1]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

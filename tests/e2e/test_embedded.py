@@ -1,0 +1,177 @@
+"""The embedded default: `bitserve up` with nothing configured runs the whole loop by itself.
+
+`bitserve up` runs as a subprocess with BITSERVE_HOME in a temp dir, a free port, and NO
+database/broker URLs in its environment: SQLite, kombu's SQLAlchemy transport and the local
+artifact store under BITSERVE_HOME. Then Ctrl-C (SIGINT) must stop the API and the worker
+cleanly (exit 0, within seconds) and leave no process behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.e2e.loop import check_loop, run_loop
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(300)]
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+READY_TIMEOUT_S = 90.0
+STOP_TIMEOUT_S = 30.0  # generous for a loaded 2-core CI machine; typically a few seconds
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _embedded_env(home: Path, port: int) -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("BITSERVE_")
+        and k not in ("DATABASE_URL", "REDIS_URL", "CELERY_BROKER_URL")
+    }
+    env.update(
+        BITSERVE_HOME=str(home),
+        BITSERVE_PORT=str(port),
+        BITSERVE_DEVICE="cpu",
+        OMP_NUM_THREADS="2",
+        PYTHONUNBUFFERED="1",
+    )
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
+def _descendants(pid: int) -> set[int]:
+    """All live descendants of `pid`, from /proc (Linux)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # "pid (comm) state ppid ...": comm may hold spaces, so split after the last ")".
+        fields = stat.rsplit(")", 1)[1].split()
+        if fields[0] != "Z":
+            parents[int(entry.name)] = int(fields[1])
+    found: set[int] = set()
+    frontier = {pid}
+    while frontier:
+        children = {child for child, parent in parents.items() if parent in frontier}
+        frontier = children - found
+        found |= children
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+class Up:
+    """`bitserve up` as a child process, its output in a log file."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = home.parent / "bitserve-up.log"
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "service.cli", "up"],
+                cwd=REPO_ROOT,
+                env=_embedded_env(home, self.port),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"bitserve up exited ({self.proc.returncode}):\n{self.log()}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise AssertionError(f"/readyz not 200 within {READY_TIMEOUT_S} s:\n{self.log()}")
+
+    def kill(self) -> None:
+        for pid in _descendants(self.proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def up(tmp_path: Path) -> Iterator[Up]:
+    home = tmp_path / "home"
+    process = Up(home)
+    try:
+        process.wait_ready()
+        yield process
+    finally:
+        process.kill()  # only if the test did not stop it
+
+
+def test_bitserve_up_runs_the_loop_and_stops_cleanly(up: Up, tmp_path: Path) -> None:
+    out = up.log()
+    assert f"API:     {up.url}" in out
+    assert f"docs:    {up.url}/docs" in out
+    assert f"data:    {up.home}" in out
+
+    with httpx.Client(base_url=up.url, timeout=60) as client:
+        assert client.get("/docs").status_code == 200
+        result = run_loop(client, tmp_path)
+    try:
+        check_loop(result)
+    except AssertionError:
+        print(up.log()[-6000:])
+        raise
+
+    # Everything lives under BITSERVE_HOME: SQLite database, SQLite broker, artifact store.
+    assert (up.home / "bitserve.db").is_file()
+    assert (up.home / "broker.db").is_file()
+    model_dir = up.home / "store" / "models" / result.model["id"]
+    assert sorted(p.name for p in model_dir.iterdir()) == ["metadata.json", "model.safetensors"]
+
+    children = _descendants(up.proc.pid)
+    assert children, "bitserve up started no worker process"
+    started = time.monotonic()
+    up.proc.send_signal(signal.SIGINT)
+    try:
+        code = up.proc.wait(STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"bitserve up still running {STOP_TIMEOUT_S} s after SIGINT:\n{up.log()}")
+    took = time.monotonic() - started
+    assert code == 0, up.log()[-4000:]
+    deadline = time.monotonic() + 5
+    while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in children if _alive(pid)], "child processes left behind"
+    assert "bitserve: stopped" in up.log()
+    print(f"bitserve up stopped {took:.1f} s after SIGINT")
