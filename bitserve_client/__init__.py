@@ -1,0 +1,31 @@
+"""A Python client for the bitserve REST API v1 (httpx only; no bitcore or service imports)."""
+
+from bitserve_client.client import BitserveClient, zip_folder
+from bitserve_client.errors import ApiError, BitserveError, JobFailed, JobTimeout
+from bitserve_client.schema import (
+    BaseModel,
+    Dataset,
+    Job,
+    JobEvent,
+    Label,
+    Model,
+    PlanEstimate,
+    Progress,
+)
+
+__all__ = [
+    "ApiError",
+    "BaseModel",
+    "BitserveClient",
+    "BitserveError",
+    "Dataset",
+    "Job",
+    "JobEvent",
+    "JobFailed",
+    "JobTimeout",
+    "Label",
+    "Model",
+    "PlanEstimate",
+    "Progress",
+    "zip_folder",
+]

@@ -1,0 +1,444 @@
+"""BitserveClient: the REST API v1 (api.md) from Python, on a synchronous httpx client.
+
+    with BitserveClient("http://127.0.0.1:8000") as api:
+        dataset = api.upload_dataset("photos/")            # a folder is zipped on the fly
+        job = api.create_job(dataset["id"], "BiT-M-R50x1")
+        job = api.wait_for_job(job["id"], on_progress=print)
+        print(api.predict(job["model_id"], ["cat.jpg"], top_k=3))
+
+429 and 503 answers are retried after their Retry-After (bounded by `max_retries` and
+`max_retry_wait`); every other error answer raises ApiError with the server's code, message
+and details. Jobs are created with an Idempotency-Key (a fresh one per call unless given), so
+such a retry never starts a second job.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+import time
+import uuid
+import zipfile
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any, Union, cast
+from urllib.parse import quote
+
+import httpx
+
+from bitserve_client.errors import ApiError, JobFailed, JobTimeout
+from bitserve_client.schema import (
+    BaseModel,
+    Dataset,
+    Job,
+    JobEvent,
+    Label,
+    Model,
+    PlanEstimate,
+    Progress,
+)
+from bitserve_client.sse import SseParser
+
+if TYPE_CHECKING:
+    from PIL.Image import Image as PILImage
+
+ImageInput = Union[str, "os.PathLike[str]", bytes, "PILImage"]
+FilesFactory = Callable[[ExitStack], list[tuple[str, tuple[str, IO[bytes] | bytes, str]]]]
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+RETRY_STATUSES = frozenset({429, 503})
+FINISHED = frozenset({"succeeded", "failed", "cancelled"})
+ARCHIVE_TYPES = {".zip": "application/zip", ".tgz": "application/gzip", ".gz": "application/gzip"}
+# Longer than the server's SSE keep-alive (15 s): a silent stream this long is a dead one.
+SSE_READ_TIMEOUT_S = 45.0
+PAGE_SIZE = 100
+
+
+class BitserveClient:
+    """A bitserve server's API. Thread-safe as httpx.Client is; close() or use `with`."""
+
+    def __init__(
+        self,
+        base_url: str = DEFAULT_URL,
+        api_key: str | None = None,
+        timeout: float = 60.0,
+        *,
+        max_retries: int = 3,
+        max_retry_wait: float = 30.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        if max_retries < 0 or max_retry_wait < 0:
+            raise ValueError("max_retries and max_retry_wait must be >= 0")
+        headers = {"User-Agent": "bitserve-client/0.1", "Accept": "application/json"}
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
+        self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
+        self.max_retries = max_retries
+        self.max_retry_wait = max_retry_wait
+        self._http = httpx.Client(
+            base_url=self.base_url, headers=headers, timeout=timeout, transport=transport
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> BitserveClient:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    # -- datasets ----------------------------------------------------------------------------
+
+    def upload_dataset(
+        self, path_or_folder: str | os.PathLike[str], name: str | None = None
+    ) -> Dataset:
+        """Upload a .zip / .tar.gz of `<class>/<image>` folders, or a folder (zipped first, into
+        a temp file that is removed afterwards). The server judges the archive by its content."""
+        path = Path(path_or_folder)
+        if not path.exists():
+            raise FileNotFoundError(f"no such file or folder: {path}")
+        data = {"name": name} if name is not None else None
+        if path.is_dir():
+            with tempfile.TemporaryDirectory(prefix="bitserve-upload-") as tmp:
+                archive = zip_folder(path, Path(tmp) / f"{path.name or 'dataset'}.zip")
+                return self._upload(archive, data)
+        return self._upload(path, data)
+
+    def _upload(self, archive: Path, data: dict[str, str] | None) -> Dataset:
+        suffix = archive.suffix.lower()
+        content_type = ARCHIVE_TYPES.get(suffix, "application/octet-stream")
+
+        def files(stack: ExitStack) -> list[tuple[str, tuple[str, IO[bytes] | bytes, str]]]:
+            # Opened per attempt: a retried upload starts again from the first byte; httpx
+            # streams the file part in chunks, so the archive is never held in memory.
+            handle = stack.enter_context(archive.open("rb"))
+            return [("file", (archive.name, handle, content_type))]
+
+        # No read timeout: the server decodes and checks every image before it answers.
+        wait = httpx.Timeout(self.timeout, read=None)
+        response = self._request("POST", "/v1/datasets", files=files, data=data, timeout=wait)
+        return cast(Dataset, response.json())
+
+    def get_dataset(self, dataset_id: str) -> Dataset:
+        return cast(Dataset, self._get(f"/v1/datasets/{_seg(dataset_id)}"))
+
+    def list_datasets(self, *, page_size: int = PAGE_SIZE) -> Iterator[Dataset]:
+        """Every dataset, newest first, fetching the pages as they are consumed."""
+        return cast(Iterator[Dataset], self._pages("/v1/datasets", {}, page_size))
+
+    def delete_dataset(self, dataset_id: str) -> None:
+        self._request("DELETE", f"/v1/datasets/{_seg(dataset_id)}")
+
+    def plan(self, dataset_id: str, base_model: str, **overrides: Any) -> PlanEstimate:
+        """The BiT-HyperRule plan a job on this dataset would get; `overrides` as for jobs
+        (steps, batch_size, base_lr, crop, precrop, mixup_alpha, ...) plus validation_fraction."""
+        params = {"base_model": base_model, **{k: v for k, v in overrides.items() if v is not None}}
+        return cast(PlanEstimate, self._get(f"/v1/datasets/{_seg(dataset_id)}/plan", params))
+
+    def base_models(self) -> list[BaseModel]:
+        return cast(list[BaseModel], self._get("/v1/base-models")["items"])
+
+    # -- jobs --------------------------------------------------------------------------------
+
+    def create_job(
+        self,
+        dataset_id: str,
+        base_model: str,
+        overrides: dict[str, Any] | None = None,
+        validation_fraction: float = 0.1,
+        seed: int = 0,
+        name: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> Job:
+        """Queue a fine-tuning job. The Idempotency-Key (given, or a fresh one) makes a retried
+        request return the same job instead of starting another."""
+        body: dict[str, Any] = {
+            "dataset_id": dataset_id,
+            "base_model": base_model,
+            "validation_fraction": validation_fraction,
+            "seed": seed,
+            "overrides": overrides or {},
+        }
+        if name is not None:
+            body["name"] = name
+        key = idempotency_key or f"bitserve-client-{uuid.uuid4().hex}"
+        response = self._request("POST", "/v1/jobs", json=body, headers={"Idempotency-Key": key})
+        return cast(Job, response.json())
+
+    def get_job(self, job_id: str) -> Job:
+        return cast(Job, self._get(f"/v1/jobs/{_seg(job_id)}"))
+
+    def list_jobs(self, status: str | None = None, *, page_size: int = PAGE_SIZE) -> Iterator[Job]:
+        """Every job (in `status` if given), newest first, page by page."""
+        params = {"status": status} if status else {}
+        return cast(Iterator[Job], self._pages("/v1/jobs", params, page_size))
+
+    def cancel_job(self, job_id: str) -> Job:
+        return cast(Job, self._request("POST", f"/v1/jobs/{_seg(job_id)}/cancel").json())
+
+    def watch_job(
+        self, job_id: str, *, timeout: float | None = None, poll_interval: float = 1.0
+    ) -> Iterator[JobEvent]:
+        """The job's events until it finishes, ending with `done` (data: the finished job).
+
+        Reads the Server-Sent Events stream; if it cannot be opened or breaks off, polls
+        GET /v1/jobs/{id} instead and makes the same events from the changes it sees.
+        Raises JobTimeout once `timeout` seconds have passed without the end.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        last: dict[str, Any] | None = None
+        try:
+            for event in self._sse(job_id, deadline, timeout):
+                if event.event in ("status", "done"):
+                    last = event.data
+                yield event
+                if event.event == "done":
+                    return
+        except ApiError as exc:
+            if exc.status in (401, 403):
+                raise
+        except (httpx.TransportError, json.JSONDecodeError):
+            pass  # a proxy that buffers or cuts streams, a restart: polling still works
+        yield from self._poll(job_id, deadline, timeout, poll_interval, last)
+
+    def wait_for_job(
+        self,
+        job_id: str,
+        timeout: float | None = None,
+        on_progress: Callable[[Progress], object] | None = None,
+        *,
+        poll_interval: float = 1.0,
+    ) -> Job:
+        """Block until the job finishes; return it if it succeeded, else raise JobFailed
+        (with the job's error code and message). `on_progress` gets each progress update."""
+        for event in self.watch_job(job_id, timeout=timeout, poll_interval=poll_interval):
+            if event.event == "progress" and on_progress is not None:
+                on_progress(cast(Progress, event.data))
+            elif event.event == "done":
+                job = cast(Job, event.data)
+                if job.get("status") != "succeeded":
+                    raise JobFailed(dict(job))
+                return job
+        raise AssertionError("unreachable: watch_job ends with done or raises")  # pragma: no cover
+
+    def _sse(
+        self, job_id: str, deadline: float | None, timeout: float | None
+    ) -> Iterator[JobEvent]:
+        read = SSE_READ_TIMEOUT_S
+        if deadline is not None:
+            read = max(0.05, min(read, deadline - time.monotonic()))
+        limits = httpx.Timeout(self.timeout, read=read)
+        path = f"/v1/jobs/{_seg(job_id)}/events"
+        headers = {"Accept": "text/event-stream"}
+        try:
+            with self._stream("GET", path, headers=headers, timeout=limits) as response:
+                if not response.headers.get("content-type", "").startswith("text/event-stream"):
+                    return
+                parser = SseParser()
+                for line in response.iter_lines():
+                    _check_deadline(job_id, deadline, timeout, None)
+                    message = parser.feed(line)
+                    if message is not None:
+                        yield JobEvent(message.event, json.loads(message.data))
+        except httpx.ReadTimeout:
+            _check_deadline(job_id, deadline, timeout, None)
+            raise
+
+    def _poll(
+        self,
+        job_id: str,
+        deadline: float | None,
+        timeout: float | None,
+        interval: float,
+        last: dict[str, Any] | None,
+    ) -> Iterator[JobEvent]:
+        status = last.get("status") if last else None
+        progress = last.get("progress") if last else None
+        while True:
+            job: dict[str, Any] = dict(self.get_job(job_id))
+            if job.get("progress") != progress:
+                progress = job.get("progress")
+                yield JobEvent("progress", {"id": job_id, **(progress or {})})
+            if job.get("status") != status:
+                status = job.get("status")
+                yield JobEvent("status", job)
+            if status in FINISHED:
+                yield JobEvent("done", job)
+                return
+            _check_deadline(job_id, deadline, timeout, job)
+            pause = interval if deadline is None else min(interval, deadline - time.monotonic())
+            time.sleep(max(0.0, pause))
+            _check_deadline(job_id, deadline, timeout, job)
+
+    # -- models ------------------------------------------------------------------------------
+
+    def list_models(self, *, page_size: int = PAGE_SIZE) -> Iterator[Model]:
+        """Every model, newest first, page by page."""
+        return cast(Iterator[Model], self._pages("/v1/models", {}, page_size))
+
+    def get_model(self, model_id: str) -> Model:
+        return cast(Model, self._get(f"/v1/models/{_seg(model_id)}"))
+
+    def delete_model(self, model_id: str) -> None:
+        self._request("DELETE", f"/v1/models/{_seg(model_id)}")
+
+    def download_artifact(self, model_id: str, dest: str | os.PathLike[str]) -> Path:
+        """Save the model's artifact (.zip: safetensors weights + metadata.json) to `dest` (a
+        file, or a folder to put `<model_id>.zip` in); the file appears only once complete."""
+        target = Path(dest)
+        if target.is_dir():
+            target = target / f"{model_id}.zip"
+        partial = target.with_name(target.name + ".part")
+        with self._stream("GET", f"/v1/models/{_seg(model_id)}/artifact") as response:
+            try:
+                with partial.open("wb") as out:
+                    for chunk in response.iter_bytes(1 << 20):
+                        out.write(chunk)
+                partial.replace(target)
+            finally:
+                partial.unlink(missing_ok=True)
+        return target
+
+    def predict(
+        self, model_id: str, images: Sequence[ImageInput], top_k: int = 5
+    ) -> list[list[Label]]:
+        """Classify images (paths, encoded bytes or PIL images): per image, in order, its top_k
+        labels with softmax scores, highest first."""
+        if isinstance(images, (str, bytes, os.PathLike)) or _is_pil(images):
+            raise TypeError("images must be a list (of paths, bytes or PIL images)")
+        parts = [_image_part(i, image) for i, image in enumerate(images)]
+
+        def files(_: ExitStack) -> list[tuple[str, tuple[str, IO[bytes] | bytes, str]]]:
+            return [("files", (name, data, "application/octet-stream")) for name, data in parts]
+
+        response = self._request(
+            "POST", f"/v1/models/{_seg(model_id)}/predict", params={"top_k": top_k}, files=files
+        )
+        return [cast(list[Label], p["top_k"]) for p in response.json()["predictions"]]
+
+    # -- transport ---------------------------------------------------------------------------
+
+    def _get(self, path: str, params: dict[str, Any] | None = None) -> Any:
+        return self._request("GET", path, params=params).json()
+
+    def _pages(self, path: str, params: dict[str, Any], size: int) -> Iterator[dict[str, Any]]:
+        cursor: str | None = None
+        while True:
+            query = {**params, "limit": size, **({"cursor": cursor} if cursor else {})}
+            page = self._get(path, query)
+            yield from page["items"]
+            cursor = page.get("next_cursor")
+            if not cursor:
+                return
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: dict[str, Any] | None = None,
+        json: Any = None,
+        data: dict[str, str] | None = None,
+        files: FilesFactory | None = None,
+        headers: dict[str, str] | None = None,
+        timeout: httpx.Timeout | None = None,
+    ) -> httpx.Response:
+        """Send; retry 429/503 after Retry-After (else a doubling back-off), at most
+        max_retries times, each wait capped at max_retry_wait; raise ApiError on error."""
+        attempt = 0
+        while True:
+            with ExitStack() as stack:
+                response = self._http.request(
+                    method,
+                    path,
+                    params=params,
+                    json=json,
+                    data=data,
+                    files=files(stack) if files is not None else None,
+                    headers=headers,
+                    timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT,
+                )
+            if response.status_code < 400:
+                return response
+            error = ApiError.from_response(response)
+            if response.status_code not in RETRY_STATUSES or attempt >= self.max_retries:
+                raise error
+            wait = error.retry_after if error.retry_after is not None else 0.5 * 2**attempt
+            time.sleep(min(wait, self.max_retry_wait))
+            attempt += 1
+
+    @contextmanager
+    def _stream(
+        self,
+        method: str,
+        path: str,
+        *,
+        headers: dict[str, str] | None = None,
+        timeout: httpx.Timeout | None = None,
+    ) -> Iterator[httpx.Response]:
+        kwargs: dict[str, Any] = {"headers": headers}
+        if timeout is not None:
+            kwargs["timeout"] = timeout
+        with self._http.stream(method, path, **kwargs) as response:
+            if response.status_code >= 400:
+                response.read()
+                raise ApiError.from_response(response)
+            yield response
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def zip_folder(folder: Path, out: Path) -> Path:
+    """Zip the files under `folder` (relative paths; hidden files and folders left out)."""
+    count = 0
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
+        for root, dirs, names in os.walk(folder):  # does not follow folder symlinks
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for name in sorted(names):
+                path = Path(root) / name
+                if name.startswith(".") or not path.is_file():
+                    continue
+                archive.write(path, path.relative_to(folder).as_posix())
+                count += 1
+    if count == 0:
+        raise ValueError(f"{folder} has no files to upload (expected <class>/<image> folders)")
+    return out
+
+
+def _image_part(index: int, image: ImageInput) -> tuple[str, bytes]:
+    if isinstance(image, bytes):
+        return f"image{index}", image
+    if isinstance(image, (str, os.PathLike)):
+        path = Path(image)
+        return path.name, path.read_bytes()
+    if _is_pil(image):
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")  # lossless: the server sees exactly these pixels
+        return f"image{index}.png", buffer.getvalue()
+    raise TypeError(f"image {index}: expected a path, bytes or a PIL image, got {type(image)!r}")
+
+
+def _is_pil(value: object) -> bool:
+    try:
+        from PIL import Image
+    except ImportError:  # Pillow is optional for the client
+        return False
+    return isinstance(value, Image.Image)
+
+
+def _seg(value: str) -> str:
+    """An id as one path segment: "../x" can never reach another route."""
+    return quote(value, safe="")
+
+
+def _check_deadline(
+    job_id: str, deadline: float | None, timeout: float | None, last: dict[str, Any] | None
+) -> None:
+    if deadline is not None and time.monotonic() >= deadline:
+        raise JobTimeout(job_id, timeout or 0.0, last)

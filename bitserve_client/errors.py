@@ -1,0 +1,100 @@
+"""Errors the client raises: the API's error shape as an exception, and a job's unhappy end."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+
+class BitserveError(Exception):
+    """Base class of everything this client raises on purpose."""
+
+
+class ApiError(BitserveError):
+    """An error answer from the API: `{"error": {"code", "message", "details"}}` (api.md).
+
+    An answer not in that shape (a proxy's HTML page, a bare 502) still becomes an ApiError,
+    with code "http_<status>" and the start of the body as its message.
+    """
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        details: dict[str, Any] | None = None,
+        *,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(f"{status} {code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+        self.details: dict[str, Any] = details or {}
+        self.retry_after = retry_after
+
+    @classmethod
+    def from_response(cls, response: httpx.Response) -> ApiError:
+        status = response.status_code
+        code, message, details = f"http_{status}", "", None
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        error = body.get("error") if isinstance(body, dict) else None
+        if isinstance(error, dict) and isinstance(error.get("code"), str):
+            code = error["code"]
+            message = str(error.get("message") or "")
+            raw_details = error.get("details")
+            details = raw_details if isinstance(raw_details, dict) else None
+        else:
+            text = response.text.strip()
+            message = text[:500] if text else response.reason_phrase or "no message"
+        return cls(status, code, message, details, retry_after=retry_after_seconds(response))
+
+
+class JobFailed(BitserveError):
+    """A job ended without a model: failed (with the server's error) or cancelled."""
+
+    def __init__(self, job: dict[str, Any]) -> None:
+        error = job.get("error") or {}
+        self.job = job
+        self.job_id: str = job.get("id", "")
+        self.status: str = job.get("status", "")
+        self.code: str = error.get("code") or self.status or "failed"
+        self.message: str = error.get("message") or f"job ended {self.status}"
+        super().__init__(f"job {self.job_id} {self.status}: {self.code}: {self.message}")
+
+
+class JobTimeout(BitserveError, TimeoutError):
+    """wait_for_job's timeout passed before the job finished (the job keeps running)."""
+
+    def __init__(self, job_id: str, timeout: float, last: dict[str, Any] | None) -> None:
+        self.job_id = job_id
+        self.timeout = timeout
+        self.last = last
+        status = last.get("status") if last else "unknown"
+        super().__init__(f"job {job_id} not finished after {timeout} s (last status {status})")
+
+
+def retry_after_seconds(response: httpx.Response) -> float | None:
+    """Retry-After as seconds: delta-seconds or an HTTP date (RFC 9110 10.2.3); None if absent."""
+    value = response.headers.get("retry-after")
+    if value is None:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    from datetime import UTC, datetime
+    from email.utils import parsedate_to_datetime
+
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())

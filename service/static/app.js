@@ -1,0 +1,558 @@
+// bitserve's page: plain JS, no build step, no external assets. Every request goes through
+// api() / apiStream() with a literal path (tests/integration/test_ui.py checks each one against
+// the app's OpenAPI), so the page can only call routes the server has.
+"use strict";
+
+class ApiError extends Error {
+  constructor(status, code, message, details) {
+    super(message);
+    this.status = status;
+    this.code = code;
+    this.details = details || {};
+  }
+}
+
+// -- pure helpers (also loaded by node in the tests) --------------------------------------------
+
+// Server-Sent Events, incrementally: feed text chunks as they arrive; complete events go to
+// onEvent(name, data). Lines end in \n, \r\n or \r (sse-starlette sends \r\n), and a chunk may
+// end between \r and \n, so a trailing \r waits for the next chunk.
+class SseParser {
+  constructor(onEvent) {
+    this.onEvent = onEvent;
+    this.buffer = "";
+    this.event = "";
+    this.data = [];
+  }
+
+  push(chunk) {
+    this.buffer += chunk;
+    for (;;) {
+      const cr = this.buffer.indexOf("\r");
+      const lf = this.buffer.indexOf("\n");
+      let end = cr === -1 ? lf : lf === -1 ? cr : Math.min(cr, lf);
+      if (end === -1) return;
+      let width = 1;
+      if (this.buffer[end] === "\r") {
+        if (end === this.buffer.length - 1) return; // maybe the \r of a \r\n: wait
+        if (this.buffer[end + 1] === "\n") width = 2;
+      }
+      const line = this.buffer.slice(0, end);
+      this.buffer = this.buffer.slice(end + width);
+      this.line(line);
+    }
+  }
+
+  line(line) {
+    if (line === "") {
+      if (this.data.length) this.onEvent(this.event || "message", this.data.join("\n"));
+      this.event = "";
+      this.data = [];
+      return;
+    }
+    if (line.startsWith(":")) return; // keep-alive comment
+    const colon = line.indexOf(":");
+    const field = colon === -1 ? line : line.slice(0, colon);
+    let value = colon === -1 ? "" : line.slice(colon + 1);
+    if (value.startsWith(" ")) value = value.slice(1);
+    if (field === "event") this.event = value;
+    else if (field === "data") this.data.push(value);
+  }
+}
+
+function formatDuration(seconds) {
+  if (seconds === null || seconds === undefined || !Number.isFinite(seconds)) return "–";
+  const s = Math.max(0, Math.round(seconds));
+  const h = Math.floor(s / 3600);
+  const m = Math.floor((s % 3600) / 60);
+  const rest = s % 60;
+  if (h) return `${h} h ${String(m).padStart(2, "0")} min`;
+  if (m) return `${m} min ${String(rest).padStart(2, "0")} s`;
+  return `${rest} s`;
+}
+
+function formatBytes(n) {
+  if (n === null || n === undefined) return "–";
+  const units = ["B", "KB", "MB", "GB", "TB"];
+  let i = 0;
+  let v = n;
+  while (v >= 1000 && i < units.length - 1) {
+    v /= 1000;
+    i += 1;
+  }
+  return `${i ? v.toFixed(1) : v} ${units[i]}`;
+}
+
+function formatNumber(v, digits) {
+  if (v === null || v === undefined || !Number.isFinite(v)) return "–";
+  if (v !== 0 && Math.abs(v) < 1e-3) return v.toExponential(2);
+  return v.toFixed(digits);
+}
+
+// "code: message" plus the details a person can act on (offending classes, invalid fields).
+function describeError(err) {
+  if (!(err instanceof ApiError)) return `Network or page error: ${err && err.message ? err.message : err}`;
+  const lines = [err.status ? `${err.message} (${err.code}, HTTP ${err.status})` : err.message];
+  const d = err.details || {};
+  if (Array.isArray(d.classes)) {
+    lines.push("Classes: " + d.classes.map((c) => `${c.name} (${c.count})`).join(", "));
+  }
+  if (Array.isArray(d.errors)) {
+    for (const e of d.errors) lines.push(`${(e.loc || []).join(".")}: ${e.msg}`);
+  }
+  if (d.field) lines.push(`Field: ${d.field}`);
+  if (d.filename) lines.push(`File: ${d.filename}`);
+  return lines.join("\n");
+}
+
+if (typeof module !== "undefined" && module.exports) {
+  module.exports = { ApiError, SseParser, formatDuration, formatBytes, formatNumber, describeError };
+}
+
+// -- talking to the API --------------------------------------------------------------------------
+
+const seg = encodeURIComponent;
+const $ = (id) => document.getElementById(id);
+
+function authHeaders() {
+  const key = $("api-key").value.trim();
+  return key ? { Authorization: `Bearer ${key}` } : {};
+}
+
+async function errorFrom(response) {
+  let body = null;
+  try {
+    body = await response.json();
+  } catch (_) {
+    body = null;
+  }
+  const e = body && body.error;
+  if (e && typeof e.code === "string") return new ApiError(response.status, e.code, e.message || "", e.details);
+  return new ApiError(response.status, `http_${response.status}`, response.statusText || "request failed", {});
+}
+
+async function api(method, path, opts = {}) {
+  const url = new URL(path, window.location.origin);
+  for (const [k, v] of Object.entries(opts.query || {})) {
+    if (v !== undefined && v !== null && v !== "") url.searchParams.set(k, v);
+  }
+  const headers = { Accept: "application/json", ...authHeaders(), ...(opts.headers || {}) };
+  let body;
+  if (opts.json !== undefined) {
+    headers["Content-Type"] = "application/json";
+    body = JSON.stringify(opts.json);
+  } else if (opts.form) {
+    body = opts.form; // the browser sets the multipart boundary
+  }
+  const response = await fetch(url, { method, headers, body, signal: opts.signal });
+  if (!response.ok) throw await errorFrom(response);
+  if (opts.raw) return response;
+  if (response.status === 204) return null;
+  return response.json();
+}
+
+// A streamed GET (Server-Sent Events); fetch rather than EventSource so the API key header goes too.
+async function apiStream(method, path, signal) {
+  const response = await fetch(path, {
+    method,
+    headers: { Accept: "text/event-stream", ...authHeaders() },
+    signal,
+  });
+  if (!response.ok) throw await errorFrom(response);
+  return response;
+}
+
+// -- page state and rendering --------------------------------------------------------------------
+
+const state = { follow: null, jobId: null };
+
+function showError(err) {
+  const box = $("error");
+  box.textContent = describeError(err);
+  box.hidden = false;
+}
+
+function clearError() {
+  $("error").hidden = true;
+  $("error").textContent = "";
+}
+
+async function guarded(fn) {
+  clearError();
+  try {
+    await fn();
+  } catch (err) {
+    if (err && err.name === "AbortError") return;
+    showError(err);
+  }
+}
+
+function cell(row, text) {
+  const td = document.createElement("td");
+  td.textContent = text;
+  row.appendChild(td);
+  return td;
+}
+
+function button(label, onClick, title) {
+  const b = document.createElement("button");
+  b.type = "button";
+  b.textContent = label;
+  if (title) b.setAttribute("aria-label", title);
+  b.addEventListener("click", () => guarded(onClick));
+  return b;
+}
+
+function setOptions(select, items, label, keep) {
+  const previous = keep || select.value;
+  select.replaceChildren();
+  for (const item of items) {
+    const option = document.createElement("option");
+    option.value = item.id;
+    option.textContent = label(item);
+    select.appendChild(option);
+  }
+  if (previous && items.some((i) => i.id === previous)) select.value = previous;
+}
+
+function showDataset(ds) {
+  $("dataset-summary").hidden = false;
+  $("dataset-title").textContent = `${ds.name} (${ds.id}): ${ds.num_images} images, ${ds.num_classes} classes, ` +
+    `median ${ds.image_size.median_width}×${ds.image_size.median_height} px, ${formatBytes(ds.bytes)}`;
+  const body = $("dataset-classes").tBodies[0];
+  body.replaceChildren();
+  for (const c of ds.classes) {
+    const row = body.insertRow();
+    cell(row, c.name);
+    cell(row, String(c.count));
+  }
+  $("dataset-rejected-title").textContent = `Rejected files (${ds.rejected.length})`;
+  const list = $("dataset-rejected");
+  list.replaceChildren();
+  for (const r of ds.rejected) {
+    const li = document.createElement("li");
+    li.textContent = `${r.path}: ${r.reason}`;
+    list.appendChild(li);
+  }
+}
+
+async function loadBaseModels() {
+  const { items } = await api("GET", `/v1/base-models`);
+  const select = $("base-model");
+  select.replaceChildren();
+  for (const m of items) {
+    const option = document.createElement("option");
+    option.value = m.name;
+    let note = m.published ? "" : ", small, trained from scratch";
+    if (m.requires_checkpoint && !m.checkpoint_present) note += `, downloads ${formatBytes(m.download_bytes)} first`;
+    option.textContent = `${m.name} (${(m.parameters / 1e6).toFixed(1)} M parameters${note})`;
+    select.appendChild(option);
+  }
+  const ready = items.find((m) => m.checkpoint_present) || items.find((m) => !m.requires_checkpoint);
+  if (ready) select.value = ready.name;
+  const info = () => {
+    const m = items.find((i) => i.name === select.value);
+    $("base-model-info").textContent = m ? `${m.description || ""} ${m.upstream ? `Pre-trained on ${m.upstream}.` : ""}` : "";
+  };
+  select.addEventListener("change", info);
+  info();
+}
+
+function overrides() {
+  const out = {};
+  for (const name of ["steps", "batch_size", "base_lr", "crop", "precrop", "mixup_alpha"]) {
+    const raw = $(`ov-${name}`).value.trim();
+    if (raw !== "") out[name] = Number(raw);
+  }
+  return out;
+}
+
+async function showPlan() {
+  const datasetId = $("dataset-select").value;
+  if (!datasetId) throw new ApiError(0, "no_dataset", "Upload or pick a dataset first.", {});
+  const result = await api("GET", `/v1/datasets/${seg(datasetId)}/plan`, {
+    query: { base_model: $("base-model").value, validation_fraction: $("validation-fraction").value, ...overrides() },
+  });
+  const p = result.plan;
+  const e = result.estimate || {};
+  const rows = [
+    ["Resize, then random crop", `${p.precrop} → ${p.crop} px`],
+    ["Batch size", p.micro_batch_size ? `${p.batch_size} (micro-batches of ${p.micro_batch_size})` : p.batch_size],
+    ["Steps", `${p.total_steps} (warm-up ${p.warmup_steps}, learning rate ÷10 at ${(p.decay_steps || []).join(", ")})`],
+    ["Base learning rate", p.base_lr],
+    ["MixUp alpha", p.mixup_alpha],
+    ["Training images / images processed", `${e.training_examples} / ${e.images_processed} (${e.epochs} epochs)`],
+    ["Overridden", ((p.source || {}).overridden || []).join(", ") || "nothing (BiT-HyperRule)"],
+  ];
+  const table = document.createElement("table");
+  table.id = "plan-table";
+  const caption = table.createCaption();
+  caption.textContent = `Plan for ${result.base_model}`;
+  for (const [k, v] of rows) {
+    const row = table.insertRow();
+    const th = document.createElement("th");
+    th.scope = "row";
+    th.textContent = k;
+    row.appendChild(th);
+    cell(row, String(v));
+  }
+  $("plan-output").replaceChildren(table);
+}
+
+function showProgress(p) {
+  const total = p.total_steps || 0;
+  $("job-progress").max = Math.max(total, 1);
+  $("job-progress").value = Math.min(p.step || 0, Math.max(total, 1));
+  $("job-progress").textContent = total ? `${Math.round((100 * (p.step || 0)) / total)}%` : "0%";
+  $("stat-step").textContent = `${p.step || 0} / ${total}`;
+  $("stat-loss").textContent = formatNumber(p.loss, 4);
+  $("stat-lr").textContent = formatNumber(p.lr, 5);
+  $("stat-ips").textContent = formatNumber(p.images_per_second, 1);
+  $("stat-eta").textContent = formatDuration(p.eta_seconds);
+}
+
+function showJob(job) {
+  const error = job.error ? `: ${job.error.message} (${job.error.code})` : "";
+  $("job-status").textContent = `Job ${job.id}: ${job.status}${error}`;
+  const active = ["queued", "running"].includes(job.status);
+  if (active) state.jobId = job.id; // what the Cancel button cancels
+  $("cancel-job").disabled = !active;
+  if (job.progress) showProgress(job.progress);
+}
+
+async function jobFinished(job) {
+  showJob(job);
+  state.jobId = null;
+  if (job.status === "succeeded" && job.model_id) {
+    const acc = job.metrics && typeof job.metrics.accuracy === "number" ? `, validation accuracy ${(100 * job.metrics.accuracy).toFixed(1)}%` : "";
+    $("job-result").textContent = `Model ${job.model_id} is ready${acc}.`;
+    await refreshLists({ model: job.model_id });
+  } else {
+    $("job-result").textContent = "";
+    await refreshLists();
+  }
+}
+
+async function followJob(jobId) {
+  if (state.follow) state.follow.abort();
+  const controller = new AbortController();
+  state.follow = controller;
+  state.jobId = jobId;
+  $("job-result").textContent = "";
+  let finished = null;
+  try {
+    const response = await apiStream("GET", `/v1/jobs/${seg(jobId)}/events`, controller.signal);
+    const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+    const parser = new SseParser((name, text) => {
+      const data = JSON.parse(text);
+      if (name === "progress") showProgress(data);
+      else if (name === "status") showJob(data);
+      else if (name === "done") finished = data;
+    });
+    while (!finished) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      parser.push(value);
+    }
+    reader.cancel().catch(() => {});
+  } catch (err) {
+    if (err.name === "AbortError") return;
+    if (err instanceof ApiError && err.status !== 503) throw err;
+  }
+  // The stream ended early or could not be opened: poll until the job ends.
+  while (!finished && !controller.signal.aborted) {
+    const job = await api("GET", `/v1/jobs/${seg(jobId)}`);
+    showJob(job);
+    if (["succeeded", "failed", "cancelled"].includes(job.status)) finished = job;
+    else await new Promise((r) => setTimeout(r, 1000));
+  }
+  if (finished && !controller.signal.aborted) await jobFinished(finished);
+}
+
+async function startJob() {
+  const datasetId = $("dataset-select").value;
+  if (!datasetId) throw new ApiError(0, "no_dataset", "Upload or pick a dataset first.", {});
+  const job = await api("POST", `/v1/jobs`, {
+    json: {
+      dataset_id: datasetId,
+      base_model: $("base-model").value,
+      validation_fraction: Number($("validation-fraction").value || 0.1),
+      overrides: overrides(),
+    },
+    headers: { "Idempotency-Key": `page-${crypto.randomUUID ? crypto.randomUUID() : Date.now()}` },
+  });
+  showJob(job);
+  await refreshLists();
+  await followJob(job.id);
+}
+
+async function predict(files) {
+  const modelId = $("model-select").value;
+  if (!modelId) throw new ApiError(0, "no_model", "Train a model first (or pick one).", {});
+  const images = Array.from(files).filter((f) => f.size > 0);
+  if (!images.length) return;
+  const form = new FormData();
+  for (const f of images) form.append("files", f, f.name);
+  $("predict-results").textContent = "Classifying…";
+  const result = await api("POST", `/v1/models/${seg(modelId)}/predict`, { query: { top_k: 5 }, form });
+  const out = [];
+  result.predictions.forEach((prediction, i) => {
+    const figure = document.createElement("figure");
+    const img = document.createElement("img");
+    img.src = URL.createObjectURL(images[i]);
+    img.alt = images[i].name;
+    img.addEventListener("load", () => URL.revokeObjectURL(img.src));
+    const caption = document.createElement("figcaption");
+    const list = document.createElement("ol");
+    list.className = "top-k";
+    for (const { label, score } of prediction.top_k) {
+      const li = document.createElement("li");
+      const meter = document.createElement("meter");
+      meter.min = 0;
+      meter.max = 1;
+      meter.value = score;
+      meter.setAttribute("aria-label", `${label} score`);
+      li.append(`${label} ${(100 * score).toFixed(1)}% `, meter);
+      list.appendChild(li);
+    }
+    caption.append(images[i].name, list);
+    figure.append(img, caption);
+    out.push(figure);
+  });
+  $("predict-results").replaceChildren(...out);
+}
+
+async function downloadArtifact(modelId) {
+  const response = await api("GET", `/v1/models/${seg(modelId)}/artifact`, { raw: true });
+  const link = document.createElement("a");
+  link.href = URL.createObjectURL(await response.blob());
+  link.download = `${modelId}.zip`;
+  link.click();
+  setTimeout(() => URL.revokeObjectURL(link.href), 10000);
+}
+
+// `select`: {dataset, model} ids to select once the lists are in.
+async function refreshLists(select = {}) {
+  const [datasets, jobs, models] = await Promise.all([
+    api("GET", `/v1/datasets`, { query: { limit: 100 } }),
+    api("GET", `/v1/jobs`, { query: { limit: 100 } }),
+    api("GET", `/v1/models`, { query: { limit: 100 } }),
+  ]);
+  const when = (t) => (t ? new Date(t).toLocaleString() : "–");
+
+  setOptions($("dataset-select"), datasets.items, (d) => `${d.name} (${d.num_images} images, ${d.num_classes} classes)`, select.dataset);
+  let body = $("datasets-list").tBodies[0];
+  body.replaceChildren();
+  for (const d of datasets.items) {
+    const row = body.insertRow();
+    [d.name, d.id, String(d.num_images), String(d.num_classes), when(d.created_at)].forEach((t) => cell(row, t));
+    cell(row, "").append(
+      button("Use", async () => { $("dataset-select").value = d.id; showDataset(d); }, `Use dataset ${d.name}`),
+      button("Delete", async () => {
+        if (!window.confirm(`Delete dataset ${d.name}?`)) return;
+        await api("DELETE", `/v1/datasets/${seg(d.id)}`);
+        await refreshLists();
+      }, `Delete dataset ${d.name}`),
+    );
+  }
+
+  body = $("jobs-list").tBodies[0];
+  body.replaceChildren();
+  for (const j of jobs.items) {
+    const row = body.insertRow();
+    const p = j.progress || {};
+    [j.id, j.status, j.base_model, `${p.step || 0} / ${p.total_steps || 0}`, when(j.created_at)].forEach((t) => cell(row, t));
+    const actions = cell(row, "");
+    if (["queued", "running", "cancelling"].includes(j.status)) {
+      actions.append(button("Follow", () => followJob(j.id), `Follow job ${j.id}`));
+    }
+    if (["queued", "running"].includes(j.status)) {
+      actions.append(button("Cancel", async () => { showJob(await api("POST", `/v1/jobs/${seg(j.id)}/cancel`)); await refreshLists(); }, `Cancel job ${j.id}`));
+    }
+  }
+
+  setOptions($("model-select"), models.items, (m) => `${m.id} (${m.base_model}: ${(m.classes || []).join(", ")})`, select.model);
+  body = $("models-list").tBodies[0];
+  body.replaceChildren();
+  for (const m of models.items) {
+    const row = body.insertRow();
+    const acc = m.metrics && typeof m.metrics.accuracy === "number" ? `${(100 * m.metrics.accuracy).toFixed(1)}%` : "–";
+    [m.id, m.base_model, (m.classes || []).join(", "), acc, when(m.created_at)].forEach((t) => cell(row, t));
+    cell(row, "").append(
+      button("Use", async () => { $("model-select").value = m.id; }, `Use model ${m.id}`),
+      button("Download", () => downloadArtifact(m.id), `Download model ${m.id}`),
+      button("Delete", async () => {
+        if (!window.confirm(`Delete model ${m.id}?`)) return;
+        await api("DELETE", `/v1/models/${seg(m.id)}`);
+        await refreshLists();
+      }, `Delete model ${m.id}`),
+    );
+  }
+}
+
+function init() {
+  const keyInput = $("api-key");
+  keyInput.value = window.localStorage.getItem("bitserve-api-key") || "";
+  keyInput.addEventListener("change", () => {
+    window.localStorage.setItem("bitserve-api-key", keyInput.value.trim());
+    guarded(() => refreshLists());
+  });
+
+  $("upload-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    guarded(async () => {
+      const file = $("upload-file").files[0];
+      if (!file) throw new ApiError(0, "no_file", "Choose a .zip or .tar.gz archive first.", {});
+      const form = new FormData();
+      form.append("file", file, file.name);
+      const name = $("upload-name").value.trim();
+      if (name) form.append("name", name);
+      $("upload-button").disabled = true;
+      $("upload-status").textContent = `Uploading ${file.name} (${formatBytes(file.size)}) and checking every image…`;
+      try {
+        const ds = await api("POST", `/v1/datasets`, { form });
+        showDataset(ds);
+        await refreshLists({ dataset: ds.id });
+        $("upload-status").textContent = `Uploaded: ${ds.num_images} images in ${ds.num_classes} classes.`;
+      } finally {
+        $("upload-button").disabled = false;
+        if ($("upload-status").textContent.startsWith("Uploading")) $("upload-status").textContent = "";
+      }
+    });
+  });
+
+  $("plan-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    guarded(showPlan);
+  });
+  $("start-job").addEventListener("click", () => guarded(startJob));
+  $("cancel-job").addEventListener("click", () => guarded(async () => {
+    if (state.jobId) showJob(await api("POST", `/v1/jobs/${seg(state.jobId)}/cancel`));
+  }));
+  $("refresh-lists").addEventListener("click", () => guarded(() => refreshLists()));
+
+  const zone = $("drop-zone");
+  $("predict-file").addEventListener("change", (event) => {
+    const files = Array.from(event.target.files);
+    event.target.value = ""; // choosing the same file again classifies it again
+    guarded(() => predict(files));
+  });
+  zone.addEventListener("dragover", (event) => {
+    event.preventDefault();
+    zone.classList.add("over");
+  });
+  zone.addEventListener("dragleave", () => zone.classList.remove("over"));
+  zone.addEventListener("drop", (event) => {
+    event.preventDefault();
+    zone.classList.remove("over");
+    guarded(() => predict(event.dataTransfer.files));
+  });
+
+  guarded(async () => {
+    await Promise.all([loadBaseModels(), refreshLists()]);
+    const running = document.querySelector("#jobs-list tbody tr");
+    if (running && running.cells[1].textContent === "running") await followJob(running.cells[0].textContent);
+  });
+}
+
+if (typeof document !== "undefined") document.addEventListener("DOMContentLoaded", init);

@@ -1,0 +1,512 @@
+"""bitserve_client against a REAL uvicorn server on PostgreSQL + Redis (tests/conftest.py), and,
+for what a healthy server never does (503 then 200, a cut event stream), against a tiny scripted
+http.server on loopback.
+
+The full loop (upload -> job on a real Celery worker -> wait -> predict) uses tiny-R10x0.25 from
+scratch with 12 steps at 32 px; its predictions are checked against bitcore's Predictor on the
+downloaded artifact.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from bitcore.predict import Predictor
+from bitserve_client import (
+    ApiError,
+    BitserveClient,
+    JobEvent,
+    JobFailed,
+    JobTimeout,
+    Progress,
+    zip_folder,
+)
+from bitserve_client.errors import retry_after_seconds
+from service.db import migrate
+from service.settings import Settings
+from tests.imagegen import class_image, encode, make_archive, make_image_folder
+from tests.integration.conftest import LiveServer
+from tests.integration.worker_fixtures import FAST_OVERRIDES, WorkerProcess, fast_job_settings
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+
+
+@pytest.fixture
+def api(live_server: str) -> Iterator[BitserveClient]:
+    with BitserveClient(live_server, timeout=60) as client:
+        yield client
+
+
+# -- datasets, plan, base models, errors (the session's server) -----------------------------
+
+
+def test_upload_a_folder_zips_it_and_reports_classes_and_rejected(
+    api: BitserveClient, tmp_path: Path
+) -> None:
+    folder = make_image_folder(
+        tmp_path / "pets", {"cat": 3, "dog": 4}, corrupt={"cat/broken.png": "text"}
+    )
+    (folder / ".DS_Store").write_bytes(b"finder metadata")  # hidden: never uploaded
+    dataset = api.upload_dataset(folder)
+    assert dataset["id"].startswith("ds_")
+    assert dataset["name"] == "pets"  # from the zip's file name, pets.zip
+    assert dataset["status"] == "ready"
+    assert (dataset["num_images"], dataset["num_classes"]) == (7, 2)
+    assert dataset["classes"] == [{"name": "cat", "count": 3}, {"name": "dog", "count": 4}]
+    assert dataset["image_size"] == {"median_height": 40, "median_width": 48}
+    assert dataset["rejected"] == [{"path": "cat/broken.png", "reason": "unsupported_format"}]
+    assert api.get_dataset(dataset["id"]) == dataset
+    assert not list(tmp_path.glob("*.zip"))  # the temp zip lived elsewhere and is gone
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar.gz"])
+def test_upload_an_archive_streams_it_as_is(api: BitserveClient, tmp_path: Path, kind: str) -> None:
+    folder = make_image_folder(tmp_path / "shapes", {"a": 2, "b": 2, "c": 3}, top_level="top")
+    archive = make_archive(folder, kind)
+    dataset = api.upload_dataset(archive, name=f"shapes {kind}")
+    assert dataset["name"] == f"shapes {kind}"
+    assert dataset["bytes"] == archive.stat().st_size
+    assert dataset["classes"] == [
+        {"name": "a", "count": 2},
+        {"name": "b", "count": 2},
+        {"name": "c", "count": 3},
+    ]
+    assert dataset["rejected"] == []
+
+
+def test_list_iterates_every_page_and_delete_removes(api: BitserveClient, tmp_path: Path) -> None:
+    archive = make_archive(make_image_folder(tmp_path / "d", {"x": 2, "y": 2}))
+    ids = [api.upload_dataset(archive, name=f"page {i}")["id"] for i in range(3)]
+    listed = [d["id"] for d in api.list_datasets(page_size=1)]
+    assert len(listed) == len(set(listed))  # no page repeats an item
+    assert [i for i in listed if i in ids] == ids[::-1]  # newest first, all three
+    assert listed == [d["id"] for d in api.list_datasets()]  # same list with big pages
+
+    api.delete_dataset(ids[0])
+    with pytest.raises(ApiError) as caught:
+        api.get_dataset(ids[0])
+    assert (caught.value.status, caught.value.code) == (404, "not_found")
+    assert ids[0] not in [d["id"] for d in api.list_datasets()]
+
+
+def test_plan_passes_overrides_and_base_models_lists_the_registry(
+    api: BitserveClient, tmp_path: Path
+) -> None:
+    dataset = api.upload_dataset(make_image_folder(tmp_path / "p", {"a": 5, "b": 5}))
+    result = api.plan(dataset["id"], "tiny-R10x0.25", steps=7, batch_size=4, crop=32, precrop=40)
+    plan = result["plan"]
+    assert (plan["total_steps"], plan["batch_size"], plan["crop"], plan["precrop"]) == (
+        7,
+        4,
+        32,
+        40,
+    )
+    assert sorted(plan["source"]["overridden"]) == ["batch_size", "crop", "precrop", "steps"]
+    assert result["estimate"]["images_processed"] == 28
+    # 10 images, validation 0.1 -> 1 held out per class at most; the default rule otherwise.
+    default = api.plan(dataset["id"], "tiny-R10x0.25", validation_fraction=0.5)["plan"]
+    assert default["source"]["overridden"] == []
+    assert result["estimate"]["training_examples"] > default["source"]["num_examples"]
+
+    models = {m["name"]: m for m in api.base_models()}
+    assert models["tiny-R10x0.25"]["requires_checkpoint"] is False
+    assert models["BiT-M-R50x1"]["requires_checkpoint"] is True
+
+
+def test_errors_carry_the_servers_code_message_and_details(
+    api: BitserveClient, tmp_path: Path
+) -> None:
+    with pytest.raises(ApiError) as caught:
+        api.get_dataset("ds_doesnotexist")
+    assert (caught.value.status, caught.value.code) == (404, "not_found")
+    assert "ds_doesnotexist" in caught.value.message
+
+    text = tmp_path / "notes.zip"
+    text.write_text("not an archive at all\n" * 10)
+    with pytest.raises(ApiError) as caught:
+        api.upload_dataset(text)
+    assert (caught.value.status, caught.value.code) == (415, "unsupported_media_type")
+
+    one_class = make_archive(make_image_folder(tmp_path / "one", {"solo": 3}))
+    with pytest.raises(ApiError) as caught:
+        api.upload_dataset(one_class)
+    assert (caught.value.status, caught.value.code) == (422, "too_few_classes")
+    assert caught.value.details["classes"] == [{"name": "solo", "count": 3}]
+
+    dataset = api.upload_dataset(make_image_folder(tmp_path / "ok", {"a": 2, "b": 2}))
+    with pytest.raises(ApiError) as caught:
+        api.plan(dataset["id"], "ResNet-9000")
+    assert (caught.value.status, caught.value.code) == (422, "unknown_base_model")
+    assert caught.value.details["field"] == "base_model"
+
+    with pytest.raises(FileNotFoundError):
+        api.upload_dataset(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no files"):
+        api.upload_dataset(tmp_path / "empty")
+
+
+def test_jobs_are_idempotent_and_a_cancelled_job_raises_job_failed(
+    api: BitserveClient, tmp_path: Path
+) -> None:
+    # No worker listens on this server's queue: the job stays queued until cancelled.
+    dataset = api.upload_dataset(make_image_folder(tmp_path / "j", {"a": 2, "b": 2}))
+    overrides = {"steps": 5, "batch_size": 2}
+    job = api.create_job(dataset["id"], "tiny-R10x0.25", overrides, idempotency_key="k-1")
+    assert (job["status"], job["plan"]["total_steps"]) == ("queued", 5)
+    again = api.create_job(dataset["id"], "tiny-R10x0.25", overrides, idempotency_key="k-1")
+    assert again["id"] == job["id"]
+    with pytest.raises(ApiError) as caught:
+        api.create_job(dataset["id"], "tiny-R10x0.25", {"steps": 6}, idempotency_key="k-1")
+    assert caught.value.status == 409
+    other = api.create_job(dataset["id"], "tiny-R10x0.25", overrides)  # a fresh key
+    assert other["id"] != job["id"]
+    assert {job["id"], other["id"]} <= {j["id"] for j in api.list_jobs(status="queued")}
+
+    with pytest.raises(JobTimeout) as timed_out:
+        api.wait_for_job(job["id"], timeout=0.3)
+    assert timed_out.value.job_id == job["id"]
+
+    assert api.cancel_job(job["id"])["status"] == "cancelled"
+    with pytest.raises(JobFailed) as failed:
+        api.wait_for_job(job["id"], timeout=10)
+    assert (failed.value.status, failed.value.job_id) == ("cancelled", job["id"])
+    events = list(api.watch_job(job["id"], timeout=10))
+    assert [e.event for e in events] == ["status", "done"]
+    assert events[-1].data["status"] == "cancelled"
+    api.cancel_job(other["id"])
+
+
+# -- the whole loop, with a real Celery worker ------------------------------------------------
+
+
+@dataclass
+class JobServer:
+    server: LiveServer
+    worker: WorkerProcess
+
+
+@pytest.fixture(scope="module")
+def job_server(
+    tmp_path_factory: pytest.TempPathFactory, postgres_url: str, redis_url: str
+) -> Iterator[JobServer]:
+    migrate(postgres_url)
+    # Stale only after 30 s: on a loaded CI machine a late heartbeat must not re-queue the job.
+    settings: Settings = fast_job_settings(
+        tmp_path_factory.mktemp("client-jobs"),
+        database_url=postgres_url,
+        broker_url=redis_url,
+        job_stale_after_seconds=30.0,
+    )
+    server = LiveServer(settings).start()
+    try:
+        with WorkerProcess(settings, pool="solo") as worker:
+            yield JobServer(server, worker)
+    finally:
+        server.stop()
+
+
+def test_full_loop_create_wait_predict_download(job_server: JobServer, tmp_path: Path) -> None:
+    with BitserveClient(job_server.server.url) as api:
+        folder = make_image_folder(tmp_path / "pets", {"cat": 4, "dog": 4})
+        dataset = api.upload_dataset(folder)
+        job = api.create_job(
+            dataset["id"], "tiny-R10x0.25", FAST_OVERRIDES, validation_fraction=0.25, name="t"
+        )
+        progress: list[Progress] = []
+        try:
+            done = api.wait_for_job(job["id"], timeout=120, on_progress=progress.append)
+        except (JobFailed, JobTimeout):
+            print(job_server.worker.log()[-4000:])
+            raise
+        assert (done["status"], done["id"], done["name"]) == ("succeeded", job["id"], "t")
+        steps = [p["step"] for p in progress]
+        assert steps and steps == sorted(steps) and steps[-1] == FAST_OVERRIDES["steps"]
+        assert all(p["total_steps"] == FAST_OVERRIDES["steps"] for p in progress)
+
+        model_id = done["model_id"]
+        assert model_id is not None
+        model = api.get_model(model_id)
+        assert (model["job_id"], model["classes"]) == (job["id"], ["cat", "dog"])
+        assert model_id in [m["id"] for m in api.list_models()]
+
+        # Paths, bytes and a PIL image, in that order; top_k=5 is clamped to the 2 classes.
+        pil = class_image(1, 2, (40, 48), seed=77)
+        first = tmp_path / "first.png"
+        first.write_bytes(encode(class_image(0, 2, (40, 48), seed=76)))
+        raw = encode(class_image(0, 2, (44, 44), seed=78), "JPEG")
+        ranked = api.predict(model_id, [first, raw, pil], top_k=5)
+        assert len(ranked) == 3 and all(len(r) == 2 for r in ranked)
+
+        # The same answers from bitcore on the downloaded artifact.
+        archive = api.download_artifact(model_id, tmp_path)
+        assert archive == tmp_path / f"{model_id}.zip"
+        with zipfile.ZipFile(archive) as zf:
+            zf.extractall(tmp_path / "artifact")
+        predictor = Predictor.load(tmp_path / "artifact", device="cpu")
+        expected = predictor.predict([first.read_bytes(), raw, encode(pil)], top_k=2)
+        for got, want in zip(ranked, expected, strict=True):
+            assert [g["label"] for g in got] == [label for label, _ in want]
+            assert [g["score"] for g in got] == pytest.approx([s for _, s in want], abs=1e-5)
+            assert sum(g["score"] for g in got) == pytest.approx(1.0, abs=1e-5)
+
+        api.delete_model(model_id)
+        with pytest.raises(ApiError) as caught:
+            api.get_model(model_id)
+        assert caught.value.code == "not_found"
+
+
+# -- retries, headers and streams against a scripted loopback server ---------------------------
+
+
+@dataclass
+class Reply:
+    status: int
+    body: bytes = b"{}"
+    headers: dict[str, str] = field(default_factory=lambda: {"Content-Type": "application/json"})
+
+
+@dataclass
+class Seen:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+
+class Scripted:
+    """A loopback HTTP server answering each (method, path) from a script; the last reply of a
+    script repeats. Records every request."""
+
+    def __init__(self, script: dict[tuple[str, str], list[Reply]]) -> None:
+        self.script = script
+        self.seen: list[Seen] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _answer(self) -> None:
+                body = self._body()
+                outer.seen.append(
+                    Seen(
+                        self.command,
+                        self.path,
+                        {k.lower(): v for k, v in self.headers.items()},
+                        body,
+                    )
+                )
+                replies = outer.script.get((self.command, self.path.split("?")[0]))
+                if not replies:
+                    reply = Reply(
+                        404,
+                        json.dumps(
+                            {"error": {"code": "not_found", "message": "no", "details": {}}}
+                        ).encode(),
+                    )
+                else:
+                    reply = replies.pop(0) if len(replies) > 1 else replies[0]
+                self.send_response(reply.status)
+                for k, v in reply.headers.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(reply.body)))
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.wfile.write(reply.body)
+                self.close_connection = True
+
+            def _body(self) -> bytes:
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    data = b""
+                    while True:
+                        size = int(self.rfile.readline().strip(), 16)
+                        chunk = self.rfile.read(size + 2)[:size]
+                        if size == 0:
+                            return data
+                        data += chunk
+                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+            do_GET = do_POST = do_DELETE = _answer
+
+            def log_message(self, *_: Any) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self) -> Scripted:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def _error(code: str, message: str = "busy", details: dict[str, Any] | None = None) -> bytes:
+    return json.dumps(
+        {"error": {"code": code, "message": message, "details": details or {}}}
+    ).encode()
+
+
+DATASET = {"id": "ds_x", "name": "x", "status": "ready"}
+
+
+def test_503_is_retried_after_retry_after_then_succeeds() -> None:
+    busy = Reply(
+        503, _error("overloaded"), {"Content-Type": "application/json", "Retry-After": "1"}
+    )
+    ok = Reply(200, json.dumps(DATASET).encode())
+    script = {("GET", "/v1/datasets/ds_x"): [busy, ok]}
+    with Scripted(script) as server, BitserveClient(server.url, api_key="secret-key") as api:
+        started = time.monotonic()
+        assert api.get_dataset("ds_x") == DATASET
+        elapsed = time.monotonic() - started
+    assert 1.0 <= elapsed < 3.0  # waited the server's 1 s, once
+    assert [s.path for s in server.seen] == ["/v1/datasets/ds_x"] * 2
+    assert all(s.headers["authorization"] == "Bearer secret-key" for s in server.seen)
+
+
+def test_retries_are_bounded_and_the_last_error_is_raised() -> None:
+    busy = Reply(
+        503,
+        _error("overloaded", "the server is busy", {"waiting": 256, "limit": 256}),
+        {"Content-Type": "application/json", "Retry-After": "0"},
+    )
+    with Scripted({("GET", "/v1/models/mdl_x"): [busy]}) as server:
+        with BitserveClient(server.url, max_retries=2) as api, pytest.raises(ApiError) as caught:
+            api.get_model("mdl_x")
+        with BitserveClient(server.url, max_retries=0) as api, pytest.raises(ApiError):
+            api.get_model("mdl_x")
+    error = caught.value
+    assert (error.status, error.code, error.message) == (503, "overloaded", "the server is busy")
+    assert (error.details, error.retry_after) == ({"waiting": 256, "limit": 256}, 0.0)
+    assert len(server.seen) == 3 + 1  # 1 + 2 retries, then 1 with retries off
+    assert "authorization" not in server.seen[0].headers
+
+
+def test_a_retried_upload_sends_the_whole_archive_again(tmp_path: Path) -> None:
+    archive = zip_folder(make_image_folder(tmp_path / "f", {"a": 2, "b": 2}), tmp_path / "f.zip")
+    limited = Reply(429, _error("too_many_requests"), {"Retry-After": "0"})
+    created = Reply(201, json.dumps(DATASET).encode())
+    script = {("POST", "/v1/datasets"): [limited, created]}
+    with Scripted(script) as server, BitserveClient(server.url) as api:
+        assert api.upload_dataset(archive, name="f") == DATASET
+    first, second = server.seen
+    data = archive.read_bytes()
+    assert len(first.body) == len(second.body)
+    assert data in first.body and data in second.body  # the file part, whole, both times
+    assert b'name="name"\r\n\r\nf\r\n' in second.body
+    with zipfile.ZipFile(archive) as zf:
+        assert sorted(zf.namelist()) == [f"{c}/{c}_{i:03d}.png" for c in "ab" for i in range(2)]
+
+
+def test_an_error_that_is_not_json_still_becomes_api_error() -> None:
+    page = Reply(502, b"<html>Bad Gateway</html>", {"Content-Type": "text/html"})
+    script = {("DELETE", "/v1/models/mdl_x"): [page]}
+    with (
+        Scripted(script) as server,
+        BitserveClient(server.url) as api,
+        pytest.raises(ApiError) as caught,
+    ):
+        api.delete_model("mdl_x")
+    assert (caught.value.status, caught.value.code) == (502, "http_502")
+    assert caught.value.message == "<html>Bad Gateway</html>"
+
+
+def test_retry_after_as_an_http_date() -> None:
+    when = datetime.now(UTC) + timedelta(seconds=30)
+    response = httpx.Response(503, headers={"Retry-After": format_datetime(when, usegmt=True)})
+    seconds = retry_after_seconds(response)
+    assert seconds is not None and 28.0 <= seconds <= 30.0
+    assert retry_after_seconds(httpx.Response(503, headers={"Retry-After": "7"})) == 7.0
+    assert retry_after_seconds(httpx.Response(503)) is None
+
+
+def _job(status: str, step: int, **extra: Any) -> dict[str, Any]:
+    return {"id": "job_x", "status": status, "progress": {"step": step, "total_steps": 3}, **extra}
+
+
+def _sse(*events: tuple[str, dict[str, Any]]) -> bytes:
+    # \r\n line ends and a keep-alive comment, as sse-starlette writes them.
+    out = ": ping\r\n\r\n"
+    for name, data in events:
+        out += f"event: {name}\r\ndata: {json.dumps(data)}\r\n\r\n"
+    return out.encode()
+
+
+STREAM = {"Content-Type": "text/event-stream"}
+
+
+def test_watch_job_reads_the_event_stream() -> None:
+    body = _sse(
+        ("status", _job("running", 0)),
+        ("progress", {"id": "job_x", "step": 2, "total_steps": 3, "loss": 0.5}),
+        ("done", _job("succeeded", 3, model_id="mdl_x")),
+    )
+    script = {("GET", "/v1/jobs/job_x/events"): [Reply(200, body, STREAM)]}
+    seen: list[Any] = []
+    with Scripted(script) as server, BitserveClient(server.url) as api:
+        events = list(api.watch_job("job_x"))
+        job = api.wait_for_job("job_x", on_progress=seen.append)
+    assert [e.event for e in events] == ["status", "progress", "done"]
+    assert events[1] == JobEvent(
+        "progress", {"id": "job_x", "step": 2, "total_steps": 3, "loss": 0.5}
+    )
+    assert job["model_id"] == "mdl_x"
+    assert seen == [{"id": "job_x", "step": 2, "total_steps": 3, "loss": 0.5}]
+
+
+def test_watch_job_polls_when_the_stream_breaks_off() -> None:
+    cut = _sse(("status", _job("running", 1)))  # the stream ends without `done`
+    polls = [
+        Reply(200, json.dumps(_job("running", 1)).encode()),  # unchanged: no event
+        Reply(200, json.dumps(_job("running", 2)).encode()),
+        Reply(
+            200,
+            json.dumps(
+                _job("failed", 2, error={"code": "worker_lost", "message": "the worker died"})
+            ).encode(),
+        ),
+    ]
+    script = {
+        ("GET", "/v1/jobs/job_x/events"): [Reply(200, cut, STREAM)],
+        ("GET", "/v1/jobs/job_x"): polls,
+    }
+    with Scripted(script) as server, BitserveClient(server.url) as api:
+        events = [
+            (e.event, e.data.get("status"), e.data.get("step"))
+            for e in api.watch_job("job_x", poll_interval=0.01)
+        ]
+    assert events == [
+        ("status", "running", None),
+        ("progress", None, 2),
+        ("status", "failed", None),
+        ("done", "failed", None),
+    ]
+    failed = _job("failed", 2, error={"code": "worker_lost", "message": "the worker died"})
+    script = {
+        ("GET", "/v1/jobs/job_x/events"): [Reply(404, b"not here", {})],
+        ("GET", "/v1/jobs/job_x"): [Reply(200, json.dumps(failed).encode())],
+    }
+    with (
+        Scripted(script) as server,
+        BitserveClient(server.url) as api,
+        pytest.raises(JobFailed) as caught,
+    ):
+        api.wait_for_job("job_x", poll_interval=0.01)
+    assert (caught.value.code, caught.value.message) == ("worker_lost", "the worker died")

@@ -1,0 +1,384 @@
+"""The web page over real HTTP (uvicorn): GET /, its static files, and that its script calls only
+routes the app really has (each api("METHOD", `path`) against /openapi.json).
+
+The script's pure parts (the Server-Sent Events parser, the formatters, the error text) are run
+with node when it is installed; no browser is needed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+
+from bitcore.artifacts import ArtifactMetadata, save_artifact
+from bitcore.models import create_model
+from service import models_store as store
+from service.db import migrate
+from service.ids import new_id
+from tests.imagegen import class_image, encode, make_archive, make_image_folder
+from tests.integration.conftest import LiveServer
+from tests.integration.worker_fixtures import FAST_OVERRIDES, WorkerProcess, fast_job_settings
+
+pytestmark = pytest.mark.integration
+
+STATIC = Path(__file__).resolve().parents[2] / "service" / "static"
+APP_JS = STATIC / "app.js"
+SMOKE_JS = Path(__file__).resolve().parent / "ui_smoke.js"
+PAGE_IDS = {
+    "error",
+    "api-key",
+    "upload-form",
+    "upload-file",
+    "upload-name",
+    "upload-button",
+    "dataset-summary",
+    "dataset-classes",
+    "dataset-rejected",
+    "dataset-select",
+    "base-model",
+    "plan-button",
+    "plan-output",
+    "start-job",
+    "cancel-job",
+    "job-status",
+    "job-progress",
+    "stat-step",
+    "stat-loss",
+    "stat-lr",
+    "stat-ips",
+    "stat-eta",
+    "model-select",
+    "drop-zone",
+    "predict-file",
+    "predict-results",
+    "datasets-list",
+    "jobs-list",
+    "models-list",
+}
+# api("GET", `/v1/datasets/${seg(id)}/plan`, ...) and apiStream("GET", `...`, ...)
+CALL = re.compile(r"\bapi(?:Stream)?\(\s*\"(GET|POST|PUT|PATCH|DELETE)\"\s*,\s*`([^`]*)`")
+
+
+class PageParser(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ids: list[str] = []
+        self.tags: list[str] = []  # the tag of each id, in the same order
+        self.label_for: list[str] = []
+        self.controls: list[str] = []  # ids of input/select/textarea
+        self.assets: list[str] = []  # src/href of script, link, img
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
+        if a.get("id"):
+            self.ids.append(str(a["id"]))
+            self.tags.append(tag)
+        if tag == "label" and a.get("for"):
+            self.label_for.append(str(a["for"]))
+        if tag in ("input", "select", "textarea"):
+            self.controls.append(str(a.get("id")))
+        if tag in ("script", "img") and a.get("src"):
+            self.assets.append(str(a["src"]))
+        if tag == "link" and a.get("href"):
+            self.assets.append(str(a["href"]))
+
+
+def _page(client: httpx.Client) -> PageParser:
+    parser = PageParser()
+    parser.feed(client.get("/").text)
+    return parser
+
+
+def test_the_page_is_served_at_root_with_its_elements(client: httpx.Client) -> None:
+    response = client.get("/")
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "text/html; charset=utf-8"
+    csp = response.headers["content-security-policy"]
+    assert "default-src 'self'" in csp and "connect-src 'self'" in csp
+    assert response.headers["x-content-type-options"] == "nosniff"
+    assert response.text == (STATIC / "index.html").read_text()
+
+    page = _page(client)
+    assert set(page.ids) >= PAGE_IDS, PAGE_IDS - set(page.ids)
+    assert len(page.ids) == len(set(page.ids)), "duplicate ids"
+    # Every form control has a label, and every label names a control that exists.
+    assert set(page.controls) <= set(page.label_for), set(page.controls) - set(page.label_for)
+    assert set(page.label_for) <= set(page.ids)
+    # Only this server's own files: nothing from the internet.
+    assert sorted(page.assets) == ["/ui/app.js", "/ui/style.css"]
+
+
+@pytest.mark.parametrize(
+    ("path", "media_type"),
+    [
+        ("/ui/app.js", "text/javascript; charset=utf-8"),
+        ("/ui/style.css", "text/css; charset=utf-8"),
+        ("/ui/index.html", "text/html; charset=utf-8"),
+    ],
+)
+def test_static_files_have_their_types(client: httpx.Client, path: str, media_type: str) -> None:
+    response = client.get(path)
+    assert response.status_code == 200
+    assert response.headers["content-type"] == media_type
+    assert response.content == (STATIC / path.removeprefix("/ui/")).read_bytes()
+
+
+@pytest.mark.parametrize("path", ["/ui/missing.js", "/ui/..%2Fapp.py", "/ui/%2E%2E%2Fsettings.py"])
+def test_only_listed_files_are_served(client: httpx.Client, path: str) -> None:
+    response = client.get(path)
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "not_found"
+
+
+def _calls() -> list[tuple[str, str]]:
+    """(method, path template with {} for each ${...}) of every API call in app.js."""
+    source = APP_JS.read_text()
+    return [(m, re.sub(r"\$\{[^}]*\}", "{}", p)) for m, p in CALL.findall(source)]
+
+
+def test_the_script_calls_only_routes_in_the_openapi(client: httpx.Client) -> None:
+    spec = client.get("/openapi.json").json()
+    routes = {
+        (method.upper(), re.sub(r"\{[^}]*\}", "{}", path))
+        for path, operations in spec["paths"].items()
+        for method in operations
+    }
+    calls = _calls()
+    missing = sorted(set(calls) - routes)
+    assert not missing, f"app.js calls routes the app does not have: {missing}"
+    # The calls the page is built around are all there (the regex did not silently miss them).
+    assert {
+        ("GET", "/v1/base-models"),
+        ("POST", "/v1/datasets"),
+        ("GET", "/v1/datasets/{}/plan"),
+        ("POST", "/v1/jobs"),
+        ("GET", "/v1/jobs/{}/events"),
+        ("POST", "/v1/jobs/{}/cancel"),
+        ("POST", "/v1/models/{}/predict"),
+        ("GET", "/v1/models"),
+    } <= set(calls)
+    # No request bypasses api(): every /v1 path literal in the script is one of the calls.
+    literals = re.findall(r"[`\"'](/v1/[^`\"']*)[`\"']", APP_JS.read_text())
+    assert len(literals) == len(calls)
+    assert "/" not in spec["paths"]  # the page is not part of the API
+
+
+def test_every_element_the_script_looks_up_exists(client: httpx.Client) -> None:
+    wanted = set(re.findall(r"\$\(\"([a-z0-9-]+)\"\)", APP_JS.read_text()))
+    wanted |= {f"ov-{n}" for n in ("steps", "batch_size", "base_lr", "crop", "precrop")}
+    assert len(wanted) > 20
+    assert wanted <= set(_page(client).ids), wanted - set(_page(client).ids)
+
+
+NODE_CHECK = r"""
+const m = require(process.argv[1]);
+const out = {};
+const run = (chunks) => {
+  const events = [];
+  const p = new m.SseParser((name, data) => events.push([name, data]));
+  for (const c of chunks) p.push(c);
+  return events;
+};
+const text = ": ping\r\n\r\nevent: status\r\ndata: {\"a\":1}\r\n\r\n" +
+  "event: progress\ndata: line1\ndata: line2\n\nevent: empty\r\n\r\ndata:no-space\r\rdata: tail";
+out.whole = run([text]);
+out.chars = run(Array.from(text));
+out.crlfSplit = run(["event: done\r", "\ndata: x\r", "\n\r", "\n"]);
+out.durations = [0, 59.4, 65, 3725, null].map(m.formatDuration);
+out.bytes = [0, 999, 1234567].map(m.formatBytes);
+out.numbers = [m.formatNumber(0.00012, 4), m.formatNumber(0.5, 4), m.formatNumber(null, 2)];
+out.error = m.describeError(new m.ApiError(422, "too_few_images", "class b has 1 image",
+  {classes: [{name: "b", count: 1}]}));
+console.log(JSON.stringify(out));
+"""
+
+
+def test_the_scripts_pure_parts_with_node() -> None:
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed")
+    subprocess.run([node, "--check", str(APP_JS)], check=True, timeout=30)
+    done = subprocess.run(
+        [node, "-e", NODE_CHECK, str(APP_JS)], capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    expected = [
+        ["status", '{"a":1}'],
+        ["progress", "line1\nline2"],
+        ["message", "no-space"],
+    ]
+    assert out["whole"] == expected  # "data: tail" has no blank line after it: not an event
+    assert out["chars"] == expected  # byte by byte, \r\n split across chunks
+    assert out["crlfSplit"] == [["done", "x"]]
+    assert out["durations"] == ["0 s", "59 s", "1 min 05 s", "1 h 02 min", "–"]
+    assert out["bytes"] == ["0 B", "999 B", "1.2 MB"]
+    assert out["numbers"] == ["1.20e-4", "0.5000", "–"]
+    assert out["error"] == ("class b has 1 image (too_few_images, HTTP 422)\nClasses: b (1)")
+
+
+# -- the page's flows, run by node against the real server -------------------------------------
+
+
+def _known_model(server: LiveServer) -> str:
+    """A tiny model whose head gives every image the scores ant 0.7, bee 0.2, cat 0.1."""
+    model_id = new_id("mdl")
+    model = create_model("tiny-R10x0.25", 3)
+    head: torch.nn.Conv2d = model.head.conv  # type: ignore[assignment]
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.copy_(torch.tensor([0.7, 0.2, 0.1]).log())  # type: ignore[union-attr]
+    storage = server.app.state.storage
+    meta = ArtifactMetadata("tiny-R10x0.25", ["ant", "bee", "cat"], 32, plan={"crop": 32})
+    save_artifact(storage.model_dir(model_id), model, meta)
+    with server.app.state.db.session() as session:
+        store.register_model(session, storage, model_id, base_model="tiny-R10x0.25")
+    return model_id
+
+
+def _run_page(
+    server_url: str, tmp_path: Path, classes: dict[str, int], **extra: Any
+) -> dict[str, Any]:
+    """Run ui_smoke.js on the page at `server_url`; its JSON results."""
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed")
+    page = PageParser()
+    page.feed(httpx.get(f"{server_url}/", timeout=30).text)
+    archive = make_archive(
+        make_image_folder(tmp_path / "pets", classes, corrupt={"dog/x.jpg": "empty"})
+    )
+    png = tmp_path / "leaf.png"
+    png.write_bytes(encode(class_image(0, 2, (40, 48))))
+    args = {
+        "base": server_url,
+        "tags": dict(zip(page.ids, page.tags, strict=True)),
+        "zip": str(archive),
+        "png": str(png),
+        **extra,
+    }
+    done = subprocess.run(
+        [node, str(SMOKE_JS), str(APP_JS), json.dumps(args)],
+        capture_output=True,
+        text=True,
+        timeout=150,
+    )
+    assert done.returncode == 0, done.stderr
+    out: dict[str, Any] = json.loads(done.stdout)
+    return out
+
+
+def test_the_page_uploads_plans_follows_cancels_and_predicts(
+    client: httpx.Client, live_server_instance: LiveServer, tmp_path: Path
+) -> None:
+    out = _run_page(
+        live_server_instance.url,
+        tmp_path,
+        {"cat": 3, "dog": 2},
+        scenario="cancel",
+        overrides={"steps": "5", "batch_size": "2", "crop": "32", "precrop": "40"},
+        modelId=_known_model(live_server_instance),
+    )
+
+    base = client.get("/v1/base-models").json()["items"]
+    assert out["baseModels"] == [m["name"] for m in base]
+    first_ready = next(m for m in base if m["checkpoint_present"] or not m["requires_checkpoint"])
+    assert out["baseModel"] == first_ready["name"]
+
+    assert out["uploadStatus"] == "Uploaded: 5 images in 2 classes."
+    dataset = client.get(f"/v1/datasets/{out['datasetId']}").json()
+    assert dataset["name"] == "page pets"
+    assert out["datasetTitle"] == (
+        f"page pets ({dataset['id']}): 5 images, 2 classes, median 48×40 px, "
+        f"{dataset['bytes'] / 1000:.1f} KB"
+    )
+    assert out["classes"] == [["cat", "3"], ["dog", "2"]]
+    assert out["rejected"] == ["dog/x.jpg: empty"]
+
+    assert out["planCaption"] == "Plan for tiny-R10x0.25"
+    plan = dict(map(tuple, out["plan"]))
+    assert plan["Resize, then random crop"] == "40 → 32 px"
+    assert plan["Batch size"] == "2"
+    assert plan["Steps"].startswith("5 (warm-up ")
+    assert plan["Overridden"] == "batch_size, crop, precrop, steps"
+
+    job_id = out["queued"].split()[1].rstrip(":")
+    assert out["queued"] == f"Job {job_id}: queued"
+    assert out["progressMax"] == 5
+    assert (out["cancelled"], out["cancelDisabled"]) == (f"Job {job_id}: cancelled", True)
+    job = client.get(f"/v1/jobs/{job_id}").json()
+    assert (job["status"], job["dataset_id"], job["base_model"]) == (
+        "cancelled",
+        dataset["id"],
+        "tiny-R10x0.25",
+    )
+    assert job["overrides"] == {"steps": 5, "batch_size": 2, "crop": 32, "precrop": 40}
+
+    assert out["prediction"] == "leaf.pngant 70.0% bee 20.0% cat 10.0% "
+    assert out["error"] is None
+
+
+@pytest.fixture(scope="module")
+def job_server(
+    tmp_path_factory: pytest.TempPathFactory, postgres_url: str, redis_url: str
+) -> Iterator[tuple[LiveServer, WorkerProcess]]:
+    """A server with a real Celery worker on its own queue. Heartbeats count as stale only
+    after 30 s: on a loaded CI machine a slow heartbeat must not re-queue the job."""
+    migrate(postgres_url)
+    settings = fast_job_settings(
+        tmp_path_factory.mktemp("ui-jobs"),
+        database_url=postgres_url,
+        broker_url=redis_url,
+        job_stale_after_seconds=30.0,
+    )
+    server = LiveServer(settings).start()
+    try:
+        with WorkerProcess(settings, pool="solo") as worker:
+            yield server, worker
+    finally:
+        server.stop()
+
+
+def test_the_page_follows_a_real_job_to_its_model_and_predicts(
+    job_server: tuple[LiveServer, WorkerProcess], tmp_path: Path
+) -> None:
+    server, worker = job_server
+    overrides = {k: str(v) for k, v in FAST_OVERRIDES.items()}
+    try:
+        out = _run_page(
+            server.url, tmp_path, {"cat": 4, "dog": 4}, scenario="train", overrides=overrides
+        )
+    except AssertionError:
+        print(worker.log()[-4000:])
+        raise
+    total = FAST_OVERRIDES["steps"]
+    seen = [s for s in out["steps"] if s]  # "" until the first job read-out
+    steps = [int(s.split(" / ")[0]) for s in seen]
+    assert steps == sorted(steps) and steps[-1] == total, out["steps"]
+    assert all(s.endswith(f" / {total}") for s in seen)
+    assert [float(v) for v in out["progress"]] == [total, total]  # the bar is full
+    loss, lr, ips, eta = out["stats"]  # the last read-out: numbers, not placeholders
+    assert float(loss) > 0 and float(lr) >= 0 and float(ips) >= 0
+    assert re.fullmatch(r"\d+ s", eta)
+    model_id = out["result"].split()[1]
+    assert model_id.startswith("mdl_")
+    assert re.fullmatch(
+        rf"Model {model_id} is ready, validation accuracy \d+\.\d%\.", out["result"]
+    )
+    assert out["status"].endswith(": succeeded") and out["modelSelected"] == model_id
+    match = re.fullmatch(r"leaf\.png(cat|dog) (\d+\.\d)% (cat|dog) (\d+\.\d)% ", out["prediction"])
+    assert match is not None, out["prediction"]
+    assert {match[1], match[3]} == {"cat", "dog"}
+    assert float(match[2]) >= float(match[4])
+    assert float(match[2]) + float(match[4]) == pytest.approx(100.0, abs=0.11)
+    assert out["error"] is None

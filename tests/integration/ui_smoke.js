@@ -1,0 +1,178 @@
+// Drives service/static/app.js in node against a REAL bitserve server, through the page's own
+// event handlers: init, upload, plan, start + follow (SSE) + cancel a job, predict.
+// The browser is replaced by the smallest DOM app.js needs: elements are plain objects, and only
+// the ids index.html really has exist (getElementById throws for any other).
+// argv: app.js path, JSON {base, tags: {id: tagName}, zip, png, overrides, scenario: "cancel"
+// (needs modelId: a model to predict with) or "train" (needs a worker)}. Prints JSON results.
+"use strict";
+
+const fs = require("fs");
+const [appPath, argJson] = process.argv.slice(2);
+const args = JSON.parse(argJson);
+
+class El {
+  constructor(tag, id) {
+    this.tagName = tag.toUpperCase();
+    this.id = id || "";
+    this.children = [];
+    this.textContent = "";
+    this.hidden = false;
+    this.disabled = false;
+    this.files = [];
+    this.attrs = {};
+    this.listeners = {};
+    this.classList = { add() {}, remove() {} };
+    this._value = "";
+  }
+  get value() {
+    if (this.tagName !== "SELECT") return this._value;
+    const values = this.children.map((o) => o.value);
+    return values.includes(this._value) ? this._value : values[0] || "";
+  }
+  set value(v) { this._value = String(v); }
+  get tBodies() { return [(this._tbody ||= new El("tbody"))]; }
+  get cells() { return this.children; }
+  addEventListener(type, fn) { (this.listeners[type] ||= []).push(fn); }
+  fire(type, event = {}) {
+    for (const fn of this.listeners[type] || []) fn({ preventDefault() {}, target: this, ...event });
+  }
+  appendChild(child) { this.children.push(child); return child; }
+  append(...children) { this.children.push(...children); }
+  replaceChildren(...children) { this.children = children; }
+  setAttribute(k, v) { this.attrs[k] = v; }
+  insertRow() { return this.appendChild(new El("tr")); }
+  createCaption() { return (this._caption ||= new El("caption")); }
+  click() {}
+}
+
+const text = (node) =>
+  typeof node === "string" ? node : [node.textContent, ...(node._caption ? [text(node._caption)] : []),
+    ...node.children.map(text)].join("");
+const rows = (id) => document.getElementById(id).tBodies[0].children.map((r) => r.children.map(text));
+
+const elements = new Map(Object.entries(args.tags).map(([id, tag]) => [id, new El(tag, id)]));
+let ready = null;
+global.document = {
+  getElementById(id) {
+    if (!elements.has(id)) throw new Error(`app.js looked up #${id}, which index.html lacks`);
+    return elements.get(id);
+  },
+  createElement: (tag) => new El(tag),
+  querySelector(selector) {
+    if (selector !== "#jobs-list tbody tr") throw new Error(`unexpected selector ${selector}`);
+    return document.getElementById("jobs-list").tBodies[0].children[0] || null;
+  },
+  addEventListener(type, fn) { if (type === "DOMContentLoaded") ready = fn; },
+};
+global.window = {
+  location: { origin: args.base },
+  localStorage: { getItem: () => null, setItem() {} },
+  confirm: () => true,
+};
+const $ = (id) => document.getElementById(id);
+// Requests in flight (until their headers): the page's async work is done when this is 0.
+let inflight = 0;
+const realFetch = global.fetch;
+global.fetch = async (...a) => {
+  inflight += 1;
+  try {
+    return await realFetch(...a);
+  } finally {
+    inflight -= 1;
+  }
+};
+const settled = async () => {
+  for (let calm = 0; calm < 3; ) {
+    await new Promise((r) => setTimeout(r, 30));
+    calm = inflight === 0 ? calm + 1 : 0;
+  }
+};
+
+async function waitFor(what, cond, ms = 20000) {
+  const end = Date.now() + ms;
+  while (Date.now() < end) {
+    if (cond()) return;
+    if (!$("error").hidden) throw new Error(`${what}: the page shows an error: ${$("error").textContent}`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  throw new Error(`${what}: not reached in ${ms} ms`);
+}
+
+async function main() {
+  require(appPath);
+  const out = {};
+  ready();
+  await waitFor("base models", () => $("base-model").children.length > 0);
+  await settled();
+  out.baseModels = $("base-model").children.map((o) => o.value);
+  out.baseModel = $("base-model").value;
+
+  $("upload-file").files = [new File([fs.readFileSync(args.zip)], "pets.zip", { type: "application/zip" })];
+  $("upload-name").value = "page pets";
+  $("upload-form").fire("submit");
+  await waitFor("upload", () => $("upload-status").textContent.startsWith("Uploaded"));
+  const uploaded = /\((ds_\w+)\)/.exec($("dataset-title").textContent)[1];
+  if ($("dataset-select").value !== uploaded) {
+    throw new Error(`the upload selected ${$("dataset-select").value}, not ${uploaded}`);
+  }
+  out.uploadStatus = $("upload-status").textContent;
+  out.datasetTitle = $("dataset-title").textContent;
+  out.classes = rows("dataset-classes");
+  out.rejected = $("dataset-rejected").children.map(text);
+  out.datasetId = $("dataset-select").value;
+
+  $("base-model").value = "tiny-R10x0.25";
+  for (const [k, v] of Object.entries(args.overrides)) {
+    $(`ov-${k}`).value = v;
+  }
+  $("plan-form").fire("submit");
+  await waitFor("plan", () => $("plan-output").children.length === 1);
+  const table = $("plan-output").children[0];
+  out.planCaption = text(table._caption);
+  out.plan = table.children.map((r) => r.children.map(text));
+
+  $("start-job").fire("click");
+  if (args.scenario === "train") {
+    // A real worker trains it: watch the page's progress read-out until the job succeeds.
+    const seen = [];
+    await waitFor("job succeeded", () => {
+      const step = $("stat-step").textContent;
+      if (seen[seen.length - 1] !== step) seen.push(step);
+      const status = $("job-status").textContent;
+      if (/: (failed|cancelled)/.test(status)) throw new Error(`the job did not succeed: ${status}`);
+      return $("job-status").textContent.endsWith(": succeeded") &&
+        $("job-result").textContent.startsWith("Model ");
+    }, 120000);
+    out.steps = seen;
+    out.stats = ["stat-loss", "stat-lr", "stat-ips", "stat-eta"].map((id) => $(id).textContent);
+    out.progress = [$("job-progress").value, $("job-progress").max];
+    out.status = $("job-status").textContent;
+    out.result = $("job-result").textContent;
+    await settled();
+    out.modelSelected = $("model-select").value;
+  } else {
+    await waitFor("job queued", () => /^Job job_\w+: queued$/.test($("job-status").textContent) && !$("cancel-job").disabled);
+    out.queued = $("job-status").textContent;
+    out.progressMax = $("job-progress").max;
+    $("cancel-job").fire("click");
+    await waitFor("job cancelled", () => $("job-status").textContent.endsWith(": cancelled") &&
+      rows("jobs-list").some((r) => r[1] === "cancelled" && out.queued.includes(r[0])));
+    out.cancelled = $("job-status").textContent;
+    out.cancelDisabled = $("cancel-job").disabled;
+
+    $("refresh-lists").fire("click");
+    await waitFor("model listed", () => $("model-select").children.some((o) => o.value === args.modelId));
+    $("model-select").value = args.modelId;
+  }
+  $("predict-file").files = [new File([fs.readFileSync(args.png)], "leaf.png", { type: "image/png" })];
+  $("predict-file").fire("change");
+  await waitFor("prediction", () => $("predict-results").children.length === 1);
+  out.prediction = text($("predict-results").children[0]);
+  out.error = $("error").hidden ? null : $("error").textContent;
+  console.log(JSON.stringify(out));
+}
+
+main().catch((err) => {
+  console.error(err.stack || String(err));
+  process.exit(1);
+});
