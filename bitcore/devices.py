@@ -16,7 +16,14 @@ def select_device(preferred: str | None = None) -> torch.device:
     if choice != "auto":
         if choice == "xla":
             return _xla_device()
-        device = torch.device(choice)
+        try:
+            device = torch.device(choice)
+        except RuntimeError as exc:
+            # Name where the bad value came from: a typo in the environment is the usual cause.
+            source = "argument" if preferred else f"${ENV_VAR}"
+            raise RuntimeError(
+                f"unknown device {choice!r} (from {source}): use auto, cpu, cuda[:N], mps or xla"
+            ) from exc
         if device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError(f"device {choice!r} requested but CUDA is not available")
         if device.type == "mps" and not torch.backends.mps.is_available():

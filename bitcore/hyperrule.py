@@ -9,6 +9,8 @@ paper's are available as `resolution="paper"`.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -124,11 +126,12 @@ class Plan:
 
 def resolution(image_size: tuple[int, int], variant: Resolution = "code") -> tuple[int, int]:
     """(precrop, crop): small images go to 160/128, others to 512/480 (code) or 448/384 (paper)."""
+    # Checked first: a bad variant must not pass silently just because the images are small.
+    if variant not in LARGE_RESOLUTION:
+        raise PlanError(f"resolution must be 'code' or 'paper', got {variant!r}", "resolution")
     h, w = image_size
     if h * w < SMALL_IMAGE_AREA:
         return SMALL_RESOLUTION
-    if variant not in LARGE_RESOLUTION:
-        raise PlanError(f"resolution must be 'code' or 'paper', got {variant!r}", "resolution")
     return LARGE_RESOLUTION[variant]
 
 
@@ -158,7 +161,8 @@ def plan(
     of the total (e.g. 20/40/60/80% for the small-dataset schedule), so a shortened run still
     warms up, decays three times and ends.
     """
-    _check_dataset(num_examples, image_size)
+    # A plain int from here on: numpy scalars would not survive json.dumps(plan.to_dict()).
+    num_examples = _check_dataset(num_examples, image_size)
     unknown = sorted(set(overrides) - set(OVERRIDABLE))
     if unknown:
         raise PlanError(f"unknown override(s) {unknown}; allowed: {list(OVERRIDABLE)}", unknown[0])
@@ -211,6 +215,8 @@ def apply_overrides(base: Plan, overrides: Mapping[str, Any]) -> Plan:
 
 def learning_rate(plan: Plan, step: int) -> float | None:
     """The reference schedule: linear warmup from 0, /10 after each decay boundary, None at end."""
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
     warmup, *decays, end = plan.boundaries
     if step < warmup:
         return plan.base_lr * step / warmup
@@ -223,11 +229,18 @@ def learning_rate(plan: Plan, step: int) -> float | None:
     return lr
 
 
-def _check_dataset(num_examples: int, image_size: tuple[int, int]) -> None:
-    if int(num_examples) < 1:
-        raise PlanError(f"num_examples must be >= 1, got {num_examples}", "num_examples")
-    if len(image_size) != 2 or min(image_size) < 1:
-        raise PlanError(f"image_size must be (height, width) >= 1, got {image_size}", "image_size")
+def _check_dataset(num_examples: int, image_size: tuple[int, int]) -> int:
+    count = _positive_int("num_examples", num_examples)
+    # Sizes may be medians (floats); they must be finite numbers >= 1.
+    if (
+        isinstance(image_size, str | bytes)
+        or len(image_size) != 2
+        or not all(_is_number(v) and math.isfinite(v) and v >= 1 for v in image_size)
+    ):
+        raise PlanError(
+            f"image_size must be (height, width) >= 1, got {image_size!r}", "image_size"
+        )
+    return count
 
 
 def _check_plan(p: Plan) -> None:
@@ -246,8 +259,14 @@ def _check_plan(p: Plan) -> None:
         )
 
 
+def _is_number(value: Any) -> bool:
+    """int/float and numpy scalars, but not bool (True is not a step count)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value:
+    # isfinite first: int(nan) / int(inf) would raise ValueError / OverflowError, not PlanError.
+    if not _is_number(value) or not math.isfinite(value) or int(value) != value:
         raise PlanError(f"{name} must be a whole number, got {value!r}", name)
     if value < 1:
         raise PlanError(f"{name} must be >= 1, got {value}", name)
@@ -255,8 +274,10 @@ def _positive_int(name: str, value: Any) -> int:
 
 
 def _non_negative_float(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if not _is_number(value):
         raise PlanError(f"{name} must be a number, got {value!r}", name)
-    if value < 0 or value != value:
+    if not math.isfinite(value):
+        raise PlanError(f"{name} must be a finite number, got {value!r}", name)
+    if value < 0:
         raise PlanError(f"{name} must be >= 0, got {value}", name)
     return float(value)

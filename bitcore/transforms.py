@@ -23,6 +23,9 @@ def resize_squash(image: Image.Image, size: int) -> Image.Image:
 
 def to_unit_range(array: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 HWC (or NHWC) -> float32 CHW (NCHW) in [-1, 1]."""
+    if isinstance(array, np.ndarray) and not array.flags.writeable:
+        # np.asarray(PIL image) is read-only; torch warns on wrapping it. The copy is tiny.
+        array = array.copy()
     tensor = torch.as_tensor(array)
     if tensor.dtype != torch.uint8:
         raise TypeError(f"expected uint8 pixels, got {tensor.dtype}")

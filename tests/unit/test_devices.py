@@ -1,0 +1,89 @@
+"""Device selection: explicit choice, $BITSERVE_DEVICE, auto order, clear errors."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from bitcore.devices import ENV_VAR, select_device, uses_bf16_autocast
+
+HAS_XLA = importlib.util.find_spec("torch_xla") is not None
+
+
+@pytest.fixture(autouse=True)
+def _no_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(ENV_VAR, raising=False)
+
+
+def test_explicit_cpu() -> None:
+    assert select_device("cpu") == torch.device("cpu")
+    assert select_device(str(torch.device("cpu"))) == torch.device("cpu")
+
+
+def test_environment_variable_is_used_and_the_argument_wins(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(ENV_VAR, "cpu")
+    assert select_device() == torch.device("cpu")
+    monkeypatch.setenv(ENV_VAR, "not-a-device")
+    assert select_device("cpu") == torch.device("cpu")  # the bad env value is never parsed
+    with pytest.raises(
+        RuntimeError, match=r"unknown device 'not-a-device' \(from \$BITSERVE_DEVICE"
+    ):
+        select_device()
+    monkeypatch.setenv(ENV_VAR, "auto")
+    assert select_device() == select_device("auto")
+
+
+def test_unknown_device_string_is_a_clear_error() -> None:
+    with pytest.raises(RuntimeError, match=r"unknown device 'gpu' \(from argument\)") as info:
+        select_device("gpu")
+    assert "cpu, cuda[:N], mps or xla" in str(info.value)
+    with pytest.raises(RuntimeError, match="unknown device 'cuda:x'"):
+        select_device("cuda:x")
+
+
+def test_auto_prefers_cuda_then_mps_then_xla_then_cpu() -> None:
+    if torch.cuda.is_available():
+        expected = "cuda"
+    elif torch.backends.mps.is_available():
+        expected = "mps"
+    elif HAS_XLA:
+        expected = "xla"
+    else:
+        expected = "cpu"
+    assert select_device().type == expected
+    assert select_device("auto").type == expected
+
+
+def test_cuda_requested() -> None:
+    if torch.cuda.is_available():
+        assert select_device("cuda:0") == torch.device("cuda:0")
+    else:
+        with pytest.raises(RuntimeError, match=r"'cuda:0' requested but CUDA is not available"):
+            select_device("cuda:0")
+
+
+def test_mps_requested() -> None:
+    if torch.backends.mps.is_available():
+        assert select_device("mps").type == "mps"
+    else:
+        with pytest.raises(RuntimeError, match="'mps' requested but Apple MPS is not available"):
+            select_device("mps")
+
+
+def test_xla_requested() -> None:
+    if HAS_XLA:
+        assert select_device("xla").type == "xla"
+    else:
+        with pytest.raises(RuntimeError, match="torch_xla is not installed"):
+            select_device("xla")
+
+
+def test_bf16_autocast_only_on_capable_cuda() -> None:
+    assert uses_bf16_autocast(torch.device("cpu")) is False
+    assert uses_bf16_autocast(torch.device("meta")) is False
+    cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    assert uses_bf16_autocast(torch.device("cuda")) is cuda_bf16
