@@ -150,6 +150,10 @@ class JobRun:
             resume=True,
             checkpoint_every=checkpoint_every(plan.total_steps),
             work_dir=self.work_dir,
+            # The images resized once at upload (service.datasets), shared by the dataset's jobs.
+            cache_dir=self.storage.dataset_dir(self.job.dataset_id) / "cache"
+            if self.job.dataset_id
+            else None,
             num_workers=0 if _daemonic() else None,
         )
         meta = load_metadata(self.out_dir)

@@ -136,6 +136,7 @@ def finetune(
     resume: bool = True,
     checkpoint_every: int = 50,
     work_dir: str | Path | None = None,
+    cache_dir: str | Path | None = None,
     num_workers: int | None = None,
     world_size: int = 1,
 ) -> FinetuneResult:
@@ -147,7 +148,9 @@ def finetune(
     through `callbacks`; a cancelled run raises TrainingCancelled after checkpointing, and a
     later call with the same arguments resumes from it (resume=True). Caches and checkpoints
     live in `work_dir` (default: `<out_dir>.work` next to `out_dir`); the checkpoints are
-    removed once the artifact is written.
+    removed once the artifact is written. `cache_dir` points at a shared, dataset-level image
+    cache instead (the service builds one at upload): it then caches whole-dataset copies, so
+    every job on the dataset, whatever its seed or split, reuses them.
     """
     t0 = time.perf_counter()
     callbacks = callbacks or TrainCallbacks()
@@ -156,7 +159,12 @@ def finetune(
     callbacks.on_progress(Progress(0, plan.total_steps, None, 0.0, 0.0, None, "preparing"))
     weights = resolve_checkpoint(base_model, checkpoint, from_scratch)
     data = prepare_data(
-        dataset, plan, work / "cache", validation_fraction=validation_fraction, seed=seed
+        dataset,
+        plan,
+        Path(cache_dir) if cache_dir is not None else work / "cache",
+        validation_fraction=validation_fraction,
+        seed=seed,
+        shared_cache=cache_dir is not None,
     )
     classes = list(data.index.classes)
     model = initial_model(base_model, len(classes), plan, weights, seed=seed)

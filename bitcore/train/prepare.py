@@ -50,15 +50,25 @@ def prepare_data(
     *,
     validation_fraction: float,
     seed: int,
+    shared_cache: bool = False,
 ) -> PreparedData:
-    """Index (if given a folder), split by class, cache train at precrop and val at crop."""
+    """Index (if given a folder), split by class, cache train at precrop and val at crop.
+
+    A private cache holds just this run's split; a `shared_cache` (one directory per dataset,
+    used by many jobs) holds every image at each size, so any seed's split finds it complete.
+    """
     index = dataset if isinstance(dataset, DatasetIndex) else index_directory(dataset)
     train, val = stratified_split(index.samples, validation_fraction, seed)
     if not train:
         raise ValueError("the training split is empty: lower validation_fraction or add images")
-    train_cache = build_cache(index, plan.precrop, cache_dir / "train", samples=train)
+    train_dir, val_dir = (
+        (cache_dir, cache_dir) if shared_cache else (cache_dir / "train", cache_dir / "val")
+    )
+    train_cache = build_cache(
+        index, plan.precrop, train_dir, samples=None if shared_cache else train
+    )
     train_set = CachedImageDataset(train_cache, train, plan.crop, train=True)
-    val_cache = build_cache(index, plan.crop, cache_dir / "val", samples=val)
+    val_cache = build_cache(index, plan.crop, val_dir, samples=None if shared_cache else val)
     val_set = CachedImageDataset(val_cache, val, plan.crop, train=False)
     return PreparedData(index, train, val, train_set, val_set)
 
