@@ -15,8 +15,10 @@ The database is the source of truth; the broker only carries "work on job X"
       |                 |  '-request_cancel-> cancelling --finish_cancelled--> cancelled
       '--request_cancel------------------------------------------------------> cancelled
 
-This module must stay importable by the worker: no FastAPI here (errors are `JobError`, which
-the router maps to the API's error shape).
+This module holds the REST side and planning; the worker-side transitions and the reconciler
+live in service.job_runs and are re-exported here, so `jobs.claim` and friends keep one name.
+It must stay importable by the worker: no FastAPI here (errors are `JobError`, which the
+router maps to the API's error shape).
 """
 
 from __future__ import annotations
@@ -25,9 +27,9 @@ import hashlib
 import json
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -37,17 +39,25 @@ from sqlalchemy.orm import Session
 from bitcore import hyperrule
 from bitcore.models import MODEL_SPECS
 from service.ids import new_id, rfc3339, utcnow
-from service.settings import Settings
-from service.tables import ACTIVE_JOB_STATES, JOB_STATES, Dataset, Job, Model
+from service.job_runs import (
+    FINISHED_STATES,
+    SEND_GRACE_SECONDS,
+    Claim,
+    Reconciled,
+    Send,
+    cas,
+    claim,
+    finish_cancelled,
+    finish_failed,
+    finish_succeeded,
+    heartbeat,
+    reconcile,
+    record_progress,
+    release,
+)
+from service.tables import ACTIVE_JOB_STATES, JOB_STATES, Dataset, Job
 
 log = logging.getLogger(__name__)
-
-FINISHED_STATES = ("succeeded", "failed", "cancelled")
-# A job committed but not yet sent is the request handler's to send; the reconciler leaves
-# it alone this long before assuming the send was lost (e.g. the gateway died in between).
-SEND_GRACE_SECONDS = 10.0
-
-Send = Callable[[str], None]
 
 
 class JobError(Exception):
@@ -279,7 +289,7 @@ def request_cancel(
         values: dict[str, Any] = {"status": target, "cancel_requested": True, "updated_at": now}
         if target == "cancelled":
             values["finished_at"] = now
-        if _cas(session, job_id, (job.status,), values):
+        if cas(session, job_id, (job.status,), values):
             return get_job(session, job_id, tenant_id)
     raise JobError(409, "conflict", f"job {job_id} changed state repeatedly; try again")
 
@@ -320,349 +330,10 @@ def to_public(job: Job) -> dict[str, Any]:
     }
 
 
-# ---------------------------------------------------------------------------------------------
-# Worker side: every write is a compare-and-set on (status, worker_id)
-
-
-@dataclass(frozen=True)
-class Claim:
-    claimed: bool
-    reason: str  # "claimed", "too_many_attempts", "not_found", or the status that refused it
-    job: Job | None = None
-
-
-def claim(
-    session: Session,
-    job_id: str,
-    worker_id: str,
-    settings: Settings,
-    now: datetime | None = None,
-) -> Claim:
-    """Take the job: queued (or running with a stale heartbeat) -> running, attempts + 1."""
-    now = now or utcnow()
-    stale = now - timedelta(seconds=settings.job_stale_after_seconds)
-    takeable = sa.or_(
-        Job.status == "queued",
-        sa.and_(Job.status == "running", _stale(stale)),
-    )
-    result = session.execute(
-        sa.update(Job)
-        .where(Job.id == job_id, takeable, Job.attempts < settings.job_max_attempts)
-        .values(
-            status="running",
-            attempts=Job.attempts + 1,
-            worker_id=worker_id,
-            heartbeat_at=now,
-            started_at=sa.func.coalesce(Job.started_at, now),
-            updated_at=now,
-        )
-        .execution_options(synchronize_session=False)
-    )
-    session.commit()
-    job = session.get(Job, job_id, populate_existing=True)
-    if job is None:
-        return Claim(False, "not_found")
-    if _rowcount(result) == 1:
-        return Claim(True, "claimed", job)
-    takeable_now = job.status == "queued" or (
-        job.status == "running" and (job.heartbeat_at is None or job.heartbeat_at < stale)
-    )
-    if takeable_now and job.attempts >= settings.job_max_attempts:
-        message = (
-            f"job was started {job.attempts} times (limit {settings.job_max_attempts}) "
-            "without finishing; its last worker probably crashed"
-        )
-        values = _failed_values("too_many_attempts", message, now)
-        _cas(session, job_id, (job.status,), values)
-        session.refresh(job)
-        return Claim(False, "too_many_attempts", job)
-    return Claim(False, job.status, job)
-
-
-def heartbeat(session: Session, job_id: str, worker_id: str, now: datetime | None = None) -> str:
-    """Refresh the heartbeat: "ok", "cancel" (cancel requested) or "lost" (not ours any more)."""
-    now = now or utcnow()
-    result = session.execute(
-        sa.update(Job)
-        .where(_owned(job_id, worker_id))
-        .values(heartbeat_at=now)
-        .execution_options(synchronize_session=False)
-    )
-    session.commit()
-    if _rowcount(result) == 0:
-        return "lost"
-    requested = session.scalar(sa.select(Job.cancel_requested).where(Job.id == job_id))
-    return "cancel" if requested else "ok"
-
-
-def record_progress(
-    session: Session,
-    job_id: str,
-    worker_id: str,
-    progress: Mapping[str, Any],
-    now: datetime | None = None,
-) -> bool:
-    """Store the latest progress (callers throttle); False when the job is no longer ours."""
-    now = now or utcnow()
-    result = session.execute(
-        sa.update(Job)
-        .where(_owned(job_id, worker_id))
-        .values(progress=dict(progress), heartbeat_at=now, updated_at=now)
-        .execution_options(synchronize_session=False)
-    )
-    session.commit()
-    return _rowcount(result) == 1
-
-
-def finish_succeeded(
-    session: Session,
-    job_id: str,
-    worker_id: str,
-    *,
-    model_id: str,
-    storage_key: str,
-    classes: list[str],
-    input_spec: dict[str, Any],
-    metrics: dict[str, Any],
-    progress: Mapping[str, Any] | None = None,
-    now: datetime | None = None,
-) -> Model | None:
-    """Model row + job succeeded in ONE transaction; None if cancel was requested meanwhile
-    (or the job is no longer ours): then the caller discards the artifact."""
-    now = now or utcnow()
-    job = session.get(Job, job_id, populate_existing=True)
-    if job is None:
-        return None
-    values: dict[str, Any] = {
-        "status": "succeeded",
-        "model_id": model_id,
-        "metrics": metrics,
-        "finished_at": now,
-        "updated_at": now,
-        "error_code": None,
-        "error_message": None,
-    }
-    if progress is not None:
-        values["progress"] = dict(progress)
-    result = session.execute(
-        sa.update(Job)
-        .where(
-            Job.id == job_id,
-            Job.status == "running",
-            Job.worker_id == worker_id,
-            Job.cancel_requested.is_(False),
-        )
-        .values(**values)
-        .execution_options(synchronize_session=False)
-    )
-    if _rowcount(result) != 1:
-        session.rollback()
-        return None
-    model = Model(
-        id=model_id,
-        tenant_id=job.tenant_id,
-        job_id=job.id,
-        base_model=job.base_model,
-        name=job.name,
-        classes=list(classes),
-        plan=job.plan,
-        metrics=metrics,
-        input=input_spec,
-        storage_key=storage_key,
-        created_at=now,
-    )
-    session.add(model)
-    session.commit()
-    return model
-
-
-def finish_failed(
-    session: Session,
-    job_id: str,
-    worker_id: str | None,
-    code: str,
-    message: str,
-    now: datetime | None = None,
-) -> bool:
-    """running/cancelling -> failed with an error; `worker_id` None skips the fence."""
-    now = now or utcnow()
-    where = [Job.id == job_id, Job.status.in_(("running", "cancelling"))]
-    if worker_id is not None:
-        where.append(Job.worker_id == worker_id)
-    return _update(session, where, _failed_values(code, message, now))
-
-
-def finish_cancelled(
-    session: Session, job_id: str, worker_id: str | None, now: datetime | None = None
-) -> bool:
-    """running/cancelling -> cancelled (no model is kept)."""
-    now = now or utcnow()
-    where = [Job.id == job_id, Job.status.in_(("running", "cancelling"))]
-    if worker_id is not None:
-        where.append(Job.worker_id == worker_id)
-    values = {
-        "status": "cancelled",
-        "cancel_requested": True,
-        "finished_at": now,
-        "updated_at": now,
-    }
-    return _update(session, where, values)
-
-
-def release(session: Session, job_id: str, worker_id: str, now: datetime | None = None) -> bool:
-    """running -> queued after an orderly worker shutdown (training checkpointed first).
-
-    The attempt is handed back: a deploy or scale-down is not a crash, and must not push a
-    job towards `job_max_attempts`. The caller sends the job again (or the reconciler does).
-    A job whose cancel was requested is not released (it is the caller's to cancel).
-    """
-    now = now or utcnow()
-    where = [
-        Job.id == job_id,
-        Job.worker_id == worker_id,
-        Job.status == "running",
-        Job.cancel_requested.is_(False),
-    ]
-    values = {
-        "status": "queued",
-        "attempts": sa.case((Job.attempts > 0, Job.attempts - 1), else_=0),
-        "worker_id": None,
-        "heartbeat_at": None,
-        "enqueued_at": None,
-        "updated_at": now,
-    }
-    return _update(session, where, values)
-
-
-# ---------------------------------------------------------------------------------------------
-# Reconciler
-
-
-@dataclass
-class Reconciled:
-    resent: list[str] = field(default_factory=list)  # queued jobs sent again
-    requeued: list[str] = field(default_factory=list)  # running, worker silent -> queued
-    failed: list[str] = field(default_factory=list)  # worker silent, attempts exhausted
-    cancelled: list[str] = field(default_factory=list)  # worker silent while cancelling
-
-    def __bool__(self) -> bool:
-        return bool(self.resent or self.requeued or self.failed or self.cancelled)
-
-
-def reconcile(
-    session: Session, settings: Settings, send: Send, now: datetime | None = None
-) -> Reconciled:
-    """Repair what the broker or a dead worker lost. Safe to run from several processes:
-    every change is a compare-and-set, and a duplicate message is refused by `claim`."""
-    now = now or utcnow()
-    report = Reconciled()
-    stale = now - timedelta(seconds=settings.job_stale_after_seconds)
-    silent = session.execute(
-        sa.select(Job.id, Job.status, Job.attempts, Job.cancel_requested).where(
-            Job.status.in_(("running", "cancelling")), _stale(stale)
-        )
-    ).all()
-    for job_id, status, attempts, cancel_requested in silent:
-        where = [Job.id == job_id, Job.status == status, _stale(stale)]
-        if status == "cancelling" or cancel_requested:
-            values = {"status": "cancelled", "finished_at": now, "updated_at": now}
-            if _update(session, where, values):
-                report.cancelled.append(job_id)
-        elif attempts >= settings.job_max_attempts:
-            message = (
-                f"the worker stopped answering (no heartbeat for "
-                f"{settings.job_stale_after_seconds:g} s) on attempt {attempts} of "
-                f"{settings.job_max_attempts}"
-            )
-            if _update(session, where, _failed_values("worker_lost", message, now)):
-                report.failed.append(job_id)
-        else:
-            values = {
-                "status": "queued",
-                "worker_id": None,
-                "heartbeat_at": None,
-                "enqueued_at": None,
-                "updated_at": now,
-            }
-            if _update(session, where, values):
-                report.requeued.append(job_id)
-
-    # Queued jobs whose message may be lost: never sent (after a grace period for the request
-    # that is sending it right now), or sent long ago (e.g. Redis restarted without persistence).
-    grace = now - timedelta(seconds=SEND_GRACE_SECONDS)
-    resend_before = now - timedelta(seconds=settings.job_resend_after_seconds)
-    unsent = sa.or_(
-        sa.and_(Job.enqueued_at.is_(None), Job.updated_at < grace),
-        Job.enqueued_at < resend_before,
-    )
-    due = [*report.requeued]
-    due += session.scalars(
-        sa.select(Job.id).where(Job.status == "queued", unsent).order_by(Job.created_at)
-    ).all()
-    for job_id in dict.fromkeys(due):
-        # Take the turn with a compare-and-set, so two reconcilers do not both send.
-        condition = [Job.id == job_id, Job.status == "queued"]
-        if job_id not in report.requeued:
-            condition.append(unsent)
-        else:
-            condition.append(Job.enqueued_at.is_(None))
-        if not _update(session, condition, {"enqueued_at": now}):
-            continue
-        try:
-            send(job_id)
-        except Exception as exc:
-            log.warning("reconciler could not send job %s: %s", job_id, exc)
-            _update(session, [Job.id == job_id, Job.status == "queued"], {"enqueued_at": None})
-            continue
-        if job_id not in report.requeued:
-            report.resent.append(job_id)
-    return report
-
-
-# ---------------------------------------------------------------------------------------------
-# helpers
-
-
-def _stale(before: datetime) -> sa.ColumnElement[bool]:
-    return sa.or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < before)
-
-
-def _owned(job_id: str, worker_id: str) -> sa.ColumnElement[bool]:
-    return sa.and_(
-        Job.id == job_id, Job.worker_id == worker_id, Job.status.in_(("running", "cancelling"))
-    )
-
-
-def _failed_values(code: str, message: str, now: datetime) -> dict[str, Any]:
-    return {
-        "status": "failed",
-        "error_code": code,
-        "error_message": message[:4000],
-        "finished_at": now,
-        "updated_at": now,
-    }
-
-
-def _cas(session: Session, job_id: str, statuses: Sequence[str], values: dict[str, Any]) -> bool:
-    return _update(session, [Job.id == job_id, Job.status.in_(statuses)], values)
-
-
-def _update(session: Session, where: Sequence[Any], values: dict[str, Any]) -> bool:
-    """One conditional UPDATE, committed; True when it changed the row."""
-    result = session.execute(
-        sa.update(Job).where(*where).values(**values).execution_options(synchronize_session=False)
-    )
-    session.commit()
-    return _rowcount(result) == 1
-
-
-def _rowcount(result: Any) -> int:
-    return int(getattr(result, "rowcount", 0) or 0)
-
-
 __all__ = [
     "ACTIVE_JOB_STATES",
     "FINISHED_STATES",
+    "SEND_GRACE_SECONDS",
     "Claim",
     "JobError",
     "JobRequest",
