@@ -111,10 +111,13 @@ class Up:
             if self.proc.poll() is not None:
                 raise AssertionError(f"bitserve up exited ({self.proc.returncode}):\n{self.log()}")
             try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return
+                ready = httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200
             except httpx.HTTPError:
-                pass
+                ready = False
+            # The banner is printed by a watcher thread just after uvicorn reports it listens,
+            # so it may trail the first 200 from /readyz by a moment.
+            if ready and "bitserve is up" in self.log():
+                return
             time.sleep(0.3)
         raise AssertionError(f"/readyz not 200 within {READY_TIMEOUT_S} s:\n{self.log()}")
 
