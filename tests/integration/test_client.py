@@ -1,6 +1,6 @@
-"""bitserve_client against a REAL uvicorn server on PostgreSQL + Redis (tests/conftest.py), and,
-for what a healthy server never does (503 then 200, a cut event stream), against a tiny scripted
-http.server on loopback.
+"""bitserve_client against a REAL uvicorn server on PostgreSQL + Redis (tests/conftest.py).
+What a healthy server never does (503 then 200, a cut event stream) is in
+tests/unit/test_client_protocol.py, against a scripted loopback server.
 
 The full loop (upload -> job on a real Celery worker -> wait -> predict) uses tiny-R10x0.25 from
 scratch with 12 steps at 32 px; its predictions are checked against bitcore's Predictor on the
@@ -9,32 +9,21 @@ downloaded artifact.
 
 from __future__ import annotations
 
-import json
-import threading
-import time
 import zipfile
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
-from email.utils import format_datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import httpx
 import pytest
 
 from bitcore.predict import Predictor
 from bitserve_client import (
     ApiError,
     BitserveClient,
-    JobEvent,
     JobFailed,
     JobTimeout,
     Progress,
-    zip_folder,
 )
-from bitserve_client.errors import retry_after_seconds
 from service.db import migrate
 from service.settings import Settings
 from tests.imagegen import class_image, encode, make_archive, make_image_folder
@@ -267,246 +256,3 @@ def test_full_loop_create_wait_predict_download(job_server: JobServer, tmp_path:
         with pytest.raises(ApiError) as caught:
             api.get_model(model_id)
         assert caught.value.code == "not_found"
-
-
-# -- retries, headers and streams against a scripted loopback server ---------------------------
-
-
-@dataclass
-class Reply:
-    status: int
-    body: bytes = b"{}"
-    headers: dict[str, str] = field(default_factory=lambda: {"Content-Type": "application/json"})
-
-
-@dataclass
-class Seen:
-    method: str
-    path: str
-    headers: dict[str, str]
-    body: bytes
-
-
-class Scripted:
-    """A loopback HTTP server answering each (method, path) from a script; the last reply of a
-    script repeats. Records every request."""
-
-    def __init__(self, script: dict[tuple[str, str], list[Reply]]) -> None:
-        self.script = script
-        self.seen: list[Seen] = []
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def _answer(self) -> None:
-                body = self._body()
-                outer.seen.append(
-                    Seen(
-                        self.command,
-                        self.path,
-                        {k.lower(): v for k, v in self.headers.items()},
-                        body,
-                    )
-                )
-                replies = outer.script.get((self.command, self.path.split("?")[0]))
-                if not replies:
-                    reply = Reply(
-                        404,
-                        json.dumps(
-                            {"error": {"code": "not_found", "message": "no", "details": {}}}
-                        ).encode(),
-                    )
-                else:
-                    reply = replies.pop(0) if len(replies) > 1 else replies[0]
-                self.send_response(reply.status)
-                for k, v in reply.headers.items():
-                    self.send_header(k, v)
-                self.send_header("Content-Length", str(len(reply.body)))
-                self.send_header("Connection", "close")
-                self.end_headers()
-                self.wfile.write(reply.body)
-                self.close_connection = True
-
-            def _body(self) -> bytes:
-                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-                    data = b""
-                    while True:
-                        size = int(self.rfile.readline().strip(), 16)
-                        chunk = self.rfile.read(size + 2)[:size]
-                        if size == 0:
-                            return data
-                        data += chunk
-                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
-
-            do_GET = do_POST = do_DELETE = _answer
-
-            def log_message(self, *_: Any) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def __enter__(self) -> Scripted:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-def _error(code: str, message: str = "busy", details: dict[str, Any] | None = None) -> bytes:
-    return json.dumps(
-        {"error": {"code": code, "message": message, "details": details or {}}}
-    ).encode()
-
-
-DATASET = {"id": "ds_x", "name": "x", "status": "ready"}
-
-
-def test_503_is_retried_after_retry_after_then_succeeds() -> None:
-    busy = Reply(
-        503, _error("overloaded"), {"Content-Type": "application/json", "Retry-After": "1"}
-    )
-    ok = Reply(200, json.dumps(DATASET).encode())
-    script = {("GET", "/v1/datasets/ds_x"): [busy, ok]}
-    with Scripted(script) as server, BitserveClient(server.url, api_key="secret-key") as api:
-        started = time.monotonic()
-        assert api.get_dataset("ds_x") == DATASET
-        elapsed = time.monotonic() - started
-    assert 1.0 <= elapsed < 3.0  # waited the server's 1 s, once
-    assert [s.path for s in server.seen] == ["/v1/datasets/ds_x"] * 2
-    assert all(s.headers["authorization"] == "Bearer secret-key" for s in server.seen)
-
-
-def test_retries_are_bounded_and_the_last_error_is_raised() -> None:
-    busy = Reply(
-        503,
-        _error("overloaded", "the server is busy", {"waiting": 256, "limit": 256}),
-        {"Content-Type": "application/json", "Retry-After": "0"},
-    )
-    with Scripted({("GET", "/v1/models/mdl_x"): [busy]}) as server:
-        with BitserveClient(server.url, max_retries=2) as api, pytest.raises(ApiError) as caught:
-            api.get_model("mdl_x")
-        with BitserveClient(server.url, max_retries=0) as api, pytest.raises(ApiError):
-            api.get_model("mdl_x")
-    error = caught.value
-    assert (error.status, error.code, error.message) == (503, "overloaded", "the server is busy")
-    assert (error.details, error.retry_after) == ({"waiting": 256, "limit": 256}, 0.0)
-    assert len(server.seen) == 3 + 1  # 1 + 2 retries, then 1 with retries off
-    assert "authorization" not in server.seen[0].headers
-
-
-def test_a_retried_upload_sends_the_whole_archive_again(tmp_path: Path) -> None:
-    archive = zip_folder(make_image_folder(tmp_path / "f", {"a": 2, "b": 2}), tmp_path / "f.zip")
-    limited = Reply(429, _error("too_many_requests"), {"Retry-After": "0"})
-    created = Reply(201, json.dumps(DATASET).encode())
-    script = {("POST", "/v1/datasets"): [limited, created]}
-    with Scripted(script) as server, BitserveClient(server.url) as api:
-        assert api.upload_dataset(archive, name="f") == DATASET
-    first, second = server.seen
-    data = archive.read_bytes()
-    assert len(first.body) == len(second.body)
-    assert data in first.body and data in second.body  # the file part, whole, both times
-    assert b'name="name"\r\n\r\nf\r\n' in second.body
-    with zipfile.ZipFile(archive) as zf:
-        assert sorted(zf.namelist()) == [f"{c}/{c}_{i:03d}.png" for c in "ab" for i in range(2)]
-
-
-def test_an_error_that_is_not_json_still_becomes_api_error() -> None:
-    page = Reply(502, b"<html>Bad Gateway</html>", {"Content-Type": "text/html"})
-    script = {("DELETE", "/v1/models/mdl_x"): [page]}
-    with (
-        Scripted(script) as server,
-        BitserveClient(server.url) as api,
-        pytest.raises(ApiError) as caught,
-    ):
-        api.delete_model("mdl_x")
-    assert (caught.value.status, caught.value.code) == (502, "http_502")
-    assert caught.value.message == "<html>Bad Gateway</html>"
-
-
-def test_retry_after_as_an_http_date() -> None:
-    when = datetime.now(UTC) + timedelta(seconds=30)
-    response = httpx.Response(503, headers={"Retry-After": format_datetime(when, usegmt=True)})
-    seconds = retry_after_seconds(response)
-    assert seconds is not None and 28.0 <= seconds <= 30.0
-    assert retry_after_seconds(httpx.Response(503, headers={"Retry-After": "7"})) == 7.0
-    assert retry_after_seconds(httpx.Response(503)) is None
-
-
-def _job(status: str, step: int, **extra: Any) -> dict[str, Any]:
-    return {"id": "job_x", "status": status, "progress": {"step": step, "total_steps": 3}, **extra}
-
-
-def _sse(*events: tuple[str, dict[str, Any]]) -> bytes:
-    # \r\n line ends and a keep-alive comment, as sse-starlette writes them.
-    out = ": ping\r\n\r\n"
-    for name, data in events:
-        out += f"event: {name}\r\ndata: {json.dumps(data)}\r\n\r\n"
-    return out.encode()
-
-
-STREAM = {"Content-Type": "text/event-stream"}
-
-
-def test_watch_job_reads_the_event_stream() -> None:
-    body = _sse(
-        ("status", _job("running", 0)),
-        ("progress", {"id": "job_x", "step": 2, "total_steps": 3, "loss": 0.5}),
-        ("done", _job("succeeded", 3, model_id="mdl_x")),
-    )
-    script = {("GET", "/v1/jobs/job_x/events"): [Reply(200, body, STREAM)]}
-    seen: list[Any] = []
-    with Scripted(script) as server, BitserveClient(server.url) as api:
-        events = list(api.watch_job("job_x"))
-        job = api.wait_for_job("job_x", on_progress=seen.append)
-    assert [e.event for e in events] == ["status", "progress", "done"]
-    assert events[1] == JobEvent(
-        "progress", {"id": "job_x", "step": 2, "total_steps": 3, "loss": 0.5}
-    )
-    assert job["model_id"] == "mdl_x"
-    assert seen == [{"id": "job_x", "step": 2, "total_steps": 3, "loss": 0.5}]
-
-
-def test_watch_job_polls_when_the_stream_breaks_off() -> None:
-    cut = _sse(("status", _job("running", 1)))  # the stream ends without `done`
-    polls = [
-        Reply(200, json.dumps(_job("running", 1)).encode()),  # unchanged: no event
-        Reply(200, json.dumps(_job("running", 2)).encode()),
-        Reply(
-            200,
-            json.dumps(
-                _job("failed", 2, error={"code": "worker_lost", "message": "the worker died"})
-            ).encode(),
-        ),
-    ]
-    script = {
-        ("GET", "/v1/jobs/job_x/events"): [Reply(200, cut, STREAM)],
-        ("GET", "/v1/jobs/job_x"): polls,
-    }
-    with Scripted(script) as server, BitserveClient(server.url) as api:
-        events = [
-            (e.event, e.data.get("status"), e.data.get("step"))
-            for e in api.watch_job("job_x", poll_interval=0.01)
-        ]
-    assert events == [
-        ("status", "running", None),
-        ("progress", None, 2),
-        ("status", "failed", None),
-        ("done", "failed", None),
-    ]
-    failed = _job("failed", 2, error={"code": "worker_lost", "message": "the worker died"})
-    script = {
-        ("GET", "/v1/jobs/job_x/events"): [Reply(404, b"not here", {})],
-        ("GET", "/v1/jobs/job_x"): [Reply(200, json.dumps(failed).encode())],
-    }
-    with (
-        Scripted(script) as server,
-        BitserveClient(server.url) as api,
-        pytest.raises(JobFailed) as caught,
-    ):
-        api.wait_for_job("job_x", poll_interval=0.01)
-    assert (caught.value.code, caught.value.message) == ("worker_lost", "the worker died")

@@ -94,7 +94,7 @@ def _files(images: list[bytes]) -> list[tuple[str, tuple[str, bytes]]]:
     return [("files", (f"img{i}.png", data)) for i, data in enumerate(images)]
 
 
-def _error(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
+def assert_error(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
     assert response.status_code == status, response.text
     body: dict[str, Any] = response.json()["error"]
     assert body["code"] == code, body
@@ -144,8 +144,8 @@ def test_list_is_paginated_newest_first(
     assert first["next_cursor"]
     second = client.get("/v1/models", params={"limit": 2, "cursor": first["next_cursor"]}).json()
     assert second["items"][0]["id"] == ids[0]
-    _error(client.get("/v1/models", params={"limit": 0}), 422, "invalid_request")
-    _error(client.get("/v1/models", params={"cursor": "garbage!"}), 400, "invalid_cursor")
+    assert_error(client.get("/v1/models", params={"limit": 0}), 422, "invalid_request")
+    assert_error(client.get("/v1/models", params={"cursor": "garbage!"}), 400, "invalid_cursor")
     for model_id in ids:  # keep the future-dated rows out of the other tests' way
         assert client.delete(f"/v1/models/{model_id}").status_code == 204
 
@@ -190,7 +190,7 @@ def test_predict_known_scores_and_top_k_clamp(client: httpx.Client, known_model:
         f"/v1/models/{known_model}/predict", params={"top_k": 1}, files=_files(images[:1])
     ).json()
     assert single["predictions"][0]["top_k"] == [{"label": "ant", "score": pytest.approx(0.7)}]
-    _error(
+    assert_error(
         client.post(f"/v1/models/{known_model}/predict", params={"top_k": 0}, files=_files(images)),
         422,
         "invalid_request",
@@ -214,13 +214,13 @@ def test_predict_json_base64(client: httpx.Client, known_model: str) -> None:
         f"/v1/models/{known_model}/predict",
         json={"instances": [instances[0], {"image_b64": "not base64 at all!"}]},
     )
-    assert _error(bad, 422, "invalid_base64")["details"] == {"index": 1}
-    _error(
+    assert assert_error(bad, 422, "invalid_base64")["details"] == {"index": 1}
+    assert_error(
         client.post(f"/v1/models/{known_model}/predict", json={"images": []}),
         422,
         "invalid_request",
     )
-    _error(
+    assert_error(
         client.post(
             f"/v1/models/{known_model}/predict",
             content=b"{not json",
@@ -248,14 +248,14 @@ def test_unreadable_image_is_named_magic_bytes_decide(
             ("files", ("notes.png", b"just some text, not an image", "image/png")),
         ],
     )
-    body = _error(response, 422, "invalid_image")
+    body = assert_error(response, 422, "invalid_image")
     assert body["details"] == {"index": 1, "filename": "notes.png", "reason": "unsupported_format"}
     assert "notes.png" in body["message"]
     truncated = client.post(
         f"/v1/models/{known_model}/predict",
         files=[("files", ("cut.png", png[: len(png) // 2], "image/png"))],
     )
-    assert _error(truncated, 422, "invalid_image")["details"]["reason"] == "undecodable"
+    assert assert_error(truncated, 422, "invalid_image")["details"]["reason"] == "undecodable"
 
 
 def test_bad_requests_have_the_error_shape(client: httpx.Client, known_model: str) -> None:
@@ -267,8 +267,8 @@ def test_bad_requests_have_the_error_shape(client: httpx.Client, known_model: st
         client.post(f"/v1/models/{unknown}/predict", files=_files(_images(1))),
         client.get("/v1/models/not-an-id"),
     ):
-        _error(response, 404, "not_found")
-    _error(
+        assert_error(response, 404, "not_found")
+    assert_error(
         client.post(
             f"/v1/models/{known_model}/predict",
             content=b"abc",
@@ -277,10 +277,10 @@ def test_bad_requests_have_the_error_shape(client: httpx.Client, known_model: st
         415,
         "unsupported_media_type",
     )
-    _error(
+    assert_error(
         client.post(f"/v1/models/{known_model}/predict", json={"instances": []}), 422, "no_images"
     )
-    _error(
+    assert_error(
         client.post(
             f"/v1/models/{known_model}/predict",
             files=[("image", ("a.png", _images(1)[0]))],
@@ -321,8 +321,8 @@ def test_delete_removes_row_files_and_cached_model(
     assert response.status_code == 204 and response.content == b""
     assert model_id not in cache.loaded
     assert not directory.exists()
-    _error(client.get(f"/v1/models/{model_id}"), 404, "not_found")
-    _error(
+    assert_error(client.get(f"/v1/models/{model_id}"), 404, "not_found")
+    assert_error(
         client.post(f"/v1/models/{model_id}/predict", files=_files(_images(1))), 404, "not_found"
     )
 
@@ -406,19 +406,19 @@ def test_limits_too_many_images_and_too_large_bodies(
     images = _images(3)
     with httpx.Client(timeout=60) as http:
         # 4 > min(5 per request, queue of 2): could never be admitted, so 413, not 503
-        body = _error(http.post(url, files=_files(images)), 413, "too_many_images")
+        body = assert_error(http.post(url, files=_files(images)), 413, "too_many_images")
         assert body["details"] == {"limit": 2}
         instances = [{"image_b64": base64.b64encode(b).decode()} for b in images]
-        _error(http.post(url, json={"instances": instances}), 413, "too_many_images")
+        assert_error(http.post(url, json={"instances": instances}), 413, "too_many_images")
         big = b"\x89PNG\r\n\x1a\n" + bytes(70_000)
-        _error(http.post(url, files=[("files", ("big.png", big))]), 413, "request_too_large")
+        assert_error(http.post(url, files=[("files", ("big.png", big))]), 413, "request_too_large")
 
         def chunked() -> Any:  # no Content-Length: the cap is enforced while streaming
             for _ in range(10):
                 yield b"x" * 10_000
 
         response = http.post(url, content=chunked(), headers={"content-type": "application/json"})
-        _error(response, 413, "request_too_large")
+        assert_error(response, 413, "request_too_large")
         assert http.post(url, files=_files(images[:2])).status_code == 200
 
 
@@ -443,7 +443,7 @@ def test_overload_answers_503_with_retry_after(small_server: LiveServer, known_m
                 time.sleep(0.01)
             with httpx.Client(timeout=60) as other:
                 response = other.post(url, files=_files(images[:1]))
-            body = _error(response, 503, "overloaded")
+            body = assert_error(response, 503, "overloaded")
             assert response.headers["retry-after"] == "1"
             assert body["details"] == {"waiting": 2, "limit": 2}
         finally:
