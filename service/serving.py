@@ -11,9 +11,11 @@ What the best servers do (operations.md "Serving") and how it is done here:
 - Decoding and resizing run in a thread pool, and the forward pass in another: nothing
   CPU-bound runs on the event loop.
 - Dynamic batching per model (Triton-style): concurrent requests' images are coalesced into
-  one forward of at most `predict_max_batch_size` images, waiting at most
-  `predict_max_queue_delay_ms` for company (default 2 ms: at low traffic a request never
-  waits; TorchServe's 100 ms default is a known complaint). A request with several images
+  one forward of at most `predict_max_batch_size` images. Images that arrive while a forward
+  runs wait for it and go together into the next; `predict_max_queue_delay_ms` can also hold
+  an idle model's first request back for company. Its default is 0, so at low traffic a
+  request never waits (Triton's default; TorchServe's 100 ms is a known complaint): measured
+  in benchmarks/RESULTS.md, 2 ms gained nothing under load and cost 15% at one in flight. A request with several images
   counts as several items and is split across batches when it does not fit. Batching is
   exact here: GroupNorm uses per-image statistics (BiT sec. 4.3 chose it over BatchNorm), so
   an image gets the same scores alone or in a batch.

@@ -60,7 +60,10 @@ class Settings(BaseSettings):
 
     predict_max_batch_size: int = Field(default=32, gt=0)
     predict_max_queue: int = Field(default=256, gt=0)
-    predict_max_queue_delay_ms: float = Field(default=2.0, ge=0)
+    # 0: never hold a lone request back (Triton's default); images that arrive while a forward
+    # runs are batched into the next one anyway. benchmarks/RESULTS.md measured 2 ms as no
+    # better under load and 15% worse at one request in flight.
+    predict_max_queue_delay_ms: float = Field(default=0.0, ge=0)
     model_cache_size: int = Field(default=4, gt=0)
     predict_max_images_per_request: int = Field(default=64, gt=0)
     # A predict request body (all its images, multipart or base64 JSON): 413 past it.
