@@ -46,6 +46,7 @@ up: install
 bench: install
 	$(BIN)/python benchmarks/predict_speed.py
 	$(BIN)/python benchmarks/train_speed.py
+	$(BIN)/python benchmarks/serve_speed.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
