@@ -7,7 +7,8 @@
         print(api.predict(job["model_id"], ["cat.jpg"], top_k=3))
 
 429 and 503 answers are retried after their Retry-After (bounded by `max_retries` and
-`max_retry_wait`); every other error answer raises ApiError with the server's code, message
+`max_retry_wait`; not for the streamed artifact download, and a job's event stream falls back to
+polling instead); every other error answer raises ApiError with the server's code, message
 and details. Jobs are created with an Idempotency-Key (a fresh one per call unless given), so
 such a retry never starts a second job.
 """
@@ -381,10 +382,8 @@ class BitserveClient:
         headers: dict[str, str] | None = None,
         timeout: httpx.Timeout | None = None,
     ) -> Iterator[httpx.Response]:
-        kwargs: dict[str, Any] = {"headers": headers}
-        if timeout is not None:
-            kwargs["timeout"] = timeout
-        with self._http.stream(method, path, **kwargs) as response:
+        wait = timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT
+        with self._http.stream(method, path, headers=headers, timeout=wait) as response:
             if response.status_code >= 400:
                 response.read()
                 raise ApiError.from_response(response)

@@ -5,7 +5,6 @@ Small enough to own: the client then needs nothing beyond httpx.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 
@@ -48,12 +47,3 @@ class SseParser:
         message = Message(self._event or "message", "\n".join(self._data), self._id)
         self._event, self._data = "", []
         return message
-
-
-def parse_lines(lines: Iterable[str]) -> Iterator[Message]:
-    """Every complete message of an event stream given as lines."""
-    parser = SseParser()
-    for line in lines:
-        message = parser.feed(line)
-        if message is not None:
-            yield message

@@ -1,7 +1,8 @@
 """Find (or start) the Redis and PostgreSQL servers the integration tests need.
 
-Order: the environment (TEST_REDIS_URL / REDIS_URL, TEST_DATABASE_URL), then the local default
-ports, then private servers started from installed binaries (redis-server; initdb + pg_ctl).
+Each is looked for at the URL in the environment (TEST_REDIS_URL / REDIS_URL, TEST_DATABASE_URL)
+or, when that is unset, at the local default port; if nothing answers there, a private server is
+started from the installed binaries (redis-server; initdb + pg_ctl).
 If none of that works the test session fails, saying how to get them: it never skips.
 """
 
@@ -14,6 +15,7 @@ import subprocess
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -157,7 +159,7 @@ def _pg_bin(name: str) -> str | None:
     return None
 
 
-def _wait(check, what: str, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-def]
+def _wait(check: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if check():

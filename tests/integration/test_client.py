@@ -24,7 +24,6 @@ from bitserve_client import (
     JobTimeout,
     Progress,
 )
-from service.db import migrate
 from service.settings import Settings
 from tests.imagegen import class_image, encode, make_archive, make_image_folder
 from tests.integration.conftest import LiveServer
@@ -190,13 +189,12 @@ class JobServer:
 
 @pytest.fixture(scope="module")
 def job_server(
-    tmp_path_factory: pytest.TempPathFactory, postgres_url: str, redis_url: str
+    tmp_path_factory: pytest.TempPathFactory, migrated_db: str, redis_url: str
 ) -> Iterator[JobServer]:
-    migrate(postgres_url)
     # Stale only after 30 s: on a loaded CI machine a late heartbeat must not re-queue the job.
     settings: Settings = fast_job_settings(
         tmp_path_factory.mktemp("client-jobs"),
-        database_url=postgres_url,
+        database_url=migrated_db,
         broker_url=redis_url,
         job_stale_after_seconds=30.0,
     )

@@ -23,7 +23,6 @@ import torch
 from bitcore.artifacts import ArtifactMetadata, save_artifact
 from bitcore.models import create_model
 from service import models_store as store
-from service.db import migrate
 from service.ids import new_id
 from tests.imagegen import class_image, encode, make_archive, make_image_folder
 from tests.integration.conftest import LiveServer
@@ -330,14 +329,13 @@ def test_the_page_uploads_plans_follows_cancels_and_predicts(
 
 @pytest.fixture(scope="module")
 def job_server(
-    tmp_path_factory: pytest.TempPathFactory, postgres_url: str, redis_url: str
+    tmp_path_factory: pytest.TempPathFactory, migrated_db: str, redis_url: str
 ) -> Iterator[tuple[LiveServer, WorkerProcess]]:
     """A server with a real Celery worker on its own queue. Heartbeats count as stale only
     after 30 s: on a loaded CI machine a slow heartbeat must not re-queue the job."""
-    migrate(postgres_url)
     settings = fast_job_settings(
         tmp_path_factory.mktemp("ui-jobs"),
-        database_url=postgres_url,
+        database_url=migrated_db,
         broker_url=redis_url,
         job_stale_after_seconds=30.0,
     )

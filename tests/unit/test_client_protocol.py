@@ -64,12 +64,7 @@ class Scripted:
                 )
                 replies = outer.script.get((self.command, self.path.split("?")[0]))
                 if not replies:
-                    reply = Reply(
-                        404,
-                        json.dumps(
-                            {"error": {"code": "not_found", "message": "no", "details": {}}}
-                        ).encode(),
-                    )
+                    reply = Reply(404, _error("not_found", "no"))
                 else:
                     reply = replies.pop(0) if len(replies) > 1 else replies[0]
                 self.send_response(reply.status)

@@ -23,6 +23,8 @@ FORBIDDEN = {
         "service",
         "worker",
     ),
+    # The client installs on machines without the ML stack: httpx (and optionally Pillow) only.
+    "bitserve_client": ("bitcore", "service", "worker", "torch"),
     "service": ("worker",),
     "worker": ("fastapi", "starlette", "uvicorn", "service.app", "service.routers", "service.deps"),
 }
