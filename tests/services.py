@@ -119,12 +119,9 @@ class PrivateServers:
                 )
             prefix = [runuser, "-u", "postgres", "--"]
             shutil.chown(self.tmp, "postgres")
-        subprocess.run(
-            [*prefix, initdb, "-D", str(data), "-U", "postgres", "-A", "trust"],
-            check=True,
-            capture_output=True,
-        )
-        subprocess.run(
+        self._run("initdb", [*prefix, initdb, "-D", str(data), "-U", "postgres", "-A", "trust"])
+        self._run(
+            "pg_ctl start",
             [
                 *prefix,
                 pg_ctl,
@@ -137,11 +134,22 @@ class PrivateServers:
                 "-w",
                 "start",
             ],
-            check=True,
-            capture_output=True,
         )
         self.stops.append([*prefix, pg_ctl, "-D", str(data), "-m", "fast", "stop"])
         return f"postgresql://postgres@127.0.0.1:{port}/postgres"
+
+    def _run(self, what: str, command: list[str]) -> None:
+        """Run a server command; on failure say why (its output and the server log's tail)."""
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            log = self.tmp / "pg.log"
+            tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+            raise ServiceUnavailable(
+                f"{what} failed (exit {result.returncode}): {result.stderr.strip()} "
+                f"{result.stdout.strip()} {tail}".strip()
+                + ". "
+                + HOW_TO
+            )
 
     def close(self) -> None:
         for cmd in self.stops:
