@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from bitcore.models import create_model
+
 FORMAT = "bitserve-artifact"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -127,8 +129,6 @@ def load_model(
     artifact_dir: str | Path, device: str | torch.device = "cpu"
 ) -> tuple[torch.nn.Module, ArtifactMetadata]:
     """Rebuild the registry model and load its weights strictly (a mismatch is an error)."""
-    from bitcore.models import create_model
-
     meta = load_metadata(artifact_dir)
     try:
         model = create_model(meta.model_name, len(meta.classes))

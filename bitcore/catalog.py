@@ -24,12 +24,12 @@ import urllib.request
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 from urllib.parse import urlparse
 
 import numpy as np
 
+from bitcore.checkpoints import is_npz
 from bitcore.models import (
     IMAGENET1K_CLASSES,
     IMAGENET21K_CLASSES,
@@ -64,7 +64,7 @@ class CatalogEntry:
 
     @property
     def parameters(self) -> int:
-        return _parameters(self.model_name, self.num_classes)
+        return count_parameters(self.model_name, self.num_classes)
 
     @property
     def approx_bytes(self) -> int:
@@ -78,11 +78,6 @@ class CatalogEntry:
 
     def url(self, base_url: str | None = None) -> str:
         return f"{resolve_base_url(base_url)}/{self.filename}"
-
-
-@cache
-def _parameters(model_name: str, num_classes: int) -> int:
-    return count_parameters(model_name, num_classes)
 
 
 def _build_catalog() -> dict[str, CatalogEntry]:
@@ -303,6 +298,8 @@ def _expected_total(response: http.client.HTTPResponse, offset: int, url: str) -
 
 def _verify_npz(part: Path, url: str) -> None:
     try:
+        if not is_npz(part):
+            raise ValueError("not a zip archive")
         with np.load(part, allow_pickle=False) as npz:
             keys = list(npz.files)
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:

@@ -40,6 +40,8 @@ HEAD_KEYS = ("head.conv.weight", "head.conv.bias")
 HWIO_TO_OIHW = (3, 2, 0, 1)
 OIHW_TO_HWIO = (2, 3, 1, 0)
 
+NPZ_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a zip's first bytes (the second: empty zip)
+
 _LETTER = {"1": "a", "2": "b", "3": "c"}
 _NUMBER = {v: k for k, v in _LETTER.items()}
 _GN_PARAM = {"weight": "gamma", "bias": "beta"}
@@ -155,6 +157,16 @@ def state_dict_to_npz(state_dict: Mapping[str, torch.Tensor]) -> dict[str, np.nd
     return out
 
 
+def is_npz(path: str | Path) -> bool:
+    """Whether the file starts like a zip archive, which is what np.load reads as an .npz.
+
+    Checked before np.load: given anything else it returns a bare array (an .npy) or refuses a
+    "pickle" with advice to pass allow_pickle=True, neither of which fits a checkpoint.
+    """
+    with open(path, "rb") as fh:
+        return fh.read(4).startswith(NPZ_MAGIC)
+
+
 def _read_arrays(source: str | Path | Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     if isinstance(source, Mapping):
         return dict(source)
@@ -162,11 +174,13 @@ def _read_arrays(source: str | Path | Mapping[str, np.ndarray]) -> dict[str, np.
     if not path.is_file():
         raise CheckpointError(f"checkpoint file {path} not found")
     try:
-        # allow_pickle=False: an .npz can carry pickled object arrays, i.e. arbitrary code.
-        with np.load(path, allow_pickle=False) as npz:
-            return {key: npz[key] for key in npz.files}
+        if is_npz(path):
+            # allow_pickle=False: an .npz can carry pickled object arrays, i.e. arbitrary code.
+            with np.load(path, allow_pickle=False) as npz:
+                return {key: npz[key] for key in npz.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise CheckpointError(f"{path} is not a readable BiT .npz checkpoint: {exc}") from exc
+    raise CheckpointError(f"{path} is not a readable BiT .npz checkpoint: not a zip archive")
 
 
 def _names(keys: list[str], limit: int = 10) -> str:

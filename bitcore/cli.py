@@ -262,14 +262,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 def _known_base_models() -> list[str]:
     """Registry architectures plus catalog checkpoints (e.g. BiT-M-R50x1-ILSVRC2012)."""
+    from bitcore.catalog import CATALOG
     from bitcore.models import MODEL_SPECS
 
-    names = set(MODEL_SPECS)
-    try:
-        from bitcore import catalog
-    except ImportError:  # the catalog is optional for training from a local --checkpoint
-        return sorted(names)
-    return sorted(names | set(catalog.CATALOG))
+    return sorted(set(MODEL_SPECS) | set(CATALOG))
 
 
 def _progress_bar_callbacks(bar: Any) -> TrainCallbacks:
@@ -339,7 +335,7 @@ def cmd_checkpoints(args: argparse.Namespace) -> int:
         print(f"checkpoint directory: {catalog.checkpoint_dir()}")
         print(f"{'name':<24} {'download':>9}  {'present':<7}  upstream")
         for name, entry in catalog.CATALOG.items():
-            size = f"{entry.size_bytes / 2**20:.0f} MiB" if entry.size_bytes else "?"
+            size = f"{entry.approx_bytes / 2**20:.0f} MiB"
             present = "yes" if catalog.is_present(name) else "no"
             print(f"{name:<24} {size:>9}  {present:<7}  {entry.upstream}")
         return 0
@@ -352,16 +348,9 @@ def cmd_checkpoints(args: argparse.Namespace) -> int:
 
 
 def _is_user_error(exc: Exception) -> bool:
-    """Errors from lazily imported modules (catalog, artifacts) that describe bad input."""
+    """Errors from lazily imported modules (catalog, checkpoints, artifacts, train) that
+    describe bad input. By name, so that `plan` does not import torch to catch them; the
+    catalog's errors all derive from CatalogError, MissingCheckpointError is a
+    FileNotFoundError (caught in `main`)."""
     names = {cls.__name__ for cls in type(exc).__mro__}
-    return bool(
-        names
-        & {
-            "ArtifactError",
-            "CatalogError",
-            "CheckpointMissing",
-            "DownloadError",
-            "MissingCheckpointError",
-            "ResumeError",
-        }
-    )
+    return bool(names & {"ArtifactError", "CatalogError", "CheckpointError", "ResumeError"})

@@ -43,27 +43,30 @@ def sniff_format(head: bytes) -> str | None:
     return None
 
 
+def _unsupported() -> ImageError:
+    return ImageError(
+        "unsupported_format", f"not an allowed image type ({', '.join(ALLOWED_FORMATS)})"
+    )
+
+
 def decode_image(
     source: bytes | str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> Image.Image:
     """Decode fully (so truncation is caught now) to an RGB image, or raise ImageError."""
-    if not isinstance(source, bytes):
-        # Sniff before reading it all: a large non-image file costs 16 bytes, not its size.
+    if isinstance(source, bytes):
+        data = source
+    else:
         with open(source, "rb") as fh:
-            if sniff_format(fh.read(16)) is None and fh.tell() > 0:
-                raise ImageError(
-                    "unsupported_format",
-                    f"not an allowed image type ({', '.join(ALLOWED_FORMATS)})",
-                )
-        source = Path(source).read_bytes()
-    data = source
+            data = fh.read(16)
+            # Sniff before reading it all: a large non-image file costs 16 bytes, not its size.
+            if data and sniff_format(data) is None:
+                raise _unsupported()
+            data += fh.read()
     if not data:
         raise ImageError("empty", "file is empty (0 bytes)")
     fmt = sniff_format(data[:16])
     if fmt is None:
-        raise ImageError(
-            "unsupported_format", f"not an allowed image type ({', '.join(ALLOWED_FORMATS)})"
-        )
+        raise _unsupported()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from functools import partial
+from functools import cache, partial
 
 import torch
 from torch import nn
@@ -243,8 +243,10 @@ def create_model(
     )
 
 
+@cache
 def count_parameters(name: str, num_classes: int = IMAGENET1K_CLASSES) -> int:
-    """Parameter count, built on the meta device (no memory, even for R152x4)."""
+    """Parameter count, built on the meta device (no memory, even for R152x4). Cached: the
+    registry is fixed, and building R152x4 even on the meta device takes a moment."""
     with torch.device("meta"):
         model = create_model(name, num_classes)
     return sum(p.numel() for p in model.parameters())

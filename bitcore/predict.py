@@ -2,9 +2,10 @@
 
 Weight Standardization (Qiao et al., 2019; BiT sec. 4.3) is a pure function of the weights, so
 the kernels are standardised once at load (`bitcore.layers.fold_weight_standardization`) and
-the forward pass runs plain convolutions (operations.md: about 5x more images per second at
-batch 1 for an R50x1 at 128 px on 2 CPU cores). GroupNorm uses per-image statistics, so a batch
-gives every image exactly the answer it would get alone: the service may batch freely.
+the forward pass runs plain convolutions (operations.md quotes about 5x more images per second
+at batch 1 for an R50x1 at 128 px on 2 CPU cores; benchmarks/RESULTS.md measures 3.5-3.75x with
+2 threads, 1.55x at batch 8). GroupNorm uses per-image statistics, so a batch gives every
+image exactly the answer it would get alone: the service may batch freely.
 
 Decoding/preprocessing (`preprocess`) is separate from the forward pass (`predict_tensor`) so
 the service can decode in a thread pool and send many requests' tensors through one forward.

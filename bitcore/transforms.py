@@ -35,7 +35,8 @@ def to_unit_range(array: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 def eval_preprocess(image: Image.Image, crop: int) -> torch.Tensor:
     """An RGB PIL image -> (3, crop, crop) float tensor in [-1, 1]."""
-    resized = resize_squash(image.convert("RGB"), crop)
+    rgb = image if image.mode == "RGB" else image.convert("RGB")  # convert() always copies
+    resized = resize_squash(rgb, crop)
     return to_unit_range(np.asarray(resized, dtype=np.uint8))
 
 

@@ -21,7 +21,13 @@ from typing import Any
 
 import numpy as np
 
-from bitcore.data.index import DatasetError, DatasetIndex, Sample, decode_workers
+from bitcore.data.index import (
+    DatasetError,
+    DatasetIndex,
+    Sample,
+    decode_workers,
+    write_json_atomic,
+)
 from bitcore.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
 from bitcore.transforms import resize_squash
 
@@ -105,7 +111,7 @@ def build_cache(
     data_path = cache_dir / f"images-{size}-{key}.u8"
     _write_pixels(index.root, paths, size, data_path, progress, workers, max_pixels)
     rows = {path: i for i, path in enumerate(paths)}
-    _write_json_atomic(
+    write_json_atomic(
         manifest_path,
         {
             "format": CACHE_FORMAT,
@@ -203,17 +209,3 @@ def _ordered_map(
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
-
-
-def _write_json_atomic(path: Path, document: dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(document, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -9,7 +9,6 @@ independent of how many DataLoader workers there are.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -18,7 +17,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from bitcore.data.cache import ImageCache
-from bitcore.data.index import Sample
+from bitcore.data.index import Sample, available_cpus
 from bitcore.transforms import random_crop_flip, resize_squash, to_unit_range
 
 TrainKey = tuple[int, int]
@@ -56,12 +55,8 @@ class CachedImageDataset(Dataset[tuple[torch.Tensor, int]]):
         if self.train:
             if not isinstance(key, tuple) or len(key) != 2:
                 raise TypeError(f"a train dataset is indexed by (index, aug_seed), got {key!r}")
-            index, aug_seed = key
-            sample = self.samples[index]
-            pixels = torch.from_numpy(np.array(self.cache.pixels(sample)))  # HWC uint8 copy
-            generator = torch.Generator().manual_seed(int(aug_seed))
-            window = random_crop_flip(pixels.permute(2, 0, 1), self.crop, generator)
-            return to_unit_range(window.permute(1, 2, 0)), sample.label
+            window, label = self.train_window(*key)
+            return to_unit_range(window.permute(1, 2, 0)), label
         if isinstance(key, tuple):
             raise TypeError(f"an eval dataset is indexed by int, got {key!r}")
         sample = self.samples[key]
@@ -69,6 +64,16 @@ class CachedImageDataset(Dataset[tuple[torch.Tensor, int]]):
         if self.cache.size != self.crop:
             cached = np.asarray(resize_squash(Image.fromarray(cached), self.crop), dtype=np.uint8)
         return to_unit_range(np.array(cached)), sample.label
+
+    def train_window(self, index: int, aug_seed: int) -> tuple[torch.Tensor, int]:
+        """The (3, crop, crop) uint8 training window of sample `index`, and its label.
+
+        A pure function of the key: the generator is seeded by `aug_seed` alone.
+        """
+        sample = self.samples[index]
+        pixels = torch.from_numpy(np.array(self.cache.pixels(sample)))  # HWC uint8 copy
+        generator = torch.Generator().manual_seed(int(aug_seed))
+        return random_crop_flip(pixels.permute(2, 0, 1), self.crop, generator), sample.label
 
 
 def default_num_workers() -> int:
@@ -80,8 +85,5 @@ def default_num_workers() -> int:
     machines keep loading in the main process and save the fork and the memory. With more
     cores, workers overlap loading with a GPU step.
     """
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cpus = os.cpu_count() or 1
+    cpus = available_cpus()
     return 0 if cpus <= 2 else min(4, cpus - 1)

@@ -120,21 +120,27 @@ class DatasetIndex:
         """Write as JSON atomically (temp file + rename), so readers never see half a file."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                json.dump(self.to_dict(), handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_json_atomic(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path, *, root: str | Path | None = None) -> DatasetIndex:
         with open(path, encoding="utf-8") as handle:
             return cls.from_dict(json.load(handle), root=root)
+
+
+def write_json_atomic(path: Path, document: Any) -> None:
+    """Write JSON to a temp file in the same folder, fsync, rename: readers see all or nothing."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(document, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; other worker processes read it too
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def index_directory(
@@ -262,13 +268,17 @@ def _decode_all(
     return samples, sizes
 
 
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, e.g. a container's cpuset)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def decode_workers() -> int:
     """Threads for decoding: the CPUs this process may use, capped (I/O and memory bound)."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cpus = os.cpu_count() or 1
-    return max(1, min(8, cpus))
+    return max(1, min(8, available_cpus()))
 
 
 def _median_size(sizes: list[tuple[int, int]]) -> tuple[int, int]:

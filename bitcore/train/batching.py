@@ -2,10 +2,10 @@
 
 The DataLoader asks for a whole micro-batch at once (`__getitems__`), so the conversion of
 uint8 crops to float happens once per batch instead of once per image. For the image cache's
-train dataset the crops are taken exactly as `CachedImageDataset` takes them (same
-`random_crop_flip`, same generator seeded by the key's aug_seed), so the tensors are
-bit-identical to its per-item output; profiling on 2 CPU cores showed the per-image float
-conversion costing as much as the crop itself. Any other keyed dataset is fetched per item.
+train dataset the uint8 crops come from `CachedImageDataset.train_window`, which its per-item
+path uses too, so the tensors are bit-identical to its per-item output; profiling on 2 CPU
+cores showed the per-image float conversion costing as much as the crop itself. Any other
+keyed dataset is fetched per item.
 """
 
 from __future__ import annotations
@@ -13,13 +13,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from bitcore.data.datasets import CachedImageDataset
 from bitcore.train.order import Key
-from bitcore.transforms import random_crop_flip
 
 
 class TrainBatches(Dataset):
@@ -61,11 +59,9 @@ def _cached_crops(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     windows, labels = [], []
     for index, aug_seed in keys:
-        sample = dataset.samples[index]
-        pixels = torch.from_numpy(np.array(dataset.cache.pixels(sample)))  # HWC uint8 copy
-        generator = torch.Generator().manual_seed(int(aug_seed))
-        windows.append(random_crop_flip(pixels.permute(2, 0, 1), dataset.crop, generator))
-        labels.append(sample.label)
+        window, label = dataset.train_window(index, aug_seed)
+        windows.append(window)
+        labels.append(label)
     x = torch.stack(windows).float().div_(127.5).sub_(1.0)  # = transforms.to_unit_range
     return x, torch.tensor(labels)
 

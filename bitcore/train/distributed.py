@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import os
 import queue
 import socket
 import time
@@ -24,6 +23,7 @@ import torch
 from torch import distributed as dist
 from torch import multiprocessing as mp
 
+from bitcore.data.index import available_cpus
 from bitcore.train.callbacks import Progress, TrainCallbacks, TrainingCancelled
 from bitcore.train.loop import LoopConfig, LoopOutcome, run_loop, to_channels_last
 from bitcore.train.microbatch import choose_micro_batch_size
@@ -131,7 +131,7 @@ def _rank_main(rank: int, world_size: int, job: RankJob, events: Any, cancel: An
         torch.backends.cudnn.benchmark = True  # fixed shapes, as in the single-process path
     else:
         device = torch.device("cpu")
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+        torch.set_num_threads(max(1, available_cpus() // world_size))
     dist.init_process_group(
         "nccl" if cuda else "gloo",
         init_method=job.init_method,

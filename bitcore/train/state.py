@@ -114,10 +114,7 @@ def load(
             f"checkpoint {saved.path} belongs to a different run (differs in {differs}); "
             "delete it or pass resume=False to start over"
         )
-    device = next(model.parameters()).device
-    tensors = load_file(str(saved.path / TENSORS_FILE), device=str(device))
-    model_state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
-    model.load_state_dict(model_state, strict=True)
+    tensors = _load_into_model(saved, model)
     slots: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         if key.startswith("optimizer."):
@@ -133,7 +130,14 @@ def clear(state_dir: str | Path) -> None:
 
 def load_model(saved: SavedState, model: torch.nn.Module) -> None:
     """Only the model weights of a checkpoint (e.g. the final state written by DDP rank 0)."""
+    _load_into_model(saved, model)
+
+
+def _load_into_model(saved: SavedState, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Load the checkpoint's model weights strictly; returns all its tensors (on the model's
+    device), optimizer slots included."""
     device = next(model.parameters()).device
     tensors = load_file(str(saved.path / TENSORS_FILE), device=str(device))
     model_state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
     model.load_state_dict(model_state, strict=True)
+    return tensors

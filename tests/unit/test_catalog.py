@@ -183,6 +183,15 @@ def test_not_an_npz_is_removed(server: FileServer, tmp_path: Path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["BiT-M-R50x1.npz.lock"]
 
 
+def test_npy_is_not_an_npz(server: FileServer, tmp_path: Path):
+    buffer = io.BytesIO()
+    np.save(buffer, np.zeros(3, dtype=np.float32))
+    server.files["BiT-S-R50x1.npz"] = buffer.getvalue()
+    with pytest.raises(CheckpointDownloadError, match=r"not an \.npz file \(not a zip archive\)"):
+        pull("BiT-S-R50x1", tmp_path, base_url=server.url)
+    assert not (tmp_path / "BiT-S-R50x1.npz.part").exists()
+
+
 def test_http_error_is_distinguished(server: FileServer, tmp_path: Path):
     with pytest.raises(CheckpointHTTPError, match="HTTP 404") as info:
         pull("BiT-S-R101x1", tmp_path, base_url=server.url)

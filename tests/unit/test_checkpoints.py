@@ -247,6 +247,15 @@ def test_not_a_zip_is_refused(tmp_path: Path):
         load_bit_npz(small_model(), tmp_path / "absent.npz")
 
 
+def test_npy_file_is_refused(tmp_path: Path):
+    # np.load returns a bare array for an .npy: that must be a CheckpointError, not a TypeError.
+    path = tmp_path / "array.npz"
+    with open(path, "wb") as fh:
+        np.save(fh, np.zeros(3, dtype=np.float32))
+    with pytest.raises(CheckpointError, match=r"not a readable BiT \.npz checkpoint: not a zip"):
+        load_bit_npz(small_model(), path)
+
+
 def test_folded_model_is_refused(arrays):
     model: Any = fold_weight_standardization(small_model())
     with pytest.raises(CheckpointError, match="StdConv2d"):

@@ -168,6 +168,20 @@ def test_finetune_and_predict_input_errors(
     assert (code, err) == (2, f"error: image {tmp_path / 'a.png'} does not exist\n")
 
 
+def test_finetune_unreadable_checkpoint_is_one_line_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    make_image_folder(tmp_path / "ds", {"red": 3, "teal": 3}, size=(32, 32))
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"PK\x03\x04 not really a zip")
+    argv = ["finetune", str(tmp_path / "ds"), "--base-model", "tiny-R10x0.25"]
+    argv += ["--out", str(tmp_path / "o"), "--checkpoint", str(bad), "--device", "cpu"]
+    code, out, err = _run(argv, capsys)
+    assert (code, out) == (2, "")
+    assert err.splitlines()[-1].startswith(f"error: {bad} is not a readable BiT .npz checkpoint: ")
+    assert not (tmp_path / "o").exists()
+
+
 def test_python_dash_m_entry_point(tmp_path: Path) -> None:
     make_image_folder(tmp_path, {"x": 2, "y": 3})
     done = subprocess.run(
