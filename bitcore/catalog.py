@@ -228,6 +228,7 @@ def _download(url: str, part: Path, progress: Progress | None, timeout: float) -
     try:
         response = urllib.request.urlopen(request, timeout=timeout)
     except urllib.error.HTTPError as exc:
+        exc.close()  # an HTTPError holds the response's open connection
         if exc.code == 416 and offset:
             # Range past the end: the .part is complete already, or longer than the file.
             size = exc.headers.get("Content-Range", "").rpartition("/")[2]
