@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
+from service.broker import Broker
 from service.db import Database
 from service.errors import install_error_handlers
 from service.metrics import Metrics, MetricsMiddleware
@@ -27,6 +28,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     metrics = Metrics()
     metrics.watch_jobs(db)
     model_cache = ModelCache(settings, storage, metrics)
+    broker = Broker(settings)  # its Celery client (and connection pool) is built on first send
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -37,6 +39,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             await model_cache.close()
+            broker.close()
             db.dispose()
 
     app = FastAPI(
@@ -50,6 +53,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.storage = storage
     app.state.metrics = metrics
     app.state.models = model_cache
+    app.state.broker = broker
     install_error_handlers(app)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     for module in (health, base_models, datasets, jobs, models, ui):

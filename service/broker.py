@@ -94,11 +94,6 @@ class Broker:
             retry_policy=PUBLISH_RETRY_POLICY,
         )
 
-    def check(self, timeout: float = 2.0) -> None:
-        """Raise if the broker does not answer (for /readyz)."""
-        with self.app.connection_for_write() as conn:
-            conn.ensure_connection(max_retries=1, timeout=timeout)
-
     def close(self) -> None:
         with self._lock:
             if self._app is not None:

@@ -117,7 +117,9 @@ def cmd_up(settings: Settings) -> int:
     supervisor = Supervisor()
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    server = uvicorn.Server(_uvicorn_config(settings, create_app(settings)))
+    # Migrated just above: the app need not run the migrations again on start-up.
+    app = create_app(settings.model_copy(update={"auto_migrate": False}))
+    server = uvicorn.Server(_uvicorn_config(settings, app))
     try:
         supervisor.start("worker", worker_command(settings), child_environment(settings))
         watcher = threading.Thread(

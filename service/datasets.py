@@ -27,14 +27,11 @@ from service.errors import ApiError, not_found
 from service.ids import new_id, rfc3339
 from service.pagination import paginate
 from service.settings import Settings
-from service.storage import Storage
-from service.tables import ACTIVE_JOB_STATES, Dataset, Job
+from service.storage import DATASET_CACHE, DATASET_FILES, DATASET_INDEX, Storage
+from service.tables import ACTIVE_JOB_STATES, Dataset, Job, tenant_is
 
 log = logging.getLogger(__name__)
 
-FILES_DIR = "files"
-INDEX_FILE = "index.json"
-CACHE_DIR = "cache"
 MAX_NAME_LENGTH = 200
 _ARCHIVE_SUFFIX = re.compile(r"(\.tar\.gz|\.tgz|\.zip|\.gz)$", re.IGNORECASE)
 
@@ -72,15 +69,6 @@ def dataset_name(given: str | None, filename: str | None, fallback: str) -> str:
     return stem or fallback
 
 
-def index_path(storage: Storage, row: Dataset) -> Path:
-    """Where the dataset's bitcore DatasetIndex lives (the worker trains from it)."""
-    return storage.path(row.storage_key) / INDEX_FILE
-
-
-def cache_dir(storage: Storage, row: Dataset) -> Path:
-    return storage.path(row.storage_key) / CACHE_DIR
-
-
 def _limits(settings: Settings) -> Limits:
     return Limits(
         max_entries=settings.max_archive_entries,
@@ -102,7 +90,7 @@ def build_dataset_files(
     archive: Path, kind: ArchiveKind, directory: Path, settings: Settings
 ) -> tuple[DatasetIndex, list[dict[str, str]]]:
     """Extract, index and cache into `directory`. Blocking: call from a worker thread."""
-    files = directory / FILES_DIR
+    files = directory / DATASET_FILES
     try:
         extracted = extract_archive(archive, files, _limits(settings), kind)
     except ArchiveError as exc:
@@ -115,13 +103,15 @@ def build_dataset_files(
         )
     except DatasetError as exc:
         raise ApiError(422, exc.code, str(exc), exc.details) from None
-    index.save(directory / INDEX_FILE)
+    index.save(directory / DATASET_INDEX)
     # The training copy at the HyperRule's pre-crop size: decoding full-size uploads on
     # every epoch would dominate a CPU fine-tuning run.
     # The pre-crop size depends on the image size only (BiT sec. 3.3), so jobs on this dataset
     # find this cache unless they override `precrop`.
     plan = hyperrule.plan(index.num_images, index.median_size)
-    build_cache(index, plan.precrop, directory / CACHE_DIR, max_pixels=settings.max_image_pixels)
+    build_cache(
+        index, plan.precrop, directory / DATASET_CACHE, max_pixels=settings.max_image_pixels
+    )
     return index, _rejected(index, files, extracted)
 
 
@@ -176,7 +166,7 @@ def list_datasets(
     session: Session, tenant_id: str | None, limit: int, cursor: str | None
 ) -> tuple[list[Dataset], str | None]:
     query = sa.select(Dataset).where(
-        Dataset.tenant_id.is_(None) if tenant_id is None else Dataset.tenant_id == tenant_id,
+        tenant_is(Dataset.tenant_id, tenant_id),
         Dataset.status == "ready",
     )
     return paginate(session, query, limit, cursor)
@@ -185,7 +175,8 @@ def list_datasets(
 def delete_dataset(db: Database, storage: Storage, tenant_id: str | None, dataset_id: str) -> None:
     """Delete the row, then the files. 409 while a queued/running/cancelling job uses it."""
     with db.session() as session:
-        # Row lock (PostgreSQL): a job created concurrently waits for this decision.
+        # Row lock (PostgreSQL): a job inserted concurrently waits for this decision in its
+        # foreign-key check, and is answered 404 if the dataset goes (service.jobs.create_job).
         row = session.get(Dataset, dataset_id, with_for_update=True)
         if row is None or row.tenant_id != tenant_id or row.status != "ready":
             raise not_found("dataset", dataset_id)

@@ -87,6 +87,6 @@ def migrate(url: str, revision: str = "head") -> None:
     """Bring the schema at `url` up to `revision` (Alembic upgrade), SQLite or PostgreSQL."""
     from alembic import command
 
-    if make_url(url).get_backend_name() == "sqlite":
-        create_engine(url).dispose()  # creates the parent folder
+    # The migration environment connects through create_engine, which also creates a SQLite
+    # file's parent folder.
     command.upgrade(alembic_config(url), revision)

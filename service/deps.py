@@ -1,4 +1,4 @@
-"""FastAPI dependencies (Annotated): settings, database, session, storage, tenant.
+"""FastAPI dependencies (Annotated): settings, database, session, storage, broker, tenant.
 
 Everything comes from app.state, built once by create_app, so tests can run several apps with
 different settings in one process.
@@ -12,6 +12,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
+from service.broker import Broker
 from service.db import Database
 from service.settings import Settings
 from service.storage import Storage
@@ -32,6 +33,12 @@ def get_storage(request: Request) -> Storage:
     return storage
 
 
+def get_broker(request: Request) -> Broker:
+    """The app's Celery client (service.broker; the gateway never imports the worker)."""
+    broker: Broker = request.app.state.broker
+    return broker
+
+
 def get_session(db: Annotated[Database, Depends(get_db)]) -> Iterator[Session]:
     """A session for one request. Routes commit explicitly; anything uncommitted is rolled back."""
     with db.sessionmaker() as session:
@@ -48,4 +55,5 @@ SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 DbDep = Annotated[Database, Depends(get_db)]
 SessionDep = Annotated[Session, Depends(get_session)]
 StorageDep = Annotated[Storage, Depends(get_storage)]
+BrokerDep = Annotated[Broker, Depends(get_broker)]
 TenantDep = Annotated[str | None, Depends(get_tenant)]

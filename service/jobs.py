@@ -55,7 +55,7 @@ from service.job_runs import (
     record_progress,
     release,
 )
-from service.tables import ACTIVE_JOB_STATES, JOB_STATES, Dataset, Job
+from service.tables import ACTIVE_JOB_STATES, JOB_STATES, Dataset, Job, tenant_is
 
 log = logging.getLogger(__name__)
 
@@ -202,14 +202,19 @@ def create_job(
     try:
         session.commit()
     except IntegrityError:
-        # A concurrent request with the same Idempotency-Key won the insert.
+        # A concurrent request with the same Idempotency-Key won the insert, or the dataset
+        # was deleted since it was read (the foreign key refused the job).
         session.rollback()
         existing = (
             _by_idempotency_key(session, tenant_id, idempotency_key) if idempotency_key else None
         )
-        if existing is None:
-            raise
-        return _replay(existing, digest), False
+        if existing is not None:
+            return _replay(existing, digest), False
+        if session.get(Dataset, request.dataset_id, populate_existing=True) is None:
+            raise JobError(
+                404, "not_found", f"dataset {request.dataset_id!r} does not exist"
+            ) from None
+        raise
     enqueue(session, job.id, send)
     return job, True
 
@@ -232,9 +237,10 @@ def enqueue(session: Session, job_id: str, send: Send, now: datetime | None = No
 
 
 def _by_idempotency_key(session: Session, tenant_id: str | None, key: str) -> Job | None:
-    tenant = Job.tenant_id.is_(None) if tenant_id is None else Job.tenant_id == tenant_id
     return session.scalars(
-        sa.select(Job).where(tenant, Job.idempotency_key == key).limit(1)
+        sa.select(Job)
+        .where(tenant_is(Job.tenant_id, tenant_id), Job.idempotency_key == key)
+        .limit(1)
     ).first()
 
 
@@ -260,8 +266,7 @@ def get_job(session: Session, job_id: str, tenant_id: str | None = None) -> Job:
 
 def list_query(tenant_id: str | None = None, status: str | None = None) -> sa.Select[Job]:
     """The tenant's jobs, optionally of one status (paginate it with service.pagination)."""
-    tenant = Job.tenant_id.is_(None) if tenant_id is None else Job.tenant_id == tenant_id
-    query = sa.select(Job).where(tenant)
+    query = sa.select(Job).where(tenant_is(Job.tenant_id, tenant_id))
     if status is not None:
         if status not in JOB_STATES:
             raise JobError(

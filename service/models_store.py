@@ -1,7 +1,8 @@
 """Fine-tuned models: rows in the `models` table plus a bitcore artifact directory on disk.
 
-Plain functions over a SQLAlchemy session and the Storage: the router maps HTTP to them, the
-worker calls `register_model` when a job succeeds, and tests call them directly. Every query
+Plain functions over a SQLAlchemy session and the Storage: the router maps HTTP to them, and
+tests and benchmarks call them directly (a job's model row is written by
+service.job_runs.finish_succeeded, in the transaction that marks the job succeeded). Every query
 filters by tenant (None until API keys are configured), so another tenant's id is "not found".
 """
 
@@ -17,10 +18,17 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from bitcore.artifacts import INPUT_MEAN, INPUT_STD, METADATA_FILE, WEIGHTS_FILE, load_metadata
+from bitcore.artifacts import (
+    INPUT_MEAN,
+    INPUT_STD,
+    METADATA_FILE,
+    WEIGHTS_FILE,
+    ArtifactMetadata,
+    load_metadata,
+)
 from service.ids import new_id, rfc3339, utcnow
 from service.storage import Storage
-from service.tables import Model
+from service.tables import Model, tenant_is
 
 ARTIFACT_FILES = (WEIGHTS_FILE, METADATA_FILE)
 ZIP_CHUNK_BYTES = 1 << 20
@@ -46,7 +54,7 @@ def register_model(
 
     Classes, plan, input size and (unless given) metrics are read from the artifact's
     metadata.json, so the row always describes the weights that are actually served.
-    The caller commits (the worker does it together with marking the job succeeded).
+    The caller commits.
     """
     directory = storage.model_dir(model_id)
     meta = load_metadata(directory)
@@ -59,13 +67,18 @@ def register_model(
         classes=list(meta.classes),
         plan=dict(meta.plan),
         metrics=dict(metrics if metrics is not None else meta.metrics),
-        input={"crop": meta.crop, "mean": list(INPUT_MEAN), "std": list(INPUT_STD)},
+        input=input_spec(meta),
         storage_key=storage.key(directory),
         created_at=created_at or utcnow(),
     )
     session.add(row)
     session.flush()
     return row
+
+
+def input_spec(meta: ArtifactMetadata) -> dict[str, Any]:
+    """How a client preprocesses images for the model (api.md "Models": input)."""
+    return {"crop": meta.crop, "mean": list(INPUT_MEAN), "std": list(INPUT_STD)}
 
 
 def get_model(session: Session, tenant_id: str | None, model_id: str) -> Model | None:
@@ -78,7 +91,7 @@ def get_model(session: Session, tenant_id: str | None, model_id: str) -> Model |
 
 def list_models_query(tenant_id: str | None) -> sa.Select[Model]:
     """The tenant's models, for service.pagination.paginate (newest first)."""
-    return sa.select(Model).where(_tenant_is(tenant_id))
+    return sa.select(Model).where(tenant_is(Model.tenant_id, tenant_id))
 
 
 def delete_model(session: Session, storage: Storage, tenant_id: str | None, model_id: str) -> bool:
@@ -165,7 +178,3 @@ class _ChunkSink(io.RawIOBase):
         chunks, self._chunks = self._chunks, []
         if chunks:
             yield b"".join(chunks)
-
-
-def _tenant_is(tenant_id: str | None) -> sa.ColumnElement[bool]:
-    return Model.tenant_id.is_(None) if tenant_id is None else Model.tenant_id == tenant_id

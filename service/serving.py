@@ -15,10 +15,10 @@ What the best servers do (operations.md "Serving") and how it is done here:
   runs wait for it and go together into the next; `predict_max_queue_delay_ms` can also hold
   an idle model's first request back for company. Its default is 0, so at low traffic a
   request never waits (Triton's default; TorchServe's 100 ms is a known complaint): measured
-  in benchmarks/RESULTS.md, 2 ms gained nothing under load and cost 15% at one in flight. A request with several images
-  counts as several items and is split across batches when it does not fit. Batching is
-  exact here: GroupNorm uses per-image statistics (BiT sec. 4.3 chose it over BatchNorm), so
-  an image gets the same scores alone or in a batch.
+  in benchmarks/RESULTS.md, 2 ms gained nothing under load and cost 15% at one in flight.
+  A request with several images counts as several items and is split across batches when it
+  does not fit. Batching is exact here: GroupNorm uses per-image statistics (BiT sec. 4.3
+  chose it over BatchNorm), so an image gets the same scores alone or in a batch.
 - A bounded queue: at most `predict_max_queue` admitted, unfinished images per process;
   past it, `Overloaded` (the API answers 503 + Retry-After) instead of unbounded latency.
 - Metrics separate queue time from compute time, plus a batch-size histogram.

@@ -16,6 +16,11 @@ from pathlib import Path
 
 from service.ids import is_id
 
+# A dataset's folder (service.datasets writes it, the worker trains from it).
+DATASET_FILES = "files"  # the extracted upload
+DATASET_INDEX = "index.json"  # bitcore.data.index.DatasetIndex
+DATASET_CACHE = "cache"  # images resized once to the HyperRule pre-crop size
+
 
 class Storage:
     def __init__(self, root: str | Path) -> None:
@@ -29,6 +34,12 @@ class Storage:
 
     def dataset_dir(self, dataset_id: str) -> Path:
         return self._dir("datasets", "ds", dataset_id)
+
+    def dataset_index(self, dataset_id: str) -> Path:
+        return self.dataset_dir(dataset_id) / DATASET_INDEX
+
+    def dataset_cache(self, dataset_id: str) -> Path:
+        return self.dataset_dir(dataset_id) / DATASET_CACHE
 
     def job_dir(self, job_id: str) -> Path:
         return self._dir("jobs", "job", job_id)

@@ -11,13 +11,21 @@ from typing import Any, ClassVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Dialect
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, InstrumentedAttribute, Mapped, mapped_column
 
 from service.ids import utcnow
 
 JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelling", "cancelled")
 ACTIVE_JOB_STATES = ("queued", "running", "cancelling")
 DATASET_STATES = ("ready", "deleting")
+
+
+def tenant_is(
+    column: InstrumentedAttribute[str | None], tenant_id: str | None
+) -> sa.ColumnElement[bool]:
+    """`column` belongs to `tenant_id`; None (no API keys configured) matches NULL, which `==`
+    would not."""
+    return column.is_(None) if tenant_id is None else column == tenant_id
 
 
 class UTCDateTime(sa.TypeDecorator[datetime]):

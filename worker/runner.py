@@ -20,18 +20,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy.orm import Session
-
 from bitcore import catalog
-from bitcore.artifacts import INPUT_MEAN, INPUT_STD, load_metadata
+from bitcore.artifacts import load_metadata
 from bitcore.data.index import DatasetIndex
 from bitcore.hyperrule import Plan
 from bitcore.models import MODEL_SPECS
 from bitcore.train import Progress, TrainCallbacks, TrainingCancelled, finetune
-from service import jobs
+from service import jobs, models_store
 from service.broker import Broker
 from service.db import Database
-from service.ids import new_id
 from service.settings import Settings
 from service.storage import Storage
 from service.tables import Dataset, Job
@@ -82,7 +79,7 @@ def run_job(
     db = db or process_database(settings.database_url)
     storage = storage or Storage(settings.artifact_root)
     worker_id = new_worker_id()
-    with _session(db) as session:
+    with db.sessionmaker() as session:
         claim = jobs.claim(session, job_id, worker_id, settings)
     if not claim.claimed or claim.job is None:
         log.info("job %s not claimed: %s", job_id, claim.reason)
@@ -112,7 +109,7 @@ class JobRun:
         self.cancel = threading.Event()  # set on a cancel request or when the job is lost
         self.lost = threading.Event()  # the job is no longer ours (reclaimed elsewhere)
         self.work_dir = storage.job_dir(job.id)
-        self.model_id = new_id("mdl")
+        self.model_id = models_store.new_model_id()
         self.out_dir = storage.model_dir(self.model_id)
         self.progress = Throttled(self._write_progress, settings.job_progress_interval_seconds)
 
@@ -151,7 +148,7 @@ class JobRun:
             checkpoint_every=checkpoint_every(plan.total_steps),
             work_dir=self.work_dir,
             # The images resized once at upload (service.datasets), shared by the dataset's jobs.
-            cache_dir=self.storage.dataset_dir(self.job.dataset_id) / "cache"
+            cache_dir=self.storage.dataset_cache(self.job.dataset_id)
             if self.job.dataset_id
             else None,
             num_workers=0 if _daemonic() else None,
@@ -159,7 +156,7 @@ class JobRun:
         meta = load_metadata(self.out_dir)
         final = dict(self.progress.latest or {})
         final.update(step=result.steps, total_steps=plan.total_steps, phase="done", eta_seconds=0)
-        with _session(self.db) as session:
+        with self.db.sessionmaker() as session:
             model = jobs.finish_succeeded(
                 session,
                 self.job.id,
@@ -167,7 +164,7 @@ class JobRun:
                 model_id=self.model_id,
                 storage_key=self.storage.key(self.out_dir),
                 classes=list(meta.classes),
-                input_spec={"crop": meta.crop, "mean": list(INPUT_MEAN), "std": list(INPUT_STD)},
+                input_spec=models_store.input_spec(meta),
                 metrics=result.metrics,
                 progress=final,
             )
@@ -179,13 +176,13 @@ class JobRun:
         return "succeeded"
 
     def _dataset_index(self) -> DatasetIndex:
-        with _session(self.db) as session:
+        with self.db.sessionmaker() as session:
             dataset = session.get(Dataset, self.job.dataset_id) if self.job.dataset_id else None
             if dataset is None or dataset.status != "ready":
                 raise JobFailure(
                     "dataset_missing", f"dataset {self.job.dataset_id} was deleted or is not ready"
                 )
-            index_path = self.storage.dataset_dir(dataset.id) / "index.json"
+            index_path = self.storage.dataset_index(dataset.id)
         if not index_path.is_file():
             raise JobFailure("dataset_missing", f"dataset {dataset.id} has no index on disk")
         return DatasetIndex.load(index_path)
@@ -235,10 +232,11 @@ class JobRun:
 
     def _cancelled(self) -> str:
         if self.lost.is_set():
-            log.warning("job %s was taken over by another worker; stopped", self.job.id)
-            return "lost"
-        with _session(self.db) as session:
-            jobs.finish_cancelled(session, self.job.id, self.worker_id)
+            return self._not_ours()
+        with self.db.sessionmaker() as session:
+            ended = jobs.finish_cancelled(session, self.job.id, self.worker_id)
+        if not ended:
+            return self._not_ours()
         self.storage.remove(self.work_dir)
         log.info("job %s cancelled", self.job.id)
         return "cancelled"
@@ -246,7 +244,7 @@ class JobRun:
     def _released(self) -> str:
         """Back to the queue (attempt not counted) and sent again; the next worker resumes
         from the checkpoint in the job's work dir."""
-        with _session(self.db) as session:
+        with self.db.sessionmaker() as session:
             if not jobs.release(session, self.job.id, self.worker_id):
                 return self._cancelled()  # cancel requested meanwhile, or no longer ours
             broker = Broker(self.settings)
@@ -261,15 +259,24 @@ class JobRun:
         self.storage.remove(self.out_dir)
         if self.lost.is_set():
             return "lost"
-        with _session(self.db) as session:
-            jobs.finish_failed(session, self.job.id, self.worker_id, code, message)
+        with self.db.sessionmaker() as session:
+            ended = jobs.finish_failed(session, self.job.id, self.worker_id, code, message)
+        if not ended:
+            return self._not_ours()
         self.storage.remove(self.work_dir)
         log.warning("job %s failed: %s: %s", self.job.id, code, message)
         return "failed"
 
+    def _not_ours(self) -> str:
+        # The fenced write found the job taken over (our heartbeat went stale and another
+        # worker claimed it) or already ended by the reconciler, which removes the work dir
+        # itself: the dir is not ours to remove, a new owner resumes from its checkpoints.
+        log.warning("job %s is no longer this worker's (%s); stopped", self.job.id, self.worker_id)
+        return "lost"
+
     def _write_progress(self, progress: dict[str, Any]) -> None:
         try:
-            with _session(self.db) as session:
+            with self.db.sessionmaker() as session:
                 ours = jobs.record_progress(session, self.job.id, self.worker_id, progress)
         except Exception as exc:  # a database blip must not kill hours of training
             log.warning("progress write for job %s failed: %s", self.job.id, exc)
@@ -296,7 +303,7 @@ class JobRun:
         interval = min(self.settings.job_heartbeat_seconds, CANCEL_POLL_SECONDS)
         while not stop.wait(interval):
             try:
-                with _session(self.db) as session:
+                with self.db.sessionmaker() as session:
                     state = jobs.heartbeat(session, self.job.id, self.worker_id)
             except Exception as exc:  # a database blip must not kill the job; retry next beat
                 log.warning("heartbeat for job %s failed: %s", self.job.id, exc)
@@ -359,12 +366,6 @@ def _daemonic() -> bool:
     except ImportError:
         pass
     return bool(multiprocessing.current_process().daemon)
-
-
-@contextmanager
-def _session(db: Database) -> Iterator[Session]:
-    with db.sessionmaker() as session:
-        yield session
 
 
 __all__ = ["JobFailure", "JobRun", "Throttled", "checkpoint_every", "new_worker_id", "run_job"]

@@ -44,4 +44,6 @@ def base_model_catalog(checkpoint_dir: Any, base_url: str | None) -> list[dict[s
 
 @router.get("/base-models")
 def list_base_models(settings: SettingsDep) -> dict[str, Any]:
-    return {"items": base_model_catalog(settings.checkpoint_dir, settings.checkpoint_base_url)}
+    # The list shape of every list route (api.md); the catalog always fits one page.
+    items = base_model_catalog(settings.checkpoint_dir, settings.checkpoint_base_url)
+    return {"items": items, "next_cursor": None}

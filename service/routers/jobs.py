@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any, TypeVar
 
 import anyio
-from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.orm import Session
@@ -19,11 +19,10 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 
 from service import jobs
-from service.broker import Broker
 from service.db import Database
-from service.deps import DbDep, SessionDep, TenantDep
+from service.deps import BrokerDep, DbDep, SessionDep, TenantDep
 from service.errors import ApiError
-from service.pagination import CursorQuery, LimitQuery, paginate
+from service.pagination import DEFAULT_LIMIT, CursorQuery, LimitQuery, paginate
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 T = TypeVar("T")
@@ -44,18 +43,6 @@ class JobCreate(BaseModel):
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
     overrides: dict[str, Any] = Field(default_factory=dict)
     name: str | None = Field(default=None, max_length=200)
-
-
-def get_broker(request: Request) -> Broker:
-    """The app's Celery client, built on first use (service.broker; the worker is never imported)."""
-    broker: Broker | None = getattr(request.app.state, "broker", None)
-    if broker is None:
-        broker = Broker(request.app.state.settings)
-        request.app.state.broker = broker
-    return broker
-
-
-BrokerDep = Annotated[Broker, Depends(get_broker)]
 
 
 async def _call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -90,7 +77,7 @@ async def list_jobs(
     session: SessionDep,
     tenant: TenantDep,
     status: Annotated[str | None, Query(description="only jobs in this state")] = None,
-    limit: LimitQuery = 20,
+    limit: LimitQuery = DEFAULT_LIMIT,
     cursor: CursorQuery = None,
 ) -> dict[str, Any]:
     def page() -> tuple[list[Any], str | None]:

@@ -107,7 +107,9 @@ def test_errors_have_the_contract_shape(client: httpx.Client) -> None:
 
 
 def test_base_models_catalog(client: httpx.Client, settings: Settings) -> None:
-    items = {m["name"]: m for m in client.get("/v1/base-models").json()["items"]}
+    body = client.get("/v1/base-models").json()
+    assert body["next_cursor"] is None  # the list shape of api.md; the catalog is one page
+    items = {m["name"]: m for m in body["items"]}
     assert len(items) == 14  # BiT-S/BiT-M x 6 sizes, and the two small unpublished variants
     r50 = items["BiT-M-R50x1"]
     assert r50["published"] is True and r50["requires_checkpoint"] is True

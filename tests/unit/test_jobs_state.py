@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -16,9 +17,10 @@ from service import jobs
 from service.db import Database, migrate
 from service.ids import new_id, utcnow
 from service.settings import Settings
+from service.storage import Storage
 from service.tables import Dataset, Job, Model
 from tests.services import create_database, drop_database
-from worker.runner import Throttled, checkpoint_every
+from worker.runner import JobRun, Throttled, checkpoint_every
 
 CLASSES = [{"name": "cat", "count": 7}, {"name": "dog", "count": 5}, {"name": "eel", "count": 2}]
 
@@ -195,6 +197,30 @@ def test_create_answers_404_for_missing_or_foreign_datasets(db: Database) -> Non
     assert (err.value.status, err.value.code) == (409, "dataset_not_ready")
 
 
+def test_a_dataset_deleted_between_read_and_insert_is_404_not_500(db: Database) -> None:
+    dataset_id = add_dataset(db)
+    sent: list[str] = []
+    deleted: list[bool] = []
+
+    def delete_the_dataset(_session: object) -> None:
+        # Another request deletes the dataset after create_job read it, before its commit.
+        if not deleted:
+            deleted.append(True)
+            with db.engine.begin() as conn:
+                conn.execute(sa.delete(Dataset).where(Dataset.id == dataset_id))
+
+    request = jobs.JobRequest(dataset_id=dataset_id, base_model="tiny-R10x0.25")
+    with db.sessionmaker() as session:
+        sa.event.listen(session, "before_commit", delete_the_dataset)
+        with pytest.raises(jobs.JobError) as err:
+            jobs.create_job(session, request, send=sent.append)
+    assert (err.value.status, err.value.code) == (404, "not_found")
+    assert deleted == [True]
+    with db.sessionmaker() as session:
+        assert session.scalars(sa.select(Job.id)).all() == []
+    assert sent == []
+
+
 def test_idempotency_key_replays_or_conflicts(db: Database) -> None:
     dataset_id = add_dataset(db)
     sent: list[str] = []
@@ -254,6 +280,29 @@ def test_a_stale_job_is_reclaimed_and_the_old_worker_is_fenced_off(
         )
         assert jobs.heartbeat(session, job.id, "w2") == "ok"
     assert load(db, job.id).worker_id == "w2"
+
+
+def test_a_fenced_off_worker_leaves_the_new_owners_work_dir_alone(
+    db: Database, settings: Settings
+) -> None:
+    # w1 stalled past the stale limit and w2 took the job over; w1 then fails (its dataset
+    # index is not on disk) before its heartbeat noticed. w2's checkpoints must survive.
+    job, _ = create(db, add_dataset(db))
+    t0 = utcnow()
+    with db.sessionmaker() as session:
+        old = jobs.claim(session, job.id, "w1", settings, now=t0)
+        stale = t0 + timedelta(seconds=settings.job_stale_after_seconds + 1)
+        assert jobs.claim(session, job.id, "w2", settings, now=stale).claimed
+    assert old.job is not None
+    storage = Storage(settings.artifact_root)
+    checkpoint = storage.job_dir(job.id) / "checkpoint.safetensors"
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_bytes(b"w2's progress")
+    run = JobRun(db, storage, settings, old.job, "w1", threading.Event())
+    assert run.execute() == "lost"
+    assert checkpoint.read_bytes() == b"w2's progress"
+    after = load(db, job.id)
+    assert (after.status, after.worker_id, after.error_code) == ("running", "w2", None)
 
 
 def test_claim_past_the_attempt_limit_fails_the_job(db: Database, settings: Settings) -> None:
