@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -37,6 +36,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from bitcore import hyperrule
+from bitcore.data.split import validation_count
 from bitcore.models import MODEL_SPECS
 from service.ids import new_id, rfc3339, utcnow
 from service.job_runs import (
@@ -99,15 +99,7 @@ def training_examples(counts: Sequence[int], validation_fraction: float) -> int:
     Per class round(n * fraction) (half up) go to validation; a class with >= 2 images keeps at
     least one image on each side. The HyperRule schedule depends on this number (BiT sec. 3.3).
     """
-    total = 0
-    for count in counts:
-        k = math.floor(count * validation_fraction + 0.5)
-        if validation_fraction > 0 and count >= 2:
-            k = min(max(k, 1), count - 1)
-        elif count < 2:
-            k = 0
-        total += count - k
-    return total
+    return sum(count - validation_count(count, validation_fraction) for count in counts)
 
 
 def plan_for_dataset(

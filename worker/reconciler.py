@@ -3,7 +3,7 @@
 Why a thread in the worker (not Celery beat, not the gateway): it needs no extra process to
 deploy or forget, it runs wherever jobs can run (a worker that restarts after a crash repairs
 its own jobs first), and the gateway stays free of broker-repair duties. Several workers may
-run it at once: every repair in service.jobs.reconcile is a compare-and-set, and a duplicate
+run it at once: every repair in service.job_runs.reconcile is a compare-and-set, and a duplicate
 message is refused by the worker's claim.
 
 What it repairs (operations.md, "Long jobs on Celery + Redis"): queued jobs whose message was

@@ -35,11 +35,7 @@ def stratified_split(
     validation: set[Sample] = set()
     for label, members in by_label.items():
         count = len(members)
-        k = math.floor(count * validation_fraction + 0.5)
-        if validation_fraction > 0 and count >= 2:
-            k = min(max(k, 1), count - 1)
-        elif count < 2:
-            k = 0
+        k = validation_count(count, validation_fraction)
         ordered = sorted(members, key=lambda s: s.path)
         rng = np.random.default_rng([seed, label])
         chosen = rng.permutation(count)[:k]
@@ -48,3 +44,13 @@ def stratified_split(
     train = [s for s in samples if s not in validation]
     val = [s for s in samples if s in validation]
     return train, val
+
+
+def validation_count(class_size: int, validation_fraction: float) -> int:
+    """How many of a class's images go to validation: round(n * fraction), half up, keeping at
+    least one image on each side when the class has two or more (one image stays in train).
+    The service sizes the HyperRule's schedule from the training count this leaves."""
+    k = math.floor(class_size * validation_fraction + 0.5)
+    if validation_fraction > 0 and class_size >= 2:
+        return min(max(k, 1), class_size - 1)
+    return k if class_size >= 2 else 0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from functools import cache
 from typing import Any
 
 from fastapi import APIRouter
@@ -14,12 +13,6 @@ from service.deps import SettingsDep
 router = APIRouter(prefix="/v1", tags=["base models"])
 
 
-@cache
-def _parameters(name: str) -> int:
-    # Built on the meta device, but R152x4 still takes a moment: once per process is enough.
-    return count_parameters(name)
-
-
 def base_model_catalog(checkpoint_dir: Any, base_url: str | None) -> list[dict[str, Any]]:
     """Every registry model: published ones with their checkpoint, small ones without."""
     items = []
@@ -29,7 +22,7 @@ def base_model_catalog(checkpoint_dir: Any, base_url: str | None) -> list[dict[s
             {
                 "name": name,
                 "architecture": spec.architecture,
-                "parameters": _parameters(name),
+                "parameters": count_parameters(name),  # cached per process
                 "upstream": entry.upstream if entry else spec.upstream,
                 "published": spec.published,
                 "requires_checkpoint": entry is not None,
