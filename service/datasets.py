@@ -202,10 +202,7 @@ def plan_estimate(
 ) -> dict[str, Any]:
     """GET /v1/datasets/{id}/plan: the plan a job would get (same function), and its work."""
     given = {k: v for k, v in overrides.items() if v is not None}
-    try:
-        plan = jobs.plan_for_dataset(row, base_model, validation_fraction, given)
-    except jobs.JobError as exc:
-        raise ApiError(exc.status, exc.code, exc.message, exc.details) from None
+    plan = jobs.plan_for_dataset(row, base_model, validation_fraction, given)
     images = int(plan["total_steps"]) * int(plan["batch_size"])
     train_examples = int(plan["source"]["num_examples"])
     return {

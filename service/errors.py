@@ -16,7 +16,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.api_error import ApiError, not_found
+
 log = logging.getLogger(__name__)
+
+__all__ = ["ApiError", "install_error_handlers", "not_found"]
 
 DEFAULT_RETRY_AFTER = "5"
 HTTP_CODES = {
@@ -33,29 +37,6 @@ HTTP_CODES = {
     429: "too_many_requests",
     503: "service_unavailable",
 }
-
-
-class ApiError(Exception):
-    """An error the client can act on; raised from plain functions and routes alike."""
-
-    def __init__(
-        self,
-        status: int,
-        code: str,
-        message: str,
-        details: dict[str, Any] | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.details = details or {}
-        self.headers = headers or {}
-
-
-def not_found(kind: str, object_id: str) -> ApiError:
-    return ApiError(404, "not_found", f"{kind} {object_id!r} does not exist")
 
 
 def error_body(code: str, message: str, details: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -38,6 +38,7 @@ from sqlalchemy.orm import Session
 from bitcore import hyperrule
 from bitcore.data.split import validation_count
 from bitcore.models import MODEL_SPECS
+from service.api_error import ApiError
 from service.ids import new_id, rfc3339, utcnow
 from service.job_runs import (
     FINISHED_STATES,
@@ -60,17 +61,9 @@ from service.tables import ACTIVE_JOB_STATES, JOB_STATES, Dataset, Job, tenant_i
 log = logging.getLogger(__name__)
 
 
-class JobError(Exception):
-    """A refusal the client can act on: HTTP status, snake_case code, message, details."""
-
-    def __init__(
-        self, status: int, code: str, message: str, details: dict[str, Any] | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.details = details or {}
+class JobError(ApiError):
+    """A refusal the client can act on. An ApiError, so the gateway's handlers answer it in the
+    error shape as it is; this module still imports no web framework (the worker uses it)."""
 
 
 @dataclass(frozen=True)

@@ -133,7 +133,7 @@ def _catalog_path(base_model: str, published: bool) -> Path:
             base_model,
             path,
             entry.url(),
-            "not downloaded yet (python -m bitcore.catalog pull "
+            "not downloaded yet (python -m bitcore checkpoints pull "
             f"{base_model}); or pass from_scratch=True to train without pre-training",
         )
     return path

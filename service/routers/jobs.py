@@ -1,6 +1,6 @@
 """/v1/jobs: create, read, list, cancel and follow (Server-Sent Events) fine-tuning jobs.
 
-Thin: parse, call service.jobs, map JobError to the API error shape. Database work runs in
+Thin: parse, call service.jobs (its JobError is an ApiError). Database work runs in
 the thread pool (sync SQLAlchemy), never on the event loop.
 """
 
@@ -21,7 +21,6 @@ from starlette.concurrency import run_in_threadpool
 from service import jobs
 from service.db import Database
 from service.deps import BrokerDep, DbDep, SessionDep, TenantDep
-from service.errors import ApiError
 from service.pagination import DEFAULT_LIMIT, CursorQuery, LimitQuery, paginate
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -46,10 +45,8 @@ class JobCreate(BaseModel):
 
 
 async def _call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    try:
-        return await run_in_threadpool(fn, *args, **kwargs)
-    except jobs.JobError as exc:
-        raise ApiError(exc.status, exc.code, exc.message, exc.details) from None
+    # Database work off the event loop; a JobError is an ApiError and answers as it is.
+    return await run_in_threadpool(fn, *args, **kwargs)
 
 
 @router.post("", status_code=202, summary="Start a fine-tuning job")
