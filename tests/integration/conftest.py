@@ -12,6 +12,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -22,6 +23,7 @@ from fastapi import FastAPI
 from service.app import create_app
 from service.db import migrate
 from service.settings import Settings
+from tests.integration.worker_fixtures import WorkerProcess, fast_job_settings
 
 STARTUP_TIMEOUT_S = 30.0
 
@@ -118,4 +120,31 @@ def start_server() -> Iterator[Callable[[Settings], LiveServer]]:
 
     yield start
     for server in started:
+        server.stop()
+
+
+@dataclass
+class JobServer:
+    """A live API server and a real Celery worker on the server's own train queue."""
+
+    server: LiveServer
+    worker: WorkerProcess
+
+
+@pytest.fixture(scope="module")
+def job_server(
+    tmp_path_factory: pytest.TempPathFactory, migrated_db: str, redis_url: str
+) -> Iterator[JobServer]:
+    # Stale only after 30 s: on a loaded CI machine a late heartbeat must not re-queue the job.
+    settings = fast_job_settings(
+        tmp_path_factory.mktemp("jobs"),
+        database_url=migrated_db,
+        broker_url=redis_url,
+        job_stale_after_seconds=30.0,
+    )
+    server = LiveServer(settings).start()
+    try:
+        with WorkerProcess(settings, pool="solo") as worker:
+            yield JobServer(server, worker)
+    finally:
         server.stop()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import zipfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -24,10 +23,9 @@ from bitserve_client import (
     JobTimeout,
     Progress,
 )
-from service.settings import Settings
 from tests.imagegen import class_image, encode, make_archive, make_image_folder
-from tests.integration.conftest import LiveServer
-from tests.integration.worker_fixtures import FAST_OVERRIDES, WorkerProcess, fast_job_settings
+from tests.integration.conftest import JobServer
+from tests.integration.worker_fixtures import FAST_OVERRIDES
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -179,31 +177,6 @@ def test_jobs_are_idempotent_and_a_cancelled_job_raises_job_failed(
 
 
 # -- the whole loop, with a real Celery worker ------------------------------------------------
-
-
-@dataclass
-class JobServer:
-    server: LiveServer
-    worker: WorkerProcess
-
-
-@pytest.fixture(scope="module")
-def job_server(
-    tmp_path_factory: pytest.TempPathFactory, migrated_db: str, redis_url: str
-) -> Iterator[JobServer]:
-    # Stale only after 30 s: on a loaded CI machine a late heartbeat must not re-queue the job.
-    settings: Settings = fast_job_settings(
-        tmp_path_factory.mktemp("client-jobs"),
-        database_url=migrated_db,
-        broker_url=redis_url,
-        job_stale_after_seconds=30.0,
-    )
-    server = LiveServer(settings).start()
-    try:
-        with WorkerProcess(settings, pool="solo") as worker:
-            yield JobServer(server, worker)
-    finally:
-        server.stop()
 
 
 def test_full_loop_create_wait_predict_download(job_server: JobServer, tmp_path: Path) -> None:

@@ -11,7 +11,6 @@ import json
 import re
 import shutil
 import subprocess
-from collections.abc import Iterator
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
@@ -25,8 +24,8 @@ from bitcore.models import create_model
 from service import models_store as store
 from service.ids import new_id
 from tests.imagegen import class_image, encode, make_archive, make_image_folder
-from tests.integration.conftest import LiveServer
-from tests.integration.worker_fixtures import FAST_OVERRIDES, WorkerProcess, fast_job_settings
+from tests.integration.conftest import JobServer, LiveServer
+from tests.integration.worker_fixtures import FAST_OVERRIDES
 
 pytestmark = pytest.mark.integration
 
@@ -327,30 +326,10 @@ def test_the_page_uploads_plans_follows_cancels_and_predicts(
     assert out["error"] is None
 
 
-@pytest.fixture(scope="module")
-def job_server(
-    tmp_path_factory: pytest.TempPathFactory, migrated_db: str, redis_url: str
-) -> Iterator[tuple[LiveServer, WorkerProcess]]:
-    """A server with a real Celery worker on its own queue. Heartbeats count as stale only
-    after 30 s: on a loaded CI machine a slow heartbeat must not re-queue the job."""
-    settings = fast_job_settings(
-        tmp_path_factory.mktemp("ui-jobs"),
-        database_url=migrated_db,
-        broker_url=redis_url,
-        job_stale_after_seconds=30.0,
-    )
-    server = LiveServer(settings).start()
-    try:
-        with WorkerProcess(settings, pool="solo") as worker:
-            yield server, worker
-    finally:
-        server.stop()
-
-
 def test_the_page_follows_a_real_job_to_its_model_and_predicts(
-    job_server: tuple[LiveServer, WorkerProcess], tmp_path: Path
+    job_server: JobServer, tmp_path: Path
 ) -> None:
-    server, worker = job_server
+    server, worker = job_server.server, job_server.worker
     overrides = {k: str(v) for k, v in FAST_OVERRIDES.items()}
     try:
         out = _run_page(
