@@ -47,7 +47,6 @@ import io
 import json
 import math
 import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -62,6 +61,7 @@ import httpx
 import numpy as np
 import torch
 from PIL import Image
+from predict_speed import cpu_model  # benchmarks/ is on sys.path when run as a script
 
 from bitcore.artifacts import ArtifactMetadata, save_artifact
 from bitcore.models import create_model
@@ -402,17 +402,6 @@ def print_table(
             )
     total = sum(p.requests for p in points.values())
     print(f"\nall {total} timed responses were 200 and matched a direct Predictor (top-{TOP_K})")
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main() -> None:

@@ -1,0 +1,55 @@
+"""Helpers of the job state-machine tests: add a dataset row, create a job, read a job."""
+
+from __future__ import annotations
+
+from service import jobs
+from service.db import Database
+from service.ids import new_id
+from service.tables import Dataset, Job
+
+CLASSES = [{"name": "cat", "count": 7}, {"name": "dog", "count": 5}, {"name": "eel", "count": 2}]
+
+
+def add_dataset(db: Database, tenant: str | None = None, status: str = "ready") -> str:
+    dataset_id = new_id("ds")
+    with db.sessionmaker() as session:
+        session.add(
+            Dataset(
+                id=dataset_id,
+                tenant_id=tenant,
+                name="pets",
+                status=status,
+                num_images=14,
+                num_classes=3,
+                classes=CLASSES,
+                image_size={"median_height": 40, "median_width": 48},
+                rejected=[],
+                bytes=1234,
+                storage_key=f"datasets/{dataset_id}",
+            )
+        )
+        session.commit()
+    return dataset_id
+
+
+def create(
+    db: Database,
+    dataset_id: str,
+    sent: list[str] | None = None,
+    key: str | None = None,
+    tenant: str | None = None,
+    **fields: object,
+) -> tuple[Job, bool]:
+    request = jobs.JobRequest(dataset_id=dataset_id, base_model="tiny-R10x0.25", **fields)  # type: ignore[arg-type]
+    outbox = sent if sent is not None else []
+    with db.sessionmaker() as session:
+        return jobs.create_job(
+            session, request, send=outbox.append, tenant_id=tenant, idempotency_key=key
+        )
+
+
+def load(db: Database, job_id: str) -> Job:
+    with db.sessionmaker() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        return job
