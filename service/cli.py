@@ -140,14 +140,18 @@ def cmd_up(settings: Settings) -> int:
 # -- pieces ------------------------------------------------------------------------------
 
 
-def worker_command(settings: Settings) -> list[str]:
+def worker_command(
+    settings: Settings, *, pool: str | None = None, name: str | None = None
+) -> list[str]:
     """The Celery worker for the training queue, one task at a time per process.
 
     concurrency 1 -> the solo pool (the task runs in the worker process itself); more ->
     prefork children (the parent never touches CUDA: the device is chosen inside the task).
+    `pool` and `name` override those choices (tests run prefork with one child, and several
+    workers side by side).
     """
     concurrency = int(settings.worker_concurrency)
-    pool = "solo" if concurrency == 1 else "prefork"
+    pool = pool or ("solo" if concurrency == 1 else "prefork")
     return [
         sys.executable,
         "-m",
@@ -168,7 +172,7 @@ def worker_command(settings: Settings) -> list[str]:
         "--without-heartbeat",
         "--loglevel=INFO",
         "-n",
-        f"bitserve-{os.getpid()}@{socket.gethostname()}",
+        name or f"bitserve-{os.getpid()}@{socket.gethostname()}",
     ]
 
 

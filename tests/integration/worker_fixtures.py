@@ -15,7 +15,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from bitcore.data.index import index_directory
+from service.cli import worker_command
 from service.db import Database
 from service.ids import new_id
 from service.settings import Settings
@@ -107,26 +107,10 @@ class WorkerProcess:
 
     def start(self) -> WorkerProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        command = [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "worker.celery_app",
-            "worker",
-            "-Q",
-            self.settings.train_queue,
-            f"--pool={self.pool}",
-            "-c",
-            "1",
-            "-l",
-            "INFO",
-            "-n",
-            f"test-{uuid.uuid4().hex[:6]}@%h",
-            "--without-gossip",
-            "--without-mingle",
-            "--without-heartbeat",
-        ]
+        # The product's own launch command (what `bitserve worker` / `bitserve up` run).
+        command = worker_command(
+            self.settings, pool=self.pool, name=f"test-{uuid.uuid4().hex[:6]}@%h"
+        )
         with open(self.log_path, "ab") as log:
             # A session of its own: kill() takes the prefork children down with the parent.
             self.proc = subprocess.Popen(

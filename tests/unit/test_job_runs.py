@@ -8,6 +8,7 @@ from datetime import timedelta
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.orm import Session
 
 from service import jobs
 from service.db import Database
@@ -49,19 +50,7 @@ def test_a_stale_job_is_reclaimed_and_the_old_worker_is_fenced_off(
         assert taken.job.started_at == t0  # the first start is kept
         assert jobs.heartbeat(session, job.id, "w1") == "lost"
         assert not jobs.record_progress(session, job.id, "w1", {"step": 3})
-        assert (
-            jobs.finish_succeeded(
-                session,
-                job.id,
-                "w1",
-                model_id=new_id("mdl"),
-                storage_key="models/x",
-                classes=["a"],
-                input_spec={},
-                metrics={},
-            )
-            is None
-        )
+        assert _succeed(session, job.id, "w1") is None
         assert jobs.heartbeat(session, job.id, "w2") == "ok"
     assert load(db, job.id).worker_id == "w2"
 
@@ -121,19 +110,7 @@ def test_cancel_transitions(db: Database, settings: Settings) -> None:
         assert jobs.request_cancel(session, running.id).status == "cancelling"
         assert jobs.request_cancel(session, running.id).status == "cancelling"  # idempotent
         assert jobs.heartbeat(session, running.id, "w1") == "cancel"
-        assert (
-            jobs.finish_succeeded(  # too late: the cancel wins, no model is kept
-                session,
-                running.id,
-                "w1",
-                model_id=new_id("mdl"),
-                storage_key="models/x",
-                classes=["a"],
-                input_spec={},
-                metrics={},
-            )
-            is None
-        )
+        assert _succeed(session, running.id, "w1") is None  # too late: the cancel wins
         assert jobs.finish_cancelled(session, running.id, "w1")
         assert session.scalar(sa.select(sa.func.count()).select_from(Model)) == 0
         with pytest.raises(jobs.JobError) as err:
@@ -279,3 +256,17 @@ def test_progress_writes_are_throttled() -> None:
 
 def test_checkpoint_interval() -> None:
     assert [checkpoint_every(n) for n in (1, 9, 40, 500, 10_000)] == [1, 1, 4, 50, 50]
+
+
+def _succeed(session: Session, job_id: str, worker_id: str) -> Model | None:
+    """finish_succeeded with a throwaway model, for the cases where it must be refused."""
+    return jobs.finish_succeeded(
+        session,
+        job_id,
+        worker_id,
+        model_id=new_id("mdl"),
+        storage_key="models/x",
+        classes=["a"],
+        input_spec={},
+        metrics={},
+    )
