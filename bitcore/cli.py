@@ -274,7 +274,7 @@ def _progress_bar_callbacks(bar: Any) -> TrainCallbacks:
 
     class ProgressBar(TrainCallbacks):
         def on_progress(self, progress: Progress) -> None:
-            postfix = {"phase": progress.phase, "lr": f"{progress.lr:.2g}"}
+            postfix = {"phase": progress.phase, "lr": f"{progress.lr or 0.0:.2g}"}
             if progress.loss is not None:
                 postfix["loss"] = f"{progress.loss:.4f}"
             if progress.images_per_second:

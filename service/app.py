@@ -11,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service.broker import Broker
 from service.db import Database
-from service.errors import install_error_handlers
+from service.http_errors import install_error_handlers
 from service.metrics import Metrics, MetricsMiddleware
 from service.routers import base_models, datasets, health, jobs, models, ui
 from service.serving import ModelCache

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import IO, Any, Literal
 
+from service.errors import DomainError, InvalidRequest, TooLarge, UnsupportedMedia
+
 ArchiveKind = Literal["zip", "tar.gz"]
 NESTED_SUFFIXES = (
     ".zip", ".tar", ".gz", ".tgz", ".bz2", ".tbz", ".tbz2", ".xz", ".txz", ".zst", ".7z", ".rar",
@@ -42,18 +44,41 @@ COPY_CHUNK = 1 << 20
 _DRIVE = re.compile(r"^[A-Za-z]:")
 
 
-class ArchiveError(ValueError):
-    """The archive is refused; `status`/`code` map directly to the API error."""
+class ArchiveError(DomainError):
+    """The archive is refused. Its kind (the second base) says how the API answers."""
 
-    def __init__(self, status: int, code: str, message: str, **details: Any) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.details = details
+    def __init__(self, code: str, message: str, **details: Any) -> None:
+        super().__init__(code, message, details)
 
 
-def _unsafe(message: str, path: str, reason: str) -> ArchiveError:
-    return ArchiveError(422, "archive_unsafe", message, path=path, reason=reason)
+class ArchiveTooLarge(ArchiveError, TooLarge):
+    """Too many entries, or too many bytes once uncompressed."""
+
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__("archive_too_large", message, **details)
+
+
+class ArchiveUnsafe(ArchiveError, InvalidRequest):
+    """A member could escape the target, is a link or special file, or is a zip bomb."""
+
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__("archive_unsafe", message, **details)
+
+
+class ArchiveInvalid(ArchiveError, InvalidRequest):
+    """Corrupt, truncated, encrypted or self-contradictory."""
+
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__("archive_invalid", message, **details)
+
+
+class NotAnArchive(ArchiveError, UnsupportedMedia):
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__("unsupported_media_type", message, **details)
+
+
+def _unsafe(message: str, path: str, reason: str) -> ArchiveUnsafe:
+    return ArchiveUnsafe(message, path=path, reason=reason)
 
 
 @dataclass(frozen=True)
@@ -134,9 +159,7 @@ class _Budget:
     def entry(self) -> None:
         self.entries += 1
         if self.entries > self.limits.max_entries:
-            raise ArchiveError(
-                413,
-                "archive_too_large",
+            raise ArchiveTooLarge(
                 f"archive has more than {self.limits.max_entries} entries",
                 reason="too_many_entries",
                 limit=self.limits.max_entries,
@@ -145,9 +168,7 @@ class _Budget:
     def size(self, path: str, size: int) -> None:
         self.declared += size
         if self.declared > self.limits.max_uncompressed_bytes:
-            raise ArchiveError(
-                413,
-                "archive_too_large",
+            raise ArchiveTooLarge(
                 f"archive expands to more than {self.limits.max_uncompressed_bytes} bytes",
                 reason="uncompressed_size",
                 limit=self.limits.max_uncompressed_bytes,
@@ -159,10 +180,8 @@ class _Budget:
             raise _ratio_error(path, ratio, self.limits.max_compression_ratio)
 
 
-def _ratio_error(path: str, ratio: float, limit: float) -> ArchiveError:
-    return ArchiveError(
-        422,
-        "archive_unsafe",
+def _ratio_error(path: str, ratio: float, limit: float) -> ArchiveUnsafe:
+    return ArchiveUnsafe(
         f"member {path!r} expands {ratio:.0f}x (limit {limit:.0f}x): refused as a zip bomb",
         path=path,
         reason="compression_ratio",
@@ -193,9 +212,7 @@ def _scan_zip(archive: zipfile.ZipFile, budget: _Budget, out: Extracted) -> list
             out.folders.append(path)
             continue
         if info.flag_bits & 0x1:
-            raise ArchiveError(
-                422, "archive_invalid", "encrypted zip members are not supported", path=path
-            )
+            raise ArchiveInvalid("encrypted zip members are not supported", path=path)
         budget.size(path, info.file_size)
         budget.ratio(path, info.file_size, info.compress_size)
         if _is_nested_archive(path):
@@ -227,9 +244,7 @@ class _CountingReader:
         data = self.raw.read(size)
         self.count += len(data)
         if self.count > self.limit:
-            raise ArchiveError(
-                413,
-                "archive_too_large",
+            raise ArchiveTooLarge(
                 f"archive expands to more than {self.limit} bytes",
                 reason="uncompressed_size",
                 limit=self.limit,
@@ -305,18 +320,14 @@ def _copy(
                 written += len(chunk)
                 total[0] += len(chunk)
                 if written > declared or total[0] > limit:
-                    raise ArchiveError(
-                        413,
-                        "archive_too_large",
+                    raise ArchiveTooLarge(
                         f"member {rel!r} expands beyond its declared size",
                         reason="uncompressed_size",
                         path=rel,
                     )
                 handle.write(chunk)
     except FileExistsError:
-        raise ArchiveError(
-            422, "archive_invalid", f"member {rel!r} appears twice", path=rel
-        ) from None
+        raise ArchiveInvalid(f"member {rel!r} appears twice", path=rel) from None
     return written
 
 
@@ -347,18 +358,15 @@ def extract_archive(
 ) -> Extracted:
     """Check then extract `path` into the (new or empty) folder `target`.
 
-    Raises ArchiveError: 415 unsupported_media_type (not a zip or gzip), 413
-    archive_too_large (entries, total size), 422 archive_unsafe (traversal, links, devices,
-    compression ratio) or 422 archive_invalid (corrupt). On error `target` may hold partial
-    output: the caller removes it.
+    Raises an ArchiveError: NotAnArchive (not a zip or gzip), ArchiveTooLarge (entries, total
+    size), ArchiveUnsafe (traversal, links, devices, compression ratio) or ArchiveInvalid
+    (corrupt). On error `target` may hold partial output: the caller removes it.
     """
     path = Path(path)
     target = Path(target)
     kind = kind or detect_kind(path)
     if kind is None:
-        raise ArchiveError(
-            415, "unsupported_media_type", "upload a .zip or .tar.gz archive", reason="magic_bytes"
-        )
+        raise NotAnArchive("upload a .zip or .tar.gz archive", reason="magic_bytes")
     target.mkdir(parents=True, exist_ok=True)
     target = target.resolve()
     out = Extracted()
@@ -381,13 +389,9 @@ def extract_archive(
             )
             out.files += 1
     except (zipfile.BadZipFile, tarfile.TarError, EOFError, gzip.BadGzipFile, zlib.error) as exc:
-        raise ArchiveError(
-            422, "archive_invalid", f"the archive is corrupt or truncated: {exc}"
-        ) from None
+        raise ArchiveInvalid(f"the archive is corrupt or truncated: {exc}") from None
     except (NotADirectoryError, IsADirectoryError, FileExistsError) as exc:
-        raise ArchiveError(
-            422, "archive_invalid", f"a file and a folder share a name: {exc.filename}"
-        ) from None
+        raise ArchiveInvalid(f"a file and a folder share a name: {exc.filename}") from None
     if out.files < len(members):
-        raise ArchiveError(422, "archive_invalid", "the archive changed while it was read")
+        raise ArchiveInvalid("the archive changed while it was read")
     return out

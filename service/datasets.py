@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,14 +22,14 @@ from bitcore import hyperrule
 from bitcore.data.cache import build_cache
 from bitcore.data.index import DatasetError, DatasetIndex, index_directory
 from service import jobs
-from service.archives import ArchiveError, ArchiveKind, Extracted, Limits, extract_archive
+from service.archives import ArchiveKind, Extracted, Limits, extract_archive
 from service.db import Database
-from service.errors import ApiError, not_found
-from service.ids import new_id, rfc3339
-from service.pagination import paginate
+from service.errors import Conflict, InvalidRequest, NotFound
+from service.ids import new_id
+from service.job_states import ACTIVE
 from service.settings import Settings
 from service.storage import DATASET_CACHE, DATASET_FILES, DATASET_INDEX, Storage
-from service.tables import ACTIVE_JOB_STATES, Dataset, Job, tenant_is
+from service.tables import Dataset, Job, tenant_is
 
 log = logging.getLogger(__name__)
 
@@ -36,29 +37,12 @@ MAX_NAME_LENGTH = 200
 _ARCHIVE_SUFFIX = re.compile(r"(\.tar\.gz|\.tgz|\.zip|\.gz)$", re.IGNORECASE)
 
 
-def dataset_body(row: Dataset) -> dict[str, Any]:
-    """The REST shape (api.md, POST /v1/datasets -> 201)."""
-    return {
-        "id": row.id,
-        "name": row.name,
-        "status": row.status,
-        "num_images": row.num_images,
-        "num_classes": row.num_classes,
-        "classes": row.classes,
-        "image_size": row.image_size,
-        "rejected": row.rejected,
-        "bytes": row.bytes,
-        "created_at": rfc3339(row.created_at),
-    }
-
-
 def dataset_name(given: str | None, filename: str | None, fallback: str) -> str:
     """The client's name if given, else the archive's file name without its suffix."""
     if given is not None:
         name = given.strip()
         if not name or len(name) > MAX_NAME_LENGTH or not name.isprintable():
-            raise ApiError(
-                422,
+            raise InvalidRequest(
                 "invalid_request",
                 f"name must be 1-{MAX_NAME_LENGTH} printable characters",
                 {"field": "name"},
@@ -91,18 +75,15 @@ def build_dataset_files(
 ) -> tuple[DatasetIndex, list[dict[str, str]]]:
     """Extract, index and cache into `directory`. Blocking: call from a worker thread."""
     files = directory / DATASET_FILES
-    try:
-        extracted = extract_archive(archive, files, _limits(settings), kind)
-    except ArchiveError as exc:
-        raise ApiError(exc.status, exc.code, str(exc), dict(exc.details)) from None
+    extracted = extract_archive(archive, files, _limits(settings), kind)
     try:
         index = index_directory(
             files,
             max_pixels=settings.max_image_pixels,
             min_images_per_class=settings.min_images_per_class,
         )
-    except DatasetError as exc:
-        raise ApiError(422, exc.code, str(exc), exc.details) from None
+    except DatasetError as exc:  # bitcore's error: a plain library knows no API errors
+        raise InvalidRequest(exc.code, str(exc), exc.details) from None
     index.save(directory / DATASET_INDEX)
     # The training copy at the HyperRule's pre-crop size: decoding full-size uploads on
     # every epoch would dominate a CPU fine-tuning run.
@@ -126,7 +107,9 @@ def create_dataset(
     size: int,
     tenant_id: str | None,
 ) -> Dataset:
-    """Turn an uploaded archive into a ready dataset (blocking). Raises ApiError."""
+    """Turn an uploaded archive into a ready dataset (blocking; the upload route runs it in a
+    thread). Raises the kinds of service.errors. This is the seam where ingestion can move off
+    the request path: the route only hands it a received archive."""
     dataset_id = new_id("ds")
     directory = storage.dataset_dir(dataset_id)
     directory.mkdir(parents=True)
@@ -155,39 +138,34 @@ def create_dataset(
 
 
 def get_dataset(session: Session, tenant_id: str | None, dataset_id: str) -> Dataset:
-    """The dataset, or 404 for unknown ids and other tenants' datasets alike."""
+    """The tenant's dataset; NotFound for unknown ids and other tenants' datasets alike."""
     row = session.get(Dataset, dataset_id)
     if row is None or row.tenant_id != tenant_id or row.status != "ready":
-        raise not_found("dataset", dataset_id)
+        raise NotFound("dataset", dataset_id)
     return row
 
 
-def list_datasets(
-    session: Session, tenant_id: str | None, limit: int, cursor: str | None
-) -> tuple[list[Dataset], str | None]:
-    query = sa.select(Dataset).where(
+def list_datasets(tenant_id: str | None) -> sa.Select[Dataset]:
+    """The tenant's datasets (paginate it with service.pagination)."""
+    return sa.select(Dataset).where(
         tenant_is(Dataset.tenant_id, tenant_id),
         Dataset.status == "ready",
     )
-    return paginate(session, query, limit, cursor)
 
 
 def delete_dataset(db: Database, storage: Storage, tenant_id: str | None, dataset_id: str) -> None:
-    """Delete the row, then the files. 409 while a queued/running/cancelling job uses it."""
+    """Delete the row, then the files. Conflict while a queued/running/cancelling job uses it."""
     with db.session() as session:
         # Row lock (PostgreSQL): a job inserted concurrently waits for this decision in its
         # foreign-key check, and is answered 404 if the dataset goes (service.jobs.create_job).
         row = session.get(Dataset, dataset_id, with_for_update=True)
         if row is None or row.tenant_id != tenant_id or row.status != "ready":
-            raise not_found("dataset", dataset_id)
+            raise NotFound("dataset", dataset_id)
         active = session.scalars(
-            sa.select(Job.id)
-            .where(Job.dataset_id == dataset_id, Job.status.in_(ACTIVE_JOB_STATES))
-            .limit(10)
+            sa.select(Job.id).where(Job.dataset_id == dataset_id, Job.status.in_(ACTIVE)).limit(10)
         ).all()
         if active:
-            raise ApiError(
-                409,
+            raise Conflict(
                 "dataset_in_use",
                 "jobs are using this dataset; cancel them or wait for them to finish",
                 {"jobs": list(active)},
@@ -197,26 +175,26 @@ def delete_dataset(db: Database, storage: Storage, tenant_id: str | None, datase
     storage.remove(directory)
 
 
+@dataclass(frozen=True)
+class WorkEstimate:
+    """How much work a plan is. No throughput has been measured for this deployment's
+    hardware, so no time is promised (`seconds` is null): images_processed divided by a
+    measured images/s gives it."""
+
+    training_examples: int
+    images_processed: int  # total_steps x batch_size
+    epochs: float
+    seconds: float | None = None
+    basis: str = "total_steps x batch_size training images; time unknown until measured"
+
+
 def plan_estimate(
     row: Dataset, base_model: str, validation_fraction: float, overrides: dict[str, Any]
-) -> dict[str, Any]:
-    """GET /v1/datasets/{id}/plan: the plan a job would get (same function), and its work."""
+) -> tuple[dict[str, Any], WorkEstimate]:
+    """The plan a job on `row` would get (the same function creates jobs), and its work."""
     given = {k: v for k, v in overrides.items() if v is not None}
     plan = jobs.plan_for_dataset(row, base_model, validation_fraction, given)
     images = int(plan["total_steps"]) * int(plan["batch_size"])
     train_examples = int(plan["source"]["num_examples"])
-    return {
-        "dataset_id": row.id,
-        "base_model": base_model,
-        "validation_fraction": validation_fraction,
-        "plan": plan,
-        "estimate": {
-            "training_examples": train_examples,
-            "images_processed": images,
-            "epochs": round(images / train_examples, 2),
-            # No throughput has been measured for this deployment's hardware, so no time is
-            # promised; images_processed divided by a measured images/s gives it.
-            "seconds": None,
-            "basis": "total_steps x batch_size training images; time unknown until measured",
-        },
-    }
+    estimate = WorkEstimate(train_examples, images, round(images / train_examples, 2))
+    return plan, estimate

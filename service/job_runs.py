@@ -3,13 +3,14 @@
 Every write here is a compare-and-set on (status, worker_id): a worker takes a job with
 `claim`, and from then on a worker that lost the job (its heartbeat went stale and another
 took over) cannot overwrite it. The state diagram and the REST side are in service.jobs.
-No FastAPI here: the worker imports this module.
+No FastAPI here: the worker imports this module. Every status change goes through
+`transition`, which checks service.job_states.TRANSITIONS before it writes.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -18,12 +19,13 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from service.ids import utcnow
+from service.job_states import HELD_BY_WORKER, JobStatus, check_transition
+from service.models_store import model_row
 from service.settings import Settings
 from service.tables import Job, Model
 
 log = logging.getLogger(__name__)
 
-FINISHED_STATES = ("succeeded", "failed", "cancelled")
 # A job committed but not yet sent is the request handler's to send; the reconciler leaves
 # it alone this long before assuming the send was lost (e.g. the gateway died in between).
 SEND_GRACE_SECONDS = 10.0
@@ -53,30 +55,31 @@ def claim(
     now = now or utcnow()
     stale = now - timedelta(seconds=settings.job_stale_after_seconds)
     takeable = sa.or_(
-        Job.status == "queued",
-        sa.and_(Job.status == "running", _stale(stale)),
+        Job.status == JobStatus.QUEUED,
+        sa.and_(Job.status == JobStatus.RUNNING, _stale(stale)),
     )
-    result = session.execute(
-        sa.update(Job)
-        .where(Job.id == job_id, takeable, Job.attempts < settings.job_max_attempts)
-        .values(
-            status="running",
-            attempts=Job.attempts + 1,
-            worker_id=worker_id,
-            heartbeat_at=now,
-            started_at=sa.func.coalesce(Job.started_at, now),
-            updated_at=now,
-        )
-        .execution_options(synchronize_session=False)
+    claimed = transition(
+        session,
+        job_id,
+        (JobStatus.QUEUED, JobStatus.RUNNING),
+        JobStatus.RUNNING,
+        {
+            "attempts": Job.attempts + 1,
+            "worker_id": worker_id,
+            "heartbeat_at": now,
+            "started_at": sa.func.coalesce(Job.started_at, now),
+            "updated_at": now,
+        },
+        takeable,
+        Job.attempts < settings.job_max_attempts,
     )
-    session.commit()
     job = session.get(Job, job_id, populate_existing=True)
     if job is None:
         return Claim(False, "not_found")
-    if _rowcount(result) == 1:
+    if claimed:
         return Claim(True, "claimed", job)
-    takeable_now = job.status == "queued" or (
-        job.status == "running" and (job.heartbeat_at is None or job.heartbeat_at < stale)
+    takeable_now = job.status == JobStatus.QUEUED or (
+        job.status == JobStatus.RUNNING and (job.heartbeat_at is None or job.heartbeat_at < stale)
     )
     if takeable_now and job.attempts >= settings.job_max_attempts:
         message = (
@@ -84,7 +87,7 @@ def claim(
             "without finishing; its last worker probably crashed"
         )
         values = _failed_values("too_many_attempts", message, now)
-        cas(session, job_id, (job.status,), values)
+        transition(session, job_id, (job.status,), JobStatus.FAILED, values)
         session.refresh(job)
         return Claim(False, "too_many_attempts", job)
     return Claim(False, job.status, job)
@@ -93,14 +96,7 @@ def claim(
 def heartbeat(session: Session, job_id: str, worker_id: str, now: datetime | None = None) -> str:
     """Refresh the heartbeat: "ok", "cancel" (cancel requested) or "lost" (not ours any more)."""
     now = now or utcnow()
-    result = session.execute(
-        sa.update(Job)
-        .where(_owned(job_id, worker_id))
-        .values(heartbeat_at=now)
-        .execution_options(synchronize_session=False)
-    )
-    session.commit()
-    if _rowcount(result) == 0:
+    if not _update(session, [_owned(job_id, worker_id)], {"heartbeat_at": now}):
         return "lost"
     requested = session.scalar(sa.select(Job.cancel_requested).where(Job.id == job_id))
     return "cancel" if requested else "ok"
@@ -115,14 +111,8 @@ def record_progress(
 ) -> bool:
     """Store the latest progress (callers throttle); False when the job is no longer ours."""
     now = now or utcnow()
-    result = session.execute(
-        sa.update(Job)
-        .where(_owned(job_id, worker_id))
-        .values(progress=dict(progress), heartbeat_at=now, updated_at=now)
-        .execution_options(synchronize_session=False)
-    )
-    session.commit()
-    return _rowcount(result) == 1
+    values = {"progress": dict(progress), "heartbeat_at": now, "updated_at": now}
+    return _update(session, [_owned(job_id, worker_id)], values)
 
 
 def finish_succeeded(
@@ -145,7 +135,6 @@ def finish_succeeded(
     if job is None:
         return None
     values: dict[str, Any] = {
-        "status": "succeeded",
         "model_id": model_id,
         "metrics": metrics,
         "finished_at": now,
@@ -155,31 +144,26 @@ def finish_succeeded(
     }
     if progress is not None:
         values["progress"] = dict(progress)
-    result = session.execute(
-        sa.update(Job)
-        .where(
-            Job.id == job_id,
-            Job.status == "running",
-            Job.worker_id == worker_id,
-            Job.cancel_requested.is_(False),
-        )
-        .values(**values)
-        .execution_options(synchronize_session=False)
+    succeeded = transition(
+        session,
+        job_id,
+        (JobStatus.RUNNING,),
+        JobStatus.SUCCEEDED,
+        values,
+        Job.worker_id == worker_id,
+        Job.cancel_requested.is_(False),
+        commit=False,
     )
-    if _rowcount(result) != 1:
+    if not succeeded:
         session.rollback()
         return None
-    model = Model(
-        id=model_id,
-        tenant_id=job.tenant_id,
-        job_id=job.id,
-        base_model=job.base_model,
-        name=job.name,
-        classes=list(classes),
-        plan=job.plan,
-        metrics=metrics,
-        input=input_spec,
+    model = model_row(
+        job,
+        model_id,
         storage_key=storage_key,
+        classes=classes,
+        input_spec=input_spec,
+        metrics=metrics,
         created_at=now,
     )
     session.add(model)
@@ -197,10 +181,9 @@ def finish_failed(
 ) -> bool:
     """running/cancelling -> failed with an error; `worker_id` None skips the fence."""
     now = now or utcnow()
-    where = [Job.id == job_id, Job.status.in_(("running", "cancelling"))]
-    if worker_id is not None:
-        where.append(Job.worker_id == worker_id)
-    return _update(session, where, _failed_values(code, message, now))
+    fence = [Job.worker_id == worker_id] if worker_id is not None else []
+    values = _failed_values(code, message, now)
+    return transition(session, job_id, HELD_BY_WORKER, JobStatus.FAILED, values, *fence)
 
 
 def finish_cancelled(
@@ -208,16 +191,9 @@ def finish_cancelled(
 ) -> bool:
     """running/cancelling -> cancelled (no model is kept)."""
     now = now or utcnow()
-    where = [Job.id == job_id, Job.status.in_(("running", "cancelling"))]
-    if worker_id is not None:
-        where.append(Job.worker_id == worker_id)
-    values = {
-        "status": "cancelled",
-        "cancel_requested": True,
-        "finished_at": now,
-        "updated_at": now,
-    }
-    return _update(session, where, values)
+    fence = [Job.worker_id == worker_id] if worker_id is not None else []
+    values = {"cancel_requested": True, "finished_at": now, "updated_at": now}
+    return transition(session, job_id, HELD_BY_WORKER, JobStatus.CANCELLED, values, *fence)
 
 
 def release(session: Session, job_id: str, worker_id: str, now: datetime | None = None) -> bool:
@@ -228,21 +204,19 @@ def release(session: Session, job_id: str, worker_id: str, now: datetime | None 
     A job whose cancel was requested is not released (it is the caller's to cancel).
     """
     now = now or utcnow()
-    where = [
-        Job.id == job_id,
-        Job.worker_id == worker_id,
-        Job.status == "running",
-        Job.cancel_requested.is_(False),
-    ]
     values = {
-        "status": "queued",
         "attempts": sa.case((Job.attempts > 0, Job.attempts - 1), else_=0),
-        "worker_id": None,
-        "heartbeat_at": None,
-        "enqueued_at": None,
-        "updated_at": now,
+        **_unassigned(now),
     }
-    return _update(session, where, values)
+    return transition(
+        session,
+        job_id,
+        (JobStatus.RUNNING,),
+        JobStatus.QUEUED,
+        values,
+        Job.worker_id == worker_id,
+        Job.cancel_requested.is_(False),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,14 +244,14 @@ def reconcile(
     stale = now - timedelta(seconds=settings.job_stale_after_seconds)
     silent = session.execute(
         sa.select(Job.id, Job.status, Job.attempts, Job.cancel_requested).where(
-            Job.status.in_(("running", "cancelling")), _stale(stale)
+            Job.status.in_(HELD_BY_WORKER), _stale(stale)
         )
     ).all()
     for job_id, status, attempts, cancel_requested in silent:
-        where = [Job.id == job_id, Job.status == status, _stale(stale)]
-        if status == "cancelling" or cancel_requested:
-            values = {"status": "cancelled", "finished_at": now, "updated_at": now}
-            if _update(session, where, values):
+        was = (status,)
+        if status == JobStatus.CANCELLING or cancel_requested:
+            values = {"finished_at": now, "updated_at": now}
+            if transition(session, job_id, was, JobStatus.CANCELLED, values, _stale(stale)):
                 report.cancelled.append(job_id)
         elif attempts >= settings.job_max_attempts:
             message = (
@@ -285,18 +259,11 @@ def reconcile(
                 f"{settings.job_stale_after_seconds:g} s) on attempt {attempts} of "
                 f"{settings.job_max_attempts}"
             )
-            if _update(session, where, _failed_values("worker_lost", message, now)):
+            values = _failed_values("worker_lost", message, now)
+            if transition(session, job_id, was, JobStatus.FAILED, values, _stale(stale)):
                 report.failed.append(job_id)
-        else:
-            values = {
-                "status": "queued",
-                "worker_id": None,
-                "heartbeat_at": None,
-                "enqueued_at": None,
-                "updated_at": now,
-            }
-            if _update(session, where, values):
-                report.requeued.append(job_id)
+        elif transition(session, job_id, was, JobStatus.QUEUED, _unassigned(now), _stale(stale)):
+            report.requeued.append(job_id)
 
     # Queued jobs whose message may be lost: never sent (after a grace period for the request
     # that is sending it right now), or sent long ago (e.g. Redis restarted without persistence).
@@ -308,11 +275,11 @@ def reconcile(
     )
     due = [*report.requeued]
     due += session.scalars(
-        sa.select(Job.id).where(Job.status == "queued", unsent).order_by(Job.created_at)
+        sa.select(Job.id).where(Job.status == JobStatus.QUEUED, unsent).order_by(Job.created_at)
     ).all()
     for job_id in dict.fromkeys(due):
         # Take the turn with a compare-and-set, so two reconcilers do not both send.
-        condition = [Job.id == job_id, Job.status == "queued"]
+        condition = [Job.id == job_id, Job.status == JobStatus.QUEUED]
         if job_id not in report.requeued:
             condition.append(unsent)
         else:
@@ -323,7 +290,8 @@ def reconcile(
             send(job_id)
         except Exception as exc:
             log.warning("reconciler could not send job %s: %s", job_id, exc)
-            _update(session, [Job.id == job_id, Job.status == "queued"], {"enqueued_at": None})
+            queued = [Job.id == job_id, Job.status == JobStatus.QUEUED]
+            _update(session, queued, {"enqueued_at": None})
             continue
         if job_id not in report.requeued:
             report.resent.append(job_id)
@@ -339,14 +307,11 @@ def _stale(before: datetime) -> sa.ColumnElement[bool]:
 
 
 def _owned(job_id: str, worker_id: str) -> sa.ColumnElement[bool]:
-    return sa.and_(
-        Job.id == job_id, Job.worker_id == worker_id, Job.status.in_(("running", "cancelling"))
-    )
+    return sa.and_(Job.id == job_id, Job.worker_id == worker_id, Job.status.in_(HELD_BY_WORKER))
 
 
 def _failed_values(code: str, message: str, now: datetime) -> dict[str, Any]:
     return {
-        "status": "failed",
         "error_code": code,
         "error_message": message[:4000],
         "finished_at": now,
@@ -354,16 +319,48 @@ def _failed_values(code: str, message: str, now: datetime) -> dict[str, Any]:
     }
 
 
-def cas(session: Session, job_id: str, statuses: Sequence[str], values: dict[str, Any]) -> bool:
-    return _update(session, [Job.id == job_id, Job.status.in_(statuses)], values)
+def _unassigned(now: datetime) -> dict[str, Any]:
+    """Back in the queue: no worker, no heartbeat, not sent yet (the caller or reconciler sends)."""
+    return {"worker_id": None, "heartbeat_at": None, "enqueued_at": None, "updated_at": now}
+
+
+def transition(
+    session: Session,
+    job_id: str,
+    sources: Iterable[JobStatus | str],
+    target: JobStatus,
+    values: Mapping[str, Any],
+    *conditions: sa.ColumnElement[bool],
+    commit: bool = True,
+) -> bool:
+    """Move job `job_id` from one of `sources` to `target` with one compare-and-set UPDATE.
+
+    Raises IllegalTransition (nothing written) unless service.job_states allows every
+    source -> target. Returns True when the row changed (False: another writer got there
+    first, or a condition did not hold). `commit=False` leaves the transaction open for the
+    caller (finish_succeeded adds the model row to it).
+    """
+    states = tuple(JobStatus(s) for s in sources)
+    check_transition(states, target)
+    where = [Job.id == job_id, Job.status.in_(states), *conditions]
+    return _execute(session, where, {**values, "status": target}, commit=commit)
 
 
 def _update(session: Session, where: Sequence[Any], values: dict[str, Any]) -> bool:
-    """One conditional UPDATE, committed; True when it changed the row."""
+    """A conditional UPDATE of anything but the status (that is `transition`'s), committed."""
+    if "status" in values:
+        raise ValueError("status changes go through transition(), which checks the table")
+    return _execute(session, where, values)
+
+
+def _execute(
+    session: Session, where: Sequence[Any], values: Mapping[str, Any], *, commit: bool = True
+) -> bool:
     result = session.execute(
         sa.update(Job).where(*where).values(**values).execution_options(synchronize_session=False)
     )
-    session.commit()
+    if commit:
+        session.commit()
     return _rowcount(result) == 1
 
 

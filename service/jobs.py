@@ -1,7 +1,7 @@
-"""The fine-tuning job state machine: plain functions used by the REST routes and the worker.
+"""Fine-tuning jobs, the REST side: planning, creating, reading, listing and cancelling.
 
 The database is the source of truth; the broker only carries "work on job X"
-(operations.md, "Long jobs on Celery + Redis"). So:
+(docs/operations.md, "Long jobs on Celery + Redis"). So:
 - a job row is committed before its message is sent, and a failed send leaves it queued for
   the reconciler to re-send;
 - a worker takes a job with a compare-and-set UPDATE (`claim`), so a duplicated or
@@ -9,16 +9,9 @@ The database is the source of truth; the broker only carries "work on job X"
   is fenced by its `worker_id` (a worker that lost the job cannot overwrite it);
 - attempts are counted here, not in the broker, so a job that kills its worker cannot loop.
 
-    queued --claim--> running --finish_succeeded--> succeeded
-      |                 |  |----finish_failed-----> failed
-      |<----release-----|  |   (orderly worker shutdown, after a checkpoint)
-      |                 |  '-request_cancel-> cancelling --finish_cancelled--> cancelled
-      '--request_cancel------------------------------------------------------> cancelled
-
-This module holds the REST side and planning; the worker-side transitions and the reconciler
-live in service.job_runs and are re-exported here, so `jobs.claim` and friends keep one name.
-It must stay importable by the worker: no FastAPI here (errors are `JobError`, which the
-router maps to the API's error shape).
+The states and the allowed transitions are in service.job_states; the worker-side transitions
+and the reconciler live in service.job_runs. No FastAPI here (the worker imports this module):
+errors are the kinds of service.errors, which the web layer maps to HTTP statuses.
 """
 
 from __future__ import annotations
@@ -38,32 +31,13 @@ from sqlalchemy.orm import Session
 from bitcore import hyperrule
 from bitcore.data.split import validation_count
 from bitcore.models import MODEL_SPECS
-from service.api_error import ApiError
-from service.ids import new_id, rfc3339, utcnow
-from service.job_runs import (
-    FINISHED_STATES,
-    SEND_GRACE_SECONDS,
-    Claim,
-    Reconciled,
-    Send,
-    cas,
-    claim,
-    finish_cancelled,
-    finish_failed,
-    finish_succeeded,
-    heartbeat,
-    reconcile,
-    record_progress,
-    release,
-)
-from service.tables import ACTIVE_JOB_STATES, JOB_STATES, Dataset, Job, tenant_is
+from service.errors import Conflict, InvalidRequest, NotFound
+from service.ids import new_id, utcnow
+from service.job_runs import Send, transition
+from service.job_states import JobStatus
+from service.tables import Dataset, Job, tenant_is
 
 log = logging.getLogger(__name__)
-
-
-class JobError(ApiError):
-    """A refusal the client can act on. An ApiError, so the gateway's handlers answer it in the
-    error shape as it is; this module still imports no web framework (the worker uses it)."""
 
 
 @dataclass(frozen=True)
@@ -98,18 +72,16 @@ def training_examples(counts: Sequence[int], validation_fraction: float) -> int:
 def plan_for_dataset(
     dataset: Dataset, base_model: str, validation_fraction: float, overrides: Mapping[str, Any]
 ) -> dict[str, Any]:
-    """The HyperRule plan (REST shape) for `dataset`; raises JobError naming a bad field."""
+    """The HyperRule plan (REST shape) for `dataset`; raises InvalidRequest naming a bad field."""
     spec = MODEL_SPECS.get(base_model)
     if spec is None:
-        raise JobError(
-            422,
+        raise InvalidRequest(
             "unknown_base_model",
             f"base_model: unknown base model {base_model!r}; GET /v1/base-models lists them",
             {"field": "base_model", "known": sorted(MODEL_SPECS)},
         )
     if not 0.0 <= validation_fraction < 1.0:
-        raise JobError(
-            422,
+        raise InvalidRequest(
             "invalid_request",
             f"validation_fraction must be in [0, 1), got {validation_fraction}",
             {"field": "validation_fraction"},
@@ -122,7 +94,7 @@ def plan_for_dataset(
     except hyperrule.PlanError as exc:
         from_overrides = exc.field in overrides or exc.field in hyperrule.OVERRIDABLE
         where = f"overrides.{exc.field}" if from_overrides else exc.field
-        raise JobError(422, "invalid_override", str(exc), {"field": where}) from None
+        raise InvalidRequest("invalid_override", str(exc), {"field": where}) from None
     body = plan.to_dict()
     # Unpublished registry variants have no checkpoint: they train from random init.
     body["source"]["from_scratch"] = not spec.published
@@ -155,11 +127,9 @@ def create_job(
 
     dataset = session.get(Dataset, request.dataset_id)
     if dataset is None or dataset.tenant_id != tenant_id:
-        raise JobError(404, "not_found", f"dataset {request.dataset_id!r} does not exist")
+        raise NotFound("dataset", request.dataset_id)
     if dataset.status != "ready":
-        raise JobError(
-            409, "dataset_not_ready", f"dataset {dataset.id} is {dataset.status}, not ready"
-        )
+        raise Conflict("dataset_not_ready", f"dataset {dataset.id} is {dataset.status}, not ready")
     plan = plan_for_dataset(
         dataset, request.base_model, request.validation_fraction, request.overrides
     )
@@ -170,7 +140,7 @@ def create_job(
         dataset_id=dataset.id,
         base_model=request.base_model,
         name=request.name,
-        status="queued",
+        status=JobStatus.QUEUED,
         plan=plan,
         validation_fraction=request.validation_fraction,
         seed=request.seed,
@@ -196,9 +166,7 @@ def create_job(
         if existing is not None:
             return _replay(existing, digest), False
         if session.get(Dataset, request.dataset_id, populate_existing=True) is None:
-            raise JobError(
-                404, "not_found", f"dataset {request.dataset_id!r} does not exist"
-            ) from None
+            raise NotFound("dataset", request.dataset_id) from None
         raise
     enqueue(session, job.id, send)
     return job, True
@@ -213,7 +181,7 @@ def enqueue(session: Session, job_id: str, send: Send, now: datetime | None = No
         return False
     session.execute(
         sa.update(Job)
-        .where(Job.id == job_id, Job.status == "queued")
+        .where(Job.id == job_id, Job.status == JobStatus.QUEUED)
         .values(enqueued_at=now or utcnow())
         .execution_options(synchronize_session=False)
     )
@@ -231,8 +199,7 @@ def _by_idempotency_key(session: Session, tenant_id: str | None, key: str) -> Jo
 
 def _replay(existing: Job, digest: str) -> Job:
     if existing.request_hash != digest:
-        raise JobError(
-            409,
+        raise Conflict(
             "idempotency_conflict",
             "this Idempotency-Key was already used with a different request body; "
             "use a new key for a new job",
@@ -241,107 +208,51 @@ def _replay(existing: Job, digest: str) -> Job:
     return existing
 
 
-def get_job(session: Session, job_id: str, tenant_id: str | None = None) -> Job:
-    """The tenant's job, or JobError 404 (others' jobs look exactly like missing ones)."""
+def get_job(session: Session, tenant_id: str | None, job_id: str) -> Job:
+    """The tenant's job; NotFound for unknown ids and other tenants' jobs alike."""
     job = session.get(Job, job_id, populate_existing=True)
     if job is None or job.tenant_id != tenant_id:
-        raise JobError(404, "not_found", f"job {job_id!r} does not exist")
+        raise NotFound("job", job_id)
     return job
 
 
-def list_query(tenant_id: str | None = None, status: str | None = None) -> sa.Select[Job]:
+def list_jobs(tenant_id: str | None, status: JobStatus | None = None) -> sa.Select[Job]:
     """The tenant's jobs, optionally of one status (paginate it with service.pagination)."""
     query = sa.select(Job).where(tenant_is(Job.tenant_id, tenant_id))
     if status is not None:
-        if status not in JOB_STATES:
-            raise JobError(
-                422,
-                "invalid_request",
-                f"status must be one of {', '.join(JOB_STATES)}, got {status!r}",
-                {"field": "status"},
-            )
-        query = query.where(Job.status == status)
+        query = query.where(Job.status == JobStatus(status))
     return query
 
 
 def request_cancel(
-    session: Session, job_id: str, tenant_id: str | None = None, now: datetime | None = None
+    session: Session, tenant_id: str | None, job_id: str, now: datetime | None = None
 ) -> Job:
     """queued -> cancelled now; running -> cancelling (the worker stops between steps)."""
     now = now or utcnow()
     for _ in range(5):  # each turn loses at most one race with a worker transition
-        job = get_job(session, job_id, tenant_id)
-        if job.status == "cancelling":
+        job = get_job(session, tenant_id, job_id)
+        if job.status == JobStatus.CANCELLING:
             return job
-        if job.status in FINISHED_STATES:
-            raise JobError(409, "job_finished", f"job {job_id} already {job.status}")
-        target = "cancelled" if job.status == "queued" else "cancelling"
-        values: dict[str, Any] = {"status": target, "cancel_requested": True, "updated_at": now}
-        if target == "cancelled":
+        if job.status.finished:
+            raise Conflict("job_finished", f"job {job_id} already {job.status}")
+        values: dict[str, Any] = {"cancel_requested": True, "updated_at": now}
+        if job.status == JobStatus.QUEUED:
+            target = JobStatus.CANCELLED
             values["finished_at"] = now
-        if cas(session, job_id, (job.status,), values):
-            return get_job(session, job_id, tenant_id)
-    raise JobError(409, "conflict", f"job {job_id} changed state repeatedly; try again")
-
-
-def to_public(job: Job) -> dict[str, Any]:
-    """The REST shape of a job (api.md, GET /v1/jobs/{id})."""
-    progress = {
-        "step": 0,
-        "total_steps": int(job.plan.get("total_steps", 0)),
-        "loss": None,
-        "lr": None,
-        "images_per_second": None,
-        "eta_seconds": None,
-        "phase": None,
-    }
-    progress.update(job.progress or {})
-    error = None
-    if job.error_code:
-        error = {"code": job.error_code, "message": job.error_message or ""}
-    return {
-        "id": job.id,
-        "name": job.name,
-        "status": job.status,
-        "dataset_id": job.dataset_id,
-        "base_model": job.base_model,
-        "validation_fraction": job.validation_fraction,
-        "seed": job.seed,
-        "overrides": job.overrides or {},
-        "plan": job.plan,
-        "progress": progress,
-        "attempts": job.attempts,
-        "error": error,
-        "model_id": job.model_id,
-        "metrics": job.metrics,
-        "created_at": rfc3339(job.created_at),
-        "started_at": rfc3339(job.started_at),
-        "finished_at": rfc3339(job.finished_at),
-    }
+        else:
+            target = JobStatus.CANCELLING
+        if transition(session, job_id, (job.status,), target, values):
+            return get_job(session, tenant_id, job_id)
+    raise Conflict("conflict", f"job {job_id} changed state repeatedly; try again")
 
 
 __all__ = [
-    "ACTIVE_JOB_STATES",
-    "FINISHED_STATES",
-    "SEND_GRACE_SECONDS",
-    "Claim",
-    "JobError",
     "JobRequest",
-    "Reconciled",
-    "claim",
     "create_job",
     "enqueue",
-    "finish_cancelled",
-    "finish_failed",
-    "finish_succeeded",
     "get_job",
-    "heartbeat",
-    "list_query",
+    "list_jobs",
     "plan_for_dataset",
-    "reconcile",
-    "record_progress",
-    "release",
     "request_cancel",
-    "to_public",
     "training_examples",
 ]

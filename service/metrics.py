@@ -21,7 +21,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.db import Database
 from service.ids import utcnow
-from service.tables import JOB_STATES, Job
+from service.job_states import HELD_BY_WORKER, JobStatus
+from service.tables import Job
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ class JobsCollector(Collector):
                 )
                 beats = session.execute(
                     sa.select(Job.worker_id, sa.func.max(Job.heartbeat_at))
-                    .where(Job.status.in_(("running", "cancelling")), Job.heartbeat_at.is_not(None))
+                    .where(Job.status.in_(HELD_BY_WORKER), Job.heartbeat_at.is_not(None))
                     .group_by(Job.worker_id)
                 ).all()
         except Exception:  # a scrape must not fail because the database is down
@@ -107,8 +108,8 @@ class JobsCollector(Collector):
             yield up
             return
         up.add_metric([], 1)
-        for state in JOB_STATES:
-            jobs.add_metric([state], counts.get(state, 0))
+        for state in JobStatus:
+            jobs.add_metric([state.value], counts.get(state, 0))
         now = utcnow()
         for worker, beat in beats:
             if beat is None:

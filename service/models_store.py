@@ -3,14 +3,15 @@
 Plain functions over a SQLAlchemy session and the Storage: the router maps HTTP to them, and
 tests and benchmarks call them directly (a job's model row is written by
 service.job_runs.finish_succeeded, in the transaction that marks the job succeeded). Every query
-filters by tenant (None until API keys are configured), so another tenant's id is "not found".
+filters by tenant (None until API keys are configured), so another tenant's id is NotFound,
+exactly like an unknown one.
 """
 
 from __future__ import annotations
 
 import io
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -24,11 +25,11 @@ from bitcore.artifacts import (
     METADATA_FILE,
     WEIGHTS_FILE,
     ArtifactMetadata,
-    load_metadata,
 )
-from service.ids import new_id, rfc3339, utcnow
+from service.errors import Gone, NotFound
+from service.ids import new_id
 from service.storage import Storage
-from service.tables import Model, tenant_is
+from service.tables import Job, Model, tenant_is
 
 ARTIFACT_FILES = (WEIGHTS_FILE, METADATA_FILE)
 ZIP_CHUNK_BYTES = 1 << 20
@@ -38,42 +39,32 @@ def new_model_id() -> str:
     return new_id("mdl")
 
 
-def register_model(
-    session: Session,
-    storage: Storage,
+def model_row(
+    job: Job,
     model_id: str,
     *,
-    base_model: str,
-    job_id: str | None = None,
-    tenant_id: str | None = None,
-    name: str | None = None,
-    metrics: dict[str, Any] | None = None,
-    created_at: datetime | None = None,
+    storage_key: str,
+    classes: Sequence[str],
+    input_spec: dict[str, Any],
+    metrics: dict[str, Any],
+    created_at: datetime,
 ) -> Model:
-    """Add the row for an artifact already written to `storage.model_dir(model_id)`.
-
-    Classes, plan, input size and (unless given) metrics are read from the artifact's
-    metadata.json, so the row always describes the weights that are actually served.
-    The caller commits.
-    """
-    directory = storage.model_dir(model_id)
-    meta = load_metadata(directory)
-    row = Model(
+    """The row describing the model job `job` produced (its artifact already written at
+    `storage_key`). service.job_runs.finish_succeeded adds it in the transaction that marks the
+    job succeeded: the one place a model row is written."""
+    return Model(
         id=model_id,
-        tenant_id=tenant_id,
-        job_id=job_id,
-        base_model=base_model,
-        name=name,
-        classes=list(meta.classes),
-        plan=dict(meta.plan),
-        metrics=dict(metrics if metrics is not None else meta.metrics),
-        input=input_spec(meta),
-        storage_key=storage.key(directory),
-        created_at=created_at or utcnow(),
+        tenant_id=job.tenant_id,
+        job_id=job.id,
+        base_model=job.base_model,
+        name=job.name,
+        classes=list(classes),
+        plan=job.plan,
+        metrics=metrics,
+        input=input_spec,
+        storage_key=storage_key,
+        created_at=created_at,
     )
-    session.add(row)
-    session.flush()
-    return row
 
 
 def input_spec(meta: ArtifactMetadata) -> dict[str, Any]:
@@ -81,58 +72,40 @@ def input_spec(meta: ArtifactMetadata) -> dict[str, Any]:
     return {"crop": meta.crop, "mean": list(INPUT_MEAN), "std": list(INPUT_STD)}
 
 
-def get_model(session: Session, tenant_id: str | None, model_id: str) -> Model | None:
-    """The tenant's model, or None (unknown and not-yours look the same)."""
+def get_model(session: Session, tenant_id: str | None, model_id: str) -> Model:
+    """The tenant's model; NotFound for unknown ids and other tenants' models alike."""
     row = session.get(Model, model_id)
     if row is None or row.tenant_id != tenant_id:
-        return None
+        raise NotFound("model", model_id)
     return row
 
 
-def list_models_query(tenant_id: str | None) -> sa.Select[Model]:
+def list_models(tenant_id: str | None) -> sa.Select[Model]:
     """The tenant's models, for service.pagination.paginate (newest first)."""
     return sa.select(Model).where(tenant_is(Model.tenant_id, tenant_id))
 
 
-def delete_model(session: Session, storage: Storage, tenant_id: str | None, model_id: str) -> bool:
+def delete_model(session: Session, storage: Storage, tenant_id: str | None, model_id: str) -> None:
     """Delete the row (committed first, so nobody finds it any more), then the artifact files.
 
-    Returns False when the tenant has no such model.
+    Raises NotFound when the tenant has no such model.
     """
     row = get_model(session, tenant_id, model_id)
-    if row is None:
-        return False
     session.delete(row)
     session.commit()
     storage.remove(storage.model_dir(model_id))
-    return True
-
-
-def model_to_api(row: Model) -> dict[str, Any]:
-    """The API shape of a model (api.md "Models")."""
-    metrics = dict(row.metrics or {})
-    for key, empty in (("accuracy", None), ("per_class", []), ("confusion_matrix", [])):
-        metrics.setdefault(key, empty)
-    return {
-        "id": row.id,
-        "name": row.name,
-        "job_id": row.job_id,
-        "base_model": row.base_model,
-        "classes": list(row.classes),
-        "plan": row.plan,
-        "metrics": metrics,
-        "input": row.input,
-        "created_at": rfc3339(row.created_at),
-    }
 
 
 def artifact_files(storage: Storage, model_id: str) -> list[Path]:
-    """The files of the model's artifact; FileNotFoundError if any is missing."""
+    """The files of the model's artifact; Gone if any is missing (the row outlived them)."""
     directory = storage.model_dir(model_id)
     files = [directory / name for name in ARTIFACT_FILES]
     for path in files:
         if not path.is_file():
-            raise FileNotFoundError(f"{path.name} of model {model_id} is missing")
+            raise Gone(
+                "artifact_missing",
+                f"{path.name} of model {model_id} is missing; the model cannot be downloaded",
+            )
     return files
 
 

@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from fastapi import Query
 from sqlalchemy.orm import Session
 
-from service.errors import ApiError
+from service.errors import MalformedRequest
 
 T = TypeVar("T")
 DEFAULT_LIMIT = 20
@@ -39,8 +39,8 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
         created, object_id = json.loads(raw)
         return datetime.fromisoformat(created), str(object_id)
     except (binascii.Error, ValueError, TypeError, UnicodeDecodeError):
-        raise ApiError(
-            400, "invalid_cursor", "cursor is not one this API returned; start again without it"
+        raise MalformedRequest(
+            "invalid_cursor", "cursor is not one this API returned; start again without it"
         ) from None
 
 

@@ -14,10 +14,7 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, InstrumentedAttribute, Mapped, mapped_column
 
 from service.ids import utcnow
-
-JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelling", "cancelled")
-ACTIVE_JOB_STATES = ("queued", "running", "cancelling")
-DATASET_STATES = ("ready", "deleting")
+from service.job_states import JobStatus
 
 
 def tenant_is(
@@ -48,6 +45,20 @@ class UTCDateTime(sa.TypeDecorator[datetime]):
         if value is None:
             return None
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class JobStatusType(sa.TypeDecorator[JobStatus]):
+    """A job's status: VARCHAR(16) in the database, a JobStatus in Python. Writing a string
+    that is no JobStatus fails before it reaches the database."""
+
+    impl = sa.String(16)
+    cache_ok = True
+
+    def process_bind_param(self, value: JobStatus | str | None, dialect: Dialect) -> str | None:
+        return None if value is None else JobStatus(value).value
+
+    def process_result_value(self, value: str | None, dialect: Dialect) -> JobStatus | None:
+        return None if value is None else JobStatus(value)
 
 
 class Base(DeclarativeBase):
@@ -99,7 +110,7 @@ class Job(Base):
     )
     base_model: Mapped[str] = mapped_column(sa.String(64))
     name: Mapped[str | None] = mapped_column(sa.String(200))
-    status: Mapped[str] = mapped_column(sa.String(16), default="queued")
+    status: Mapped[JobStatus] = mapped_column(JobStatusType(), default=JobStatus.QUEUED)
     plan: Mapped[dict[str, Any]]
     validation_fraction: Mapped[float] = mapped_column(sa.Float, default=0.1)
     seed: Mapped[int] = mapped_column(default=0)

@@ -1,8 +1,9 @@
 """Receive a multipart upload straight to a temp file, with the byte cap enforced as it streams.
 
 Starlette's `request.form()` spools file parts without a size limit, so the body is parsed
-here with python-multipart's streaming parser: each chunk is counted before it is written,
-chunked bodies (no Content-Length) included, and nothing is held whole in memory. The temp
+here with python-multipart's streaming parser over service.request_bodies.capped_stream: each
+chunk is counted before it is written, chunked bodies (no Content-Length) included, and
+nothing is held whole in memory. The temp
 file is removed when the `async with` block ends, whatever happened (errors, client
 disconnects), so the caller only has to consume it inside the block.
 """
@@ -19,9 +20,10 @@ from typing import IO
 
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 
-from service.errors import ApiError
+from service.errors import InvalidRequest, MalformedRequest, TooLarge, UnsupportedMedia
+from service.request_bodies import capped_stream
 
 MAX_FIELD_BYTES = 4096  # plain form fields (name, ...): small by nature
 
@@ -32,15 +34,6 @@ class Upload:
     filename: str | None  # as the client named it: informative only, never a path we use
     size: int  # bytes of the file part
     fields: dict[str, str] = field(default_factory=dict)
-
-
-def too_large(limit: int) -> ApiError:
-    return ApiError(
-        413,
-        "payload_too_large",
-        f"the upload is larger than the limit of {limit} bytes",
-        {"limit_bytes": limit},
-    )
 
 
 class _FormWriter:
@@ -90,11 +83,11 @@ class _FormWriter:
     def _headers_finished(self) -> None:
         disposition, options = parse_options_header(self._headers.get(b"content-disposition"))
         if disposition != b"form-data" or b"name" not in options:
-            raise ApiError(400, "malformed_request", "a multipart part lacks its form-data name")
+            raise MalformedRequest("malformed_request", "a multipart part lacks its form-data name")
         name = options[b"name"].decode("utf-8", "replace")
         if name == self.file_field:
             if self.file_seen:
-                raise ApiError(400, "malformed_request", f"more than one {name!r} part")
+                raise MalformedRequest("malformed_request", f"more than one {name!r} part")
             self.file_seen = True
             self._target = "file"
             if b"filename" in options:
@@ -111,9 +104,7 @@ class _FormWriter:
         elif self._target is not None:
             self._buffer += data[start:end]
             if len(self._buffer) > MAX_FIELD_BYTES:
-                raise ApiError(
-                    413, "payload_too_large", f"form field {self._target!r} is over 4 KiB"
-                )
+                raise TooLarge("payload_too_large", f"form field {self._target!r} is over 4 KiB")
 
     def _end(self) -> None:
         self.complete = True
@@ -127,22 +118,11 @@ class _FormWriter:
 def _boundary(request: Request) -> bytes:
     content_type, options = parse_options_header(request.headers.get("content-type"))
     if content_type != b"multipart/form-data" or not options.get(b"boundary"):
-        raise ApiError(
-            415,
+        raise UnsupportedMedia(
             "unsupported_media_type",
             "send the archive as multipart/form-data with a `file` part",
         )
     return options[b"boundary"]
-
-
-def _declared_length(request: Request, limit: int) -> None:
-    declared = request.headers.get("content-length")
-    if declared is None:
-        return
-    if not declared.isdigit():
-        raise ApiError(400, "malformed_request", "Content-Length is not a number")
-    if int(declared) > limit:
-        raise too_large(limit)  # refused before a byte of the body is read
 
 
 @asynccontextmanager
@@ -151,36 +131,29 @@ async def receive_upload(
 ) -> AsyncIterator[Upload]:
     """Stream the multipart body of `request`; yield the file part as a temp file.
 
-    Raises ApiError: 415 (not multipart), 413 payload_too_large (Content-Length or the
-    streamed bytes over `max_bytes`), 400 malformed_request, 422 missing file part.
+    Raises UnsupportedMedia (not multipart), TooLarge payload_too_large (Content-Length or
+    the streamed bytes over `max_bytes`), MalformedRequest, InvalidRequest (no file part).
     """
     boundary = _boundary(request)
-    _declared_length(request, max_bytes)
+    body = capped_stream(request, max_bytes)
     fd, name = tempfile.mkstemp(prefix="upload-", suffix=".part", dir=tmp_dir)
     path = Path(name)
     try:
         with os.fdopen(fd, "wb") as sink:
             writer = _FormWriter(sink, file_field)
             parser = MultipartParser(boundary, writer.callbacks())  # type: ignore[arg-type]
-            received = 0
             try:
-                async for chunk in request.stream():
-                    received += len(chunk)
-                    if received > max_bytes:
-                        raise too_large(max_bytes)
+                async for chunk in body:
                     parser.write(chunk)
                 parser.finalize()
             except MultipartParseError as exc:
-                raise ApiError(400, "malformed_request", f"bad multipart body: {exc}") from None
-            except ClientDisconnect:
-                raise ApiError(400, "client_disconnected", "the client went away") from None
+                raise MalformedRequest("malformed_request", f"bad multipart body: {exc}") from None
         if not writer.complete:
-            raise ApiError(
-                400, "malformed_request", "the multipart body ended before its closing boundary"
+            raise MalformedRequest(
+                "malformed_request", "the multipart body ended before its closing boundary"
             )
         if not writer.file_seen:
-            raise ApiError(
-                422,
+            raise InvalidRequest(
                 "invalid_request",
                 f"the form has no {file_field!r} part",
                 {"field": file_field},

@@ -6,7 +6,7 @@ its own jobs first), and the gateway stays free of broker-repair duties. Several
 run it at once: every repair in service.job_runs.reconcile is a compare-and-set, and a duplicate
 message is refused by the worker's claim.
 
-What it repairs (operations.md, "Long jobs on Celery + Redis"): queued jobs whose message was
+What it repairs (docs/operations.md, "Long jobs on Celery + Redis"): queued jobs whose message was
 lost (Redis restarted without persistence, a send that failed), running jobs whose worker
 stopped beating (re-queued, or failed as "worker_lost" after `job_max_attempts`), and jobs
 left "cancelling" by a dead worker (cancelled). Work dirs of jobs it ends are removed.
@@ -18,7 +18,7 @@ import logging
 import threading
 from datetime import datetime
 
-from service import jobs
+from service import job_runs
 from service.broker import Broker
 from service.db import Database
 from service.settings import Settings
@@ -36,10 +36,10 @@ def reconcile_once(
     broker: Broker,
     storage: Storage | None = None,
     now: datetime | None = None,
-) -> jobs.Reconciled:
+) -> job_runs.Reconciled:
     """One pass; removes the work dirs of the jobs it ended."""
     with db.sessionmaker() as session:
-        report = jobs.reconcile(session, settings, broker.send_finetune, now=now)
+        report = job_runs.reconcile(session, settings, broker.send_finetune, now=now)
     if report:
         log.warning(
             "reconciled jobs: resent %s, requeued %s, failed %s, cancelled %s",

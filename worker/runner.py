@@ -1,8 +1,8 @@
 """Run one fine-tuning job: claim it, make sure the base checkpoint is here, train, record.
 
-Every database write goes through service.jobs, fenced by this attempt's `worker_id`. While
+Every database write goes through service.job_runs, fenced by this attempt's `worker_id`. While
 the job runs a heartbeat thread keeps `heartbeat_at` fresh and watches for a cancel request;
-training polls that flag between steps (cooperative cancel, operations.md) and checkpoints
+training polls that flag between steps (cooperative cancel, docs/operations.md) and checkpoints
 into the job's work dir, so a redelivered or reclaimed job resumes where it stopped.
 """
 
@@ -17,8 +17,8 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 from bitcore import catalog
 from bitcore.artifacts import load_metadata
@@ -26,7 +26,7 @@ from bitcore.data.index import DatasetIndex
 from bitcore.hyperrule import Plan
 from bitcore.models import MODEL_SPECS
 from bitcore.train import Progress, TrainCallbacks, TrainingCancelled, finetune
-from service import jobs, models_store
+from service import job_runs, jobs, models_store
 from service.broker import Broker
 from service.db import Database
 from service.settings import Settings
@@ -80,7 +80,7 @@ def run_job(
     storage = storage or Storage(settings.artifact_root)
     worker_id = new_worker_id()
     with db.sessionmaker() as session:
-        claim = jobs.claim(session, job_id, worker_id, settings)
+        claim = job_runs.claim(session, job_id, worker_id, settings)
     if not claim.claimed or claim.job is None:
         log.info("job %s not claimed: %s", job_id, claim.reason)
         return claim.reason
@@ -154,10 +154,12 @@ class JobRun:
             num_workers=0 if _daemonic() else None,
         )
         meta = load_metadata(self.out_dir)
-        final = dict(self.progress.latest or {})
-        final.update(step=result.steps, total_steps=plan.total_steps, phase="done", eta_seconds=0)
+        last = self.progress.latest or Progress(step=0, total_steps=plan.total_steps)
+        final = replace(
+            last, step=result.steps, total_steps=plan.total_steps, phase="done", eta_seconds=0
+        )
         with self.db.sessionmaker() as session:
-            model = jobs.finish_succeeded(
+            model = job_runs.finish_succeeded(
                 session,
                 self.job.id,
                 self.worker_id,
@@ -166,7 +168,7 @@ class JobRun:
                 classes=list(meta.classes),
                 input_spec=models_store.input_spec(meta),
                 metrics=result.metrics,
-                progress=final,
+                progress=final.to_dict(),
             )
         if model is None:  # cancel requested after the last step, or the job was taken over
             self.storage.remove(self.out_dir)
@@ -197,17 +199,13 @@ class JobRun:
 
         def report(done: int, total: int | None) -> None:
             self.progress(
-                {
-                    "step": 0,
-                    "total_steps": total_steps,
-                    "loss": None,
-                    "lr": None,
-                    "images_per_second": None,
-                    "eta_seconds": None,
-                    "phase": "downloading",
-                    "downloaded_bytes": done,
-                    "total_bytes": total,
-                }
+                Progress(
+                    step=0,
+                    total_steps=total_steps,
+                    phase="downloading",
+                    downloaded_bytes=done,
+                    total_bytes=total,
+                )
             )
             if self.cancel.is_set() or self.shutdown.is_set():
                 raise TrainingCancelled(0)
@@ -234,7 +232,7 @@ class JobRun:
         if self.lost.is_set():
             return self._not_ours()
         with self.db.sessionmaker() as session:
-            ended = jobs.finish_cancelled(session, self.job.id, self.worker_id)
+            ended = job_runs.finish_cancelled(session, self.job.id, self.worker_id)
         if not ended:
             return self._not_ours()
         self.storage.remove(self.work_dir)
@@ -245,7 +243,7 @@ class JobRun:
         """Back to the queue (attempt not counted) and sent again; the next worker resumes
         from the checkpoint in the job's work dir."""
         with self.db.sessionmaker() as session:
-            if not jobs.release(session, self.job.id, self.worker_id):
+            if not job_runs.release(session, self.job.id, self.worker_id):
                 return self._cancelled()  # cancel requested meanwhile, or no longer ours
             broker = Broker(self.settings)
             try:
@@ -260,7 +258,7 @@ class JobRun:
         if self.lost.is_set():
             return "lost"
         with self.db.sessionmaker() as session:
-            ended = jobs.finish_failed(session, self.job.id, self.worker_id, code, message)
+            ended = job_runs.finish_failed(session, self.job.id, self.worker_id, code, message)
         if not ended:
             return self._not_ours()
         self.storage.remove(self.work_dir)
@@ -274,10 +272,12 @@ class JobRun:
         log.warning("job %s is no longer this worker's (%s); stopped", self.job.id, self.worker_id)
         return "lost"
 
-    def _write_progress(self, progress: dict[str, Any]) -> None:
+    def _write_progress(self, progress: Progress) -> None:
         try:
             with self.db.sessionmaker() as session:
-                ours = jobs.record_progress(session, self.job.id, self.worker_id, progress)
+                ours = job_runs.record_progress(
+                    session, self.job.id, self.worker_id, progress.to_dict()
+                )
         except Exception as exc:  # a database blip must not kill hours of training
             log.warning("progress write for job %s failed: %s", self.job.id, exc)
             return
@@ -304,7 +304,7 @@ class JobRun:
         while not stop.wait(interval):
             try:
                 with self.db.sessionmaker() as session:
-                    state = jobs.heartbeat(session, self.job.id, self.worker_id)
+                    state = job_runs.heartbeat(session, self.job.id, self.worker_id)
             except Exception as exc:  # a database blip must not kill the job; retry next beat
                 log.warning("heartbeat for job %s failed: %s", self.job.id, exc)
                 continue
@@ -319,7 +319,7 @@ class _Callbacks(TrainCallbacks):
         self.run = run
 
     def on_progress(self, progress: Progress) -> None:
-        self.run.progress(progress.to_dict())
+        self.run.progress(progress)
 
     def should_cancel(self) -> bool:
         return self.run.cancel.is_set() or self.run.shutdown.is_set()
@@ -331,20 +331,20 @@ class Throttled:
 
     def __init__(
         self,
-        write: Callable[[dict[str, Any]], None],
+        write: Callable[[Progress], None],
         interval: float,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.write, self.interval, self.clock = write, interval, clock
-        self.latest: dict[str, Any] | None = None
+        self.latest: Progress | None = None
         self._last_write = -float("inf")
 
-    def __call__(self, progress: dict[str, Any]) -> None:
+    def __call__(self, progress: Progress) -> None:
         previous, self.latest = self.latest, progress
         now = self.clock()
         due = now - self._last_write >= self.interval
-        phase_changed = previous is None or previous.get("phase") != progress.get("phase")
-        last_step = progress.get("step") == progress.get("total_steps")
+        phase_changed = previous is None or previous.phase != progress.phase
+        last_step = progress.step == progress.total_steps
         if due or phase_changed or last_step:
             self._last_write = now
             self.write(progress)

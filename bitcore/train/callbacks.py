@@ -5,22 +5,27 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-Phase = Literal["preparing", "training", "evaluating"]
+# A job's phases in order. Training reports preparing/training/evaluating; a service that runs
+# the training adds "downloading" (the base checkpoint, before training) and "done".
+Phase = Literal["downloading", "preparing", "training", "evaluating", "done"]
 
 
 @dataclass(frozen=True)
 class Progress:
-    """One report. `step` counts completed optimizer steps (0..total_steps); `lr` is the rate
-    the step just taken used, i.e. learning_rate(plan, step - 1). `loss` is None until the
-    first step has run (JSON has no NaN)."""
+    """A fine-tuning job's progress. `step` counts completed optimizer steps
+    (0..total_steps); `lr` is the rate the last step used. `loss` is null until the first step
+    has run (JSON has no NaN). `downloaded_bytes` / `total_bytes` are set while the base
+    checkpoint downloads (phase "downloading"; total unknown: null)."""
 
     step: int
     total_steps: int
-    loss: float | None
-    lr: float
-    images_per_second: float
-    eta_seconds: float | None
-    phase: Phase
+    loss: float | None = None
+    lr: float | None = None
+    images_per_second: float | None = None
+    eta_seconds: float | None = None
+    phase: Phase | None = None
+    downloaded_bytes: int | None = None
+    total_bytes: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
@@ -10,8 +10,10 @@ from starlette.concurrency import run_in_threadpool
 from service import datasets
 from service.archives import detect_kind
 from service.deps import DbDep, SessionDep, SettingsDep, StorageDep, TenantDep
-from service.errors import ApiError
-from service.pagination import DEFAULT_LIMIT, CursorQuery, LimitQuery
+from service.errors import UnsupportedMedia
+from service.http_errors import error_responses
+from service.pagination import DEFAULT_LIMIT, CursorQuery, LimitQuery, paginate
+from service.schemas import DatasetPlan, DatasetPublic, Page, Plan
 from service.uploads import receive_upload
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
@@ -35,17 +37,22 @@ UPLOAD_DOC = {
 }
 
 
-@router.post("", status_code=201, openapi_extra=UPLOAD_DOC)
+@router.post(
+    "",
+    status_code=201,
+    openapi_extra=UPLOAD_DOC,
+    response_model=DatasetPublic,
+    responses=error_responses(400, 413, 415, 422),
+)
 async def upload_dataset(
     request: Request, settings: SettingsDep, db: DbDep, storage: StorageDep, tenant: TenantDep
-) -> dict[str, Any]:
+) -> DatasetPublic:
     """A .zip or .tar.gz of `<class>/<image>` folders (the body is parsed as it streams)."""
     tmp = await run_in_threadpool(storage.upload_tmp)
     async with receive_upload(request, tmp, max_bytes=settings.max_upload_bytes) as upload:
         kind = await run_in_threadpool(detect_kind, upload.path)
         if kind is None:
-            raise ApiError(
-                415,
+            raise UnsupportedMedia(
                 "unsupported_media_type",
                 "the file is not a .zip or .tar.gz archive (judged by its content)",
             )
@@ -61,32 +68,32 @@ async def upload_dataset(
             size=upload.size,
             tenant_id=tenant,
         )
-    return datasets.dataset_body(row)
+    return DatasetPublic.from_row(row)
 
 
-@router.get("")
+@router.get("", response_model=Page[DatasetPublic], responses=error_responses(400, 422))
 def list_datasets(
     session: SessionDep,
     tenant: TenantDep,
     limit: LimitQuery = DEFAULT_LIMIT,
     cursor: CursorQuery = None,
-) -> dict[str, Any]:
-    rows, next_cursor = datasets.list_datasets(session, tenant, limit, cursor)
-    return {"items": [datasets.dataset_body(r) for r in rows], "next_cursor": next_cursor}
+) -> Page[DatasetPublic]:
+    rows, next_cursor = paginate(session, datasets.list_datasets(tenant), limit, cursor)
+    return Page(items=[DatasetPublic.from_row(r) for r in rows], next_cursor=next_cursor)
 
 
-@router.get("/{dataset_id}")
-def get_dataset(dataset_id: str, session: SessionDep, tenant: TenantDep) -> dict[str, Any]:
-    return datasets.dataset_body(datasets.get_dataset(session, tenant, dataset_id))
+@router.get("/{dataset_id}", response_model=DatasetPublic, responses=error_responses(404))
+def get_dataset(dataset_id: str, session: SessionDep, tenant: TenantDep) -> DatasetPublic:
+    return DatasetPublic.from_row(datasets.get_dataset(session, tenant, dataset_id))
 
 
-@router.delete("/{dataset_id}", status_code=204)
+@router.delete("/{dataset_id}", status_code=204, responses=error_responses(404, 409))
 def delete_dataset(dataset_id: str, db: DbDep, storage: StorageDep, tenant: TenantDep) -> Response:
     datasets.delete_dataset(db, storage, tenant, dataset_id)
     return Response(status_code=204)
 
 
-@router.get("/{dataset_id}/plan")
+@router.get("/{dataset_id}/plan", response_model=DatasetPlan, responses=error_responses(404, 422))
 def dataset_plan(
     dataset_id: str,
     session: SessionDep,
@@ -101,7 +108,7 @@ def dataset_plan(
     crop: Annotated[int | None, Query(ge=1)] = None,
     precrop: Annotated[int | None, Query(ge=1)] = None,
     mixup_alpha: Annotated[float | None, Query(ge=0)] = None,
-) -> dict[str, Any]:
+) -> DatasetPlan:
     row = datasets.get_dataset(session, tenant, dataset_id)
     overrides = {
         "steps": steps,
@@ -113,4 +120,11 @@ def dataset_plan(
         "precrop": precrop,
         "mixup_alpha": mixup_alpha,
     }
-    return datasets.plan_estimate(row, base_model, validation_fraction, overrides)
+    plan, estimate = datasets.plan_estimate(row, base_model, validation_fraction, overrides)
+    return DatasetPlan(
+        dataset_id=row.id,
+        base_model=base_model,
+        validation_fraction=validation_fraction,
+        plan=Plan.model_validate(plan),
+        estimate=estimate,
+    )

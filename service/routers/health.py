@@ -10,7 +10,8 @@ import sqlalchemy as sa
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.errors import error_response
+from service.http_errors import error_response, error_responses
+from service.schemas import Health, Ready
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -53,12 +54,17 @@ def readiness_checks(request: Request) -> dict[str, Callable[[], None]]:
     }
 
 
-@router.get("/healthz")
-def healthz() -> dict[str, str]:
-    return {"status": "ok"}
+@router.get("/healthz", response_model=Health)
+def healthz() -> Health:
+    return Health(status="ok")
 
 
-@router.get("/readyz")
+@router.get(
+    "/readyz",
+    response_model=Ready,
+    responses=error_responses(503),
+    response_class=Response,
+)
 async def readyz(request: Request) -> Response:
     failing: dict[str, str] = {}
     for name, check in readiness_checks(request).items():

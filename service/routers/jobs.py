@@ -1,32 +1,45 @@
 """/v1/jobs: create, read, list, cancel and follow (Server-Sent Events) fine-tuning jobs.
 
-Thin: parse, call service.jobs (its JobError is an ApiError). Database work runs in
-the thread pool (sync SQLAlchemy), never on the event loop.
+Thin: parse, call service.jobs, answer a service.schemas model. Database work runs in the
+thread pool (sync SQLAlchemy), never on the event loop.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Callable
+from dataclasses import asdict
 from typing import Annotated, Any, TypeVar
 
 import anyio
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy.orm import Session
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 
 from service import jobs
 from service.db import Database
 from service.deps import BrokerDep, DbDep, SessionDep, TenantDep
+from service.http_errors import error_responses
+from service.job_states import JobStatus
 from service.pagination import DEFAULT_LIMIT, CursorQuery, LimitQuery, paginate
+from service.schemas import JobPublic, Page
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 T = TypeVar("T")
 
 EVENTS_POLL_SECONDS = 0.5
+EVENTS_DOC: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": (
+            "Server-Sent Events until the job ends: `status` (data: a JobPublic) first and on "
+            "every state change, `progress` (data: the job's Progress plus its `id`) when it "
+            "changes, and a final `done` (data: the finished JobPublic)."
+        ),
+        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    }
+}
 
 
 class JobCreate(BaseModel):
@@ -45,11 +58,20 @@ class JobCreate(BaseModel):
 
 
 async def _call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    # Database work off the event loop; a JobError is an ApiError and answers as it is.
+    # Database work off the event loop; a service.errors error answers as it is.
     return await run_in_threadpool(fn, *args, **kwargs)
 
 
-@router.post("", status_code=202, summary="Start a fine-tuning job")
+@router.post(
+    "",
+    status_code=202,
+    summary="Start a fine-tuning job",
+    response_model=JobPublic,
+    responses={
+        200: {"model": JobPublic, "description": "A replay: this Idempotency-Key's job"},
+        **error_responses(404, 409, 422),
+    },
+)
 async def create_job(
     body: JobCreate,
     session: SessionDep,
@@ -66,73 +88,91 @@ async def create_job(
         tenant_id=tenant,
         idempotency_key=idempotency_key,
     )
-    return JSONResponse(jobs.to_public(job), status_code=202 if created else 200)
+    public = JobPublic.from_row(job).model_dump(mode="json")
+    return JSONResponse(public, status_code=202 if created else 200)
 
 
-@router.get("", summary="List jobs, newest first")
+@router.get(
+    "",
+    summary="List jobs, newest first",
+    response_model=Page[JobPublic],
+    responses=error_responses(400, 422),
+)
 async def list_jobs(
     session: SessionDep,
     tenant: TenantDep,
-    status: Annotated[str | None, Query(description="only jobs in this state")] = None,
+    status: Annotated[JobStatus | None, Query(description="only jobs in this state")] = None,
     limit: LimitQuery = DEFAULT_LIMIT,
     cursor: CursorQuery = None,
-) -> dict[str, Any]:
-    def page() -> tuple[list[Any], str | None]:
-        return paginate(session, jobs.list_query(tenant, status), limit, cursor)
-
-    items, next_cursor = await _call(page)
-    return {"items": [jobs.to_public(j) for j in items], "next_cursor": next_cursor}
-
-
-@router.get("/{job_id}", summary="A job: status, plan, progress, result")
-async def get_job(job_id: str, session: SessionDep, tenant: TenantDep) -> dict[str, Any]:
-    job = await _call(jobs.get_job, session, job_id, tenant)
-    return jobs.to_public(job)
+) -> Page[JobPublic]:
+    items, next_cursor = await _call(
+        paginate, session, jobs.list_jobs(tenant, status), limit, cursor
+    )
+    return Page(items=[JobPublic.from_row(j) for j in items], next_cursor=next_cursor)
 
 
-@router.post("/{job_id}/cancel", status_code=202, summary="Cancel a job")
-async def cancel_job(job_id: str, session: SessionDep, tenant: TenantDep) -> dict[str, Any]:
-    job = await _call(jobs.request_cancel, session, job_id, tenant)
-    return jobs.to_public(job)
+@router.get(
+    "/{job_id}",
+    summary="A job: status, plan, progress, result",
+    response_model=JobPublic,
+    responses=error_responses(404),
+)
+async def get_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobPublic:
+    return JobPublic.from_row(await _call(jobs.get_job, session, tenant, job_id))
 
 
-@router.get("/{job_id}/events", summary="Follow a job (Server-Sent Events)")
+@router.post(
+    "/{job_id}/cancel",
+    status_code=202,
+    summary="Cancel a job",
+    response_model=JobPublic,
+    responses=error_responses(404, 409),
+)
+async def cancel_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobPublic:
+    return JobPublic.from_row(await _call(jobs.request_cancel, session, tenant, job_id))
+
+
+@router.get(
+    "/{job_id}/events",
+    summary="Follow a job (Server-Sent Events)",
+    response_class=EventSourceResponse,
+    responses={**EVENTS_DOC, **error_responses(404)},
+)
 async def job_events(
     job_id: str, request: Request, db: DbDep, tenant: TenantDep
 ) -> EventSourceResponse:
     """`status` on every state change (and first, with the whole job), `progress` when the
     progress changes, and a final `done` with the finished job; then the stream ends."""
 
-    def read() -> dict[str, Any]:
-        return _read_job(db, job_id, tenant)
+    def read() -> JobPublic:
+        return _read_job(db, tenant, job_id)
 
     first = await _call(read)  # 404 before the stream starts, not inside it
     return EventSourceResponse(_follow(request, read, first), ping=15)
 
 
-def _read_job(db: Database, job_id: str, tenant: str | None) -> dict[str, Any]:
-    session: Session
+def _read_job(db: Database, tenant: str | None, job_id: str) -> JobPublic:
     with db.sessionmaker() as session:
-        return jobs.to_public(jobs.get_job(session, job_id, tenant))
+        return JobPublic.from_row(jobs.get_job(session, tenant, job_id))
 
 
 async def _follow(
-    request: Request, read: Callable[[], dict[str, Any]], job: dict[str, Any]
+    request: Request, read: Callable[[], JobPublic], job: JobPublic
 ) -> AsyncIterator[ServerSentEvent]:
-    yield _event("status", job)
-    status, progress = job["status"], job["progress"]
-    while job["status"] not in jobs.FINISHED_STATES:
+    yield _event("status", job.model_dump(mode="json"))
+    status, progress = job.status, job.progress
+    while not job.status.finished:
         await anyio.sleep(EVENTS_POLL_SECONDS)
         if await request.is_disconnected():
             return
         job = await _call(read)
-        if job["progress"] != progress:
-            progress = job["progress"]
-            yield _event("progress", {"id": job["id"], **progress})
-        if job["status"] != status:
-            status = job["status"]
-            yield _event("status", job)
-    yield _event("done", job)
+        if job.progress != progress:
+            progress = job.progress
+            yield _event("progress", {"id": job.id, **asdict(progress)})
+        if job.status != status:
+            status = job.status
+            yield _event("status", job.model_dump(mode="json"))
+    yield _event("done", job.model_dump(mode="json"))
 
 
 def _event(name: str, data: dict[str, Any]) -> ServerSentEvent:

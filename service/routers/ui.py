@@ -13,7 +13,7 @@ from pathlib import Path
 from fastapi import APIRouter
 from fastapi.responses import Response
 
-from service.errors import not_found
+from service.errors import NotFound
 
 router = APIRouter(include_in_schema=False)
 
@@ -43,7 +43,7 @@ def _read(name: str) -> bytes:
 def _file(name: str) -> Response:
     media_type = STATIC.get(name)
     if media_type is None:
-        raise not_found("file", name)
+        raise NotFound("file", name)
     return Response(_read(name), media_type=media_type, headers=SECURITY_HEADERS)
 
 

@@ -1,0 +1,157 @@
+"""Errors on the wire: one table from error kind to HTTP status, and one error shape.
+
+Every error answer is {"error": {"code", "message", "details"}} (docs/api.md, "Errors").
+Plain functions raise the kinds of service.errors; the status of each kind is decided here and
+nowhere else. The handlers also turn FastAPI's validation errors, Starlette's HTTP errors and
+unexpected exceptions into that shape; an unexpected exception is logged and answered 500
+without a traceback, so internals never reach clients.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.errors import (
+    Conflict,
+    DomainError,
+    Gone,
+    InvalidRequest,
+    MalformedRequest,
+    NotFound,
+    TooLarge,
+    Unavailable,
+    UnsupportedMedia,
+)
+from service.schemas import ErrorBody
+
+log = logging.getLogger(__name__)
+
+# The one place an error kind becomes an HTTP status. A kind missing here is a bug that
+# tests/unit/test_http_errors.py catches (every DomainError subclass must resolve).
+STATUS: dict[type[DomainError], int] = {
+    MalformedRequest: 400,
+    NotFound: 404,
+    Conflict: 409,
+    Gone: 410,
+    TooLarge: 413,
+    UnsupportedMedia: 415,
+    InvalidRequest: 422,
+    Unavailable: 503,
+}
+DEFAULT_RETRY_AFTER = "5"
+# Codes for errors FastAPI or Starlette raise themselves (unknown routes, wrong methods, ...).
+HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "invalid_request",
+    429: "too_many_requests",
+    503: "service_unavailable",
+}
+
+
+def status_of(error: DomainError) -> int:
+    """The HTTP status of an error kind: the nearest class in its MRO that STATUS names."""
+    for cls in type(error).__mro__:
+        if cls in STATUS:
+            return STATUS[cls]
+    raise LookupError(f"{type(error).__name__} has no HTTP status in service.http_errors.STATUS")
+
+
+def error_body(code: str, message: str, details: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message, "details": details or {}}}
+
+
+def error_response(
+    status: int,
+    code: str,
+    message: str,
+    details: dict[str, Any] | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    headers = dict(headers or {})
+    if status in (429, 503):
+        headers.setdefault("Retry-After", DEFAULT_RETRY_AFTER)
+    body = jsonable_encoder(error_body(code, message, details))
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def domain_error_response(error: DomainError) -> JSONResponse:
+    headers = {}
+    if isinstance(error, Unavailable):
+        headers["Retry-After"] = str(error.retry_after)
+    return error_response(status_of(error), error.code, error.message, error.details, headers)
+
+
+async def _domain_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, DomainError)
+    return domain_error_response(exc)
+
+
+async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = [
+        {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+        for e in exc.errors()
+    ]
+    if any(e["type"] == "json_invalid" for e in errors):
+        return error_response(
+            400, "malformed_request", "the body is not valid JSON", {"errors": errors}
+        )
+    where = ".".join(str(p) for p in errors[0]["loc"]) if errors else ""
+    what = str(errors[0]["msg"]) if errors else "invalid request"
+    message = f"{where}: {what}" if where else what
+    return error_response(422, "invalid_request", message, {"errors": errors})
+
+
+async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    code = HTTP_CODES.get(exc.status_code, "http_error")
+    message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
+    if exc.status_code == 404 and message == "Not Found":
+        message = "no such route or object"
+    return error_response(exc.status_code, code, message, None, dict(exc.headers or {}))
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return error_response(500, "internal_error", "internal error; it has been logged")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(DomainError, _domain_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)
+
+
+DESCRIPTIONS = {
+    400: "Malformed request (unparseable body, bad cursor)",
+    404: "Unknown id, or not yours",
+    409: "The object's state does not allow this now",
+    410: "The object's files are gone",
+    413: "Over a size or count limit",
+    415: "Unsupported body type",
+    422: "Invalid values",
+    503: "Busy or a dependency is down; retry after Retry-After seconds",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for these error statuses, each with the error body's schema."""
+    return {
+        status: {"model": ErrorBody, "description": DESCRIPTIONS[status]} for status in statuses
+    }

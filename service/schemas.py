@@ -1,0 +1,327 @@
+"""The public shape of every API response, as pydantic models (docs/api.md).
+
+These models are the only serialisers: routes declare them as `response_model`, and rows
+become them through the `from_row` constructors here, never through hand-built dicts. They
+are what /openapi.json publishes, and what the Python client's types are checked against.
+
+Sub-objects read from JSON columns (plans, progress, metrics) ignore keys they do not know,
+so a row written by a newer version never breaks an older reader.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer
+
+from bitcore.train.callbacks import Progress
+from service.datasets import WorkEstimate
+from service.ids import rfc3339
+from service.job_states import JobStatus
+from service.tables import Dataset, Job, Model
+
+Item = TypeVar("Item")
+# RFC 3339 in UTC with a Z suffix, as every time in the API.
+Timestamp = Annotated[datetime, PlainSerializer(rfc3339, return_type=str)]
+
+
+class Schema(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Stored(BaseModel):
+    """A sub-object read from a JSON column: unknown keys are ignored, not refused."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+# -- errors -------------------------------------------------------------------------------
+
+
+class ErrorInfo(Schema):
+    code: str = Field(description="machine-readable, snake_case (docs/api.md lists them)")
+    message: str = Field(description="what went wrong and what to do about it")
+    details: dict[str, Any] = Field(description="facts about this error, e.g. the limit")
+
+
+class ErrorBody(Schema):
+    """Every error answer: 4xx and 5xx alike."""
+
+    error: ErrorInfo
+
+
+# -- health -------------------------------------------------------------------------------
+
+
+class Health(Schema):
+    status: Literal["ok"]
+
+
+class Ready(Schema):
+    status: Literal["ready"]
+
+
+# -- base models --------------------------------------------------------------------------
+
+
+class BaseModelPublic(Schema):
+    """A model a job can start from: a published BiT checkpoint, or a small variant trained
+    from scratch."""
+
+    name: str
+    architecture: str
+    parameters: int
+    upstream: str | None = Field(description="data the checkpoint was pre-trained on")
+    published: bool
+    requires_checkpoint: bool
+    checkpoint_present: bool | None = Field(description="null when no checkpoint is needed")
+    download_bytes: int | None
+    url: str | None
+    description: str
+
+
+# -- plans --------------------------------------------------------------------------------
+
+
+class PlanSource(Stored):
+    rule: Literal["bit-hyperrule"]
+    resolution: Literal["code", "paper"]
+    num_examples: int | None = Field(description="training images the schedule is sized for")
+    image_size: list[int] | None = Field(description="[median height, median width]")
+    overridden: list[str] = Field(description="fields set by overrides, not by the rule")
+    from_scratch: bool = Field(False, description="no pre-trained checkpoint: random init")
+
+
+class Plan(Stored):
+    """The BiT-HyperRule's choices for one job (docs/bit.md, "BiT-HyperRule")."""
+
+    precrop: int
+    crop: int
+    batch_size: int
+    micro_batch_size: int | None = Field(description="null: chosen to fit memory at run time")
+    base_lr: float
+    momentum: float
+    weight_decay: float
+    warmup_steps: int
+    decay_steps: list[int]
+    total_steps: int
+    mixup_alpha: float
+    zero_head: bool
+    source: PlanSource
+
+
+class Overrides(Stored):
+    """HyperRule fields a job set itself (POST /v1/jobs `overrides`)."""
+
+    steps: int | None = None
+    warmup_steps: int | None = None
+    batch_size: int | None = None
+    micro_batch_size: int | None = None
+    base_lr: float | None = None
+    crop: int | None = None
+    precrop: int | None = None
+    mixup_alpha: float | None = None
+
+
+class DatasetPlan(Schema):
+    """The plan a job on this dataset would get, and how much work it is."""
+
+    dataset_id: str
+    base_model: str
+    validation_fraction: float
+    plan: Plan
+    estimate: WorkEstimate
+
+
+# -- datasets -----------------------------------------------------------------------------
+
+
+class ClassCount(Schema):
+    name: str
+    count: int
+
+
+class ImageSize(Schema):
+    median_height: int
+    median_width: int
+
+
+class RejectedFile(Schema):
+    path: str = Field(description="the member's path inside the uploaded archive")
+    reason: str
+
+
+class DatasetPublic(Schema):
+    id: str
+    name: str
+    status: Literal["ready"]
+    num_images: int
+    num_classes: int
+    classes: list[ClassCount]
+    image_size: ImageSize
+    rejected: list[RejectedFile] = Field(description="members skipped, with why")
+    bytes: int = Field(description="size of the uploaded archive")
+    created_at: Timestamp
+
+    @classmethod
+    def from_row(cls, row: Dataset) -> DatasetPublic:
+        return cls(
+            id=row.id,
+            name=row.name,
+            status="ready",
+            num_images=row.num_images,
+            num_classes=row.num_classes,
+            classes=[ClassCount(**c) for c in row.classes],
+            image_size=ImageSize(**row.image_size),
+            rejected=[RejectedFile(**r) for r in row.rejected],
+            bytes=row.bytes,
+            created_at=row.created_at,
+        )
+
+
+# -- metrics ------------------------------------------------------------------------------
+
+
+class ClassMetrics(Stored):
+    label: str
+    precision: float
+    recall: float
+    f1: float
+    support: int
+
+
+class Metrics(Stored):
+    """Validation metrics of a fine-tuned model (null accuracy: no validation images)."""
+
+    accuracy: float | None = None
+    macro_f1: float | None = None
+    num_examples: int | None = None
+    loss: float | None = Field(None, description="mean cross-entropy on the validation split")
+    per_class: list[ClassMetrics] = Field(default_factory=list)
+    confusion_matrix: list[list[int]] = Field(
+        default_factory=list, description="counts[true][predicted], in class order"
+    )
+
+
+# -- jobs ---------------------------------------------------------------------------------
+
+
+class JobErrorInfo(Schema):
+    code: str
+    message: str
+
+
+class JobPublic(Schema):
+    """A fine-tuning job: its plan, where it is, and how it ended."""
+
+    id: str
+    name: str | None
+    status: JobStatus
+    dataset_id: str | None = Field(description="null once the dataset is deleted")
+    base_model: str
+    validation_fraction: float
+    seed: int
+    overrides: Overrides
+    plan: Plan
+    progress: Progress
+    attempts: int = Field(description="times a worker started it")
+    error: JobErrorInfo | None
+    model_id: str | None
+    metrics: Metrics | None
+    created_at: Timestamp
+    started_at: Timestamp | None
+    finished_at: Timestamp | None
+
+    @classmethod
+    def from_row(cls, job: Job) -> JobPublic:
+        progress = Progress(step=0, total_steps=int(job.plan.get("total_steps", 0)))
+        if job.progress:
+            known = {k: v for k, v in job.progress.items() if k in Progress.__dataclass_fields__}
+            progress = Progress(**{**progress.__dict__, **known})
+        error = None
+        if job.error_code:
+            error = JobErrorInfo(code=job.error_code, message=job.error_message or "")
+        return cls(
+            id=job.id,
+            name=job.name,
+            status=job.status,
+            dataset_id=job.dataset_id,
+            base_model=job.base_model,
+            validation_fraction=job.validation_fraction,
+            seed=job.seed,
+            overrides=Overrides(**(job.overrides or {})),
+            plan=Plan.model_validate(job.plan),
+            progress=progress,
+            attempts=job.attempts,
+            error=error,
+            model_id=job.model_id,
+            metrics=Metrics.model_validate(job.metrics) if job.metrics is not None else None,
+            created_at=job.created_at,
+            started_at=job.started_at,
+            finished_at=job.finished_at,
+        )
+
+
+# -- models -------------------------------------------------------------------------------
+
+
+class InputSpec(Schema):
+    """How to preprocess an image for the model: resize to crop x crop, RGB in [0, 1], then
+    (x - mean) / std per channel."""
+
+    crop: int
+    mean: list[float]
+    std: list[float]
+
+
+class ModelPublic(Schema):
+    """A fine-tuned model, ready to predict."""
+
+    id: str
+    name: str | None
+    job_id: str | None
+    base_model: str
+    classes: list[str] = Field(description="labels, in the order of the model's outputs")
+    plan: Plan
+    metrics: Metrics
+    input: InputSpec
+    created_at: Timestamp
+
+    @classmethod
+    def from_row(cls, row: Model) -> ModelPublic:
+        return cls(
+            id=row.id,
+            name=row.name,
+            job_id=row.job_id,
+            base_model=row.base_model,
+            classes=list(row.classes),
+            plan=Plan.model_validate(row.plan),
+            metrics=Metrics.model_validate(row.metrics or {}),
+            input=InputSpec(**row.input),
+            created_at=row.created_at,
+        )
+
+
+class Label(Schema):
+    label: str
+    score: float = Field(description="softmax probability")
+
+
+class ImagePrediction(Schema):
+    top_k: list[Label] = Field(description="most probable first")
+
+
+class PredictResponse(Schema):
+    model_id: str
+    predictions: list[ImagePrediction] = Field(description="one per image, in request order")
+
+
+# -- pages --------------------------------------------------------------------------------
+
+
+class Page(Schema, Generic[Item]):
+    """One page of a list, newest first."""
+
+    items: list[Item]
+    next_cursor: str | None = Field(description="pass as ?cursor= for the next page; null: last")
