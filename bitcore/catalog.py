@@ -2,7 +2,7 @@
 
 Base checkpoints come only from this catalog (by name), never from a user-supplied URL or path:
 fetching arbitrary URLs on a user's behalf is the bug class of TorchServe's CVE-2023-43654
-(shared/spec/operations.md). Operators may point the same names at a mirror with
+(docs/operations.md). Operators may point the same names at a mirror with
 BITSERVE_CHECKPOINT_BASE_URL (or `base_url=`), e.g. for machines without internet.
 
 Downloads stream to `<name>.npz.part`, resume it with an HTTP Range request, check the size the
@@ -29,6 +29,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
+from bitcore.atomic import commit_file
 from bitcore.checkpoints import is_npz
 from bitcore.models import (
     IMAGENET1K_CLASSES,
@@ -200,10 +201,12 @@ def pull(
     with _file_lock(path):
         if path.is_file():  # another process finished it while we waited for the lock
             return path
+        # Not atomic_write: its temporary file has a random name and is removed on any error,
+        # but a broken download must survive under a name the next pull can find and resume.
         part = path.with_name(path.name + ".part")
         _download(url, part, progress, timeout)
         _verify_npz(part, url)
-        os.replace(part, path)
+        commit_file(part, path)  # fsync, mode 0o644, rename: the same finish as atomic_write
     return path
 
 

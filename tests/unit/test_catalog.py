@@ -112,6 +112,7 @@ def test_full_download(server: FileServer, content: bytes, tmp_path: Path):
     assert seen[0] == (0, len(content)) and seen[-1] == (len(content), len(content))
     assert len(seen) > 3 and all(a[0] < b[0] for a, b in itertools.pairwise(seen))
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"{NAME}.npz", f"{NAME}.npz.lock"]
+    assert path.stat().st_mode & 0o777 == 0o644  # bitcore.atomic.FILE_MODE
     assert is_present(NAME, tmp_path)
 
 
