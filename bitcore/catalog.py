@@ -13,12 +13,10 @@ from writing the same .part.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import http.client
 import os
 import re
-import sys
 import urllib.error
 import urllib.request
 import zipfile
@@ -351,31 +349,3 @@ def pull_with_progress_bar(
         )
     finally:
         close()
-
-
-def main(argv: list[str] | None = None) -> int:
-    """python -m bitcore.catalog {list,pull NAME...}"""
-    parser = argparse.ArgumentParser(prog="python -m bitcore.catalog", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("list", help="list the catalog and what is present locally")
-    pull_cmd = sub.add_parser("pull", help="download checkpoints by catalog name")
-    pull_cmd.add_argument("names", nargs="+")
-    parser.add_argument("--dir", default=None, help=f"checkpoint directory (default ${DIR_ENV})")
-    args = parser.parse_args(argv)
-    if args.command == "list":
-        for entry in CATALOG.values():
-            mark = "present" if is_present(entry.name, args.dir) else "-"
-            size = entry.approx_bytes / 2**20
-            print(f"{entry.name:28} {entry.num_classes:6} classes {size:9.0f} MiB  {mark}")
-        return 0
-    for name in args.names:
-        try:
-            print(pull_with_progress_bar(name, args.dir))
-        except CatalogError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
