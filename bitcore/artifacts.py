@@ -8,8 +8,6 @@ Layout of an artifact directory:
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +15,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from bitcore.atomic import atomic_write, write_json_atomic
 from bitcore.models import create_model
 
 FORMAT = "bitserve-artifact"
@@ -83,18 +82,12 @@ class ArtifactMetadata:
 
 
 def save_artifact(out_dir: str | Path, model: torch.nn.Module, metadata: ArtifactMetadata) -> Path:
-    """Write weights and metadata; each file lands atomically (temp file + rename)."""
+    """Write weights and metadata; each file lands atomically, mode 0o644 (`bitcore.atomic`)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=out, suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_write(out / WEIGHTS_FILE) as tmp:
         save_file(tensors, tmp, metadata={"format": FORMAT, "model_name": metadata.model_name})
-        os.replace(tmp, out / WEIGHTS_FILE)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     write_json_atomic(out / METADATA_FILE, metadata.to_dict())
     return out
 
@@ -145,16 +138,3 @@ def load_model(
             f"unexpected {result.unexpected_keys[:5]}"
         )
     return model.to(device).eval(), meta
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2, sort_keys=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

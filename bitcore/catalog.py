@@ -2,7 +2,7 @@
 
 Base checkpoints come only from this catalog (by name), never from a user-supplied URL or path:
 fetching arbitrary URLs on a user's behalf is the bug class of TorchServe's CVE-2023-43654
-(shared/spec/operations.md). Operators may point the same names at a mirror with
+(docs/operations.md). Operators may point the same names at a mirror with
 BITSERVE_CHECKPOINT_BASE_URL (or `base_url=`), e.g. for machines without internet.
 
 Downloads stream to `<name>.npz.part`, resume it with an HTTP Range request, check the size the
@@ -13,12 +13,10 @@ from writing the same .part.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import http.client
 import os
 import re
-import sys
 import urllib.error
 import urllib.request
 import zipfile
@@ -29,6 +27,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
+from bitcore.atomic import commit_file
 from bitcore.checkpoints import is_npz
 from bitcore.models import (
     IMAGENET1K_CLASSES,
@@ -200,10 +199,12 @@ def pull(
     with _file_lock(path):
         if path.is_file():  # another process finished it while we waited for the lock
             return path
+        # Not atomic_write: its temporary file has a random name and is removed on any error,
+        # but a broken download must survive under a name the next pull can find and resume.
         part = path.with_name(path.name + ".part")
         _download(url, part, progress, timeout)
         _verify_npz(part, url)
-        os.replace(part, path)
+        commit_file(part, path)  # fsync, mode 0o644, rename: the same finish as atomic_write
     return path
 
 
@@ -348,31 +349,3 @@ def pull_with_progress_bar(
         )
     finally:
         close()
-
-
-def main(argv: list[str] | None = None) -> int:
-    """python -m bitcore.catalog {list,pull NAME...}"""
-    parser = argparse.ArgumentParser(prog="python -m bitcore.catalog", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("list", help="list the catalog and what is present locally")
-    pull_cmd = sub.add_parser("pull", help="download checkpoints by catalog name")
-    pull_cmd.add_argument("names", nargs="+")
-    parser.add_argument("--dir", default=None, help=f"checkpoint directory (default ${DIR_ENV})")
-    args = parser.parse_args(argv)
-    if args.command == "list":
-        for entry in CATALOG.values():
-            mark = "present" if is_present(entry.name, args.dir) else "-"
-            size = entry.approx_bytes / 2**20
-            print(f"{entry.name:28} {entry.num_classes:6} classes {size:9.0f} MiB  {mark}")
-        return 0
-    for name in args.names:
-        try:
-            print(pull_with_progress_bar(name, args.dir))
-        except CatalogError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -7,7 +7,7 @@ names mirror the file's (root / block{b} / unit{NN} / head), so the mapping is a
 transpose. Loading is strict: every body tensor must be present with the right shape, and any
 stray tensor is an error, because a silent partial load yields a model that runs and is wrong.
 
-Naming (bit.md, "Official checkpoint format"; reference: bit_pytorch/models.py `load_from`):
+Naming (docs/bit.md, "Official checkpoint format"; reference: bit_pytorch/models.py `load_from`):
     root.conv.weight                   resnet/root_block/standardized_conv2d/kernel
     body.blockB.unitNN.gn1.{weight,bias}   resnet/blockB/unitNN/a/group_norm/{gamma,beta}
     body.blockB.unitNN.conv1.weight    resnet/blockB/unitNN/a/standardized_conv2d/kernel
@@ -20,9 +20,7 @@ Naming (bit.md, "Official checkpoint format"; reference: bit_pytorch/models.py `
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -31,6 +29,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from bitcore.atomic import atomic_write
 from bitcore.layers import StdConv2d
 from bitcore.models import ResNetV2
 
@@ -199,7 +198,7 @@ def load_bit_npz(
 
     head="keep" copies the checkpoint's classifier when its class count matches the model's;
     when it differs (e.g. a 21843-class BiT-M file into a 10-class model), or with head="zero",
-    the head is zero-initialised instead, which is BiT's transfer recipe (bit.md, HyperRule;
+    the head is zero-initialised instead, which is BiT's transfer recipe (docs/bit.md, HyperRule;
     bit_pytorch/train.py builds its model with zero_head=True). The body must match exactly:
     a new head does not excuse a missing body tensor. On any mismatch nothing is copied.
     """
@@ -252,12 +251,7 @@ def save_bit_npz(model: ResNetV2, path: str | Path) -> Path:
         raise CheckpointError("export the training form (StdConv2d); folded kernels are not BiT's")
     arrays = state_dict_to_npz(model.state_dict())
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)  # type: ignore[arg-type]
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    # An open file, not the name: np.savez appends ".npz" to a name that lacks it.
+    with atomic_write(path) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, **arrays)  # type: ignore[arg-type]
     return path

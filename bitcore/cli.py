@@ -3,7 +3,7 @@
     python -m bitcore plan DIR [--resolution code|paper] [--set steps=200 ...] [--json]
     python -m bitcore finetune DIR --base-model BiT-M-R50x1 --out OUT [--set ...]
     python -m bitcore predict ARTIFACT IMG... [--top-k 5]
-    python -m bitcore checkpoints list | pull NAME
+    python -m bitcore checkpoints list [--dir DIR] | pull NAME... [--dir DIR]
 
 User errors (bad folder, bad override, unknown model, unreadable image) print one line to
 stderr and exit with status 2; a traceback means a bug.
@@ -89,9 +89,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     ckpt = commands.add_parser("checkpoints", help="list or download base checkpoints")
     ckpt_commands = ckpt.add_subparsers(dest="action", required=True, metavar="ACTION")
-    ckpt_commands.add_parser("list", help="the catalog and what is present locally")
-    pull = ckpt_commands.add_parser("pull", help="download one checkpoint into the local store")
-    pull.add_argument("checkpoint_name", metavar="NAME")
+    store = argparse.ArgumentParser(add_help=False)
+    store.add_argument(
+        "--dir", type=Path, help="checkpoint directory (default: $BITSERVE_CHECKPOINT_DIR)"
+    )
+    ckpt_commands.add_parser(
+        "list", parents=[store], help="the catalog and what is present locally"
+    )
+    pull = ckpt_commands.add_parser(
+        "pull", parents=[store], help="download checkpoints into the local store"
+    )
+    pull.add_argument("checkpoint_names", metavar="NAME", nargs="+")
     ckpt.set_defaults(command=cmd_checkpoints)
     return parser
 
@@ -331,19 +339,23 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_checkpoints(args: argparse.Namespace) -> int:
     from bitcore import catalog
 
+    directory = args.dir if args.dir is not None else catalog.checkpoint_dir()
     if args.action == "list":
-        print(f"checkpoint directory: {catalog.checkpoint_dir()}")
+        print(f"checkpoint directory: {directory}")
         print(f"{'name':<24} {'download':>9}  {'present':<7}  upstream")
         for name, entry in catalog.CATALOG.items():
             size = f"{entry.approx_bytes / 2**20:.0f} MiB"
-            present = "yes" if catalog.is_present(name) else "no"
+            present = "yes" if catalog.is_present(name, directory) else "no"
             print(f"{name:<24} {size:>9}  {present:<7}  {entry.upstream}")
         return 0
-    if args.checkpoint_name not in catalog.CATALOG:
-        raise UserError(
-            f"unknown checkpoint {args.checkpoint_name!r}; see `python -m bitcore checkpoints list`"
-        )
-    print(catalog.pull_with_progress_bar(args.checkpoint_name))
+    # Every name is checked before the first (possibly long) download starts.
+    for name in args.checkpoint_names:
+        if name not in catalog.CATALOG:
+            raise UserError(
+                f"unknown checkpoint {name!r}; see `python -m bitcore checkpoints list`"
+            )
+    for name in args.checkpoint_names:
+        print(catalog.pull_with_progress_bar(name, directory), flush=True)
     return 0
 
 

@@ -2,7 +2,7 @@
 
 Weight Standardization (Qiao et al., 2019; BiT sec. 4.3) is a pure function of the weights, so
 the kernels are standardised once at load (`bitcore.layers.fold_weight_standardization`) and
-the forward pass runs plain convolutions (operations.md quotes about 5x more images per second
+the forward pass runs plain convolutions (docs/operations.md quotes about 5x more images per second
 at batch 1 for an R50x1 at 128 px on 2 CPU cores; benchmarks/RESULTS.md measures 3.5-3.75x with
 2 threads, 1.55x at batch 8). GroupNorm uses per-image statistics, so a batch gives every
 image exactly the answer it would get alone: the service may batch freely.
@@ -35,7 +35,7 @@ Prediction = list[tuple[str, float]]
 
 
 class InputImageError(ImageError):
-    """One image of a request could not be used; `index` says which (api.md: 422 names it)."""
+    """One image of a request could not be used; `index` says which (docs/api.md: 422 names it)."""
 
     def __init__(self, index: int, reason: str, message: str) -> None:
         super().__init__(reason, f"image {index}: {message}")
@@ -175,19 +175,13 @@ class Predictor:
     def predict(self, images: Sequence[ImageInput], top_k: int = 5) -> list[Prediction]:
         """Per image, the top_k (label, probability) pairs, most probable first.
 
-        top_k is clamped to the number of classes (operations.md); ties keep class order.
+        top_k is clamped to the number of classes (docs/operations.md); ties keep class order.
         """
         if isinstance(top_k, bool) or not isinstance(top_k, int):
             raise TypeError(f"top_k must be an int, got {top_k!r}")
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
-        k = min(top_k, self.num_classes)
-        probs = self.predict_tensor(self.preprocess(images))
-        scores, indices = probs.sort(dim=1, descending=True, stable=True)
-        return [
-            [(self.classes[i], float(s)) for s, i in zip(row_s, row_i, strict=True)]
-            for row_s, row_i in zip(scores[:, :k].tolist(), indices[:, :k].tolist(), strict=True)
-        ]
+        return top_k_labels(self.predict_tensor(self.preprocess(images)), self.classes, top_k)
 
     def warmup(self, batch_size: int = 1) -> float:
         """One forward pass (allocator, kernel selection, lazy init); returns its seconds."""
@@ -213,6 +207,20 @@ class Predictor:
                 f"model gave {probs.shape[1]} outputs for {self.num_classes} classes"
             )
         return probs
+
+
+def top_k_labels(probs: torch.Tensor, classes: Sequence[str], top_k: int) -> list[Prediction]:
+    """Per row of `probs` (N, len(classes)), its top k (label, probability) pairs, descending.
+
+    k is top_k clamped to [1, len(classes)]. The sort is stable, so tied probabilities keep
+    class order and the answer does not change from run to run.
+    """
+    k = max(1, min(top_k, len(classes)))
+    scores, indices = probs.sort(dim=1, descending=True, stable=True)
+    return [
+        [(classes[i], float(s)) for s, i in zip(row_s, row_i, strict=True)]
+        for row_s, row_i in zip(scores[:, :k].tolist(), indices[:, :k].tolist(), strict=True)
+    ]
 
 
 def _prepare(model: nn.Module, device: torch.device, *, fold_ws: bool) -> nn.Module:

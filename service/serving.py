@@ -39,15 +39,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from bitcore.predict import Predictor
+from bitcore.predict import Prediction, Predictor, top_k_labels
 
 if TYPE_CHECKING:
     from service.settings import Settings
     from service.storage import Storage
 
 log = logging.getLogger(__name__)
-
-Prediction = list[tuple[str, float]]
 
 
 class Overloaded(Exception):
@@ -422,13 +420,3 @@ def _retrieve_exception(task: asyncio.Task[_Entry]) -> None:
     # Every waiter may have gone away; the error was logged by whoever saw it, if anyone.
     if not task.cancelled():
         task.exception()
-
-
-def top_k_labels(probs: torch.Tensor, classes: Sequence[str], top_k: int) -> list[Prediction]:
-    """Rows of (label, score), descending; k clamped to the number of classes; ties keep order."""
-    k = max(1, min(top_k, len(classes)))
-    scores, indices = probs.sort(dim=1, descending=True, stable=True)
-    return [
-        [(classes[i], float(s)) for s, i in zip(row_s, row_i, strict=True)]
-        for row_s, row_i in zip(scores[:, :k].tolist(), indices[:, :k].tolist(), strict=True)
-    ]

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -21,13 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from bitcore.data.index import (
-    DatasetError,
-    DatasetIndex,
-    Sample,
-    decode_workers,
-    write_json_atomic,
-)
+from bitcore.atomic import atomic_write, write_json_atomic
+from bitcore.data.index import DatasetError, DatasetIndex, Sample, decode_workers
 from bitcore.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
 from bitcore.transforms import resize_squash
 
@@ -121,6 +114,7 @@ def build_cache(
             "data_file": data_path.name,
             "paths": paths,
         },
+        indent=None,  # one line: it lists every sample
     )
     for stale in cache_dir.glob(f"images-{size}-*.u8"):
         if stale != data_path:  # open maps of it stay valid on POSIX after the unlink
@@ -172,9 +166,7 @@ def _write_pixels(
             ) from exc
         return np.asarray(resize_squash(image, size), dtype=np.uint8)
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{data_path.name}.", dir=data_path.parent)
-    os.close(fd)
-    try:
+    with atomic_write(data_path) as tmp:
         if paths:
             out = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=(len(paths), size, size, 3))
             for i, pixels in enumerate(_ordered_map(load, paths, workers or decode_workers())):
@@ -183,13 +175,6 @@ def _write_pixels(
                     progress(i + 1, len(paths))
             out.flush()
             del out
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; other worker processes read it too
-        os.replace(tmp, data_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _ordered_map(

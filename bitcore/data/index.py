@@ -13,13 +13,13 @@ import json
 import math
 import os
 import statistics
-import tempfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bitcore.atomic import write_json_atomic
 from bitcore.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
 
 INDEX_FORMAT = "bitserve-dataset-index"
@@ -117,30 +117,15 @@ class DatasetIndex:
         )
 
     def save(self, path: str | Path) -> None:
-        """Write as JSON atomically (temp file + rename), so readers never see half a file."""
+        """Write as JSON atomically (`bitcore.atomic`), so readers never see half a file."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(path, self.to_dict())
+        write_json_atomic(path, self.to_dict(), indent=None)  # one line: it lists every sample
 
     @classmethod
     def load(cls, path: str | Path, *, root: str | Path | None = None) -> DatasetIndex:
         with open(path, encoding="utf-8") as handle:
             return cls.from_dict(json.load(handle), root=root)
-
-
-def write_json_atomic(path: Path, document: Any) -> None:
-    """Write JSON to a temp file in the same folder, fsync, rename: readers see all or nothing."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(document, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; other worker processes read it too
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def index_directory(

@@ -3,16 +3,16 @@
 No RNG state is stored: every random choice is keyed by (seed, step) (see `order`), so the
 step number alone resumes the data order, augmentation and MixUp exactly.
 
-Layout: <state_dir>/step-<NNNNNNNN>/{state.safetensors, state.json}. A checkpoint is written to
-a temporary directory and renamed into place, so a crash leaves either the old or the new one.
+Layout: <state_dir>/step-<NNNNNNNN>/{state.safetensors, state.json}. Each file is written
+atomically (`bitcore.atomic`), the JSON last: a step directory without it is incomplete and
+ignored, and the previous checkpoint is deleted only after the new one is complete, so a crash
+leaves either the old or the new one.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from bitcore.atomic import atomic_write, write_json_atomic
 
 TENSORS_FILE = "state.safetensors"
 META_FILE = "state.json"
@@ -74,20 +76,14 @@ def save(
         "param_groups": optim_state["param_groups"],
         "saved_at": time.time(),
     }
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
     final = root / f"{PREFIX}{step:08d}"
-    try:
-        save_file(tensors, str(tmp / TENSORS_FILE))
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True), encoding="utf-8")
-        for name in (TENSORS_FILE, META_FILE):
-            with open(tmp / name, "rb") as fh:
-                os.fsync(fh.fileno())
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    final.mkdir(exist_ok=True)
+    # Saving the same step again (e.g. right after a resume): mark it incomplete first, so a
+    # crash between the two writes cannot pair new tensors with the old JSON.
+    (final / META_FILE).unlink(missing_ok=True)
+    with atomic_write(final / TENSORS_FILE) as tmp:
+        save_file(tensors, str(tmp))
+    write_json_atomic(final / META_FILE, meta)  # last: its presence marks the step complete
     for child in root.iterdir():
         if child.name.startswith(PREFIX) and child != final:
             shutil.rmtree(child, ignore_errors=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bitcore import catalog
+from bitcore import catalog, cli
 from bitcore.catalog import (
     CATALOG,
     CatalogError,
@@ -112,6 +112,7 @@ def test_full_download(server: FileServer, content: bytes, tmp_path: Path):
     assert seen[0] == (0, len(content)) and seen[-1] == (len(content), len(content))
     assert len(seen) > 3 and all(a[0] < b[0] for a, b in itertools.pairwise(seen))
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"{NAME}.npz", f"{NAME}.npz.lock"]
+    assert path.stat().st_mode & 0o777 == 0o644  # bitcore.atomic.FILE_MODE
     assert is_present(NAME, tmp_path)
 
 
@@ -279,14 +280,26 @@ def test_every_error_is_a_catalog_error():
     assert issubclass(CheckpointMissing, FileNotFoundError)
 
 
-def test_cli_lists_and_pulls(
+def test_bitcore_cli_lists_and_pulls(
     server: FileServer, content: bytes, tmp_path: Path, monkeypatch, capsys
 ):
+    """`python -m bitcore checkpoints`: --dir, several names in one pull, the present marks."""
     monkeypatch.setenv("BITSERVE_CHECKPOINT_BASE_URL", server.url)
-    assert catalog.main(["--dir", str(tmp_path), "pull", NAME]) == 0
+    server.files["BiT-S-R101x1.npz"] = content
+    assert cli.main(["checkpoints", "pull", "--dir", str(tmp_path), NAME, "BiT-S-R101x1"]) == 0
     assert (tmp_path / f"{NAME}.npz").read_bytes() == content
-    assert catalog.main(["--dir", str(tmp_path), "list"]) == 0
+    assert (tmp_path / "BiT-S-R101x1.npz").read_bytes() == content
+    assert capsys.readouterr().out.splitlines() == [
+        str(tmp_path / f"{NAME}.npz"),
+        str(tmp_path / "BiT-S-R101x1.npz"),
+    ]
+    assert cli.main(["checkpoints", "list", "--dir", str(tmp_path)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert any(line.startswith(NAME) and line.endswith("present") for line in lines)
-    assert any(line.startswith("BiT-M-R50x1 ") and line.endswith("-") for line in lines)
-    assert catalog.main(["--dir", str(tmp_path), "pull", "BiT-nope"]) == 1
+    assert lines[0] == f"checkpoint directory: {tmp_path}"
+    assert f"{NAME}                 97 MiB  yes      ImageNet-1k (ILSVRC-2012)" in lines
+    assert "BiT-M-R50x1                260 MiB  no       ImageNet-21k" in lines
+    # A failed pull is a user error of the bitcore CLI: one line on stderr, exit status 2.
+    assert cli.main(["checkpoints", "pull", "--dir", str(tmp_path), "BiT-nope"]) == 2
+    assert capsys.readouterr().err == (
+        "error: unknown checkpoint 'BiT-nope'; see `python -m bitcore checkpoints list`\n"
+    )

@@ -17,7 +17,7 @@ from bitcore.artifacts import ArtifactError, ArtifactMetadata, save_artifact
 from bitcore.images import ImageError
 from bitcore.layers import StdConv2d, fold_weight_standardization
 from bitcore.models import ResNetV2, create_model
-from bitcore.predict import InputImageError, Predictor
+from bitcore.predict import InputImageError, Predictor, top_k_labels
 from bitcore.transforms import eval_preprocess
 
 MODEL = "tiny-R10x0.25"
@@ -123,6 +123,18 @@ def test_top_k_is_clamped_and_validated(predictor: Predictor, images: list[Image
             predictor.predict(images[:1], top_k=bad)
     with pytest.raises(TypeError, match="top_k"):
         predictor.predict(images[:1], top_k=True)
+
+
+def test_top_k_labels_clamps_and_keeps_class_order_on_ties() -> None:
+    # Powers of two: exact in float32, so the scores compare exactly.
+    probs = torch.tensor([[0.25, 0.5, 0.25], [0.125, 0.25, 0.625]])
+    classes = ["ant", "bee", "cat"]
+    assert top_k_labels(probs, classes, 10) == [
+        [("bee", 0.5), ("ant", 0.25), ("cat", 0.25)],
+        [("cat", 0.625), ("bee", 0.25), ("ant", 0.125)],
+    ]
+    assert top_k_labels(probs, classes, 1) == [[("bee", 0.5)], [("cat", 0.625)]]
+    assert top_k_labels(probs, classes, 0) == [[("bee", 0.5)], [("cat", 0.625)]]
 
 
 def test_hand_set_head_gives_the_known_answer(images: list[Image.Image]) -> None:

@@ -18,7 +18,7 @@ from bitcore.models import create_model
 from bitcore.predict import InputImageError, Predictor
 from service.ids import new_id
 from service.metrics import Metrics
-from service.serving import ModelCache, ModelUnavailable, Overloaded, top_k_labels
+from service.serving import ModelCache, ModelUnavailable, Overloaded
 from service.settings import Settings
 from service.storage import Storage
 from tests.imagegen import class_image, encode
@@ -186,15 +186,6 @@ def test_bad_image_names_its_index(tmp_path: Path) -> None:
         await cache.close()
 
     asyncio.run(scenario())
-
-
-def test_top_k_labels_clamps_and_keeps_class_order_on_ties() -> None:
-    probs = torch.tensor([[0.25, 0.5, 0.25], [0.1, 0.2, 0.7]])
-    assert top_k_labels(probs, CLASSES, 10) == [
-        [("bee", 0.5), ("ant", 0.25), ("cat", 0.25)],
-        [("cat", pytest.approx(0.7)), ("bee", pytest.approx(0.2)), ("ant", pytest.approx(0.1))],
-    ]
-    assert top_k_labels(probs, CLASSES, 1) == [[("bee", 0.5)], [("cat", pytest.approx(0.7))]]
 
 
 def test_forward_runs_off_the_event_loop(tmp_path: Path) -> None:
