@@ -7,7 +7,8 @@
 
 What runs: a random-weight artifact is saved (bitcore.artifacts.save_artifact) into the store of
 a temporary BITSERVE_HOME with the embedded defaults (SQLite, migrated here) and registered as a
-model row (service.models_store.register_model), as the worker does after training. Then one
+model row (tests.model_fixtures.publish_model: service.job_runs.finish_succeeded), as the
+worker does after training. Then one
 uvicorn server process per configuration serves `create_app(settings)` on a loopback socket
 bound here (no port race):
 
@@ -63,7 +64,6 @@ import torch
 from PIL import Image
 from predict_speed import cpu_model  # benchmarks/ is on sys.path when run as a script
 
-from bitcore.artifacts import ArtifactMetadata, save_artifact
 from bitcore.models import create_model
 from bitcore.predict import Predictor
 
@@ -207,25 +207,25 @@ def multipart_body(index: int, data: bytes) -> bytes:
 
 def setup_home(home: Path, model_name: str, crop: int) -> tuple[str, Path]:
     """Migrated SQLite + one registered random-weight model; returns (model id, artifact dir)."""
-    from service import models_store as store
     from service.db import Database
     from service.settings import Settings
     from service.storage import Storage
+
+    # The repository root (benchmarks/ is sys.path[0] when run as a script), for the fixture
+    # that publishes a model as a finished job does.
+    sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
+    from tests.model_fixtures import publish_model
 
     settings = Settings(home=home)
     db = Database(settings.database_url)
     db.migrate()
     storage = Storage(settings.artifact_root)
-    model_id = store.new_model_id()
     torch.manual_seed(0)
     model = create_model(model_name, NUM_CLASSES)  # random head: each image its own answer
     classes = [f"class{i}" for i in range(NUM_CLASSES)]
-    directory = storage.model_dir(model_id)
-    save_artifact(directory, model, ArtifactMetadata(model_name, classes, crop, plan={}))
-    with db.session() as session:
-        store.register_model(session, storage, model_id, base_model=model_name)
+    model_id, _ = publish_model(db, storage, model, model_name, classes, crop)
     db.dispose()
-    return model_id, directory
+    return model_id, storage.model_dir(model_id)
 
 
 # -- the load generator ------------------------------------------------------------------------

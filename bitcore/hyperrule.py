@@ -77,7 +77,7 @@ class Plan:
         return (self.warmup_steps, *self.decay_steps, self.total_steps)
 
     def to_dict(self) -> dict[str, Any]:
-        """The REST shape (api.md, POST /v1/jobs -> plan)."""
+        """The REST shape (docs/api.md, POST /v1/jobs -> plan)."""
         return {
             "precrop": self.precrop,
             "crop": self.crop,

@@ -77,7 +77,7 @@ class ResNetV2(nn.Module):
             OrderedDict(
                 conv=conv(3, root_ch, kernel_size=7, stride=2, padding=3, bias=False),
                 # Zero padding then an unpadded max-pool: NOT the same as MaxPool(padding=1),
-                # which pads with -inf (bit.md, "Root").
+                # which pads with -inf (docs/bit.md, "Root").
                 pad=nn.ConstantPad2d(1, 0.0),
                 pool=nn.MaxPool2d(kernel_size=3, stride=2, padding=0),
             )

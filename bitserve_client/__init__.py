@@ -1,4 +1,5 @@
-"""A Python client for the bitserve REST API v1 (httpx only; no bitcore or service imports)."""
+"""A Python client for the bitserve REST API v1 (httpx and httpx-sse only; no bitcore or
+service imports)."""
 
 from bitserve_client.client import BitserveClient, zip_folder
 from bitserve_client.errors import ApiError, BitserveError, JobFailed, JobTimeout
@@ -8,9 +9,13 @@ from bitserve_client.schema import (
     Job,
     JobEvent,
     Label,
+    Metrics,
     Model,
+    Plan,
     PlanEstimate,
+    Predictions,
     Progress,
+    ProgressEvent,
 )
 
 __all__ = [
@@ -24,8 +29,12 @@ __all__ = [
     "JobFailed",
     "JobTimeout",
     "Label",
+    "Metrics",
     "Model",
+    "Plan",
     "PlanEstimate",
+    "Predictions",
     "Progress",
+    "ProgressEvent",
     "zip_folder",
 ]

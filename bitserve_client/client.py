@@ -1,4 +1,4 @@
-"""BitserveClient: the REST API v1 (api.md) from Python, on a synchronous httpx client.
+"""BitserveClient: the REST API v1 (docs/api.md) from Python, on a synchronous httpx client.
 
     with BitserveClient("http://127.0.0.1:8000") as api:
         dataset = api.upload_dataset("photos/")            # a folder is zipped on the fly
@@ -29,6 +29,7 @@ from typing import IO, TYPE_CHECKING, Any, Union, cast
 from urllib.parse import quote
 
 import httpx
+from httpx_sse import EventSource
 
 from bitserve_client.errors import ApiError, JobFailed, JobTimeout
 from bitserve_client.schema import (
@@ -39,9 +40,8 @@ from bitserve_client.schema import (
     Label,
     Model,
     PlanEstimate,
-    Progress,
+    ProgressEvent,
 )
-from bitserve_client.sse import SseParser
 
 if TYPE_CHECKING:
     from PIL.Image import Image as PILImage
@@ -211,7 +211,7 @@ class BitserveClient:
         self,
         job_id: str,
         timeout: float | None = None,
-        on_progress: Callable[[Progress], object] | None = None,
+        on_progress: Callable[[ProgressEvent], object] | None = None,
         *,
         poll_interval: float = 1.0,
     ) -> Job:
@@ -219,7 +219,7 @@ class BitserveClient:
         (with the job's error code and message). `on_progress` gets each progress update."""
         for event in self.watch_job(job_id, timeout=timeout, poll_interval=poll_interval):
             if event.event == "progress" and on_progress is not None:
-                on_progress(cast(Progress, event.data))
+                on_progress(cast(ProgressEvent, event.data))
             elif event.event == "done":
                 job = cast(Job, event.data)
                 if job.get("status") != "succeeded":
@@ -240,12 +240,13 @@ class BitserveClient:
             with self._stream("GET", path, headers=headers, timeout=limits) as response:
                 if not response.headers.get("content-type", "").startswith("text/event-stream"):
                     return
-                parser = SseParser()
-                for line in response.iter_lines():
+
+                def check() -> None:
                     _check_deadline(job_id, deadline, timeout, None)
-                    message = parser.feed(line)
-                    if message is not None:
-                        yield JobEvent(message.event, json.loads(message.data))
+
+                for message in EventSource(_Checked(response, check)).iter_sse():  # type: ignore[arg-type]
+                    check()
+                    yield JobEvent(message.event, json.loads(message.data))
         except httpx.ReadTimeout:
             _check_deadline(job_id, deadline, timeout, None)
             raise
@@ -434,6 +435,22 @@ def _is_pil(value: object) -> bool:
 def _seg(value: str) -> str:
     """An id as one path segment: "../x" can never reach another route."""
     return quote(value, safe="")
+
+
+class _Checked:
+    """The parts of a streamed response that httpx-sse's EventSource reads (headers, text
+    chunks), calling `check` before each chunk: the server's keep-alive pings arrive as chunks
+    but are no events, and a wait_for_job deadline must still be noticed while only pings
+    come (a job waiting in the queue)."""
+
+    def __init__(self, response: httpx.Response, check: Callable[[], None]) -> None:
+        self.headers = response.headers
+        self._response, self._check = response, check
+
+    def iter_text(self) -> Iterator[str]:
+        for chunk in self._response.iter_text():
+            self._check()
+            yield chunk
 
 
 def _check_deadline(

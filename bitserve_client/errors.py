@@ -12,7 +12,7 @@ class BitserveError(Exception):
 
 
 class ApiError(BitserveError):
-    """An error answer from the API: `{"error": {"code", "message", "details"}}` (api.md).
+    """An error answer from the API: `{"error": {"code", "message", "details"}}` (docs/api.md).
 
     An answer not in that shape (a proxy's HTML page, a bare 502) still becomes an ApiError,
     with code "http_<status>" and the start of the body as its message.

@@ -1,13 +1,19 @@
-"""The JSON shapes the API returns (api.md), as TypedDicts: plain dicts, typed for editors/mypy.
+"""The JSON shapes the API returns (docs/api.md), as TypedDicts: plain dicts, typed for
+editors and mypy.
 
-They describe what the server sends; the client does not validate or copy them, so fields a
-newer server adds are kept. `total=False` where the contract marks a field optional.
+They mirror the server's response schemas in /openapi.json, field for field;
+tests/unit/test_client_schema.py checks that against the server's own OpenAPI document, so
+the two cannot drift apart. The client does not validate or copy answers, so fields a newer
+server adds are kept.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, TypedDict
+from typing import Any, Literal, TypedDict
+
+JobStatus = Literal["queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
+Phase = Literal["downloading", "preparing", "training", "evaluating", "done"]
 
 
 class ClassCount(TypedDict):
@@ -28,7 +34,7 @@ class ImageSize(TypedDict):
 class Dataset(TypedDict):
     id: str
     name: str
-    status: str
+    status: Literal["ready"]
     num_images: int
     num_classes: int
     classes: list[ClassCount]
@@ -38,15 +44,59 @@ class Dataset(TypedDict):
     created_at: str
 
 
-class PlanEstimate(TypedDict, total=False):
+class PlanSource(TypedDict):
+    rule: Literal["bit-hyperrule"]
+    resolution: Literal["code", "paper"]
+    num_examples: int | None
+    image_size: list[int] | None
+    overridden: list[str]
+    from_scratch: bool
+
+
+class Plan(TypedDict):
+    precrop: int
+    crop: int
+    batch_size: int
+    micro_batch_size: int | None
+    base_lr: float
+    momentum: float
+    weight_decay: float
+    warmup_steps: int
+    decay_steps: list[int]
+    total_steps: int
+    mixup_alpha: float
+    zero_head: bool
+    source: PlanSource
+
+
+class Overrides(TypedDict, total=False):
+    steps: int | None
+    warmup_steps: int | None
+    batch_size: int | None
+    micro_batch_size: int | None
+    base_lr: float | None
+    crop: int | None
+    precrop: int | None
+    mixup_alpha: float | None
+
+
+class WorkEstimate(TypedDict):
+    training_examples: int
+    images_processed: int
+    epochs: float
+    seconds: float | None
+    basis: str
+
+
+class PlanEstimate(TypedDict):
     dataset_id: str
     base_model: str
     validation_fraction: float
-    plan: dict[str, Any]
-    estimate: dict[str, Any]
+    plan: Plan
+    estimate: WorkEstimate
 
 
-class BaseModel(TypedDict, total=False):
+class BaseModel(TypedDict):
     name: str
     architecture: str
     parameters: int
@@ -55,18 +105,26 @@ class BaseModel(TypedDict, total=False):
     requires_checkpoint: bool
     checkpoint_present: bool | None
     download_bytes: int | None
+    url: str | None
     description: str
 
 
-class Progress(TypedDict, total=False):
-    id: str  # in `progress` events only: the job's id
+class Progress(TypedDict):
     step: int
     total_steps: int
     loss: float | None
     lr: float | None
     images_per_second: float | None
     eta_seconds: float | None
-    phase: str | None
+    phase: Phase | None
+    downloaded_bytes: int | None
+    total_bytes: int | None
+
+
+class ProgressEvent(Progress):
+    """The data of a `progress` event: the job's progress and its id."""
+
+    id: str
 
 
 class JobErrorBody(TypedDict):
@@ -74,35 +132,58 @@ class JobErrorBody(TypedDict):
     message: str
 
 
-class Job(TypedDict, total=False):
+class ClassMetrics(TypedDict):
+    label: str
+    precision: float
+    recall: float
+    f1: float
+    support: int
+
+
+class Metrics(TypedDict):
+    accuracy: float | None
+    macro_f1: float | None
+    num_examples: int | None
+    loss: float | None
+    per_class: list[ClassMetrics]
+    confusion_matrix: list[list[int]]
+
+
+class Job(TypedDict):
     id: str
     name: str | None
-    status: str  # queued | running | succeeded | failed | cancelling | cancelled
-    dataset_id: str
+    status: JobStatus
+    dataset_id: str | None
     base_model: str
     validation_fraction: float
     seed: int
-    overrides: dict[str, Any]
-    plan: dict[str, Any]
+    overrides: Overrides
+    plan: Plan
     progress: Progress
     attempts: int
     error: JobErrorBody | None
     model_id: str | None
-    metrics: dict[str, Any] | None
+    metrics: Metrics | None
     created_at: str
     started_at: str | None
     finished_at: str | None
 
 
-class Model(TypedDict, total=False):
+class InputSpec(TypedDict):
+    crop: int
+    mean: list[float]
+    std: list[float]
+
+
+class Model(TypedDict):
     id: str
+    name: str | None
     job_id: str | None
     base_model: str
-    name: str | None
     classes: list[str]
-    plan: dict[str, Any]
-    metrics: dict[str, Any]
-    input: dict[str, Any]
+    plan: Plan
+    metrics: Metrics
+    input: InputSpec
     created_at: str
 
 
@@ -111,11 +192,19 @@ class Label(TypedDict):
     score: float
 
 
+class ImagePrediction(TypedDict):
+    top_k: list[Label]
+
+
+class Predictions(TypedDict):
+    model_id: str
+    predictions: list[ImagePrediction]
+
+
 @dataclass(frozen=True)
 class JobEvent:
-    """One event of a job's stream: `status` (data: the job), `progress` (data: {"id", step,
-    total_steps, loss, lr, images_per_second, eta_seconds, phase}) or the final `done` (data:
-    the finished job)."""
+    """One event of a job's stream: `status` (data: the Job), `progress` (data: a
+    ProgressEvent) or the final `done` (data: the finished Job)."""
 
     event: str
     data: dict[str, Any]

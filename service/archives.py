@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import IO, Any, Literal
 
-from service.errors import DomainError, InvalidRequest, TooLarge, UnsupportedMedia
+from service.errors import InvalidRequest, TooLarge, UnsupportedMedia
 
 ArchiveKind = Literal["zip", "tar.gz"]
 NESTED_SUFFIXES = (
@@ -44,35 +44,35 @@ COPY_CHUNK = 1 << 20
 _DRIVE = re.compile(r"^[A-Za-z]:")
 
 
-class ArchiveError(DomainError):
-    """The archive is refused. Its kind (the second base) says how the API answers."""
+class ArchiveError(InvalidRequest):
+    """The archive is refused: invalid input, unless a subclass names another kind first."""
 
     def __init__(self, code: str, message: str, **details: Any) -> None:
         super().__init__(code, message, details)
 
 
-class ArchiveTooLarge(ArchiveError, TooLarge):
+class ArchiveTooLarge(TooLarge, ArchiveError):
     """Too many entries, or too many bytes once uncompressed."""
 
     def __init__(self, message: str, **details: Any) -> None:
         super().__init__("archive_too_large", message, **details)
 
 
-class ArchiveUnsafe(ArchiveError, InvalidRequest):
+class ArchiveUnsafe(ArchiveError):
     """A member could escape the target, is a link or special file, or is a zip bomb."""
 
     def __init__(self, message: str, **details: Any) -> None:
         super().__init__("archive_unsafe", message, **details)
 
 
-class ArchiveInvalid(ArchiveError, InvalidRequest):
+class ArchiveInvalid(ArchiveError):
     """Corrupt, truncated, encrypted or self-contradictory."""
 
     def __init__(self, message: str, **details: Any) -> None:
         super().__init__("archive_invalid", message, **details)
 
 
-class NotAnArchive(ArchiveError, UnsupportedMedia):
+class NotAnArchive(UnsupportedMedia, ArchiveError):
     def __init__(self, message: str, **details: Any) -> None:
         super().__init__("unsupported_media_type", message, **details)
 

@@ -1,6 +1,6 @@
 """A light Celery client: the gateway sends "work on job X" by task name, never importing worker/.
 
-The database is the source of truth for jobs (operations.md, "Long jobs on Celery + Redis"):
+The database is the source of truth for jobs (docs/operations.md, "Long jobs on Celery + Redis"):
 a message only says which job to work on, so a lost or duplicated message is harmless (the
 reconciler re-sends, the worker's compare-and-set claim drops duplicates).
 """

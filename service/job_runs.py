@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from service.ids import utcnow
 from service.job_states import HELD_BY_WORKER, JobStatus, check_transition
-from service.models_store import model_row
+from service.models_store import TrainedModel, model_row
 from service.settings import Settings
 from service.tables import Job, Model
 
@@ -119,12 +119,8 @@ def finish_succeeded(
     session: Session,
     job_id: str,
     worker_id: str,
+    trained: TrainedModel,
     *,
-    model_id: str,
-    storage_key: str,
-    classes: list[str],
-    input_spec: dict[str, Any],
-    metrics: dict[str, Any],
     progress: Mapping[str, Any] | None = None,
     now: datetime | None = None,
 ) -> Model | None:
@@ -135,8 +131,8 @@ def finish_succeeded(
     if job is None:
         return None
     values: dict[str, Any] = {
-        "model_id": model_id,
-        "metrics": metrics,
+        "model_id": trained.model_id,
+        "metrics": trained.metrics,
         "finished_at": now,
         "updated_at": now,
         "error_code": None,
@@ -157,15 +153,7 @@ def finish_succeeded(
     if not succeeded:
         session.rollback()
         return None
-    model = model_row(
-        job,
-        model_id,
-        storage_key=storage_key,
-        classes=classes,
-        input_spec=input_spec,
-        metrics=metrics,
-        created_at=now,
-    )
+    model = model_row(job, trained, created_at=now)
     session.add(model)
     session.commit()
     return model

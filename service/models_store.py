@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import io
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from bitcore.artifacts import (
     METADATA_FILE,
     WEIGHTS_FILE,
     ArtifactMetadata,
+    load_metadata,
 )
 from service.errors import Gone, NotFound
 from service.ids import new_id
@@ -39,36 +41,49 @@ def new_model_id() -> str:
     return new_id("mdl")
 
 
-def model_row(
-    job: Job,
-    model_id: str,
-    *,
-    storage_key: str,
-    classes: Sequence[str],
-    input_spec: dict[str, Any],
-    metrics: dict[str, Any],
-    created_at: datetime,
-) -> Model:
-    """The row describing the model job `job` produced (its artifact already written at
-    `storage_key`). service.job_runs.finish_succeeded adds it in the transaction that marks the
-    job succeeded: the one place a model row is written."""
+@dataclass(frozen=True)
+class TrainedModel:
+    """What a finished job hands over: its artifact (written at `storage_key`) and what the
+    model row says about it."""
+
+    model_id: str
+    storage_key: str
+    classes: list[str]
+    input_spec: dict[str, Any]
+    metrics: dict[str, Any]
+
+    @classmethod
+    def from_artifact(
+        cls, storage: Storage, model_id: str, metrics: dict[str, Any]
+    ) -> TrainedModel:
+        """Read classes and input size from the artifact's metadata.json, so the row always
+        describes the weights that are actually served."""
+        directory = storage.model_dir(model_id)
+        meta = load_metadata(directory)
+        return cls(model_id, storage.key(directory), list(meta.classes), input_spec(meta), metrics)
+
+
+def model_row(job: Job, trained: TrainedModel, created_at: datetime) -> Model:
+    """The row describing the model job `job` produced. service.job_runs.finish_succeeded
+    adds it in the transaction that marks the job succeeded: the one place a model row is
+    written."""
     return Model(
-        id=model_id,
+        id=trained.model_id,
         tenant_id=job.tenant_id,
         job_id=job.id,
         base_model=job.base_model,
         name=job.name,
-        classes=list(classes),
+        classes=list(trained.classes),
         plan=job.plan,
-        metrics=metrics,
-        input=input_spec,
-        storage_key=storage_key,
+        metrics=trained.metrics,
+        input=trained.input_spec,
+        storage_key=trained.storage_key,
         created_at=created_at,
     )
 
 
 def input_spec(meta: ArtifactMetadata) -> dict[str, Any]:
-    """How a client preprocesses images for the model (api.md "Models": input)."""
+    """How a client preprocesses images for the model (docs/api.md, "Models": input)."""
     return {"crop": meta.crop, "mean": list(INPUT_MEAN), "std": list(INPUT_STD)}
 
 

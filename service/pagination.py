@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from collections.abc import Callable
 from datetime import datetime
 from typing import Annotated, Any, TypeVar
 
@@ -17,8 +18,10 @@ from fastapi import Query
 from sqlalchemy.orm import Session
 
 from service.errors import MalformedRequest
+from service.schemas import Page
 
 T = TypeVar("T")
+Item = TypeVar("Item")
 DEFAULT_LIMIT = 20
 MAX_LIMIT = 100
 
@@ -42,6 +45,18 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
         raise MalformedRequest(
             "invalid_cursor", "cursor is not one this API returned; start again without it"
         ) from None
+
+
+def page(
+    session: Session,
+    query: sa.Select[T],
+    limit: int,
+    cursor: str | None,
+    public: Callable[[T], Item],
+) -> Page[Item]:
+    """One page of `query`, each row turned into its public schema by `public`."""
+    rows, next_cursor = paginate(session, query, limit, cursor)
+    return Page(items=[public(row) for row in rows], next_cursor=next_cursor)
 
 
 def paginate(

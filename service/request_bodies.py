@@ -30,7 +30,9 @@ FILES_FIELD = "files"
 PREDICT_HINT = "send fewer or smaller images per request"
 
 
-async def capped_stream(request: Request, limit: int, hint: str = "") -> AsyncGenerator[bytes, None]:
+async def capped_stream(
+    request: Request, limit: int, hint: str = ""
+) -> AsyncGenerator[bytes, None]:
     """The body of `request`, chunk by chunk; TooLarge (payload_too_large) as soon as the
     declared or the received length passes `limit` bytes, MalformedRequest if the client
     goes away."""

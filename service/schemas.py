@@ -111,17 +111,21 @@ class Plan(Stored):
     source: PlanSource
 
 
-class Overrides(Stored):
-    """HyperRule fields a job set itself (POST /v1/jobs `overrides`)."""
+def _unset(value: object) -> bool:
+    return value is None
 
-    steps: int | None = None
-    warmup_steps: int | None = None
-    batch_size: int | None = None
-    micro_batch_size: int | None = None
-    base_lr: float | None = None
-    crop: int | None = None
-    precrop: int | None = None
-    mixup_alpha: float | None = None
+
+class Overrides(Stored):
+    """HyperRule fields a job set itself (POST /v1/jobs `overrides`); only those set appear."""
+
+    steps: int | None = Field(None, exclude_if=_unset)
+    warmup_steps: int | None = Field(None, exclude_if=_unset)
+    batch_size: int | None = Field(None, exclude_if=_unset)
+    micro_batch_size: int | None = Field(None, exclude_if=_unset)
+    base_lr: float | None = Field(None, exclude_if=_unset)
+    crop: int | None = Field(None, exclude_if=_unset)
+    precrop: int | None = Field(None, exclude_if=_unset)
+    mixup_alpha: float | None = Field(None, exclude_if=_unset)
 
 
 class DatasetPlan(Schema):

@@ -1,6 +1,6 @@
 """Serving fine-tuned models: a per-process LRU of loaded predictors and dynamic batching.
 
-What the best servers do (operations.md "Serving") and how it is done here:
+What the best servers do (docs/operations.md "Serving") and how it is done here:
 - Load once, off the request path: a model is loaded in a worker thread the first time it is
   asked for; concurrent requests for the same model wait on that one load; a warm-up forward
   runs before the model is used (allocator, kernel selection, lazy init).

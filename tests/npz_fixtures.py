@@ -1,6 +1,6 @@
 """Checkpoints in the official BiT .npz format, written by hand for tests.
 
-The arrays are named key by key from the published naming (shared/spec/bit.md, "Official
+The arrays are named key by key from the published naming (docs/bit.md, "Official
 checkpoint format"), HWIO kernels and all, WITHOUT calling bitcore.checkpoints: the loader is
 tested against the format, not against its own exporter. Some convs carry TensorFlow's
 `standardized_conv2d_N` suffix, as in some published files.

@@ -1,7 +1,7 @@
 """The worker's Celery app. Configured from service.settings when Celery first needs it (not
 at import), so `celery -A worker.celery_app worker -Q train` reads the environment then.
 
-Settings follow operations.md, "Long jobs on Celery + Redis":
+Settings follow docs/operations.md, "Long jobs on Celery + Redis":
 - acks_late + reject_on_worker_lost: a message is acknowledged only when its task returns, so
   a worker that dies mid-job gives the message back; the database's attempt counter (not the
   broker) stops a job that kills its worker from looping.
@@ -25,7 +25,7 @@ from service.settings import get_settings
 
 app = Celery("bitserve", include=["worker.tasks"])
 # Set when this process should stop: a running job checkpoints and goes back to the queue
-# (operations.md: "SIGTERM ... lets the running training step checkpoint").
+# (docs/operations.md: "SIGTERM ... lets the running training step checkpoint").
 SHUTTING_DOWN = threading.Event()
 
 

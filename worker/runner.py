@@ -21,7 +21,6 @@ from dataclasses import replace
 from pathlib import Path
 
 from bitcore import catalog
-from bitcore.artifacts import load_metadata
 from bitcore.data.index import DatasetIndex
 from bitcore.hyperrule import Plan
 from bitcore.models import MODEL_SPECS
@@ -153,7 +152,6 @@ class JobRun:
             else None,
             num_workers=0 if _daemonic() else None,
         )
-        meta = load_metadata(self.out_dir)
         last = self.progress.latest or Progress(step=0, total_steps=plan.total_steps)
         final = replace(
             last, step=result.steps, total_steps=plan.total_steps, phase="done", eta_seconds=0
@@ -163,11 +161,9 @@ class JobRun:
                 session,
                 self.job.id,
                 self.worker_id,
-                model_id=self.model_id,
-                storage_key=self.storage.key(self.out_dir),
-                classes=list(meta.classes),
-                input_spec=models_store.input_spec(meta),
-                metrics=result.metrics,
+                models_store.TrainedModel.from_artifact(
+                    self.storage, self.model_id, result.metrics
+                ),
                 progress=final.to_dict(),
             )
         if model is None:  # cancel requested after the last step, or the job was taken over

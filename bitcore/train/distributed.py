@@ -1,6 +1,6 @@
 """DistributedDataParallel on one node: one process per device, spawned by torch.multiprocessing.
 
-GroupNorm + Weight Standardization have no batch statistics (bit.md), so ranks need no SyncBN:
+GroupNorm + Weight Standardization have no batch statistics (docs/bit.md), so ranks need no SyncBN:
 each rank takes its slice of every micro-batch and DDP averages the gradients, which gives the
 same update as one process on the whole batch. Backend nccl on CUDA, gloo on CPU.
 

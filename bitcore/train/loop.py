@@ -1,6 +1,6 @@
 """The optimisation loop of one process (the only one, or one DDP rank).
 
-BiT fine-tuning (reference bit_pytorch/train.py, bit.md): SGD with momentum 0.9 and no weight
+BiT fine-tuning (reference bit_pytorch/train.py, docs/bit.md): SGD with momentum 0.9 and no weight
 decay; the learning rate is set before every step from the HyperRule schedule (0 at step 0, and
 that step is still taken, as in the reference), and training stops when the schedule ends. The
 batch of `plan.batch_size` images is accumulated over micro-batches, each loss scaled by

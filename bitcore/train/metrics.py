@@ -23,7 +23,7 @@ def classification_metrics(
     predictions: torch.Tensor | Sequence[int],
     classes: Sequence[str],
 ) -> dict[str, Any]:
-    """The api.md shape: {accuracy, per_class:[{label, precision, recall, f1, support}],
+    """The docs/api.md shape: {accuracy, per_class:[{label, precision, recall, f1, support}],
     confusion_matrix, num_examples, macro_f1}. A ratio with a zero denominator is 0.0
     (as scikit-learn's zero_division=0)."""
     y = torch.as_tensor(labels, dtype=torch.long)

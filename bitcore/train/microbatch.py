@@ -1,5 +1,5 @@
 """Choosing the micro-batch: BiT's batch 512 rarely fits one device, so the engine accumulates
-gradients over micro-batches (bit.md; reference train.py `--batch_split`)."""
+gradients over micro-batches (docs/bit.md; reference train.py `--batch_split`)."""
 
 from __future__ import annotations
 

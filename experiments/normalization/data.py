@@ -2,7 +2,7 @@
 
 A real image dataset that ships inside a package, so the experiment needs no download. The 8x8
 grey images are upscaled (bilinear) to 32x32 and copied to three channels so the unchanged BiT
-ResNetV2 (RGB input in [-1, 1], bit.md "Input") can read them.
+ResNetV2 (RGB input in [-1, 1], docs/bit.md "Input") can read them.
 """
 
 from __future__ import annotations

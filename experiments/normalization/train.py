@@ -58,7 +58,7 @@ class TrainConfig:
     global_batch: int = 32
     lr: float = 0.05
     momentum: float = 0.9
-    weight_decay: float = 0.0  # BiT fine-tunes without weight decay (bit.md, HyperRule)
+    weight_decay: float = 0.0  # BiT fine-tunes without weight decay (docs/bit.md, HyperRule)
     warmup_fraction: float = 0.1
     log_every: int = 10
 

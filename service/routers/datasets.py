@@ -12,11 +12,11 @@ from service.archives import detect_kind
 from service.deps import DbDep, SessionDep, SettingsDep, StorageDep, TenantDep
 from service.errors import UnsupportedMedia
 from service.http_errors import error_responses
-from service.pagination import DEFAULT_LIMIT, CursorQuery, LimitQuery, paginate
+from service.pagination import DEFAULT_LIMIT, CursorQuery, LimitQuery, page
 from service.schemas import DatasetPlan, DatasetPublic, Page, Plan
 from service.uploads import receive_upload
 
-router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=error_responses(422))
 
 UPLOAD_DOC = {
     "requestBody": {
@@ -78,8 +78,7 @@ def list_datasets(
     limit: LimitQuery = DEFAULT_LIMIT,
     cursor: CursorQuery = None,
 ) -> Page[DatasetPublic]:
-    rows, next_cursor = paginate(session, datasets.list_datasets(tenant), limit, cursor)
-    return Page(items=[DatasetPublic.from_row(r) for r in rows], next_cursor=next_cursor)
+    return page(session, datasets.list_datasets(tenant), limit, cursor, DatasetPublic.from_row)
 
 
 @router.get("/{dataset_id}", response_model=DatasetPublic, responses=error_responses(404))

@@ -10,7 +10,8 @@ import sqlalchemy as sa
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.http_errors import error_response, error_responses
+from service.errors import Unavailable
+from service.http_errors import error_responses
 from service.schemas import Health, Ready
 from service.settings import Settings
 
@@ -18,7 +19,7 @@ log = logging.getLogger(__name__)
 router = APIRouter(tags=["health"])
 
 CHECK_TIMEOUT_S = 3.0
-READY_RETRY_AFTER = "5"
+READY_RETRY_AFTER = 5
 
 
 def check_broker(url: str, timeout: float = CHECK_TIMEOUT_S) -> None:
@@ -76,12 +77,11 @@ async def readyz(request: Request) -> Response:
             log.warning("readiness: %s failed: %s", name, exc)
             failing[name] = f"{type(exc).__name__}: {exc}"[:300]
     if failing:
-        return error_response(
-            503,
+        raise Unavailable(
             "not_ready",
             f"not ready: {', '.join(failing)} unavailable",
             {"failing": failing},
-            {"Retry-After": READY_RETRY_AFTER},
+            retry_after=READY_RETRY_AFTER,
         )
     return Response('{"status":"ready"}', media_type="application/json")
 

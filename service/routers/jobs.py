@@ -23,10 +23,10 @@ from service.db import Database
 from service.deps import BrokerDep, DbDep, SessionDep, TenantDep
 from service.http_errors import error_responses
 from service.job_states import JobStatus
-from service.pagination import DEFAULT_LIMIT, CursorQuery, LimitQuery, paginate
+from service.pagination import DEFAULT_LIMIT, CursorQuery, LimitQuery, page
 from service.schemas import JobPublic, Page
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=error_responses(422))
 T = TypeVar("T")
 
 EVENTS_POLL_SECONDS = 0.5
@@ -105,10 +105,8 @@ async def list_jobs(
     limit: LimitQuery = DEFAULT_LIMIT,
     cursor: CursorQuery = None,
 ) -> Page[JobPublic]:
-    items, next_cursor = await _call(
-        paginate, session, jobs.list_jobs(tenant, status), limit, cursor
-    )
-    return Page(items=[JobPublic.from_row(j) for j in items], next_cursor=next_cursor)
+    query = jobs.list_jobs(tenant, status)
+    return await _call(page, session, query, limit, cursor, JobPublic.from_row)
 
 
 @router.get(

@@ -18,12 +18,12 @@ from service import models_store as store
 from service.deps import SessionDep, SettingsDep, StorageDep, TenantDep
 from service.errors import InvalidRequest, Unavailable
 from service.http_errors import error_responses
-from service.pagination import DEFAULT_LIMIT, CursorQuery, LimitQuery, paginate
+from service.pagination import DEFAULT_LIMIT, CursorQuery, LimitQuery, page
 from service.request_bodies import FILES_FIELD, read_images
 from service.schemas import ImagePrediction, Label, ModelPublic, Page, PredictResponse
 from service.serving import ModelCache, ModelUnavailable, Overloaded
 
-router = APIRouter(prefix="/v1/models", tags=["models"])
+router = APIRouter(prefix="/v1/models", tags=["models"], responses=error_responses(422))
 
 PREDICT_BODY_DOC: dict[str, Any] = {
     "requestBody": {
@@ -77,8 +77,7 @@ def list_models(
     limit: LimitQuery = DEFAULT_LIMIT,
     cursor: CursorQuery = None,
 ) -> Page[ModelPublic]:
-    rows, next_cursor = paginate(session, store.list_models(tenant), limit, cursor)
-    return Page(items=[ModelPublic.from_row(row) for row in rows], next_cursor=next_cursor)
+    return page(session, store.list_models(tenant), limit, cursor, ModelPublic.from_row)
 
 
 @router.get("/{model_id}", response_model=ModelPublic, responses=error_responses(404))

@@ -21,6 +21,7 @@ from service.settings import Settings
 from service.tables import Dataset, Job
 from tests.imagegen import make_archive, make_image_folder
 from tests.integration.conftest import LiveServer
+from tests.model_fixtures import fixture_plan
 
 pytestmark = pytest.mark.integration
 
@@ -341,7 +342,7 @@ def test_delete_refused_while_a_job_uses_it(
                 dataset_id=dataset_id,
                 base_model="tiny-R10x0.25",
                 status="running",
-                plan={},
+                plan=fixture_plan(32),
             )
         )
     response = client.delete(f"/v1/datasets/{dataset_id}")

@@ -12,6 +12,7 @@ import pytest
 
 from service.settings import Settings
 from tests.integration.conftest import LiveServer
+from tests.model_fixtures import fixture_plan
 
 pytestmark = pytest.mark.integration
 
@@ -108,7 +109,7 @@ def test_errors_have_the_contract_shape(client: httpx.Client) -> None:
 
 def test_base_models_catalog(client: httpx.Client, settings: Settings) -> None:
     body = client.get("/v1/base-models").json()
-    assert body["next_cursor"] is None  # the list shape of api.md; the catalog is one page
+    assert body["next_cursor"] is None  # the list shape of docs/api.md; the catalog is one page
     items = {m["name"]: m for m in body["items"]}
     assert len(items) == 14  # BiT-S/BiT-M x 6 sizes, and the two small unpublished variants
     r50 = items["BiT-M-R50x1"]
@@ -187,7 +188,7 @@ def test_metrics_report_jobs_and_heartbeats_from_the_database(
                     id=job_id,
                     base_model="tiny-R10x0.25",
                     status="running",
-                    plan={},
+                    plan=fixture_plan(32),
                     worker_id=worker,
                     heartbeat_at=utcnow() - timedelta(seconds=30),
                 )

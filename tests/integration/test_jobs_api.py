@@ -20,7 +20,7 @@ import pytest
 import redis
 
 from bitcore import hyperrule
-from service import jobs
+from service import job_runs, jobs
 from service.db import Database
 from service.settings import Settings
 from tests.imagegen import make_archive, make_image_folder
@@ -129,6 +129,8 @@ def test_create_job_answers_the_hyperrule_plan(
         "images_per_second": None,
         "eta_seconds": None,
         "phase": None,
+        "downloaded_bytes": None,
+        "total_bytes": None,
     }
     assert (job["attempts"], job["error"], job["model_id"], job["metrics"]) == (0, None, None, None)
     assert job["created_at"].endswith("Z") and job["started_at"] is None
@@ -255,7 +257,7 @@ def test_events_stream_follows_the_job(
     def worker() -> None:  # the real state machine, driven as a worker would
         time.sleep(gap)
         with db.sessionmaker() as session:
-            assert jobs.claim(session, job_id, "sse-worker", settings).claimed
+            assert job_runs.claim(session, job_id, "sse-worker", settings).claimed
             time.sleep(gap)
             progress = {
                 "step": 3,
@@ -266,11 +268,11 @@ def test_events_stream_follows_the_job(
                 "eta_seconds": 30.0,
                 "phase": "training",
             }
-            jobs.record_progress(session, job_id, "sse-worker", progress)
+            job_runs.record_progress(session, job_id, "sse-worker", progress)
             time.sleep(gap)
-            jobs.request_cancel(session, job_id)
+            jobs.request_cancel(session, None, job_id)
             time.sleep(gap)
-            jobs.finish_cancelled(session, job_id, "sse-worker")
+            job_runs.finish_cancelled(session, job_id, "sse-worker")
 
     thread = threading.Thread(target=worker)
     events: list[tuple[str, dict[str, Any]]] = []
@@ -302,6 +304,8 @@ def test_events_stream_follows_the_job(
         "images_per_second": 12.5,
         "eta_seconds": 30.0,
         "phase": "training",
+        "downloaded_bytes": None,
+        "total_bytes": None,
     }
     assert events[-1][1]["finished_at"] is not None
 
@@ -325,6 +329,6 @@ def test_unreachable_broker_leaves_the_job_queued(
         assert time.monotonic() - started < 10
     db = Database(migrated_db)
     with db.sessionmaker() as session:
-        job = jobs.get_job(session, response.json()["id"])
+        job = jobs.get_job(session, None, response.json()["id"])
         assert job.status == "queued" and job.enqueued_at is None  # for the reconciler
     db.dispose()

@@ -1,7 +1,7 @@
 """/v1/models over real HTTP (uvicorn) on PostgreSQL: list, get, delete, download, predict.
 
-Models are real bitcore artifacts of the tiny architecture, registered through
-service.models_store as the worker does. Predictions are checked against bitcore's Predictor
+Models are real bitcore artifacts of the tiny architecture, published through
+service.job_runs.finish_succeeded as a finished job is (tests.model_fixtures). Predictions are checked against bitcore's Predictor
 on the same images (random weights: every image gets its own answer, so order matters), and
 against a model whose head is set so its scores are known exactly.
 """
@@ -23,14 +23,13 @@ import httpx
 import pytest
 import torch
 
-from bitcore.artifacts import ArtifactMetadata, save_artifact
 from bitcore.models import create_model
 from bitcore.predict import Predictor
-from service import models_store as store
 from service.ids import new_id
 from service.settings import Settings
 from tests.imagegen import class_image, encode
 from tests.integration.conftest import LiveServer, make_settings
+from tests.model_fixtures import fixture_plan, publish_model
 
 pytestmark = pytest.mark.integration
 
@@ -55,9 +54,18 @@ def _add_model(
     seed: int = 0,
     known_head: bool = False,
     created_at: datetime | None = None,
-    job_id: str | None = None,
 ) -> str:
-    model_id = new_id("mdl")
+    return _publish(server, seed=seed, known_head=known_head, created_at=created_at)[0]
+
+
+def _publish(
+    server: LiveServer,
+    *,
+    seed: int = 0,
+    known_head: bool = False,
+    created_at: datetime | None = None,
+) -> tuple[str, str]:
+    """A tiny model published as a finished job does: (model id, job id)."""
     torch.manual_seed(seed)
     model = create_model("tiny-R10x0.25", len(CLASSES))
     if known_head:
@@ -66,24 +74,17 @@ def _add_model(
         with torch.no_grad():
             head.weight.zero_()
             head.bias.copy_(torch.tensor(KNOWN).log())  # type: ignore[union-attr]
-    storage = server.app.state.storage
-    save_artifact(
-        storage.model_dir(model_id),
+    state = server.app.state
+    return publish_model(
+        state.db,
+        state.storage,
         model,
-        ArtifactMetadata(
-            "tiny-R10x0.25", CLASSES, 32, plan={"crop": 32, "total_steps": 12}, metrics=METRICS
-        ),
+        "tiny-R10x0.25",
+        CLASSES,
+        32,
+        metrics=METRICS,
+        created_at=created_at,
     )
-    with server.app.state.db.session() as session:
-        store.register_model(
-            session,
-            storage,
-            model_id,
-            base_model="tiny-R10x0.25",
-            job_id=job_id,
-            created_at=created_at,
-        )
-    return model_id
 
 
 def _images(count: int, fmt: str = "PNG") -> list[bytes]:
@@ -104,7 +105,7 @@ def assert_error(response: httpx.Response, status: int, code: str) -> dict[str, 
 
 @pytest.fixture(scope="module")
 def random_model(live_server_instance: LiveServer) -> str:
-    return _add_model(live_server_instance, seed=1, job_id=new_id("job"))
+    return _add_model(live_server_instance, seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -115,9 +116,8 @@ def known_model(live_server_instance: LiveServer) -> str:
 def test_get_model_has_the_documented_shape(
     client: httpx.Client, live_server_instance: LiveServer
 ) -> None:
-    job_id = new_id("job")
     at = FUTURE - timedelta(days=1)
-    model_id = _add_model(live_server_instance, job_id=job_id, created_at=at)
+    model_id, job_id = _publish(live_server_instance, created_at=at)
     response = client.get(f"/v1/models/{model_id}")
     assert response.status_code == 200, response.text
     assert response.json() == {
@@ -126,8 +126,8 @@ def test_get_model_has_the_documented_shape(
         "job_id": job_id,
         "base_model": "tiny-R10x0.25",
         "classes": CLASSES,
-        "plan": {"crop": 32, "total_steps": 12},
-        "metrics": METRICS,
+        "plan": fixture_plan(32),
+        "metrics": {**METRICS, "macro_f1": None, "num_examples": None, "loss": None},
         "input": {"crop": 32, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]},
         "created_at": "2099-12-31T00:00:00Z",
     }
@@ -411,14 +411,14 @@ def test_limits_too_many_images_and_too_large_bodies(
         instances = [{"image_b64": base64.b64encode(b).decode()} for b in images]
         assert_error(http.post(url, json={"instances": instances}), 413, "too_many_images")
         big = b"\x89PNG\r\n\x1a\n" + bytes(70_000)
-        assert_error(http.post(url, files=[("files", ("big.png", big))]), 413, "request_too_large")
+        assert_error(http.post(url, files=[("files", ("big.png", big))]), 413, "payload_too_large")
 
         def chunked() -> Any:  # no Content-Length: the cap is enforced while streaming
             for _ in range(10):
                 yield b"x" * 10_000
 
         response = http.post(url, content=chunked(), headers={"content-type": "application/json"})
-        assert_error(response, 413, "request_too_large")
+        assert_error(response, 413, "payload_too_large")
         assert http.post(url, files=_files(images[:2])).status_code == 200
 
 

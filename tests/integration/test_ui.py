@@ -19,13 +19,11 @@ import httpx
 import pytest
 import torch
 
-from bitcore.artifacts import ArtifactMetadata, save_artifact
 from bitcore.models import create_model
-from service import models_store as store
-from service.ids import new_id
 from tests.imagegen import class_image, encode, make_archive, make_image_folder
 from tests.integration.conftest import JobServer, LiveServer
 from tests.integration.worker_fixtures import FAST_OVERRIDES
+from tests.model_fixtures import publish_model
 
 pytestmark = pytest.mark.integration
 
@@ -230,17 +228,14 @@ def test_the_scripts_pure_parts_with_node() -> None:
 
 def _known_model(server: LiveServer) -> str:
     """A tiny model whose head gives every image the scores ant 0.7, bee 0.2, cat 0.1."""
-    model_id = new_id("mdl")
     model = create_model("tiny-R10x0.25", 3)
     head: torch.nn.Conv2d = model.head.conv  # type: ignore[assignment]
     with torch.no_grad():
         head.weight.zero_()
         head.bias.copy_(torch.tensor([0.7, 0.2, 0.1]).log())  # type: ignore[union-attr]
-    storage = server.app.state.storage
-    meta = ArtifactMetadata("tiny-R10x0.25", ["ant", "bee", "cat"], 32, plan={"crop": 32})
-    save_artifact(storage.model_dir(model_id), model, meta)
-    with server.app.state.db.session() as session:
-        store.register_model(session, storage, model_id, base_model="tiny-R10x0.25")
+    state = server.app.state
+    classes = ["ant", "bee", "cat"]
+    model_id, _ = publish_model(state.db, state.storage, model, "tiny-R10x0.25", classes, 32)
     return model_id
 
 

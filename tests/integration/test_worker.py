@@ -123,7 +123,7 @@ def test_cancelling_a_running_job_stops_it_and_keeps_no_model(
         worker,
     )
     with env.db.sessionmaker() as session:
-        assert jobs.request_cancel(session, job_id).status == "cancelling"
+        assert jobs.request_cancel(session, None, job_id).status == "cancelling"
     job = wait_for_job(env.db, job_id, finished, 15, "cancelled", worker)
     assert job.status == "cancelled" and job.model_id is None
     assert job.progress is not None and job.progress["step"] < 5000

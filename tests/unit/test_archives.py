@@ -21,6 +21,7 @@ from service.archives import (
     extract_archive,
     safe_relpath,
 )
+from service.http_errors import status_of
 from tests.imagegen import make_archive, make_image_folder
 
 LIMITS = Limits(max_entries=1000, max_uncompressed_bytes=64 << 20, max_compression_ratio=200)
@@ -98,7 +99,7 @@ def test_detect_kind_uses_magic_bytes_not_names(tmp_path: Path) -> None:
     gz.write_bytes(b"\x1f\x8b\x08\x00rest")
     assert detect_kind(gz) == "tar.gz"
     error = _refused(tmp_path, fake)
-    assert (error.status, error.code) == (415, "unsupported_media_type")
+    assert (status_of(error), error.code) == (415, "unsupported_media_type")
 
 
 @pytest.mark.parametrize(
@@ -122,7 +123,7 @@ def test_names_escaping_the_target_are_refused(
     else:
         archive = _tar(tmp_path / "a.tar.gz", [_file(n) for n in members], members)
     error = _refused(tmp_path, archive)
-    assert (error.status, error.code) == (422, "archive_unsafe")
+    assert (status_of(error), error.code) == (422, "archive_unsafe")
     assert error.details["reason"] == reason
 
 
@@ -165,7 +166,7 @@ def test_zip_bomb_by_compression_ratio(tmp_path: Path) -> None:
     zeros = bytes(RATIO_MIN_BYTES + 1)  # ~1000x with deflate
     archive = _zip(tmp_path / "a.zip", {"cat/ok.png": b"x" * 10, "cat/bomb.png": zeros})
     error = _refused(tmp_path, archive)
-    assert (error.status, error.code) == (422, "archive_unsafe")
+    assert (status_of(error), error.code) == (422, "archive_unsafe")
     assert error.details["reason"] == "compression_ratio"
     assert error.details["path"] == "cat/bomb.png"
     assert error.details["ratio"] > 200
@@ -182,7 +183,7 @@ def test_gzip_bomb_by_ratio_of_the_whole_stream(tmp_path: Path) -> None:
     archive = _tar(tmp_path / "a.tar.gz", [_file("cat/bomb.png")], {"cat/bomb.png": zeros})
     limits = Limits(max_compression_ratio=200, stream_ratio_min_bytes=1 << 20)
     error = _refused(tmp_path, archive, limits)
-    assert (error.status, error.code) == (422, "archive_unsafe")
+    assert (status_of(error), error.code) == (422, "archive_unsafe")
     assert error.details["reason"] == "compression_ratio"
     assert error.details["ratio"] > 200
     # Under the stream floor (default 64 MiB) the same archive is accepted.
@@ -198,7 +199,7 @@ def test_total_uncompressed_size_is_capped(tmp_path: Path, kind: str) -> None:
         archive = _tar(tmp_path / "a.tar.gz", [_file(n) for n in members], members)
     limits = Limits(max_entries=100, max_uncompressed_bytes=1000, max_compression_ratio=200)
     error = _refused(tmp_path, archive, limits)
-    assert (error.status, error.code) == (413, "archive_too_large")
+    assert (status_of(error), error.code) == (413, "archive_too_large")
     assert error.details["reason"] == "uncompressed_size"
     roomy = Limits(max_entries=100, max_uncompressed_bytes=1200, max_compression_ratio=200)
     assert extract_archive(archive, tmp_path / "ok", roomy).bytes == 1200
@@ -211,7 +212,7 @@ def test_decompressed_stream_is_capped_while_reading() -> None:
     assert len(reader.read(4096)) == 4096
     with pytest.raises(ArchiveError) as caught:
         reader.read(10)
-    assert (caught.value.status, caught.value.code) == (413, "archive_too_large")
+    assert (status_of(caught.value), caught.value.code) == (413, "archive_too_large")
 
 
 @pytest.mark.parametrize("kind", ["zip", "tar.gz"])
@@ -223,7 +224,7 @@ def test_too_many_entries(tmp_path: Path, kind: str) -> None:
         archive = _tar(tmp_path / "a.tar.gz", [_file(n) for n in members], members)
     limits = Limits(max_entries=3, max_uncompressed_bytes=1 << 20, max_compression_ratio=200)
     error = _refused(tmp_path, archive, limits)
-    assert (error.status, error.code, error.details["reason"]) == (
+    assert (status_of(error), error.code, error.details["reason"]) == (
         413,
         "archive_too_large",
         "too_many_entries",
@@ -290,7 +291,7 @@ def test_file_and_folder_with_the_same_name(tmp_path: Path) -> None:
     archive = _zip(tmp_path / "a.zip", {"cat": b"file", "cat/a.png": b"a"})
     with pytest.raises(ArchiveError) as caught:
         extract_archive(archive, tmp_path / "out", LIMITS)
-    assert (caught.value.status, caught.value.code) == (422, "archive_invalid")
+    assert (status_of(caught.value), caught.value.code) == (422, "archive_invalid")
 
 
 @pytest.mark.parametrize("kind", ["zip", "tar.gz"])
@@ -301,7 +302,7 @@ def test_truncated_archives_are_invalid_not_500(tmp_path: Path, kind: str) -> No
     archive.write_bytes(data[: len(data) // 2])
     with pytest.raises(ArchiveError) as caught:
         extract_archive(archive, tmp_path / "out", LIMITS)
-    assert (caught.value.status, caught.value.code) == (422, "archive_invalid")
+    assert (status_of(caught.value), caught.value.code) == (422, "archive_invalid")
 
 
 def test_encrypted_zip_members_are_refused(tmp_path: Path) -> None:

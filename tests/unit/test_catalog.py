@@ -264,7 +264,7 @@ def test_catalog_contents():
     assert CATALOG["BiT-M-R101x3-ILSVRC2012"].num_classes == 1000
     assert CATALOG["BiT-M-R101x3-ILSVRC2012"].model_name == "BiT-M-R101x3"
     assert CATALOG["BiT-M-R50x1"].upstream == "ImageNet-21k"
-    # bit.md: BiT-M-R50x1 ~260 MiB (21k head), BiT-S-R50x1 ~98 MiB.
+    # docs/bit.md: BiT-M-R50x1 ~260 MiB (21k head), BiT-S-R50x1 ~98 MiB.
     assert round(CATALOG["BiT-M-R50x1"].approx_bytes / 2**20) == 260
     assert round(CATALOG["BiT-S-R50x1"].approx_bytes / 2**20) == 97
     assert CATALOG["BiT-S-R50x3"].parameters == count_parameters("BiT-S-R50x3")

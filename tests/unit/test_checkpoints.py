@@ -39,7 +39,7 @@ def small_model(num_classes: int = CLASSES) -> Any:  # Any: tests reach into sub
     return ResNetV2(DEPTHS, TINY_WIDTH, num_classes, norm=partial(group_norm, groups=TINY_GROUPS))
 
 
-# --- the independent reference (bit_pytorch/models.py, re-derived from bit.md) -----------------
+# --- the independent reference (bit_pytorch/models.py, re-derived from docs/bit.md) -----------------
 
 
 def _get(arrays: dict[str, np.ndarray], name: str) -> torch.Tensor:

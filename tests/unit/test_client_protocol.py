@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
-from bitserve_client import ApiError, BitserveClient, JobEvent, JobFailed, zip_folder
+from bitserve_client import ApiError, BitserveClient, JobEvent, JobFailed, JobTimeout, zip_folder
 from bitserve_client.errors import retry_after_seconds
 from tests.imagegen import make_image_folder
 
@@ -258,3 +258,41 @@ def test_watch_job_polls_when_the_stream_breaks_off() -> None:
     ):
         api.wait_for_job("job_x", poll_interval=0.01)
     assert (caught.value.code, caught.value.message) == ("worker_lost", "the worker died")
+
+
+class PingsOnly(BaseHTTPRequestHandler):
+    """An event stream that only ever sends keep-alive comments (a job waiting in the queue),
+    one every 0.1 s for at most 5 s."""
+
+    protocol_version = "HTTP/1.0"
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+        for _ in range(50):
+            try:
+                self.wfile.write(b": ping\r\n\r\n")
+                self.wfile.flush()
+            except OSError:  # the client gave up: the point of the test
+                return
+            time.sleep(0.1)
+
+    def log_message(self, *_: Any) -> None:
+        pass
+
+
+def test_the_deadline_holds_while_the_stream_only_pings() -> None:
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), PingsOnly)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    try:
+        with BitserveClient(url) as api, pytest.raises(JobTimeout) as caught:
+            start = time.monotonic()
+            api.wait_for_job("job_x", timeout=0.5)
+        elapsed = time.monotonic() - start
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert caught.value.job_id == "job_x"
+    assert 0.5 <= elapsed < 1.5  # noticed on a ping, not at the end of the 5 s stream

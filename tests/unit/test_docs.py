@@ -79,3 +79,82 @@ def test_quoted_parameter_counts_are_the_models(size: str):
 
 def test_parameter_table_lists_exactly_the_published_sizes():
     assert sorted(parameter_table()) == sorted(PUBLISHED_SIZES)
+
+
+ROOT = DOCS.parent
+SOURCES = ("bitcore", "service", "worker", "bitserve_client", "experiments", "benchmarks", "tests")
+CITATION = re.compile(r"(?<![\w/.\-\"'])((?:docs/)?[\w-]+\.md)\b")
+OUTSIDE = re.compile(r"\.\./shared|shared/spec|shared/style")
+
+
+def cited_docs(text: str) -> list[str]:
+    return [m for m in CITATION.findall(text) if m not in ("README.md", "RESULTS.md")]
+
+
+def test_the_code_cites_only_docs_of_this_repository() -> None:
+    outside, missing = [], []
+    for package in SOURCES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            if path == Path(__file__).resolve():  # this test spells the patterns out
+                continue
+            text = path.read_text(encoding="utf-8")
+            where = path.relative_to(ROOT)
+            outside += [f"{where}: {m.group(0)}" for m in OUTSIDE.finditer(text)]
+            for cited in cited_docs(text):
+                if not cited.startswith("docs/") or not (ROOT / cited).is_file():
+                    missing.append(f"{where}: {cited}")
+    assert outside == []
+    assert missing == []
+
+
+def test_the_citation_scan_sees_bad_citations() -> None:
+    assert cited_docs('see docs/api.md and operations.md, "Serving"; README.md') == [
+        "docs/api.md",
+        "operations.md",
+    ]
+    assert OUTSIDE.search("(../shared/spec/bit.md)")
+
+
+ERROR_KINDS = {
+    "Conflict",
+    "Gone",
+    "InvalidRequest",
+    "MalformedRequest",
+    "TooLarge",
+    "Unavailable",
+    "UnsupportedMedia",
+    "DatasetError",
+}
+
+
+def raised_error_codes(path: Path) -> set[str]:
+    """The codes a module gives its errors: the first argument of an error kind's constructor,
+    or of super().__init__ inside an error class; NotFound's is always "not_found"."""
+    import ast
+
+    codes = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if not isinstance(node, ast.Call) or not node.args:
+            continue
+        func = node.func
+        name = getattr(func, "id", None) or getattr(func, "attr", None)
+        first = node.args[0]
+        is_super_init = name == "__init__" and "super" in ast.dump(func)
+        named = name in ERROR_KINDS or is_super_init
+        if named and isinstance(first, ast.Constant) and isinstance(first.value, str):
+            codes.add(first.value)
+        if name == "NotFound":
+            codes.add("not_found")
+    return codes
+
+
+def test_every_error_code_is_documented() -> None:
+    api = (DOCS / "api.md").read_text(encoding="utf-8")
+    codes: set[str] = set()
+    for path in [*(ROOT / "service").rglob("*.py"), *(ROOT / "bitcore" / "data").rglob("*.py")]:
+        codes |= raised_error_codes(path)
+    from service.http_errors import HTTP_CODES
+
+    codes |= set(HTTP_CODES.values()) | {"internal_error", "invalid_request"}
+    assert len(codes) > 30
+    assert sorted(c for c in codes if f"`{c}`" not in api) == []

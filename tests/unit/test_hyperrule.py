@@ -1,6 +1,6 @@
 """BiT-HyperRule: every schedule boundary, resolution and MixUp thresholds, overrides.
 
-Expected numbers come from bit.md (the reference bit_hyperrule.py), written out by hand here
+Expected numbers come from docs/bit.md (the reference bit_hyperrule.py), written out by hand here
 rather than recomputed with the module's own constants.
 """
 

@@ -10,9 +10,14 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from service import jobs
+from bitcore.train import Progress
+from service import job_runs, jobs
 from service.db import Database
+from service.errors import DomainError
+from service.http_errors import status_of
 from service.ids import new_id, utcnow
+from service.models_store import TrainedModel
+from service.schemas import JobPublic
 from service.settings import Settings
 from service.storage import Storage
 from service.tables import Job, Model
@@ -23,9 +28,9 @@ from worker.runner import JobRun, Throttled, checkpoint_every
 def test_claim_is_a_compare_and_set(db: Database, settings: Settings) -> None:
     job, _ = create(db, add_dataset(db))
     with db.sessionmaker() as session:
-        first = jobs.claim(session, job.id, "w1", settings)
-        second = jobs.claim(session, job.id, "w2", settings)
-        missing = jobs.claim(session, "job_" + "b" * 20, "w3", settings)
+        first = job_runs.claim(session, job.id, "w1", settings)
+        second = job_runs.claim(session, job.id, "w2", settings)
+        missing = job_runs.claim(session, "job_" + "b" * 20, "w3", settings)
     assert first.claimed and first.job is not None and first.job.attempts == 1
     assert (second.claimed, second.reason) == (False, "running")
     assert (missing.claimed, missing.reason) == (False, "not_found")
@@ -41,17 +46,17 @@ def test_a_stale_job_is_reclaimed_and_the_old_worker_is_fenced_off(
     t0 = utcnow()
     stale = t0 + timedelta(seconds=settings.job_stale_after_seconds + 1)
     with db.sessionmaker() as session:
-        assert jobs.claim(session, job.id, "w1", settings, now=t0).claimed
-        assert not jobs.claim(
+        assert job_runs.claim(session, job.id, "w1", settings, now=t0).claimed
+        assert not job_runs.claim(
             session, job.id, "w2", settings, now=t0 + timedelta(seconds=30)
         ).claimed
-        taken = jobs.claim(session, job.id, "w2", settings, now=stale)
+        taken = job_runs.claim(session, job.id, "w2", settings, now=stale)
         assert taken.claimed and taken.job is not None and taken.job.attempts == 2
         assert taken.job.started_at == t0  # the first start is kept
-        assert jobs.heartbeat(session, job.id, "w1") == "lost"
-        assert not jobs.record_progress(session, job.id, "w1", {"step": 3})
+        assert job_runs.heartbeat(session, job.id, "w1") == "lost"
+        assert not job_runs.record_progress(session, job.id, "w1", {"step": 3})
         assert _succeed(session, job.id, "w1") is None
-        assert jobs.heartbeat(session, job.id, "w2") == "ok"
+        assert job_runs.heartbeat(session, job.id, "w2") == "ok"
     assert load(db, job.id).worker_id == "w2"
 
 
@@ -63,9 +68,9 @@ def test_a_fenced_off_worker_leaves_the_new_owners_work_dir_alone(
     job, _ = create(db, add_dataset(db))
     t0 = utcnow()
     with db.sessionmaker() as session:
-        old = jobs.claim(session, job.id, "w1", settings, now=t0)
+        old = job_runs.claim(session, job.id, "w1", settings, now=t0)
         stale = t0 + timedelta(seconds=settings.job_stale_after_seconds + 1)
-        assert jobs.claim(session, job.id, "w2", settings, now=stale).claimed
+        assert job_runs.claim(session, job.id, "w2", settings, now=stale).claimed
     assert old.job is not None
     storage = Storage(settings.artifact_root)
     checkpoint = storage.job_dir(job.id) / "checkpoint.safetensors"
@@ -83,13 +88,13 @@ def test_claim_past_the_attempt_limit_fails_the_job(db: Database, settings: Sett
     now = utcnow()
     step = timedelta(seconds=settings.job_stale_after_seconds + 1)
     with db.sessionmaker() as session:
-        assert jobs.claim(session, job.id, "w1", settings, now=now).claimed
-        assert jobs.claim(session, job.id, "w2", settings, now=now + step).claimed
-        refused = jobs.claim(session, job.id, "w3", settings, now=now + 2 * step)
+        assert job_runs.claim(session, job.id, "w1", settings, now=now).claimed
+        assert job_runs.claim(session, job.id, "w2", settings, now=now + step).claimed
+        refused = job_runs.claim(session, job.id, "w3", settings, now=now + 2 * step)
     assert (refused.claimed, refused.reason) == (False, "too_many_attempts")
     row = load(db, job.id)
     assert (row.status, row.error_code, row.attempts) == ("failed", "too_many_attempts", 2)
-    assert jobs.to_public(row)["error"]["code"] == "too_many_attempts"
+    assert JobPublic.from_row(row).model_dump(mode="json")["error"]["code"] == "too_many_attempts"
 
 
 def test_cancel_transitions(db: Database, settings: Settings) -> None:
@@ -97,25 +102,25 @@ def test_cancel_transitions(db: Database, settings: Settings) -> None:
     queued, _ = create(db, dataset_id)
     running, _ = create(db, dataset_id)
     with db.sessionmaker() as session:
-        done = jobs.request_cancel(session, queued.id)
+        done = jobs.request_cancel(session, None, queued.id)
         assert done.status == "cancelled" and done.finished_at is not None
         # Its message may still be in the broker: the claim refuses it.
-        assert jobs.claim(session, queued.id, "w1", settings).reason == "cancelled"
-        with pytest.raises(jobs.JobError) as err:
-            jobs.request_cancel(session, queued.id)
-        assert (err.value.status, err.value.code) == (409, "job_finished")
+        assert job_runs.claim(session, queued.id, "w1", settings).reason == "cancelled"
+        with pytest.raises(DomainError) as err:
+            jobs.request_cancel(session, None, queued.id)
+        assert (status_of(err.value), err.value.code) == (409, "job_finished")
 
-        assert jobs.claim(session, running.id, "w1", settings).claimed
-        assert jobs.heartbeat(session, running.id, "w1") == "ok"
-        assert jobs.request_cancel(session, running.id).status == "cancelling"
-        assert jobs.request_cancel(session, running.id).status == "cancelling"  # idempotent
-        assert jobs.heartbeat(session, running.id, "w1") == "cancel"
+        assert job_runs.claim(session, running.id, "w1", settings).claimed
+        assert job_runs.heartbeat(session, running.id, "w1") == "ok"
+        assert jobs.request_cancel(session, None, running.id).status == "cancelling"
+        assert jobs.request_cancel(session, None, running.id).status == "cancelling"  # idempotent
+        assert job_runs.heartbeat(session, running.id, "w1") == "cancel"
         assert _succeed(session, running.id, "w1") is None  # too late: the cancel wins
-        assert jobs.finish_cancelled(session, running.id, "w1")
+        assert job_runs.finish_cancelled(session, running.id, "w1")
         assert session.scalar(sa.select(sa.func.count()).select_from(Model)) == 0
-        with pytest.raises(jobs.JobError) as err:
-            jobs.request_cancel(session, "job_" + "c" * 20)
-        assert err.value.status == 404
+        with pytest.raises(DomainError) as err:
+            jobs.request_cancel(session, None, "job_" + "c" * 20)
+        assert status_of(err.value) == 404
     assert load(db, running.id).status == "cancelled"
 
 
@@ -124,24 +129,26 @@ def test_success_writes_the_model_and_the_job_together(db: Database, settings: S
     model_id = new_id("mdl")
     metrics = {"accuracy": 0.75}
     with db.sessionmaker() as session:
-        assert jobs.claim(session, job.id, "w1", settings).claimed
+        assert job_runs.claim(session, job.id, "w1", settings).claimed
         progress = {"step": 5, "total_steps": 500, "loss": 1.5, "phase": "training"}
-        assert jobs.record_progress(session, job.id, "w1", progress)
+        assert job_runs.record_progress(session, job.id, "w1", progress)
         assert load(db, job.id).progress == progress
-        model = jobs.finish_succeeded(
+        model = job_runs.finish_succeeded(
             session,
             job.id,
             "w1",
-            model_id=model_id,
-            storage_key=f"models/{model_id}",
-            classes=["cat", "dog", "eel"],
-            input_spec={"crop": 128, "mean": [0.5] * 3, "std": [0.5] * 3},
-            metrics=metrics,
+            TrainedModel(
+                model_id,
+                f"models/{model_id}",
+                ["cat", "dog", "eel"],
+                {"crop": 128, "mean": [0.5] * 3, "std": [0.5] * 3},
+                metrics,
+            ),
         )
         assert model is not None
         # A late duplicate delivery finds the job finished.
-        assert jobs.claim(session, job.id, "w2", settings).reason == "succeeded"
-        assert not jobs.finish_failed(session, job.id, "w1", "x", "y")
+        assert job_runs.claim(session, job.id, "w2", settings).reason == "succeeded"
+        assert not job_runs.finish_failed(session, job.id, "w1", "x", "y")
     row = load(db, job.id)
     assert (row.status, row.model_id, row.metrics) == ("succeeded", model_id, metrics)
     with db.sessionmaker() as session:
@@ -158,10 +165,10 @@ def test_success_writes_the_model_and_the_job_together(db: Database, settings: S
 def test_finish_failed_records_the_error(db: Database, settings: Settings) -> None:
     job, _ = create(db, add_dataset(db))
     with db.sessionmaker() as session:
-        assert jobs.claim(session, job.id, "w1", settings).claimed
-        assert not jobs.finish_failed(session, job.id, "w2", "training_error", "boom")  # fenced
-        assert jobs.finish_failed(session, job.id, "w1", "checkpoint_missing", "put it there")
-    public = jobs.to_public(load(db, job.id))
+        assert job_runs.claim(session, job.id, "w1", settings).claimed
+        assert not job_runs.finish_failed(session, job.id, "w2", "training_error", "boom")  # fenced
+        assert job_runs.finish_failed(session, job.id, "w1", "checkpoint_missing", "put it there")
+    public = JobPublic.from_row(load(db, job.id)).model_dump(mode="json")
     assert public["status"] == "failed"
     assert public["error"] == {"code": "checkpoint_missing", "message": "put it there"}
     assert public["finished_at"] is not None
@@ -174,9 +181,9 @@ def test_release_hands_the_job_back_without_counting_the_attempt(
     job, _ = create(db, dataset_id)
     cancelled, _ = create(db, dataset_id)
     with db.sessionmaker() as session:
-        assert jobs.claim(session, job.id, "w1", settings).claimed
-        assert not jobs.release(session, job.id, "w2")  # fenced
-        assert jobs.release(session, job.id, "w1")
+        assert job_runs.claim(session, job.id, "w1", settings).claimed
+        assert not job_runs.release(session, job.id, "w2")  # fenced
+        assert job_runs.release(session, job.id, "w1")
         row = load(db, job.id)
         assert (row.status, row.attempts, row.worker_id, row.enqueued_at) == (
             "queued",
@@ -184,11 +191,11 @@ def test_release_hands_the_job_back_without_counting_the_attempt(
             None,
             None,
         )
-        assert jobs.claim(session, job.id, "w3", settings).job.attempts == 1  # type: ignore[union-attr]
+        assert job_runs.claim(session, job.id, "w3", settings).job.attempts == 1  # type: ignore[union-attr]
         # A job whose cancel was requested is not released: the worker cancels it instead.
-        assert jobs.claim(session, cancelled.id, "w4", settings).claimed
-        jobs.request_cancel(session, cancelled.id)
-        assert not jobs.release(session, cancelled.id, "w4")
+        assert job_runs.claim(session, cancelled.id, "w4", settings).claimed
+        jobs.request_cancel(session, None, cancelled.id)
+        assert not job_runs.release(session, cancelled.id, "w4")
     assert load(db, cancelled.id).status == "cancelling"
 
 
@@ -208,21 +215,21 @@ def test_reconcile_repairs_lost_messages_and_silent_workers(
         session.execute(sa.update(Job).where(Job.id != ids["old"]).values(enqueued_at=t0))
         session.commit()
         for name in ("r1", "r2", "dead", "cx", "ok"):
-            assert jobs.claim(session, ids[name], f"w-{name}", settings, now=t0).claimed
+            assert job_runs.claim(session, ids[name], f"w-{name}", settings, now=t0).claimed
         session.execute(sa.update(Job).where(Job.id == ids["dead"]).values(attempts=2))
         session.commit()
-        jobs.request_cancel(session, ids["cx"])
+        jobs.request_cancel(session, None, ids["cx"])
         later = t0 + timedelta(seconds=settings.job_stale_after_seconds + 5)
-        assert jobs.heartbeat(session, ids["ok"], "w-ok", now=later) == "ok"
+        assert job_runs.heartbeat(session, ids["ok"], "w-ok", now=later) == "ok"
         sent: list[str] = []
-        report = jobs.reconcile(session, settings, sent.append, now=later)
+        report = job_runs.reconcile(session, settings, sent.append, now=later)
         assert sorted(report.requeued) == sorted([ids["r1"], ids["r2"]])
         assert report.resent == [ids["old"]]
         assert report.failed == [ids["dead"]]
         assert report.cancelled == [ids["cx"]]
         assert sorted(sent) == sorted([ids["r1"], ids["r2"], ids["old"]])
         # A second pass right after finds nothing to do.
-        assert not jobs.reconcile(session, settings, sent.append, now=later)
+        assert not job_runs.reconcile(session, settings, sent.append, now=later)
     states = {name: load(db, job_id) for name, job_id in ids.items()}
     assert {n: j.status for n, j in states.items()} == {
         "fresh": "queued",
@@ -237,20 +244,20 @@ def test_reconcile_repairs_lost_messages_and_silent_workers(
     assert states["r1"].worker_id is None and states["r1"].attempts == 1
     assert states["r1"].enqueued_at == later
     with db.sessionmaker() as session:  # the re-queued job is claimed again: attempt 2
-        again = jobs.claim(session, ids["r1"], "w-new", settings, now=later)
+        again = job_runs.claim(session, ids["r1"], "w-new", settings, now=later)
         assert again.claimed and again.job is not None and again.job.attempts == 2
 
 
 def test_progress_writes_are_throttled() -> None:
     clock = [0.0]
     written: list[int] = []
-    throttle = Throttled(lambda p: written.append(p["step"]), 1.0, clock=lambda: clock[0])
+    throttle = Throttled(lambda p: written.append(p.step), 1.0, clock=lambda: clock[0])
     for step in range(1, 11):
         clock[0] = step * 0.25
-        throttle({"step": step, "total_steps": 10, "phase": "training"})
+        throttle(Progress(step=step, total_steps=10, phase="training"))
     # first report, then once per second of clock (steps 5 and 9 at t=1.25, 2.25), and the end
     assert written == [1, 5, 9, 10]
-    throttle({"step": 10, "total_steps": 10, "phase": "evaluating"})
+    throttle(Progress(step=10, total_steps=10, phase="evaluating"))
     assert written[-1] == 10 and len(written) == 5  # a new phase is always written
 
 
@@ -260,13 +267,9 @@ def test_checkpoint_interval() -> None:
 
 def _succeed(session: Session, job_id: str, worker_id: str) -> Model | None:
     """finish_succeeded with a throwaway model, for the cases where it must be refused."""
-    return jobs.finish_succeeded(
+    return job_runs.finish_succeeded(
         session,
         job_id,
         worker_id,
-        model_id=new_id("mdl"),
-        storage_key="models/x",
-        classes=["a"],
-        input_spec={},
-        metrics={},
+        TrainedModel(new_id("mdl"), "models/x", ["a"], {}, {}),
     )

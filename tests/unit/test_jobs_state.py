@@ -11,9 +11,12 @@ import sqlalchemy as sa
 from bitcore import hyperrule
 from bitcore.data.index import Sample
 from bitcore.data.split import stratified_split
-from service import jobs
+from service import job_runs, jobs
 from service.db import Database
+from service.errors import DomainError
+from service.http_errors import status_of
 from service.ids import utcnow
+from service.schemas import JobPublic
 from service.settings import Settings
 from service.tables import Dataset, Job
 from tests.unit.job_helpers import add_dataset, create, load
@@ -39,7 +42,7 @@ def test_create_plans_with_the_hyperrule_and_sends_after_commit(db: Database) ->
     assert row.plan == expected
     assert row.plan["total_steps"] == 20 and row.plan["crop"] == 128
     assert row.status == "queued" and row.attempts == 0 and row.enqueued_at is not None
-    public = jobs.to_public(row)
+    public = JobPublic.from_row(row).model_dump(mode="json")
     assert public["progress"] == {
         "step": 0,
         "total_steps": 20,
@@ -48,6 +51,8 @@ def test_create_plans_with_the_hyperrule_and_sends_after_commit(db: Database) ->
         "images_per_second": None,
         "eta_seconds": None,
         "phase": None,
+        "downloaded_bytes": None,
+        "total_bytes": None,
     }
     assert public["created_at"].endswith("Z") and public["started_at"] is None
 
@@ -67,9 +72,9 @@ def test_a_failed_send_leaves_the_job_queued_for_the_reconciler(
     assert created and load(db, job.id).enqueued_at is None
     sent: list[str] = []
     with db.sessionmaker() as session:  # within the grace period the request handler owns it
-        assert not jobs.reconcile(session, settings, sent.append)
-        later = utcnow() + timedelta(seconds=jobs.SEND_GRACE_SECONDS + 1)
-        report = jobs.reconcile(session, settings, sent.append, now=later)
+        assert not job_runs.reconcile(session, settings, sent.append)
+        later = utcnow() + timedelta(seconds=job_runs.SEND_GRACE_SECONDS + 1)
+        report = job_runs.reconcile(session, settings, sent.append, now=later)
     assert report.resent == [job.id] and sent == [job.id]
     assert load(db, job.id).enqueued_at == later
 
@@ -89,9 +94,13 @@ def test_create_refuses_bad_requests(
 ) -> None:
     dataset_id = add_dataset(db)
     body = {"dataset_id": dataset_id, "base_model": "tiny-R10x0.25", **fields}
-    with db.sessionmaker() as session, pytest.raises(jobs.JobError) as err:
+    with db.sessionmaker() as session, pytest.raises(DomainError) as err:
         jobs.create_job(session, jobs.JobRequest(**body), send=lambda _: None)  # type: ignore[arg-type]
-    assert (err.value.status, err.value.code, err.value.details["field"]) == (status, code, field)
+    assert (status_of(err.value), err.value.code, err.value.details["field"]) == (
+        status,
+        code,
+        field,
+    )
     with db.sessionmaker() as session:
         assert session.scalar(sa.select(sa.func.count()).select_from(Job)) == 0
 
@@ -99,13 +108,13 @@ def test_create_refuses_bad_requests(
 def test_create_answers_404_for_missing_or_foreign_datasets(db: Database) -> None:
     foreign = add_dataset(db, tenant="other")
     for dataset_id in (foreign, "ds_" + "a" * 20):
-        with pytest.raises(jobs.JobError) as err:
+        with pytest.raises(DomainError) as err:
             create(db, dataset_id)
-        assert (err.value.status, err.value.code) == (404, "not_found")
+        assert (status_of(err.value), err.value.code) == (404, "not_found")
     deleting = add_dataset(db, status="deleting")
-    with pytest.raises(jobs.JobError) as err:
+    with pytest.raises(DomainError) as err:
         create(db, deleting)
-    assert (err.value.status, err.value.code) == (409, "dataset_not_ready")
+    assert (status_of(err.value), err.value.code) == (409, "dataset_not_ready")
 
 
 def test_a_dataset_deleted_between_read_and_insert_is_404_not_500(db: Database) -> None:
@@ -123,9 +132,9 @@ def test_a_dataset_deleted_between_read_and_insert_is_404_not_500(db: Database) 
     request = jobs.JobRequest(dataset_id=dataset_id, base_model="tiny-R10x0.25")
     with db.sessionmaker() as session:
         sa.event.listen(session, "before_commit", delete_the_dataset)
-        with pytest.raises(jobs.JobError) as err:
+        with pytest.raises(DomainError) as err:
             jobs.create_job(session, request, send=sent.append)
-    assert (err.value.status, err.value.code) == (404, "not_found")
+    assert (status_of(err.value), err.value.code) == (404, "not_found")
     assert deleted == [True]
     with db.sessionmaker() as session:
         assert session.scalars(sa.select(Job.id)).all() == []
@@ -139,9 +148,9 @@ def test_idempotency_key_replays_or_conflicts(db: Database) -> None:
     again, created_again = create(db, dataset_id, sent, key="k1", seed=4)
     assert created and not created_again
     assert again.id == first.id and sent == [first.id]  # sent once
-    with pytest.raises(jobs.JobError) as err:
+    with pytest.raises(DomainError) as err:
         create(db, dataset_id, sent, key="k1", seed=5)
-    assert (err.value.status, err.value.code) == (409, "idempotency_conflict")
+    assert (status_of(err.value), err.value.code) == (409, "idempotency_conflict")
     other, created_other = create(db, dataset_id, sent, key="k2", seed=4)
     assert created_other and other.id != first.id
 
@@ -151,10 +160,9 @@ def test_list_query_filters_by_tenant_and_status(db: Database) -> None:
     a, _ = create(db, dataset_id)
     b, _ = create(db, dataset_id)
     with db.sessionmaker() as session:
-        jobs.request_cancel(session, b.id)
-        assert [j.id for j in session.scalars(jobs.list_query(None, "queued"))] == [a.id]
-        assert {j.id for j in session.scalars(jobs.list_query(None))} == {a.id, b.id}
-        assert list(session.scalars(jobs.list_query("someone-else"))) == []
-    with pytest.raises(jobs.JobError) as err:
-        jobs.list_query(None, "sleeping")
-    assert err.value.status == 422
+        jobs.request_cancel(session, None, b.id)
+        assert [j.id for j in session.scalars(jobs.list_jobs(None, "queued"))] == [a.id]
+        assert {j.id for j in session.scalars(jobs.list_jobs(None))} == {a.id, b.id}
+        assert list(session.scalars(jobs.list_jobs("someone-else"))) == []
+    with pytest.raises(ValueError, match="'sleeping' is not a valid JobStatus"):
+        jobs.list_jobs(None, "sleeping")  # type: ignore[arg-type]

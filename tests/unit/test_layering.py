@@ -1,4 +1,4 @@
-"""The layering of ../shared/style.md, checked on the import statements of every module."""
+"""The layering of docs/architecture.md, checked on the import statements of every module."""
 
 from __future__ import annotations
 
@@ -23,11 +23,55 @@ FORBIDDEN = {
         "service",
         "worker",
     ),
-    # The client installs on machines without the ML stack: httpx (and optionally Pillow) only.
+    # The client installs on machines without the ML stack: httpx, httpx-sse (and optionally
+    # Pillow) only.
     "bitserve_client": ("bitcore", "service", "worker", "torch"),
     "service": ("worker",),
-    "worker": ("fastapi", "starlette", "uvicorn", "service.app", "service.routers", "service.deps"),
+    "worker": (
+        "fastapi",
+        "starlette",
+        "sse_starlette",
+        "uvicorn",
+        *(f"service.{name}" for name in ("app", "routers", "deps", "http_errors", "schemas")),
+        *(f"service.{name}" for name in ("pagination", "request_bodies", "uploads", "metrics")),
+    ),
 }
+# The service's web layer: HTTP requests and answers. Nothing else in the service imports it.
+WEB_LAYER = (
+    "fastapi",
+    "starlette",
+    "sse_starlette",
+    "uvicorn",
+    "python_multipart",
+    "service.app",
+    "service.routers",
+    "service.deps",
+    "service.http_errors",
+    "service.schemas",
+    "service.pagination",
+    "service.request_bodies",
+    "service.uploads",
+    "service.metrics",
+    "service.openapi",
+)
+# The service's domain modules: plain functions over the database and the store, which the
+# routes and the worker call. They raise service.errors kinds and know no HTTP.
+DOMAIN = (
+    "archives",
+    "broker",
+    "datasets",
+    "db",
+    "errors",
+    "ids",
+    "job_runs",
+    "job_states",
+    "jobs",
+    "models_store",
+    "serving",
+    "settings",
+    "storage",
+    "tables",
+)
 
 
 def imported_names(path: Path) -> list[tuple[int, str]]:
@@ -42,11 +86,11 @@ def imported_names(path: Path) -> list[tuple[int, str]]:
     return names
 
 
-def violations(package: str) -> list[str]:
+def violations(paths: list[Path], forbidden: tuple[str, ...]) -> list[str]:
     found = []
-    for path in sorted((ROOT / package).rglob("*.py")):
+    for path in paths:
         for lineno, name in imported_names(path):
-            for banned in FORBIDDEN[package]:
+            for banned in forbidden:
                 if name == banned or name.startswith(banned + "."):
                     found.append(f"{path.relative_to(ROOT)}:{lineno} imports {name}")
     return found
@@ -55,7 +99,20 @@ def violations(package: str) -> list[str]:
 @pytest.mark.parametrize("package", sorted(FORBIDDEN))
 def test_package_respects_layering(package: str) -> None:
     assert (ROOT / package).is_dir()
-    assert violations(package) == []
+    assert violations(sorted((ROOT / package).rglob("*.py")), FORBIDDEN[package]) == []
+
+
+def test_the_domain_modules_know_no_web_layer() -> None:
+    paths = [ROOT / "service" / f"{name}.py" for name in DOMAIN]
+    assert all(path.is_file() for path in paths)
+    assert violations(paths, WEB_LAYER) == []
+
+
+def test_every_service_module_is_placed_in_a_layer() -> None:
+    # A new module must be sorted into the domain or the web layer (and so be checked).
+    web = {name.removeprefix("service.") for name in WEB_LAYER if name.startswith("service.")}
+    modules = {p.stem for p in (ROOT / "service").glob("*.py") if p.stem != "__init__"}
+    assert modules - web - set(DOMAIN) == {"cli"}  # the launcher: both layers, by design
 
 
 def test_checker_catches_a_violation(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ from bitcore.models import (
     list_models,
 )
 
-# bit.md: parameter counts with a 1000-class head, in millions (as printed by the paper / timm).
+# docs/bit.md: parameter counts with a 1000-class head, in millions (as printed by the paper / timm).
 PUBLISHED_MILLIONS = {
     "R50x1": 25.55,
     "R50x3": 217.32,
@@ -37,7 +37,7 @@ def test_parameter_counts_match_published(family: str, size: str):
 
 
 def by_hand(depths: tuple[int, ...], wf: float, classes: int) -> int:
-    """Parameters of BiT's ResNetV2 counted from bit.md's description, layer by layer."""
+    """Parameters of BiT's ResNetV2 counted from docs/bit.md's description, layer by layer."""
     root = int(64 * wf)
     total = 7 * 7 * 3 * root
     cin = root
