@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import IO, Any, Literal
 
-from service.errors import InvalidRequest, TooLarge, UnsupportedMedia
+from service.domain_errors import InvalidRequest, TooLarge, UnsupportedMedia
 
 ArchiveKind = Literal["zip", "tar.gz"]
 NESTED_SUFFIXES = (

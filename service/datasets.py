@@ -24,7 +24,7 @@ from bitcore.data.index import DatasetError, DatasetIndex, index_directory
 from service import jobs
 from service.archives import ArchiveKind, Extracted, Limits, extract_archive
 from service.db import Database
-from service.errors import Conflict, InvalidRequest, NotFound
+from service.domain_errors import Conflict, InvalidRequest, NotFound
 from service.ids import new_id
 from service.job_states import ACTIVE
 from service.settings import Settings
@@ -108,7 +108,7 @@ def create_dataset(
     tenant_id: str | None,
 ) -> Dataset:
     """Turn an uploaded archive into a ready dataset (blocking; the upload route runs it in a
-    thread). Raises the kinds of service.errors. This is the seam where ingestion can move off
+    thread). Raises the kinds of service.domain_errors. This is the seam where ingestion can move off
     the request path: the route only hands it a received archive."""
     dataset_id = new_id("ds")
     directory = storage.dataset_dir(dataset_id)

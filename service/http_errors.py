@@ -1,7 +1,7 @@
 """Errors on the wire: one table from error kind to HTTP status, and one error shape.
 
 Every error answer is {"error": {"code", "message", "details"}} (docs/api.md, "Errors").
-Plain functions raise the kinds of service.errors; the status of each kind is decided here and
+Plain functions raise the kinds of service.domain_errors; the status of each kind is decided here and
 nowhere else. The handlers also turn FastAPI's validation errors, Starlette's HTTP errors and
 unexpected exceptions into that shape; an unexpected exception is logged and answered 500
 without a traceback, so internals never reach clients.
@@ -18,7 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.errors import (
+from service.domain_errors import (
     Conflict,
     DomainError,
     Gone,

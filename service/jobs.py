@@ -11,7 +11,7 @@ The database is the source of truth; the broker only carries "work on job X"
 
 The states and the allowed transitions are in service.job_states; the worker-side transitions
 and the reconciler live in service.job_runs. No FastAPI here (the worker imports this module):
-errors are the kinds of service.errors, which the web layer maps to HTTP statuses.
+errors are the kinds of service.domain_errors, which the web layer maps to HTTP statuses.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from sqlalchemy.orm import Session
 from bitcore import hyperrule
 from bitcore.data.split import validation_count
 from bitcore.models import MODEL_SPECS
-from service.errors import Conflict, InvalidRequest, NotFound
+from service.domain_errors import Conflict, InvalidRequest, NotFound
 from service.ids import new_id, utcnow
 from service.job_runs import Send, transition
 from service.job_states import JobStatus

@@ -28,7 +28,7 @@ from bitcore.artifacts import (
     ArtifactMetadata,
     load_metadata,
 )
-from service.errors import Gone, NotFound
+from service.domain_errors import Gone, NotFound
 from service.ids import new_id
 from service.storage import Storage
 from service.tables import Job, Model, tenant_is

@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from fastapi import Query
 from sqlalchemy.orm import Session
 
-from service.errors import MalformedRequest
+from service.domain_errors import MalformedRequest
 from service.schemas import Page
 
 T = TypeVar("T")

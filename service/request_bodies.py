@@ -17,7 +17,7 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect, Request
 
-from service.errors import (
+from service.domain_errors import (
     InvalidRequest,
     MalformedRequest,
     TooLarge,

@@ -22,7 +22,7 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
-from service.errors import InvalidRequest, MalformedRequest, TooLarge, UnsupportedMedia
+from service.domain_errors import InvalidRequest, MalformedRequest, TooLarge, UnsupportedMedia
 from service.request_bodies import capped_stream
 
 MAX_FIELD_BYTES = 4096  # plain form fields (name, ...): small by nature

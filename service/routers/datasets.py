@@ -10,7 +10,7 @@ from starlette.concurrency import run_in_threadpool
 from service import datasets
 from service.archives import detect_kind
 from service.deps import DbDep, SessionDep, SettingsDep, StorageDep, TenantDep
-from service.errors import UnsupportedMedia
+from service.domain_errors import UnsupportedMedia
 from service.http_errors import error_responses
 from service.pagination import DEFAULT_LIMIT, CursorQuery, LimitQuery, page
 from service.schemas import DatasetPlan, DatasetPublic, Page, Plan

@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.errors import Unavailable
+from service.domain_errors import Unavailable
 from service.http_errors import error_responses
 from service.schemas import Health, Ready
 from service.settings import Settings

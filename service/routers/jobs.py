@@ -58,7 +58,7 @@ class JobCreate(BaseModel):
 
 
 async def _call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    # Database work off the event loop; a service.errors error answers as it is.
+    # Database work off the event loop; a service.domain_errors error answers as it is.
     return await run_in_threadpool(fn, *args, **kwargs)
 
 

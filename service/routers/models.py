@@ -16,7 +16,7 @@ from fastapi.responses import StreamingResponse
 from bitcore.predict import InputImageError
 from service import models_store as store
 from service.deps import SessionDep, SettingsDep, StorageDep, TenantDep
-from service.errors import InvalidRequest, Unavailable
+from service.domain_errors import InvalidRequest, Unavailable
 from service.http_errors import error_responses
 from service.pagination import DEFAULT_LIMIT, CursorQuery, LimitQuery, page
 from service.request_bodies import FILES_FIELD, read_images

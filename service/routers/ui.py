@@ -13,7 +13,7 @@ from pathlib import Path
 from fastapi import APIRouter
 from fastapi.responses import Response
 
-from service.errors import NotFound
+from service.domain_errors import NotFound
 
 router = APIRouter(include_in_schema=False)
 

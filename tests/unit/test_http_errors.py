@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import service
-from service import errors
+from service import domain_errors as errors
 from service.archives import ArchiveInvalid, ArchiveTooLarge, ArchiveUnsafe, NotAnArchive
 from service.http_errors import STATUS, domain_error_response, status_of
 

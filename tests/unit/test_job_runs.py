@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from bitcore.train import Progress
 from service import job_runs, jobs
 from service.db import Database
-from service.errors import DomainError
+from service.domain_errors import DomainError
 from service.http_errors import status_of
 from service.ids import new_id, utcnow
 from service.models_store import TrainedModel

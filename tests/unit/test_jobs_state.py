@@ -13,7 +13,7 @@ from bitcore.data.index import Sample
 from bitcore.data.split import stratified_split
 from service import job_runs, jobs
 from service.db import Database
-from service.errors import DomainError
+from service.domain_errors import DomainError
 from service.http_errors import status_of
 from service.ids import utcnow
 from service.schemas import JobPublic

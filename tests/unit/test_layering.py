@@ -55,13 +55,13 @@ WEB_LAYER = (
     "service.openapi",
 )
 # The service's domain modules: plain functions over the database and the store, which the
-# routes and the worker call. They raise service.errors kinds and know no HTTP.
+# routes and the worker call. They raise service.domain_errors kinds and know no HTTP.
 DOMAIN = (
     "archives",
     "broker",
     "datasets",
     "db",
-    "errors",
+    "domain_errors",
     "ids",
     "job_runs",
     "job_states",
