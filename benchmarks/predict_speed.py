@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 from dataclasses import dataclass
 
 import torch
+from loopback import cpu_model  # benchmarks/ is on sys.path when run as a script
 
 from bitcore.models import create_model
 from bitcore.predict import Predictor
@@ -46,17 +46,6 @@ class Row:
     @property
     def speedup(self) -> float:
         return self.folded / self.training_form
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def load_average() -> str:

@@ -50,7 +50,6 @@ import math
 import os
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -61,8 +60,9 @@ from typing import Any
 import httpx
 import numpy as np
 import torch
+from loopback import Server, cpu_model  # benchmarks/ is on sys.path when run as a script
+from loopback import start_server as loopback_server
 from PIL import Image
-from predict_speed import cpu_model  # benchmarks/ is on sys.path when run as a script
 
 from bitcore.models import create_model
 from bitcore.predict import Predictor
@@ -107,62 +107,9 @@ def serve(fd: int, home: str, overrides: dict[str, Any], threads: int) -> None:
     uvicorn.Server(config).run(sockets=[sock])
 
 
-@dataclass
-class Server:
-    name: str
-    process: subprocess.Popen[bytes]
-    url: str
-
-    def cpu_seconds(self) -> float:
-        """utime + stime of the server process (all its threads), from /proc."""
-        with open(f"/proc/{self.process.pid}/stat", encoding="ascii") as fh:
-            fields = fh.read().rsplit(")", 1)[1].split()
-        ticks = os.sysconf("SC_CLK_TCK")
-        return (int(fields[11]) + int(fields[12])) / ticks
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-
-
 def start_server(name: str, home: Path, overrides: dict[str, Any], threads: int) -> Server:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = int(sock.getsockname()[1])
-    command = [
-        sys.executable,
-        str(Path(__file__).resolve()),
-        "--serve-fd",
-        str(sock.fileno()),
-        "--serve-home",
-        str(home),
-        "--serve-settings",
-        json.dumps(overrides),
-        "--threads",
-        str(threads),
-    ]
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    process = subprocess.Popen(command, pass_fds=[sock.fileno()], env=env)
-    sock.close()  # the child holds its own copy
-    server = Server(name, process, f"http://127.0.0.1:{port}")
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while True:
-        if process.poll() is not None:
-            raise RuntimeError(f"server {name} exited with {process.returncode} during start-up")
-        try:
-            if httpx.get(server.url + "/healthz", timeout=2).status_code == 200:
-                return server
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            server.stop()
-            raise RuntimeError(f"server {name} did not start within {STARTUP_TIMEOUT_S} s")
-        time.sleep(0.1)
+    args = ["--serve-home", str(home), "--serve-settings", json.dumps(overrides)]
+    return loopback_server(__file__, name, [*args, "--threads", str(threads)], STARTUP_TIMEOUT_S)
 
 
 def batch_histogram(url: str) -> tuple[float, float]:

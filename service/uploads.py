@@ -1,10 +1,22 @@
 """Receive a multipart upload straight to a temp file, with the byte cap enforced as it streams.
 
-Starlette's `request.form()` spools file parts without a size limit, so the body is parsed
-here with python-multipart's streaming parser over service.request_bodies.capped_stream: each
-chunk is counted before it is written, chunked bodies (no Content-Length) included, and
-nothing is held whole in memory. The temp
-file is removed when the `async with` block ends, whatever happened (errors, client
+The body is read through service.request_bodies.capped_stream (the one capped reader: each chunk
+is counted before it is used, chunked bodies included) and parsed with python-multipart's
+streaming MultipartParser, whose callbacks (`_FormWriter`) write the file part straight into a
+temp file under the directory the caller gives (the artifact store's tmp/), so nothing is held
+whole in memory and the bytes are written once, where the dataset will be extracted from.
+
+Why not Starlette's MultiPartParser over the same capped_stream, as predict requests use:
+measured with benchmarks/upload_speed.py (uvicorn on loopback, 2 shared cores; RESULTS.md,
+"Receiving uploads"), it took 1.65-1.9x the time of this module for a 50 MB file and 2.3-2.7x
+for 500 MB (e.g. 378 vs 902 MB/s), with 1.8-3.1x the CPU, and wrote every byte twice. Starlette
+spools a file part into an anonymous SpooledTemporaryFile in the system temp dir (1 MiB in
+memory, then one thread-pool hop per chunk), which cannot be renamed into the store, so the
+route would copy it there: 500 MB more written per 500 MB upload (0.25-0.8 s), and the whole
+upload held in the system temp dir too (a tmpfs there would hold it in RAM). Its parse alone,
+before the copy, was still 1.25-1.9x slower. Memory was flat in both (at most the 1 MiB spool).
+
+The temp file is removed when the `async with` block ends, whatever happened (errors, client
 disconnects), so the caller only has to consume it inside the block.
 """
 
