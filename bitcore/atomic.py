@@ -12,6 +12,8 @@ training checkpoints, exported and downloaded .npz checkpoints) goes through her
 Why 0o644 and not mkstemp's 0o600: these files are read by other processes than the one that
 wrote them (the API serves artifacts a worker wrote, DataLoader workers and DDP ranks map the
 image cache, containers sharing a volume may run as other users). None of them is secret.
+A secret (an API key file) passes mode=SECRET_MODE: mkstemp creates the temporary file 0o600,
+so the secret is never readable by others, not even for a moment.
 """
 
 from __future__ import annotations
@@ -25,14 +27,15 @@ from pathlib import Path
 from typing import Any
 
 FILE_MODE = 0o644
+SECRET_MODE = 0o600
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | Path) -> Iterator[Path]:
+def atomic_write(path: str | Path, *, mode: int = FILE_MODE) -> Iterator[Path]:
     """Yield a temporary path next to `path`; write it, and on success it replaces `path`.
 
     A path rather than an open file, because some writers only take a file name
-    (safetensors' save_file, np.memmap). The final file has mode FILE_MODE (0o644).
+    (safetensors' save_file, np.memmap). The final file has `mode` (FILE_MODE, 0o644).
     """
     path = Path(path)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -40,21 +43,21 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
-        commit_file(tmp, path)
+        commit_file(tmp, path, mode=mode)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
 
 
-def commit_file(tmp: str | Path, path: str | Path) -> None:
-    """fsync `tmp`, give it FILE_MODE and rename it onto `path` (same directory).
+def commit_file(tmp: str | Path, path: str | Path, *, mode: int = FILE_MODE) -> None:
+    """fsync `tmp`, give it `mode` and rename it onto `path` (same directory).
 
     The last step of `atomic_write`; called directly only where the temporary file must have a
     name known in advance (a resumable download's .part, see bitcore.catalog).
     """
     with open(tmp, "rb") as handle:
         os.fsync(handle.fileno())
-    os.chmod(tmp, FILE_MODE)  # explicit, so the umask of whichever process wrote it does not matter
+    os.chmod(tmp, mode)  # explicit, so the umask of whichever process wrote it does not matter
     os.replace(tmp, path)
 
 

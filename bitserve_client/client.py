@@ -59,7 +59,11 @@ PAGE_SIZE = 100
 
 
 class BitserveClient:
-    """A bitserve server's API. Thread-safe as httpx.Client is; close() or use `with`."""
+    """A bitserve server's API. Thread-safe as httpx.Client is; close() or use `with`.
+
+    `api_key` defaults to $BITSERVE_API_KEY, else the admin key `bitserve up` wrote to
+    $BITSERVE_HOME/admin.key (BITSERVE_HOME defaults to ./.bitserve); api_key="" sends none.
+    """
 
     def __init__(
         self,
@@ -74,6 +78,8 @@ class BitserveClient:
         if max_retries < 0 or max_retry_wait < 0:
             raise ValueError("max_retries and max_retry_wait must be >= 0")
         headers = {"User-Agent": "bitserve-client/0.1", "Accept": "application/json"}
+        if api_key is None:
+            api_key = default_api_key()
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
         self.base_url = base_url.rstrip("/")
@@ -392,6 +398,18 @@ class BitserveClient:
 
 
 # -- helpers ---------------------------------------------------------------------------------
+
+
+def default_api_key() -> str | None:
+    """$BITSERVE_API_KEY, else the key in $BITSERVE_HOME/admin.key, else None."""
+    key = os.environ.get("BITSERVE_API_KEY", "").strip()
+    if key:
+        return key
+    path = Path(os.environ.get("BITSERVE_HOME", ".bitserve")).expanduser() / "admin.key"
+    try:
+        return path.read_text(encoding="utf-8").strip() or None
+    except OSError:
+        return None
 
 
 def zip_folder(folder: Path, out: Path) -> Path:

@@ -9,11 +9,12 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
+from service.auth import check_auth_setting
 from service.broker import Broker
 from service.db import Database
 from service.http_errors import install_error_handlers
 from service.metrics import Metrics, MetricsMiddleware
-from service.routers import base_models, datasets, health, jobs, models, ui
+from service.routers import base_models, datasets, health, jobs, keys, models, ui
 from service.serving import ModelCache
 from service.settings import Settings, get_settings
 from service.storage import Storage
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+    check_auth_setting(settings)
     db = Database(settings.database_url)
     storage = Storage(settings.artifact_root)
     metrics = Metrics()
@@ -56,6 +58,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.broker = broker
     install_error_handlers(app)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
-    for module in (health, base_models, datasets, jobs, models, ui):
+    for module in (health, base_models, datasets, jobs, models, keys, ui):
         app.include_router(module.router)
     return app

@@ -28,6 +28,8 @@ from types import FrameType
 
 import uvicorn
 
+from service.cli_keys import ADMIN_KEY_FILE, cmd_keys, ensure_admin_key
+from service.cli_keys import add_parser as add_keys_parser
 from service.settings import Settings, get_settings
 
 # A running training step checkpoints and hands its job back on SIGTERM (worker.runner); a big
@@ -49,6 +51,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ["BITSERVE_PORT"] = str(args.port)
     get_settings.cache_clear()
     settings = get_settings()
+    if args.command == "keys":
+        return cmd_keys(settings, args)
     handler = {"up": cmd_up, "api": cmd_api, "worker": cmd_worker, "migrate": cmd_migrate}
     return int(handler[args.command](settings))
 
@@ -65,6 +69,7 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--port", type=int, help="listen port (default BITSERVE_PORT or 8000)")
     commands.add_parser("worker", help="run a Celery training worker only")
     commands.add_parser("migrate", help="bring the database schema up to date")
+    add_keys_parser(commands)
     return parser
 
 
@@ -105,6 +110,7 @@ def cmd_up(settings: Settings) -> int:
 
     _check_port_free(settings.host, settings.port)
     cmd_migrate(settings)
+    new_key = ensure_admin_key(settings) if settings.auth == "required" else None
     received: list[int] = []
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -123,7 +129,10 @@ def cmd_up(settings: Settings) -> int:
     try:
         supervisor.start("worker", worker_command(settings), child_environment(settings))
         watcher = threading.Thread(
-            target=_watch, args=(server, supervisor, settings), name="bitserve-watch", daemon=True
+            target=_watch,
+            args=(server, supervisor, settings, new_key),
+            name="bitserve-watch",
+            daemon=True,
         )
         watcher.start()
         if not received:  # Ctrl-C while starting: do not start serving at all
@@ -232,7 +241,7 @@ class Supervisor:
                     proc.kill()
 
 
-def _watch(server: object, supervisor: Supervisor, settings: Settings) -> None:
+def _watch(server: object, supervisor: Supervisor, settings: Settings, new_key: str | None) -> None:
     """Print where things are once the API listens; stop the API if a child dies; when the
     API starts shutting down, tell the worker at once (both drain in parallel)."""
     announced = False
@@ -245,14 +254,14 @@ def _watch(server: object, supervisor: Supervisor, settings: Settings) -> None:
             return
         if not announced and getattr(server, "started", False):
             announced = True
-            _announce(settings)
+            _announce(settings, new_key)
         elif not announced and time.monotonic() - started > STARTUP_TIMEOUT_SECONDS:
             announced = True  # uvicorn reports its own start-up errors
         time.sleep(0.2)
     supervisor.terminate()
 
 
-def _announce(settings: Settings) -> None:
+def _announce(settings: Settings, new_key: str | None) -> None:
     base = f"http://{_display_host(settings.host)}:{settings.port}"
     lines = [
         "",
@@ -262,9 +271,18 @@ def _announce(settings: Settings) -> None:
         f"  data:    {settings.home}",
         f"  database {_redact(settings.database_url)}",
         f"  broker   {_redact(settings.broker_url)}",
-        "  Ctrl-C stops the API and the worker.",
-        "",
     ]
+    if settings.auth == "off":
+        lines.append("  API keys: off (BITSERVE_AUTH=off): every caller is an admin")
+    else:
+        lines.append(
+            f"  API key: {settings.home / ADMIN_KEY_FILE} (admin; the CLI and client read it)"
+        )
+    if new_key is not None:
+        # Shown this once, on the terminal of whoever started bitserve (never logged): the key
+        # rides in the URL fragment, which browsers do not send to the server.
+        lines.append(f"  web page, signed in (open once): {base}/#key={new_key}")
+    lines += ["  Ctrl-C stops the API and the worker.", ""]
     print("\n".join(lines), flush=True)
 
 

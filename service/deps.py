@@ -1,4 +1,4 @@
-"""FastAPI dependencies (Annotated): settings, database, session, storage, broker, tenant.
+"""FastAPI dependencies (Annotated): settings, database, session, storage, broker, caller.
 
 Everything comes from app.state, built once by create_app, so tests can run several apps with
 different settings in one process.
@@ -12,6 +12,8 @@ from typing import Annotated
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
+from service.api_keys import Principal
+from service.auth import principal_of
 from service.broker import Broker
 from service.db import Database
 from service.settings import Settings
@@ -45,10 +47,14 @@ def get_session(db: Annotated[Database, Depends(get_db)]) -> Iterator[Session]:
         yield session
 
 
-def get_tenant(request: Request) -> str | None:
-    """The caller's tenant; None while API keys are not configured (single tenant)."""
-    tenant: str | None = getattr(request.state, "tenant_id", None)
-    return tenant
+def get_principal(request: Request) -> Principal:
+    """The caller, as authenticated by the route's authorize() dependency (service.auth)."""
+    return principal_of(request)
+
+
+def get_tenant(principal: Annotated[Principal, Depends(get_principal)]) -> str:
+    """The caller's tenant: every query of a request filters by it."""
+    return principal.tenant_id
 
 
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
@@ -56,4 +62,5 @@ DbDep = Annotated[Database, Depends(get_db)]
 SessionDep = Annotated[Session, Depends(get_session)]
 StorageDep = Annotated[Storage, Depends(get_storage)]
 BrokerDep = Annotated[Broker, Depends(get_broker)]
-TenantDep = Annotated[str | None, Depends(get_tenant)]
+PrincipalDep = Annotated[Principal, Depends(get_principal)]
+TenantDep = Annotated[str, Depends(get_tenant)]

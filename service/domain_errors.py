@@ -5,6 +5,8 @@ these; they carry a machine `code`, a message saying what went wrong and what to
 `details`. What kind of error it is, is its class; the HTTP status of each kind is decided in
 one table in the web layer (service.http_errors.STATUS), and nowhere else.
 
+    Unauthenticated     no API key, or a bad, expired or revoked one
+    Forbidden           a valid key without the scope the route needs
     NotFound            unknown id, or another tenant's (the two look exactly alike)
     Conflict            the object's state forbids it now (a job already finished, ...)
     InvalidRequest      well-formed but invalid values (a bad override, an unreadable image)
@@ -12,6 +14,7 @@ one table in the web layer (service.http_errors.STATUS), and nowhere else.
     TooLarge            over a size or count limit (body bytes, images per request, archives)
     UnsupportedMedia    a body of a type the route does not take
     Gone                the object exists but its files are lost
+    QuotaExceeded       past a tenant's quota or a key's rate: retry after `retry_after` s
     Unavailable         busy or a dependency is down: retry after `retry_after` seconds
 """
 
@@ -28,6 +31,14 @@ class DomainError(Exception):
         self.code = code
         self.message = message
         self.details = dict(details or {})
+
+
+class Unauthenticated(DomainError):
+    pass
+
+
+class Forbidden(DomainError):
+    pass
 
 
 class NotFound(DomainError):
@@ -71,6 +82,21 @@ class Unavailable(DomainError):
         details: dict[str, Any] | None = None,
         *,
         retry_after: int = 5,
+    ) -> None:
+        super().__init__(code, message, details)
+        self.retry_after = retry_after
+
+
+class QuotaExceeded(DomainError):
+    """Over a quota; `retry_after` (seconds) becomes the Retry-After header."""
+
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        details: dict[str, Any] | None = None,
+        *,
+        retry_after: int = 60,
     ) -> None:
         super().__init__(code, message, details)
         self.retry_after = retry_after

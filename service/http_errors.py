@@ -21,11 +21,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service.domain_errors import (
     Conflict,
     DomainError,
+    Forbidden,
     Gone,
     InvalidRequest,
     MalformedRequest,
     NotFound,
+    QuotaExceeded,
     TooLarge,
+    Unauthenticated,
     Unavailable,
     UnsupportedMedia,
 )
@@ -37,12 +40,15 @@ log = logging.getLogger(__name__)
 # tests/unit/test_http_errors.py catches (every DomainError subclass must resolve).
 STATUS: dict[type[DomainError], int] = {
     MalformedRequest: 400,
+    Unauthenticated: 401,
+    Forbidden: 403,
     NotFound: 404,
     Conflict: 409,
     Gone: 410,
     TooLarge: 413,
     UnsupportedMedia: 415,
     InvalidRequest: 422,
+    QuotaExceeded: 429,
     Unavailable: 503,
 }
 DEFAULT_RETRY_AFTER = "5"
@@ -91,8 +97,12 @@ def error_response(
 
 def domain_error_response(error: DomainError) -> JSONResponse:
     headers = {}
-    if isinstance(error, Unavailable):
+    if isinstance(error, Unavailable | QuotaExceeded):
         headers["Retry-After"] = str(error.retry_after)
+    if isinstance(error, Unauthenticated):
+        # RFC 6750: the scheme, and why a key that was sent is refused.
+        invalid = ', error="invalid_token"' if error.code != "missing_api_key" else ""
+        headers["WWW-Authenticate"] = f'Bearer realm="bitserve"{invalid}'
     return error_response(status_of(error), error.code, error.message, error.details, headers)
 
 
@@ -140,12 +150,15 @@ def install_error_handlers(app: FastAPI) -> None:
 
 DESCRIPTIONS = {
     400: "Malformed request (unparseable body, bad cursor)",
+    401: "No API key, or a bad, expired or revoked one (WWW-Authenticate: Bearer)",
+    403: "The API key lacks the scope this route needs",
     404: "Unknown id, or not yours",
     409: "The object's state does not allow this now",
     410: "The object's files are gone",
     413: "Over a size or count limit",
     415: "Unsupported body type",
     422: "Invalid values",
+    429: "Over a quota or rate limit; retry after Retry-After seconds",
     503: "Busy or a dependency is down; retry after Retry-After seconds",
 }
 

@@ -16,10 +16,11 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, PlainSerializer
 
 from bitcore.train.callbacks import Progress
+from service.api_keys import Scope
 from service.datasets import WorkEstimate
 from service.ids import rfc3339
 from service.job_states import JobStatus
-from service.tables import Dataset, Job, Model
+from service.tables import ApiKey, Dataset, Job, Model
 
 Item = TypeVar("Item")
 # RFC 3339 in UTC with a Z suffix, as every time in the API.
@@ -319,6 +320,54 @@ class ImagePrediction(Schema):
 class PredictResponse(Schema):
     model_id: str
     predictions: list[ImagePrediction] = Field(description="one per image, in request order")
+
+
+# -- keys ---------------------------------------------------------------------------------
+
+
+class KeyCreate(Schema):
+    """POST /v1/keys body. `tenant` defaults to the caller's own; another tenant's keys, and
+    global admin keys, are a global admin's to make."""
+
+    tenant: str | None = Field(None, max_length=64)
+    scopes: list[Scope] = Field(min_length=1, description="admin > train > predict")
+    name: str | None = Field(None, max_length=200, description="a label, e.g. who uses it")
+    expires_days: float | None = Field(None, gt=0, le=3650)
+    global_admin: bool = False
+
+
+class KeyPublic(Schema):
+    """An API key, without its secret (which is shown once, at creation)."""
+
+    id: str
+    tenant: str
+    name: str | None
+    scopes: list[Scope]
+    global_admin: bool
+    created_by: str | None = Field(description="the key id that made it, or 'cli'")
+    created_at: Timestamp
+    expires_at: Timestamp | None
+    revoked_at: Timestamp | None
+    last_used_at: Timestamp | None = Field(description="to the minute")
+
+    @classmethod
+    def from_row(cls, row: ApiKey) -> KeyPublic:
+        return cls(
+            id=row.id,
+            tenant=row.tenant_id,
+            name=row.name,
+            scopes=[Scope(s) for s in row.scopes],
+            global_admin=row.global_admin,
+            created_by=row.created_by,
+            created_at=row.created_at,
+            expires_at=row.expires_at,
+            revoked_at=row.revoked_at,
+            last_used_at=row.last_used_at,
+        )
+
+
+class KeyCreated(KeyPublic):
+    key: str = Field(description="the key itself: shown this once, never again")
 
 
 # -- pages --------------------------------------------------------------------------------

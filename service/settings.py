@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 GIB = 1 << 30
@@ -47,6 +47,16 @@ class Settings(BaseSettings):
     # None: migrate on start-up for the embedded SQLite set-up only; a shared PostgreSQL is
     # migrated explicitly (`bitserve migrate`) so several gateways never race on it.
     auto_migrate: bool | None = None
+
+    # API keys (docs/security.md). "off" is refused unless the API listens on loopback only.
+    auth: Literal["required", "off"] = "required"
+    api_key_pepper: SecretStr | None = None
+    # Quotas per tenant (an admin may set others per tenant: PUT /v1/tenants/{id}/quotas).
+    tenant_max_active_jobs: int = Field(default=4, gt=0)
+    tenant_max_stored_bytes: int = Field(default=100 * GIB, gt=0)
+    # Per API key, per gateway process (a token bucket in memory): N replicas allow N times it.
+    predict_rate_per_second: float = Field(default=50.0, gt=0)
+    predict_burst: int = Field(default=100, gt=0)
 
     allow_downloads: bool = True
     checkpoint_base_url: str | None = None
@@ -88,6 +98,10 @@ class Settings(BaseSettings):
     @classmethod
     def _absolute(cls, value: Path) -> Path:
         return value.expanduser().resolve()
+
+    @property
+    def pepper(self) -> bytes | None:
+        return self.api_key_pepper.get_secret_value().encode() if self.api_key_pepper else None
 
     @model_validator(mode="after")
     def _migrate_default(self) -> Settings:

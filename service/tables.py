@@ -1,7 +1,7 @@
 """The database tables (SQLAlchemy 2 typed ORM). Schema changes go through Alembic migrations.
 
-Every row carries `tenant_id` (None until API keys are configured) and every query filters by
-it, so one tenant never sees another's objects.
+Every row carries `tenant_id` (the tenant of the API key that made it; "default" when auth is
+off) and every query filters by it, so one tenant never sees another's objects.
 """
 
 from __future__ import annotations
@@ -147,4 +147,54 @@ class Model(Base):
     metrics: Mapped[dict[str, Any] | None]
     input: Mapped[dict[str, Any]]  # {crop, mean, std}
     storage_key: Mapped[str] = mapped_column(sa.String(200))
+    bytes: Mapped[int] = mapped_column(sa.BigInteger, default=0)  # of the artifact's files
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Tenant(Base):
+    """A tenant's quota overrides (NULL: the Settings default). A tenant exists as soon as a
+    key names it; this row is written only when an admin sets a quota."""
+
+    __tablename__ = "tenants"
+
+    id: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    max_active_jobs: Mapped[int | None]
+    max_stored_bytes: Mapped[int | None] = mapped_column(sa.BigInteger)
+    predict_rate_per_second: Mapped[float | None] = mapped_column(sa.Float)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class ApiKey(Base):
+    """An API key: only the keyed hash of its secret is stored (service.api_keys)."""
+
+    __tablename__ = "api_keys"
+    __table_args__ = (sa.Index("ix_api_keys_tenant_created", "tenant_id", "created_at"),)
+
+    id: Mapped[str] = mapped_column(sa.String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(sa.String(64))
+    name: Mapped[str | None] = mapped_column(sa.String(200))
+    scopes: Mapped[list[Any]]  # [str]: admin, train, predict
+    global_admin: Mapped[bool] = mapped_column(default=False)
+    secret_hash: Mapped[str] = mapped_column(sa.String(64))
+    created_by: Mapped[str | None] = mapped_column(sa.String(40))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime | None]
+    revoked_at: Mapped[datetime | None]
+    last_used_at: Mapped[datetime | None]
+
+
+class AuditEvent(Base):
+    """One mutating API call: who (key, tenant), what (method, route, object), when, result."""
+
+    __tablename__ = "audit_events"
+    __table_args__ = (sa.Index("ix_audit_tenant_created", "tenant_id", "created_at"),)
+
+    id: Mapped[str] = mapped_column(sa.String(40), primary_key=True)
+    tenant_id: Mapped[str | None] = mapped_column(sa.String(64))
+    key_id: Mapped[str | None] = mapped_column(sa.String(40))
+    method: Mapped[str] = mapped_column(sa.String(8))
+    route: Mapped[str] = mapped_column(sa.String(200))
+    object_id: Mapped[str | None] = mapped_column(sa.String(64))
+    status: Mapped[int]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -15,6 +15,7 @@ import torch
 from bitcore import hyperrule
 from bitcore.artifacts import ArtifactMetadata, save_artifact
 from service import job_runs, models_store
+from service.api_keys import DEFAULT_TENANT
 from service.db import Database
 from service.ids import new_id, utcnow
 from service.job_states import JobStatus
@@ -41,7 +42,7 @@ def publish_model(
     crop: int,
     *,
     metrics: dict[str, Any] | None = None,
-    tenant_id: str | None = None,
+    tenant_id: str = DEFAULT_TENANT,
     name: str | None = None,
     created_at: datetime | None = None,
 ) -> tuple[str, str]:

@@ -8,10 +8,18 @@ from fastapi import APIRouter
 
 from bitcore import catalog
 from bitcore.models import MODEL_SPECS, count_parameters
+from service.api_keys import Scope
+from service.auth import authorize
 from service.deps import SettingsDep
+from service.http_errors import error_responses
 from service.schemas import BaseModelPublic, Page
 
-router = APIRouter(prefix="/v1", tags=["base models"])
+router = APIRouter(
+    prefix="/v1",
+    tags=["base models"],
+    dependencies=[authorize(Scope.TRAIN)],
+    responses=error_responses(401, 403),
+)
 
 
 def base_model_catalog(checkpoint_dir: Any, base_url: str | None) -> list[BaseModelPublic]:

@@ -8,7 +8,9 @@ from fastapi import APIRouter, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from service import datasets
+from service.api_keys import Scope
 from service.archives import detect_kind
+from service.auth import authorize
 from service.deps import DbDep, SessionDep, SettingsDep, StorageDep, TenantDep
 from service.domain_errors import UnsupportedMedia
 from service.http_errors import error_responses
@@ -16,7 +18,12 @@ from service.pagination import DEFAULT_LIMIT, CursorQuery, LimitQuery, page
 from service.schemas import DatasetPlan, DatasetPublic, Page, Plan
 from service.uploads import receive_upload
 
-router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=error_responses(422))
+router = APIRouter(
+    prefix="/v1/datasets",
+    tags=["datasets"],
+    dependencies=[authorize(Scope.TRAIN)],
+    responses=error_responses(401, 403, 422),
+)
 
 UPLOAD_DOC = {
     "requestBody": {

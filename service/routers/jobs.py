@@ -19,6 +19,8 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 
 from service import jobs
+from service.api_keys import Scope
+from service.auth import authorize
 from service.db import Database
 from service.deps import BrokerDep, DbDep, SessionDep, TenantDep
 from service.http_errors import error_responses
@@ -26,7 +28,12 @@ from service.job_states import JobStatus
 from service.pagination import DEFAULT_LIMIT, CursorQuery, LimitQuery, page
 from service.schemas import JobPublic, Page
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=error_responses(422))
+router = APIRouter(
+    prefix="/v1/jobs",
+    tags=["jobs"],
+    dependencies=[authorize(Scope.TRAIN)],
+    responses=error_responses(401, 403, 422),
+)
 T = TypeVar("T")
 
 EVENTS_POLL_SECONDS = 0.5

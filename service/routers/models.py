@@ -15,6 +15,8 @@ from fastapi.responses import StreamingResponse
 
 from bitcore.predict import InputImageError
 from service import models_store as store
+from service.api_keys import Scope
+from service.auth import authorize
 from service.deps import SessionDep, SettingsDep, StorageDep, TenantDep
 from service.domain_errors import InvalidRequest, Unavailable
 from service.http_errors import error_responses
@@ -23,7 +25,10 @@ from service.request_bodies import FILES_FIELD, read_images
 from service.schemas import ImagePrediction, Label, ModelPublic, Page, PredictResponse
 from service.serving import ModelCache, ModelUnavailable, Overloaded
 
-router = APIRouter(prefix="/v1/models", tags=["models"], responses=error_responses(422))
+router = APIRouter(prefix="/v1/models", tags=["models"], responses=error_responses(401, 403, 422))
+READ = [authorize(Scope.PREDICT, Scope.TRAIN)]  # list and read: either scope
+PREDICT = [authorize(Scope.PREDICT)]
+TRAIN = [authorize(Scope.TRAIN)]  # delete and download
 
 PREDICT_BODY_DOC: dict[str, Any] = {
     "requestBody": {
@@ -70,7 +75,9 @@ ARTIFACT_DOC: dict[int | str, dict[str, Any]] = {
 }
 
 
-@router.get("", response_model=Page[ModelPublic], responses=error_responses(400, 422))
+@router.get(
+    "", response_model=Page[ModelPublic], dependencies=READ, responses=error_responses(400)
+)
 def list_models(
     session: SessionDep,
     tenant: TenantDep,
@@ -80,12 +87,14 @@ def list_models(
     return page(session, store.list_models(tenant), limit, cursor, ModelPublic.from_row)
 
 
-@router.get("/{model_id}", response_model=ModelPublic, responses=error_responses(404))
+@router.get(
+    "/{model_id}", response_model=ModelPublic, dependencies=READ, responses=error_responses(404)
+)
 def get_model(model_id: str, session: SessionDep, tenant: TenantDep) -> ModelPublic:
     return ModelPublic.from_row(store.get_model(session, tenant, model_id))
 
 
-@router.delete("/{model_id}", status_code=204, responses=error_responses(404))
+@router.delete("/{model_id}", status_code=204, dependencies=TRAIN, responses=error_responses(404))
 async def delete_model(
     model_id: str, request: Request, session: SessionDep, storage: StorageDep, tenant: TenantDep
 ) -> Response:
@@ -97,6 +106,7 @@ async def delete_model(
 @router.get(
     "/{model_id}/artifact",
     response_class=StreamingResponse,
+    dependencies=TRAIN,
     responses={**ARTIFACT_DOC, **error_responses(404, 410)},
 )
 def download_artifact(
@@ -115,7 +125,8 @@ def download_artifact(
     "/{model_id}/predict",
     openapi_extra=PREDICT_BODY_DOC,
     response_model=PredictResponse,
-    responses=error_responses(400, 404, 413, 415, 422, 503),
+    dependencies=PREDICT,
+    responses=error_responses(400, 404, 413, 415, 429, 503),
 )
 async def predict(
     model_id: str,

@@ -146,8 +146,21 @@ def test_bitserve_up_runs_the_loop_and_stops_cleanly(up: Up, tmp_path: Path) -> 
     assert f"API:     {up.url}" in out
     assert f"docs:    {up.url}/docs" in out
     assert f"data:    {up.home}" in out
+    # First start: a global admin key in BITSERVE_HOME/admin.key (0600), and the signed-in
+    # link for the web page, printed once.
+    key_file = up.home / "admin.key"
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    key = key_file.read_text().strip()
+    assert key.startswith("bsk_") and len(key) == 4 + 20 + 1 + 43
+    assert f"API key: {key_file}" in out
+    assert out.count(key) == 1 and f"{up.url}/#key={key}" in out
+    with httpx.Client(base_url=up.url, timeout=60) as anonymous:
+        response = anonymous.get("/v1/datasets")
+        assert response.status_code == 401
+        assert response.headers["www-authenticate"].startswith("Bearer")
 
-    with httpx.Client(base_url=up.url, timeout=60) as client:
+    headers = {"Authorization": f"Bearer {key}"}
+    with httpx.Client(base_url=up.url, timeout=60, headers=headers) as client:
         assert client.get("/docs").status_code == 200
         result = run_loop(client, tmp_path)
     try:

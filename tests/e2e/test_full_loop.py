@@ -48,7 +48,7 @@ def worker(e2e_settings: Settings) -> Iterator[WorkerProcess]:
 def test_upload_train_follow_predict(
     server: LiveServer, worker: WorkerProcess, tmp_path: Path
 ) -> None:
-    with httpx.Client(base_url=server.url, timeout=60) as client:
+    with httpx.Client(base_url=server.url, timeout=60, headers=server.headers) as client:
         result = run_loop(client, tmp_path)
         try:
             check_loop(result)

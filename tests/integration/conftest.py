@@ -2,7 +2,8 @@
 
 `live_server` is a real uvicorn serving `create_app(settings)` on a free loopback port (in a
 thread of the test process, so tests can also reach `server.app.state`); `client` is an
-httpx.Client on it. `start_server(settings)` starts more servers with other settings (e.g. a
+httpx.Client on it, sending the server's admin key (API keys are required, as in production:
+each LiveServer makes a global admin key of tenant "default" when it starts). `start_server(settings)` starts more servers with other settings (e.g. a
 small upload limit) and stops them when the test ends.
 """
 
@@ -14,14 +15,17 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 import uvicorn
 from fastapi import FastAPI
 
+from service import api_keys
+from service.api_keys import DEFAULT_TENANT, Scope
 from service.app import create_app
-from service.db import migrate
+from service.db import Database, migrate
 from service.settings import Settings
 from tests.integration.worker_fixtures import WorkerProcess, fast_job_settings
 
@@ -31,8 +35,11 @@ STARTUP_TIMEOUT_S = 30.0
 class LiveServer:
     """uvicorn in a background thread, on a socket bound before it starts (no port race)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, with_key: bool = True) -> None:
         self.settings = settings
+        self.with_key = with_key
+        self.key = ""
+        self.headers: dict[str, str] = {}
         self.app: FastAPI = create_app(settings)
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -48,6 +55,9 @@ class LiveServer:
         )
 
     def start(self) -> LiveServer:
+        if self.with_key:
+            self.key = make_key(self.app.state.db, self.settings, global_admin=True)
+            self.headers = {"Authorization": f"Bearer {self.key}"}
         self.thread.start()
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while not self.server.started:
@@ -62,6 +72,21 @@ class LiveServer:
         self.server.should_exit = True
         self.thread.join(timeout=15)
         self.sock.close()
+
+
+def make_key(
+    db: Database,
+    settings: Settings,
+    tenant: str = DEFAULT_TENANT,
+    scopes: tuple[Scope, ...] = (Scope.ADMIN,),
+    **options: Any,
+) -> str:
+    """A new API key (the token) of `tenant`, made as `bitserve keys create` makes it."""
+    with db.sessionmaker() as session:
+        made = api_keys.create_key(
+            session, tenant_id=tenant, scopes=scopes, pepper=settings.pepper, **options
+        )
+    return made.token
 
 
 def make_settings(home: Path, database_url: str, broker_url: str, **overrides: object) -> Settings:
@@ -103,18 +128,20 @@ def live_server(live_server_instance: LiveServer) -> str:
 
 
 @pytest.fixture
-def client(live_server: str) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=live_server, timeout=60) as http:
+def client(live_server: str, live_server_instance: LiveServer) -> Iterator[httpx.Client]:
+    with httpx.Client(
+        base_url=live_server, timeout=60, headers=live_server_instance.headers
+    ) as http:
         yield http
 
 
 @pytest.fixture
-def start_server() -> Iterator[Callable[[Settings], LiveServer]]:
+def start_server() -> Iterator[Callable[..., LiveServer]]:
     """Start extra servers with their own settings; all stopped at the end of the test."""
     started: list[LiveServer] = []
 
-    def start(settings: Settings) -> LiveServer:
-        server = LiveServer(settings).start()
+    def start(settings: Settings, *, with_key: bool = True) -> LiveServer:
+        server = LiveServer(settings, with_key=with_key).start()
         started.append(server)
         return server
 

@@ -24,15 +24,16 @@ from bitserve_client import (
     Progress,
 )
 from tests.imagegen import class_image, encode, make_archive, make_image_folder
-from tests.integration.conftest import JobServer
+from tests.integration.conftest import JobServer, LiveServer
 from tests.integration.worker_fixtures import FAST_OVERRIDES
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
 
 @pytest.fixture
-def api(live_server: str) -> Iterator[BitserveClient]:
-    with BitserveClient(live_server, timeout=60) as client:
+def api(live_server_instance: LiveServer) -> Iterator[BitserveClient]:
+    server = live_server_instance
+    with BitserveClient(server.url, api_key=server.key, timeout=60) as client:
         yield client
 
 
@@ -180,7 +181,7 @@ def test_jobs_are_idempotent_and_a_cancelled_job_raises_job_failed(
 
 
 def test_full_loop_create_wait_predict_download(job_server: JobServer, tmp_path: Path) -> None:
-    with BitserveClient(job_server.server.url) as api:
+    with BitserveClient(job_server.server.url, api_key=job_server.server.key) as api:
         folder = make_image_folder(tmp_path / "pets", {"cat": 4, "dog": 4})
         dataset = api.upload_dataset(folder)
         job = api.create_job(

@@ -96,7 +96,7 @@ def test_upload_creates_a_ready_dataset(
     assert client.get(f"/v1/datasets/{body['id']}").json() == body
     with db.session() as session:
         row = session.get(Dataset, body["id"])
-        assert row is not None and row.num_images == 12 and row.tenant_id is None
+        assert row is not None and row.num_images == 12 and row.tenant_id == "default"
         key = row.storage_key
     directory = settings.artifact_root / key
     assert key == f"datasets/{body['id']}"
@@ -135,7 +135,7 @@ def test_wrong_type_is_judged_by_content(client: httpx.Client, tmp_path: Path) -
 
 @pytest.fixture
 def small_server(
-    settings: Settings, start_server: Callable[[Settings], LiveServer], tmp_path: Path
+    settings: Settings, start_server: Callable[..., LiveServer], tmp_path: Path
 ) -> LiveServer:
     return start_server(
         settings.model_copy(
@@ -152,7 +152,7 @@ def _incompressible_zip(path: Path, size: int) -> Path:
 
 def test_too_big_with_content_length(small_server: LiveServer, tmp_path: Path) -> None:
     archive = _incompressible_zip(tmp_path / "big.zip", 3 * SMALL_LIMIT)
-    with httpx.Client(base_url=small_server.url, timeout=30) as http:
+    with httpx.Client(base_url=small_server.url, timeout=30, headers=small_server.headers) as http:
         response = _upload(http, archive)
         assert response.status_code == 413
         error = response.json()["error"]
@@ -183,7 +183,10 @@ def test_too_big_chunked_without_content_length(small_server: LiveServer) -> Non
         "POST",
         f"{small_server.url}/v1/datasets",
         content=body(),
-        headers={"content-type": f"multipart/form-data; boundary={boundary}"},
+        headers={
+            "content-type": f"multipart/form-data; boundary={boundary}",
+            **small_server.headers,
+        },
     )
     assert "content-length" not in request.headers
     assert request.headers["transfer-encoding"] == "chunked"
@@ -194,9 +197,10 @@ def test_too_big_chunked_without_content_length(small_server: LiveServer) -> Non
     assert _leftovers(small_server.settings.artifact_root) == ([], [])
 
 
-def _raw_request_head(port: int, length: int, boundary: str = "b0undary") -> bytes:
+def _raw_request_head(server: LiveServer, length: int, boundary: str = "b0undary") -> bytes:
     return (
-        f"POST /v1/datasets HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        f"POST /v1/datasets HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n"
+        f"Authorization: Bearer {server.key}\r\n"
         f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
         f"Content-Length: {length}\r\n\r\n"
     ).encode()
@@ -204,7 +208,7 @@ def _raw_request_head(port: int, length: int, boundary: str = "b0undary") -> byt
 
 def test_declared_length_over_the_cap_is_refused_before_the_body(small_server: LiveServer) -> None:
     with socket.create_connection(("127.0.0.1", small_server.port), timeout=10) as sock:
-        sock.sendall(_raw_request_head(small_server.port, 10**12))  # and never a body byte
+        sock.sendall(_raw_request_head(small_server, 10**12))  # and never a body byte
         reply = sock.recv(65536).decode()
     assert reply.startswith("HTTP/1.1 413 ")
     assert '"code":"payload_too_large"' in reply
@@ -224,7 +228,7 @@ def test_truncated_multipart_body_is_malformed(client: httpx.Client, settings: S
 
 def test_client_disconnect_removes_the_temp_file(small_server: LiveServer) -> None:
     tmp_dir = small_server.settings.artifact_root / "tmp"
-    head = _raw_request_head(small_server.port, SMALL_LIMIT - 10)
+    head = _raw_request_head(small_server, SMALL_LIMIT - 10)
     part = (
         b'--b0undary\r\nContent-Disposition: form-data; name="file"; filename="a.zip"\r\n\r\n'
         + b"PK\x03\x04"
@@ -322,7 +326,7 @@ def test_list_paginates_newest_first(client: httpx.Client, db: Database, tmp_pat
     with db.session() as session:
         stored = session.scalars(
             sa.select(Dataset.id)
-            .where(Dataset.tenant_id.is_(None), Dataset.status == "ready")
+            .where(Dataset.tenant_id == "default", Dataset.status == "ready")
             .order_by(Dataset.created_at.desc(), Dataset.id.desc())
         ).all()
     assert seen == list(stored)  # every dataset exactly once, in order

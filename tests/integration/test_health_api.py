@@ -36,7 +36,7 @@ def test_readyz_all_dependencies_up(client: httpx.Client) -> None:
 
 
 def test_readyz_names_the_broker_when_it_is_down(
-    settings: Settings, start_server: Callable[[Settings], LiveServer]
+    settings: Settings, start_server: Callable[..., LiveServer]
 ) -> None:
     down = settings.model_copy(update={"broker_url": f"redis://127.0.0.1:{_closed_port()}/0"})
     server = start_server(down)
@@ -49,7 +49,7 @@ def test_readyz_names_the_broker_when_it_is_down(
 
 
 def test_readyz_names_database_and_storage_when_they_fail(
-    settings: Settings, start_server: Callable[[Settings], LiveServer], tmp_path: Path
+    settings: Settings, start_server: Callable[..., LiveServer], tmp_path: Path
 ) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
@@ -59,7 +59,7 @@ def test_readyz_names_database_and_storage_when_they_fail(
             "artifact_root": blocker / "store",  # cannot be created under a regular file
         }
     )
-    server = start_server(bad)
+    server = start_server(bad, with_key=False)  # no database to keep a key in
     response = httpx.get(f"{server.url}/readyz", timeout=30)
     assert response.status_code == 503
     assert set(response.json()["error"]["details"]["failing"]) == {"database", "storage"}
@@ -150,7 +150,7 @@ def test_migrations_match_the_tables(backend: str, migrated_db: str, tmp_path: P
     try:
         with db.engine.connect() as conn:
             context = MigrationContext.configure(conn)
-            assert context.get_current_revision() == "0001"
+            assert context.get_current_revision() == "0002"
             with warnings.catch_warnings():  # SQLite cannot reflect the expression index
                 warnings.simplefilter("ignore")
                 diff = compare_metadata(context, Base.metadata)

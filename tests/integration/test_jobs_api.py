@@ -51,7 +51,7 @@ def server(
 
 @pytest.fixture(scope="module")
 def http(server: LiveServer) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.url, timeout=30) as client:
+    with httpx.Client(base_url=server.url, timeout=30, headers=server.headers) as client:
         yield client
 
 
@@ -270,7 +270,7 @@ def test_events_stream_follows_the_job(
             }
             job_runs.record_progress(session, job_id, "sse-worker", progress)
             time.sleep(gap)
-            jobs.request_cancel(session, None, job_id)
+            jobs.request_cancel(session, "default", job_id)
             time.sleep(gap)
             job_runs.finish_cancelled(session, job_id, "sse-worker")
 
@@ -322,13 +322,13 @@ def test_unreachable_broker_leaves_the_job_queued(
     # Port 9 (discard) refuses connections: the send fails fast, the job is still accepted.
     settings = make_settings(tmp_path, migrated_db, "redis://127.0.0.1:9/0")
     live = start_server(settings)
-    with httpx.Client(base_url=live.url, timeout=30) as client:
+    with httpx.Client(base_url=live.url, timeout=30, headers=live.headers) as client:
         started = time.monotonic()
         response = client.post("/v1/jobs", json=_body(dataset))
         assert response.status_code == 202, response.text
         assert time.monotonic() - started < 10
     db = Database(migrated_db)
     with db.sessionmaker() as session:
-        job = jobs.get_job(session, None, response.json()["id"])
+        job = jobs.get_job(session, "default", response.json()["id"])
         assert job.status == "queued" and job.enqueued_at is None  # for the reconciler
     db.dispose()

@@ -348,7 +348,7 @@ def test_concurrent_requests_share_a_forward_pass(
     results: dict[int, httpx.Response] = {}
 
     def send(i: int) -> None:
-        with httpx.Client(timeout=60) as http:
+        with httpx.Client(timeout=60, headers=client.headers) as http:
             results[i] = http.post(url, files=_files(images[i : i + 1]))
 
     threads = [threading.Thread(target=send, args=(i,)) for i in range(4)]
@@ -383,7 +383,7 @@ def _wait_until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
 
 @pytest.fixture
 def small_server(
-    start_server: Callable[[Settings], LiveServer], settings: Settings, tmp_path: Path
+    start_server: Callable[..., LiveServer], settings: Settings, tmp_path: Path
 ) -> LiveServer:
     """A second server on the same database with tight predict limits."""
     small = make_settings(
@@ -404,7 +404,7 @@ def test_limits_too_many_images_and_too_large_bodies(
 ) -> None:
     url = f"{small_server.url}/v1/models/{known_model}/predict"
     images = _images(3)
-    with httpx.Client(timeout=60) as http:
+    with httpx.Client(timeout=60, headers=small_server.headers) as http:
         # 4 > min(5 per request, queue of 2): could never be admitted, so 413, not 503
         body = assert_error(http.post(url, files=_files(images)), 413, "too_many_images")
         assert body["details"] == {"limit": 2}
@@ -426,7 +426,7 @@ def test_overload_answers_503_with_retry_after(small_server: LiveServer, known_m
     url = f"{small_server.url}/v1/models/{known_model}/predict"
     images = _images(2)
     cache = small_server.app.state.models
-    with httpx.Client(timeout=60) as http:
+    with httpx.Client(timeout=60, headers=small_server.headers) as http:
         assert http.post(url, files=_files(images[:1])).status_code == 200  # load + warm up
         predictor = cache.peek(known_model)
         assert predictor is not None
@@ -441,7 +441,7 @@ def test_overload_answers_503_with_retry_after(small_server: LiveServer, known_m
             while cache.waiting < 2:  # both of its images admitted
                 assert time.monotonic() < deadline, "first request never queued"
                 time.sleep(0.01)
-            with httpx.Client(timeout=60) as other:
+            with httpx.Client(timeout=60, headers=small_server.headers) as other:
                 response = other.post(url, files=_files(images[:1]))
             body = assert_error(response, 503, "overloaded")
             assert response.headers["retry-after"] == "1"

@@ -1,0 +1,111 @@
+"""Who is calling, and may they: the API key on every /v1 route (docs/security.md).
+
+Each router (or route) declares the scope it needs with `authorize(Scope.X)`, a FastAPI
+Security dependency: /openapi.json then lists the scope under the operation's `security`, and
+tests/integration/test_auth.py calls every route so declared, with every kind of bad key. The
+caller's Principal is kept on `request.state.principal` for the tenant dependency, the audit
+trail and the rate limits.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from typing import Annotated, Any
+
+from fastapi import Depends, Request, Security
+from fastapi.security import APIKeyHeader, HTTPBearer, SecurityScopes
+from starlette.concurrency import run_in_threadpool
+
+from service import api_keys
+from service.api_keys import DEFAULT_TENANT, Principal, Scope
+from service.db import Database
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Declared for /openapi.json (and the /docs "Authorize" button); the headers are read below.
+bearer = HTTPBearer(
+    auto_error=False,
+    scheme_name="bearer",
+    description="`Authorization: Bearer bsk_...`",
+)
+key_header = APIKeyHeader(
+    name="X-API-Key",
+    auto_error=False,
+    scheme_name="apiKeyHeader",
+    description="`X-API-Key: bsk_...` (the same keys)",
+)
+AUTH_OFF = Principal(DEFAULT_TENANT, frozenset({Scope.ADMIN}), key_id=None, global_admin=True)
+
+
+def presented_key(request: Request) -> str | None:
+    """The key in `Authorization: Bearer`, else in `X-API-Key`."""
+    authorization = request.headers.get("authorization", "")
+    scheme, _, value = authorization.partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    return request.headers.get("x-api-key") or None
+
+
+async def _principal(
+    security_scopes: SecurityScopes,
+    request: Request,
+    _bearer: Annotated[Any, Depends(bearer)],
+    _header: Annotated[Any, Depends(key_header)],
+) -> Principal:
+    settings: Settings = request.app.state.settings
+    if settings.auth == "off":
+        principal = AUTH_OFF
+    else:
+        db: Database = request.app.state.db
+        token = presented_key(request)
+
+        def check() -> Principal:
+            with db.sessionmaker() as session:
+                return api_keys.authenticate(session, token, settings.pepper)
+
+        principal = await run_in_threadpool(check)
+    api_keys.require(principal, frozenset(Scope(s) for s in security_scopes.scopes))
+    request.state.principal = principal
+    return principal
+
+
+def authorize(*scopes: Scope) -> Any:
+    """The dependency a route (or router) declares: a valid key holding one of `scopes`
+    (/openapi.json lists them under the operation's `security`)."""
+    return Security(_principal, scopes=[scope.value for scope in scopes])
+
+
+def principal_of(request: Request) -> Principal:
+    principal: Principal | None = getattr(request.state, "principal", None)
+    if principal is None:  # a route without authorize(): a bug the auth test catches
+        raise RuntimeError(f"{request.url.path} declares no authorize() dependency")
+    return principal
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_auth_setting(settings: Settings) -> None:
+    """BITSERVE_AUTH=off is for a laptop: refused unless the API listens on loopback only."""
+    if settings.auth != "off":
+        return
+    if not is_loopback(settings.host):
+        raise SystemExit(
+            f"bitserve: BITSERVE_AUTH=off is refused while the API listens on {settings.host}: "
+            "anyone who reaches the port could read and delete every dataset and model. "
+            "Listen on 127.0.0.1 (BITSERVE_HOST) or keep BITSERVE_AUTH=required."
+        )
+    log.warning(
+        "BITSERVE_AUTH=off: API keys are not checked; every caller is an admin of tenant %r "
+        "(allowed because the API listens on %s only)",
+        DEFAULT_TENANT,
+        settings.host,
+    )
