@@ -75,9 +75,7 @@ ARTIFACT_DOC: dict[int | str, dict[str, Any]] = {
 }
 
 
-@router.get(
-    "", response_model=Page[ModelPublic], dependencies=READ, responses=error_responses(400)
-)
+@router.get("", response_model=Page[ModelPublic], dependencies=READ, responses=error_responses(400))
 def list_models(
     session: SessionDep,
     tenant: TenantDep,
