@@ -25,6 +25,14 @@ from tests.imagegen import make_image_folder
 # -- retries, headers and streams against a scripted loopback server ---------------------------
 
 
+@pytest.fixture(autouse=True)
+def _no_ambient_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The client reads BITSERVE_API_KEY or $BITSERVE_HOME/admin.key when given no key: keep
+    # whatever this machine has out of these tests.
+    monkeypatch.delenv("BITSERVE_API_KEY", raising=False)
+    monkeypatch.setenv("BITSERVE_HOME", str(tmp_path / "no-home"))
+
+
 @dataclass
 class Reply:
     status: int
@@ -296,3 +304,22 @@ def test_the_deadline_holds_while_the_stream_only_pings() -> None:
         httpd.server_close()
     assert caught.value.job_id == "job_x"
     assert 0.5 <= elapsed < 1.5  # noticed on a ping, not at the end of the 5 s stream
+
+
+def test_the_key_comes_from_the_environment_or_bitserve_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    script = {("GET", "/v1/datasets/ds_x"): [Reply(200, json.dumps(DATASET).encode())]}
+    monkeypatch.setenv("BITSERVE_HOME", str(tmp_path))
+    monkeypatch.delenv("BITSERVE_API_KEY", raising=False)
+    (tmp_path / "admin.key").write_text("bsk_from_file\n")
+    with Scripted(script) as server:
+        with BitserveClient(server.url) as api:
+            api.get_dataset("ds_x")
+        monkeypatch.setenv("BITSERVE_API_KEY", "bsk_from_env")
+        with BitserveClient(server.url) as api:
+            api.get_dataset("ds_x")
+        with BitserveClient(server.url, api_key="") as api:  # explicitly none
+            api.get_dataset("ds_x")
+    sent = [s.headers.get("authorization") for s in server.seen]
+    assert sent == ["Bearer bsk_from_file", "Bearer bsk_from_env", None]

@@ -74,3 +74,80 @@ def test_redact_hides_passwords() -> None:
     )
     assert cli._redact("redis://:secret@cache:6379/0") == "redis://***@cache:6379/0"
     assert cli._redact("sqla+sqlite:////x/broker.db") == "sqlite:////x/broker.db"
+
+
+def test_keys_create_list_revoke(home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from service import api_keys
+    from service.db import Database
+
+    assert cli.main(["migrate"]) == 0
+    capsys.readouterr()
+    args = ["keys", "create", "--tenant", "acme", "--scope", "predict", "--scope", "train"]
+    assert cli.main([*args, "--name", "ci", "--expires-days", "30"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    key = out[-1]
+    assert key.startswith("bsk_") and len(key) == 68
+    key_id = f"key_{key[4:24]}"
+    assert out[0] == f"created {key_id} for tenant acme: predict,train"
+
+    assert cli.main(["keys", "list"]) == 0
+    listing = capsys.readouterr().out
+    assert key_id in listing and "acme" in listing and "active" in listing and "ci" in listing
+    assert key not in listing and key[25:] not in listing
+
+    settings = Settings()
+    db = Database(settings.database_url)
+    with db.sessionmaker() as session:
+        principal = api_keys.authenticate(session, key, settings.pepper)
+    assert (principal.tenant_id, principal.key_id) == ("acme", key_id)
+    assert principal.scopes == {api_keys.Scope.PREDICT, api_keys.Scope.TRAIN}
+
+    assert cli.main(["keys", "revoke", key_id]) == 0
+    assert capsys.readouterr().out == f"revoked {key_id} (tenant acme)\n"
+    with db.sessionmaker() as session, pytest.raises(api_keys.Unauthenticated, match="revoked"):
+        api_keys.authenticate(session, key, settings.pepper)
+    db.dispose()
+    assert cli.main(["keys", "list", "--tenant", "acme"]) == 0
+    assert "revoked" in capsys.readouterr().out
+    # Mistakes are one line on stderr and exit 2.
+    assert cli.main(["keys", "revoke", "key_" + "a" * 20]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert cli.main(["keys", "create", "--tenant", "Bad Name"]) == 2
+    assert "tenant name" in capsys.readouterr().err
+
+
+def test_bitserve_up_makes_its_admin_key_once(home: Path) -> None:
+    from service.cli_keys import ensure_admin_key
+
+    assert cli.main(["migrate"]) == 0
+    settings = Settings()
+    key = ensure_admin_key(settings)
+    path = home / "admin.key"
+    assert key is not None and path.read_text() == key + "\n"
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert ensure_admin_key(settings) is None  # still valid: kept
+    path.write_text("bsk_stale\n")  # e.g. a new database: a new key replaces it
+    again = ensure_admin_key(settings)
+    assert again is not None and again != key and path.read_text() == again + "\n"
+
+
+@pytest.mark.parametrize(
+    ("host", "allowed"),
+    [
+        ("127.0.0.1", True),
+        ("localhost", True),
+        ("::1", True),
+        ("0.0.0.0", False),
+        ("10.1.2.3", False),
+    ],
+)
+def test_auth_off_only_on_loopback(host: str, allowed: bool, tmp_path: Path) -> None:
+    from service.auth import check_auth_setting
+
+    settings = Settings(home=tmp_path, host=host, auth="off")
+    if allowed:
+        check_auth_setting(settings)
+    else:
+        with pytest.raises(SystemExit, match="BITSERVE_AUTH=off is refused"):
+            check_auth_setting(settings)
+    check_auth_setting(Settings(home=tmp_path, host=host))  # required: anywhere
