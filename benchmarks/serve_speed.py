@@ -78,14 +78,17 @@ POINT_TIMEOUT_S = 600.0
 BATCH_ON = 32  # the default predict_max_batch_size
 
 
-def configs(delays: list[float]) -> dict[str, dict[str, float]]:
-    """Server settings by name: batching off, then on with each max queue delay (ms)."""
-    named: dict[str, dict[str, float]] = {"off": {"predict_max_batch_size": 1}}
+def configs(delays: list[float], auth_cost: bool = False) -> dict[str, dict[str, Any]]:
+    """Server settings by name: batching off, then on with each max queue delay (ms); with
+    `auth_cost`, also batching on at the first delay without API keys (BITSERVE_AUTH=off)."""
+    named: dict[str, dict[str, Any]] = {"off": {"predict_max_batch_size": 1}}
     for delay in delays:
         named[f"on/d{delay:g}"] = {
             "predict_max_batch_size": BATCH_ON,
             "predict_max_queue_delay_ms": delay,
         }
+    if auth_cost:
+        named[f"on/d{delays[0]:g}/no-auth"] = {**named[f"on/d{delays[0]:g}"], "auth": "off"}
     return named
 
 
@@ -152,8 +155,10 @@ def multipart_body(index: int, data: bytes) -> bytes:
     return head + data + f"\r\n--{BOUNDARY}--\r\n".encode()
 
 
-def setup_home(home: Path, model_name: str, crop: int) -> tuple[str, Path]:
-    """Migrated SQLite + one registered random-weight model; returns (model id, artifact dir)."""
+def setup_home(home: Path, model_name: str, crop: int) -> tuple[str, Path, str]:
+    """Migrated SQLite + one registered random-weight model and a predict-scope API key;
+    returns (model id, artifact dir, key)."""
+    from service import api_keys
     from service.db import Database
     from service.settings import Settings
     from service.storage import Storage
@@ -171,8 +176,12 @@ def setup_home(home: Path, model_name: str, crop: int) -> tuple[str, Path]:
     model = create_model(model_name, NUM_CLASSES)  # random head: each image its own answer
     classes = [f"class{i}" for i in range(NUM_CLASSES)]
     model_id, _ = publish_model(db, storage, model, model_name, classes, crop)
+    with db.sessionmaker() as session:
+        key = api_keys.create_key(
+            session, tenant_id="default", scopes=[api_keys.Scope.PREDICT], pepper=None
+        ).token
     db.dispose()
-    return model_id, storage.model_dir(model_id)
+    return model_id, storage.model_dir(model_id), key
 
 
 # -- the load generator ------------------------------------------------------------------------
@@ -209,10 +218,14 @@ async def drive(
     bodies: list[bytes],
     count: int,
     concurrency: int,
+    key: str,
     start: int = 0,
 ) -> tuple[float, list[float], list[tuple[int, int, bytes]]]:
     """Send `count` requests with `concurrency` in flight; (wall s, latencies, responses)."""
-    headers = {"content-type": f"multipart/form-data; boundary={BOUNDARY}"}
+    headers = {
+        "content-type": f"multipart/form-data; boundary={BOUNDARY}",
+        "authorization": f"Bearer {key}",
+    }
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     latencies: list[float] = []
     responses: list[tuple[int, int, bytes]] = []  # (image index, status, body)
@@ -272,13 +285,13 @@ def run(args: argparse.Namespace) -> None:
     bodies = [multipart_body(i, data) for i, data in enumerate(images)]
     with tempfile.TemporaryDirectory(prefix="bitserve-serve-bench-") as tmp:
         home = Path(tmp)
-        model_id, artifact = setup_home(home, args.model, args.crop)
+        model_id, artifact, key = setup_home(home, args.model, args.crop)
         predictor = Predictor.load(artifact, "cpu")
         expected = predictor.predict(images, top_k=TOP_K)
         path = f"/v1/models/{model_id}/predict?top_k={TOP_K}"
         servers: list[Server] = []
         try:
-            for name, overrides in configs(args.delays).items():
+            for name, overrides in configs(args.delays, args.auth_cost).items():
                 servers.append(start_server(name, home, overrides, args.threads))
             load_before = os.getloadavg()[0]
             # Warm-up: model load + warm-up forward, then the batch shapes each level produces
@@ -286,7 +299,7 @@ def run(args: argparse.Namespace) -> None:
             for server in servers:
                 for level in args.concurrency:
                     _, _, responses = asyncio.run(
-                        drive(server.url, path, bodies, args.warmup + level, level)
+                        drive(server.url, path, bodies, args.warmup + level, level, key)
                     )
                     check_responses(server.name, responses, expected)
             points = {(s.name, c): Point(s.name, c) for s in servers for c in args.concurrency}
@@ -299,7 +312,15 @@ def run(args: argparse.Namespace) -> None:
                         sum0, count0 = batch_histogram(server.url)
                         cpu0, client0 = server.cpu_seconds(), time.process_time()
                         seconds, latencies, responses = asyncio.run(
-                            drive(server.url, path, bodies, per_round, level, start=point.requests)
+                            drive(
+                                server.url,
+                                path,
+                                bodies,
+                                per_round,
+                                level,
+                                key,
+                                start=point.requests,
+                            )
                         )
                         cpu1, client1 = server.cpu_seconds(), time.process_time()
                         sum1, count1 = batch_histogram(server.url)
@@ -338,7 +359,7 @@ def print_table(
     print("|---" * (header.count("|") - 1) + "|")
     for level in args.concurrency:
         baseline = points[("off", level)].images_per_s
-        for name in configs(args.delays):
+        for name in configs(args.delays, args.auth_cost):
             p = points[(name, level)]
             ratio = p.images_per_s / baseline
             print(
@@ -370,6 +391,9 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each server")
     parser.add_argument("--quick", action="store_true", help="smoke test: few requests")
+    parser.add_argument(
+        "--auth-cost", action="store_true", help="also measure without API keys (AUTH=off)"
+    )
     parser.add_argument("--serve-fd", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--serve-home", help=argparse.SUPPRESS)
     parser.add_argument("--serve-settings", help=argparse.SUPPRESS)

@@ -57,6 +57,7 @@ class Principal:
     scopes: frozenset[Scope]
     key_id: str | None = None
     global_admin: bool = False
+    expires_at: datetime | None = None
 
     def allows(self, accepted: frozenset[Scope]) -> bool:
         """True when the key holds one of the `accepted` scopes (admin holds them all)."""
@@ -158,6 +159,7 @@ def authenticate(
         scopes=frozenset(Scope(s) for s in row.scopes),
         key_id=row.id,
         global_admin=row.global_admin,
+        expires_at=row.expires_at,
     )
 
 

@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
-from service.auth import check_auth_setting
+from service.auth import PrincipalCache, check_auth_setting
 from service.broker import Broker
 from service.db import Database
 from service.http_errors import install_error_handlers
@@ -56,6 +56,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = metrics
     app.state.models = model_cache
     app.state.broker = broker
+    app.state.principals = PrincipalCache()
     install_error_handlers(app)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     for module in (health, base_models, datasets, jobs, models, keys, ui):

@@ -6,12 +6,12 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from service import api_keys
 from service.api_keys import Scope
-from service.auth import authorize
+from service.auth import PrincipalCache, authorize
 from service.deps import PrincipalDep, SessionDep, SettingsDep
 from service.domain_errors import Forbidden
 from service.http_errors import error_responses
@@ -68,6 +68,10 @@ def list_keys(
 @router.delete(
     "/{key_id}", status_code=204, summary="Revoke an API key", responses=error_responses(404)
 )
-def revoke_key(key_id: str, session: SessionDep, principal: PrincipalDep) -> Response:
+def revoke_key(
+    key_id: str, request: Request, session: SessionDep, principal: PrincipalDep
+) -> Response:
     api_keys.revoke_key(session, api_keys.visible_tenant(principal, None), key_id)
+    cache: PrincipalCache = request.app.state.principals
+    cache.forget(key_id)  # at once here; other gateway processes within auth.CACHE_SECONDS
     return Response(status_code=204)
