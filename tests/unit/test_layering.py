@@ -67,6 +67,7 @@ DOMAIN = (
     "job_states",
     "jobs",
     "models_store",
+    "quotas",
     "serving",
     "settings",
     "storage",
