@@ -201,6 +201,22 @@ class Predictions(TypedDict):
     predictions: list[ImagePrediction]
 
 
+class QuotaUsage(TypedDict):
+    active_jobs: int
+    stored_bytes: int
+
+
+class TenantQuotas(TypedDict):
+    """GET/PUT /v1/tenants/{tenant}/quotas: the quotas in force and the tenant's usage."""
+
+    tenant: str
+    max_active_jobs: int
+    max_stored_bytes: int
+    predict_rate_per_second: float
+    overridden: list[str]
+    usage: QuotaUsage
+
+
 @dataclass(frozen=True)
 class JobEvent:
     """One event of a job's stream: `status` (data: the Job), `progress` (data: a

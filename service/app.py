@@ -14,7 +14,8 @@ from service.broker import Broker
 from service.db import Database
 from service.http_errors import install_error_handlers
 from service.metrics import Metrics, MetricsMiddleware
-from service.routers import base_models, datasets, health, jobs, keys, models, ui
+from service.quotas import RateLimiter
+from service.routers import base_models, datasets, health, jobs, keys, models, tenants, ui
 from service.serving import ModelCache
 from service.settings import Settings, get_settings
 from service.storage import Storage
@@ -31,6 +32,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     metrics.watch_jobs(db)
     model_cache = ModelCache(settings, storage, metrics)
     broker = Broker(settings)  # its Celery client (and connection pool) is built on first send
+    # Predict requests per API key: buckets in this process's memory (docs/operations.md).
+    rate_limiter = RateLimiter(settings.predict_burst)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -57,8 +60,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.models = model_cache
     app.state.broker = broker
     app.state.principals = PrincipalCache()
+    app.state.rate_limiter = rate_limiter
     install_error_handlers(app)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
-    for module in (health, base_models, datasets, jobs, models, keys, ui):
+    for module in (health, base_models, datasets, jobs, models, keys, tenants, ui):
         app.include_router(module.router)
     return app

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 from bitcore import hyperrule
 from bitcore.data.cache import build_cache
 from bitcore.data.index import DatasetError, DatasetIndex, index_directory
-from service import jobs
+from service import jobs, quotas
 from service.archives import ArchiveKind, Extracted, Limits, extract_archive
 from service.db import Database
 from service.domain_errors import Conflict, InvalidRequest, NotFound
@@ -108,8 +108,11 @@ def create_dataset(
     tenant_id: str | None,
 ) -> Dataset:
     """Turn an uploaded archive into a ready dataset (blocking; the upload route runs it in a
-    thread). Raises the kinds of service.domain_errors. This is the seam where ingestion can move off
-    the request path: the route only hands it a received archive."""
+    thread). Raises the kinds of service.domain_errors; QuotaExceeded when `size` more bytes
+    would pass the tenant's max_stored_bytes (checked with the row's insert, under the
+    tenant's lock: the route's check before the upload races with other uploads). This is the
+    seam where ingestion can move off the request path: the route only hands it a received
+    archive."""
     dataset_id = new_id("ds")
     directory = storage.dataset_dir(dataset_id)
     directory.mkdir(parents=True)
@@ -130,6 +133,8 @@ def create_dataset(
             storage_key=storage.key(directory),
         )
         with db.session() as session:
+            # Under the tenant's lock: concurrent uploads cannot both fit the last bytes.
+            quotas.check_stored_bytes(session, tenant_id, settings, size)
             session.add(row)
         return row
     except BaseException:

@@ -31,10 +31,12 @@ from sqlalchemy.orm import Session
 from bitcore import hyperrule
 from bitcore.data.split import validation_count
 from bitcore.models import MODEL_SPECS
-from service.domain_errors import Conflict, InvalidRequest, NotFound
+from service import quotas
+from service.domain_errors import Conflict, InvalidRequest, NotFound, QuotaExceeded
 from service.ids import new_id, utcnow
 from service.job_runs import Send, transition
 from service.job_states import JobStatus
+from service.settings import Settings
 from service.tables import Dataset, Job, tenant_is
 
 log = logging.getLogger(__name__)
@@ -110,14 +112,19 @@ def create_job(
     request: JobRequest,
     *,
     send: Send,
+    settings: Settings,
     tenant_id: str | None = None,
     idempotency_key: str | None = None,
     now: datetime | None = None,
 ) -> tuple[Job, bool]:
-    """Validate, plan, commit the queued job, then send it. Returns (job, created).
+    """Validate, plan, check the tenant's active-jobs quota, commit the queued job, then send
+    it. Returns (job, created).
 
-    `created` is False for an idempotent replay (same key, same body). A failed send is
-    logged and leaves the job queued with no `enqueued_at`: the reconciler sends it later.
+    `created` is False for an idempotent replay (same key, same body), answered even when the
+    tenant is at its quota. The quota is checked under a lock of the tenant's row held until
+    the job's insert commits (service.quotas), so concurrent requests cannot both pass it.
+    A failed send is logged and leaves the job queued with no `enqueued_at`: the reconciler
+    sends it later.
     """
     digest = request.fingerprint()
     if idempotency_key is not None:
@@ -133,6 +140,18 @@ def create_job(
     plan = plan_for_dataset(
         dataset, request.base_model, request.validation_fraction, request.overrides
     )
+    try:
+        quotas.check_active_jobs(session, tenant_id, settings)
+    except QuotaExceeded:
+        session.rollback()  # releases the tenant's lock
+        # A concurrent request with the same Idempotency-Key may have made this very job
+        # while this one waited for the lock: that is a replay, not a new job.
+        existing = (
+            _by_idempotency_key(session, tenant_id, idempotency_key) if idempotency_key else None
+        )
+        if existing is not None:
+            return _replay(existing, digest), False
+        raise
     now = now or utcnow()
     job = Job(
         id=new_id("job"),

@@ -51,16 +51,29 @@ class TrainedModel:
     classes: list[str]
     input_spec: dict[str, Any]
     metrics: dict[str, Any]
+    bytes: int  # of the artifact's files: counts against the tenant's max_stored_bytes
 
     @classmethod
     def from_artifact(
         cls, storage: Storage, model_id: str, metrics: dict[str, Any]
     ) -> TrainedModel:
         """Read classes and input size from the artifact's metadata.json, so the row always
-        describes the weights that are actually served."""
+        describes the weights that are actually served, and measure its files."""
         directory = storage.model_dir(model_id)
         meta = load_metadata(directory)
-        return cls(model_id, storage.key(directory), list(meta.classes), input_spec(meta), metrics)
+        return cls(
+            model_id,
+            storage.key(directory),
+            list(meta.classes),
+            input_spec(meta),
+            metrics,
+            artifact_bytes(directory),
+        )
+
+
+def artifact_bytes(directory: Path) -> int:
+    """Total size of the files under an artifact directory."""
+    return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
 
 
 def model_row(job: Job, trained: TrainedModel, created_at: datetime) -> Model:
@@ -78,6 +91,7 @@ def model_row(job: Job, trained: TrainedModel, created_at: datetime) -> Model:
         metrics=trained.metrics,
         input=trained.input_spec,
         storage_key=trained.storage_key,
+        bytes=trained.bytes,
         created_at=created_at,
     )
 

@@ -3,7 +3,8 @@
 FastAPI's own form parsing would accept any size, so every body that can be large is read
 through `capped_stream`: the declared Content-Length is checked before a byte is read, and the
 bytes actually received are counted as they arrive. Uploads (service.uploads) and predict
-requests (`read_images`) share it, and answer the same error past the cap.
+requests (`read_images`) share it, and answer the same error past the cap. An upload also
+has a second, lower cap: the tenant's remaining byte quota (`QuotaCap`), with its own error.
 """
 
 from __future__ import annotations
@@ -11,13 +12,15 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
+from dataclasses import dataclass
 
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect, Request
 
 from service.domain_errors import (
+    DomainError,
     InvalidRequest,
     MalformedRequest,
     TooLarge,
@@ -30,24 +33,38 @@ FILES_FIELD = "files"
 PREDICT_HINT = "send fewer or smaller images per request"
 
 
+@dataclass(frozen=True)
+class QuotaCap:
+    """A cap that may lie below the body's own: past `limit` bytes, `error()` is raised (a
+    tenant's byte quota: 429, retry later) instead of payload_too_large (413: never)."""
+
+    limit: int
+    error: Callable[[], DomainError]
+
+
 async def capped_stream(
-    request: Request, limit: int, hint: str = ""
+    request: Request, limit: int, hint: str = "", *, quota: QuotaCap | None = None
 ) -> AsyncGenerator[bytes, None]:
     """The body of `request`, chunk by chunk; TooLarge (payload_too_large) as soon as the
-    declared or the received length passes `limit` bytes, MalformedRequest if the client
-    goes away."""
+    declared or the received length passes `limit` bytes, `quota.error()` as soon as it
+    passes `quota.limit` (and not `limit`), MalformedRequest if the client goes away."""
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
             raise MalformedRequest("malformed_request", "Content-Length is not a number")
+        # Refused before a byte of the body is read.
         if int(declared) > limit:
-            raise payload_too_large(limit, hint)  # refused before a byte of the body is read
+            raise payload_too_large(limit, hint)
+        if quota is not None and int(declared) > quota.limit:
+            raise quota.error()
     total = 0
     try:
         async for chunk in request.stream():
             total += len(chunk)
             if total > limit:
                 raise payload_too_large(limit, hint)
+            if quota is not None and total > quota.limit:
+                raise quota.error()
             yield chunk
     except ClientDisconnect:
         raise MalformedRequest("client_disconnected", "the client went away") from None

@@ -20,6 +20,7 @@ from service.api_keys import Scope
 from service.datasets import WorkEstimate
 from service.ids import rfc3339
 from service.job_states import JobStatus
+from service.quotas import MAX_VALUES, Quotas, Usage
 from service.tables import ApiKey, Dataset, Job, Model
 
 Item = TypeVar("Item")
@@ -368,6 +369,52 @@ class KeyPublic(Schema):
 
 class KeyCreated(KeyPublic):
     key: str = Field(description="the key itself: shown this once, never again")
+
+
+# -- quotas -------------------------------------------------------------------------------
+
+
+class QuotaUsage(Schema):
+    active_jobs: int = Field(description="queued, running and cancelling jobs")
+    stored_bytes: int = Field(description="uploaded archives plus model artifacts")
+
+
+class TenantQuotas(Schema):
+    """A tenant's quotas in force (its own where set, else the server's defaults) and what it
+    uses of them now."""
+
+    tenant: str
+    max_active_jobs: int = Field(description="queued + running + cancelling jobs at once")
+    max_stored_bytes: int = Field(description="datasets (archive bytes) + models (artifacts)")
+    predict_rate_per_second: float = Field(
+        description="predict requests per second per API key, per gateway process"
+    )
+    overridden: list[str] = Field(
+        description="the quotas set for this tenant; the others are the server's defaults"
+    )
+    usage: QuotaUsage
+
+    @classmethod
+    def build(cls, tenant: str, quotas: Quotas, usage: Usage) -> TenantQuotas:
+        return cls(
+            tenant=tenant,
+            max_active_jobs=quotas.max_active_jobs,
+            max_stored_bytes=quotas.max_stored_bytes,
+            predict_rate_per_second=quotas.predict_rate_per_second,
+            overridden=list(quotas.overridden),
+            usage=QuotaUsage(active_jobs=usage.active_jobs, stored_bytes=usage.stored_bytes),
+        )
+
+
+class QuotasUpdate(Schema):
+    """PUT /v1/tenants/{tenant}/quotas body, partial: a quota left out stays as it is; null
+    puts it back to the server's default."""
+
+    max_active_jobs: int | None = Field(None, gt=0, le=MAX_VALUES["max_active_jobs"])
+    max_stored_bytes: int | None = Field(None, gt=0, le=MAX_VALUES["max_stored_bytes"])
+    predict_rate_per_second: float | None = Field(
+        None, gt=0, le=MAX_VALUES["predict_rate_per_second"]
+    )
 
 
 # -- pages --------------------------------------------------------------------------------

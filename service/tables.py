@@ -153,7 +153,8 @@ class Model(Base):
 
 class Tenant(Base):
     """A tenant's quota overrides (NULL: the Settings default). A tenant exists as soon as a
-    key names it; this row is written only when an admin sets a quota."""
+    key names it; this row is written when an admin sets a quota, or (all NULL) on demand by
+    service.quotas.lock_tenant, whose row lock makes the quota checks race-safe."""
 
     __tablename__ = "tenants"
 

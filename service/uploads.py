@@ -35,7 +35,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
 from service.domain_errors import InvalidRequest, MalformedRequest, TooLarge, UnsupportedMedia
-from service.request_bodies import capped_stream
+from service.request_bodies import QuotaCap, capped_stream
 
 MAX_FIELD_BYTES = 4096  # plain form fields (name, ...): small by nature
 
@@ -139,15 +139,22 @@ def _boundary(request: Request) -> bytes:
 
 @asynccontextmanager
 async def receive_upload(
-    request: Request, tmp_dir: Path, *, max_bytes: int, file_field: str = "file"
+    request: Request,
+    tmp_dir: Path,
+    *,
+    max_bytes: int,
+    quota: QuotaCap | None = None,
+    file_field: str = "file",
 ) -> AsyncIterator[Upload]:
     """Stream the multipart body of `request`; yield the file part as a temp file.
 
     Raises UnsupportedMedia (not multipart), TooLarge payload_too_large (Content-Length or
-    the streamed bytes over `max_bytes`), MalformedRequest, InvalidRequest (no file part).
+    the streamed bytes over `max_bytes`), `quota.error()` (over `quota.limit` bytes: the
+    whole body counts, multipart framing included), MalformedRequest, InvalidRequest (no
+    file part).
     """
     boundary = _boundary(request)
-    body = capped_stream(request, max_bytes)
+    body = capped_stream(request, max_bytes, quota=quota)
     fd, name = tempfile.mkstemp(prefix="upload-", suffix=".part", dir=tmp_dir)
     path = Path(name)
     try:

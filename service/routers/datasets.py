@@ -7,15 +7,18 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from service import datasets
+from service import datasets, quotas
 from service.api_keys import Scope
 from service.archives import detect_kind
 from service.auth import authorize
+from service.db import Database
 from service.deps import DbDep, SessionDep, SettingsDep, StorageDep, TenantDep
 from service.domain_errors import UnsupportedMedia
 from service.http_errors import error_responses
 from service.pagination import DEFAULT_LIMIT, CursorQuery, LimitQuery, page
+from service.request_bodies import QuotaCap
 from service.schemas import DatasetPlan, DatasetPublic, Page, Plan
+from service.settings import Settings
 from service.uploads import receive_upload
 
 router = APIRouter(
@@ -49,14 +52,19 @@ UPLOAD_DOC = {
     status_code=201,
     openapi_extra=UPLOAD_DOC,
     response_model=DatasetPublic,
-    responses=error_responses(400, 413, 415, 422),
+    responses=error_responses(400, 413, 415, 422, 429),
 )
 async def upload_dataset(
     request: Request, settings: SettingsDep, db: DbDep, storage: StorageDep, tenant: TenantDep
 ) -> DatasetPublic:
-    """A .zip or .tar.gz of `<class>/<image>` folders (the body is parsed as it streams)."""
+    """A .zip or .tar.gz of `<class>/<image>` folders (the body is parsed as it streams).
+    A body larger than the tenant's remaining byte quota is refused (429) as soon as its
+    Content-Length or its streamed bytes say so."""
+    room = await run_in_threadpool(_byte_room, db, settings, tenant)
+    quota = QuotaCap(room.remaining, room.exceeded)
     tmp = await run_in_threadpool(storage.upload_tmp)
-    async with receive_upload(request, tmp, max_bytes=settings.max_upload_bytes) as upload:
+    max_bytes = settings.max_upload_bytes
+    async with receive_upload(request, tmp, max_bytes=max_bytes, quota=quota) as upload:
         kind = await run_in_threadpool(detect_kind, upload.path)
         if kind is None:
             raise UnsupportedMedia(
@@ -76,6 +84,11 @@ async def upload_dataset(
             tenant_id=tenant,
         )
     return DatasetPublic.from_row(row)
+
+
+def _byte_room(db: Database, settings: Settings, tenant: str) -> quotas.ByteRoom:
+    with db.sessionmaker() as session:
+        return quotas.byte_room(session, tenant, settings)
 
 
 @router.get("", response_model=Page[DatasetPublic], responses=error_responses(400, 422))

@@ -22,7 +22,7 @@ from service import jobs
 from service.api_keys import Scope
 from service.auth import authorize
 from service.db import Database
-from service.deps import BrokerDep, DbDep, SessionDep, TenantDep
+from service.deps import BrokerDep, DbDep, SessionDep, SettingsDep, TenantDep
 from service.http_errors import error_responses
 from service.job_states import JobStatus
 from service.pagination import DEFAULT_LIMIT, CursorQuery, LimitQuery, page
@@ -76,7 +76,7 @@ async def _call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     response_model=JobPublic,
     responses={
         200: {"model": JobPublic, "description": "A replay: this Idempotency-Key's job"},
-        **error_responses(404, 409, 422),
+        **error_responses(404, 409, 422, 429),
     },
 )
 async def create_job(
@@ -84,6 +84,7 @@ async def create_job(
     session: SessionDep,
     tenant: TenantDep,
     broker: BrokerDep,
+    settings: SettingsDep,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> JSONResponse:
     request = jobs.JobRequest(**body.model_dump())
@@ -92,6 +93,7 @@ async def create_job(
         session,
         request,
         send=broker.send_finetune,
+        settings=settings,
         tenant_id=tenant,
         idempotency_key=idempotency_key,
     )

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
 from bitcore.predict import InputImageError
 from service import models_store as store
+from service import quotas
 from service.api_keys import Scope
-from service.auth import authorize
+from service.auth import authorize, principal_of
+from service.db import Database
 from service.deps import SessionDep, SettingsDep, StorageDep, TenantDep
 from service.domain_errors import InvalidRequest, Unavailable
 from service.http_errors import error_responses
@@ -24,10 +26,35 @@ from service.pagination import DEFAULT_LIMIT, CursorQuery, LimitQuery, page
 from service.request_bodies import FILES_FIELD, read_images
 from service.schemas import ImagePrediction, Label, ModelPublic, Page, PredictResponse
 from service.serving import ModelCache, ModelUnavailable, Overloaded
+from service.settings import Settings
+
+
+async def limit_predict_rate(request: Request) -> None:
+    """429 rate_limited past the caller's predict rate: a token bucket per API key (per
+    tenant when auth is off) in this process (service.quotas.RateLimiter), checked after the
+    key and before a byte of the body is read."""
+    principal = principal_of(request)
+    limiter: quotas.RateLimiter = request.app.state.rate_limiter
+    tenant = principal.tenant_id
+    rate = limiter.cached_rate(tenant)
+    if rate is None:
+        app_state = request.app.state
+        rate = await run_in_threadpool(_predict_rate, app_state.db, app_state.settings, tenant)
+        limiter.remember_rate(tenant, rate)
+    wait = limiter.acquire(principal.key_id or f"tenant:{tenant}", rate)
+    if wait > 0:
+        raise quotas.rate_limited(rate, limiter.burst, wait)
+
+
+def _predict_rate(db: Database, settings: Settings, tenant: str) -> float:
+    with db.sessionmaker() as session:
+        return quotas.get_quotas(session, tenant, settings).predict_rate_per_second
+
 
 router = APIRouter(prefix="/v1/models", tags=["models"], responses=error_responses(401, 403, 422))
 READ = [authorize(Scope.PREDICT, Scope.TRAIN)]  # list and read: either scope
-PREDICT = [authorize(Scope.PREDICT)]
+# The key first (it names the bucket), then its rate.
+PREDICT = [authorize(Scope.PREDICT), Depends(limit_predict_rate)]
 TRAIN = [authorize(Scope.TRAIN)]  # delete and download
 
 PREDICT_BODY_DOC: dict[str, Any] = {

@@ -27,7 +27,11 @@ from service.api_keys import DEFAULT_TENANT, Scope
 from service.app import create_app
 from service.db import Database, migrate
 from service.settings import Settings
-from tests.integration.worker_fixtures import WorkerProcess, fast_job_settings
+from tests.integration.worker_fixtures import (
+    TESTS_MAX_ACTIVE_JOBS,
+    WorkerProcess,
+    fast_job_settings,
+)
 
 STARTUP_TIMEOUT_S = 30.0
 
@@ -90,13 +94,12 @@ def make_key(
 
 
 def make_settings(home: Path, database_url: str, broker_url: str, **overrides: object) -> Settings:
-    return Settings(
-        home=home,
-        database_url=database_url,
-        broker_url=broker_url,
-        auto_migrate=False,  # migrated once per session by `migrated_db`
-        **overrides,  # type: ignore[arg-type]
-    )
+    values: dict[str, Any] = {
+        "auto_migrate": False,  # migrated once per session by `migrated_db`
+        "tenant_max_active_jobs": TESTS_MAX_ACTIVE_JOBS,  # test_quotas.py sets its own
+        **overrides,
+    }
+    return Settings(home=home, database_url=database_url, broker_url=broker_url, **values)
 
 
 @pytest.fixture(scope="session")

@@ -120,6 +120,7 @@ def objects(live_server_instance: LiveServer, tmp_path_factory: pytest.TempPathF
         "job_id": job.json()["id"],
         "model_id": model_id,
         "key_id": viewed.row.id,
+        "tenant": "default",
     }
     png = encode(class_image(0, 2, (40, 48), seed=9), "PNG")
     return Objects(ids, archive.getvalue(), png)
@@ -131,6 +132,7 @@ BODIES: dict[str, Callable[[Objects], dict[str, Any]]] = {
         "json": {"dataset_id": o.ids["dataset_id"], "base_model": "tiny-R10x0.25"}
     },
     "KeyCreate": lambda o: {"json": {"scopes": ["predict"]}},
+    "QuotasUpdate": lambda o: {"json": {}},
     "multipart/form-data": lambda o: {"files": {"file": ("pets.zip", o.zip_bytes)}},
 }
 PREDICT_BODY = lambda o: {"files": [("files", ("a.png", o.png))]}  # noqa: E731
@@ -193,8 +195,13 @@ def _assert_error(response: httpx.Response, status: int, code: str, route: Route
 
 
 def test_the_walk_sees_every_route(routes: list[Route]) -> None:
-    assert len(routes) == 19
-    assert {str(r) for r in routes if r.scopes == {"admin"}} >= {"POST /v1/keys", "GET /v1/keys"}
+    assert len(routes) == 21
+    assert {str(r) for r in routes if r.scopes == {"admin"}} >= {
+        "POST /v1/keys",
+        "GET /v1/keys",
+        "GET /v1/tenants/{tenant}/quotas",
+        "PUT /v1/tenants/{tenant}/quotas",
+    }
 
 
 def test_refused_keys_answer_401(

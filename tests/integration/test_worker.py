@@ -48,7 +48,9 @@ class Env:
             overrides={**FAST_OVERRIDES, **overrides},
         )
         with self.db.sessionmaker() as session:
-            job, created = jobs.create_job(session, request, send=self.broker.send_finetune)
+            job, created = jobs.create_job(
+                session, request, send=self.broker.send_finetune, settings=self.settings
+            )
         assert created
         return job.id
 
@@ -143,6 +145,7 @@ def test_a_job_past_its_attempt_limit_fails(env: Env, worker: WorkerProcess) -> 
             session,
             jobs.JobRequest(dataset_id, "tiny-R10x0.25", overrides=FAST_OVERRIDES),
             send=lambda _: None,  # not sent yet: first make it look like a crash loop
+            settings=env.settings,
         )
         session.execute(
             sa.update(Job).where(Job.id == job.id).values(attempts=env.settings.job_max_attempts)
@@ -167,6 +170,7 @@ def test_a_published_model_without_its_checkpoint_fails_fast(
             session,
             jobs.JobRequest(dataset_id, "BiT-M-R50x1", overrides=FAST_OVERRIDES),
             send=env.broker.send_finetune,
+            settings=env.settings,
         )
     done = wait_for_job(env.db, job.id, finished, 30, "failed", worker)
     assert (done.status, done.error_code) == ("failed", "checkpoint_missing")

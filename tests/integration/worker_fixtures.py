@@ -31,6 +31,9 @@ from service.tables import Dataset, Job
 from tests.imagegen import make_image_folder
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+# Jobs of tenant "default" left queued by any test module (servers without a worker) must not
+# reach another module's quota: the integration tests share one database.
+TESTS_MAX_ACTIVE_JOBS = 10_000
 # Overrides that make a tiny-R10x0.25 job take seconds on a shared 2-core CPU.
 FAST_OVERRIDES: dict[str, Any] = {"steps": 12, "batch_size": 4, "crop": 32, "precrop": 40}
 ALIASES = {  # environment names that could shadow BITSERVE_* ones: set them all alike
@@ -58,6 +61,7 @@ def fast_job_settings(
         "reconcile_interval_seconds": 1.0,
         "job_max_attempts": 3,
         "auto_migrate": False,
+        "tenant_max_active_jobs": TESTS_MAX_ACTIVE_JOBS,
     }
     values.update(overrides)
     return Settings(**values)

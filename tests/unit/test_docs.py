@@ -120,6 +120,7 @@ ERROR_KINDS = {
     "Gone",
     "InvalidRequest",
     "MalformedRequest",
+    "QuotaExceeded",
     "TooLarge",
     "Unavailable",
     "UnsupportedMedia",

@@ -143,6 +143,7 @@ def test_success_writes_the_model_and_the_job_together(db: Database, settings: S
                 ["cat", "dog", "eel"],
                 {"crop": 128, "mean": [0.5] * 3, "std": [0.5] * 3},
                 metrics,
+                4096,
             ),
         )
         assert model is not None
@@ -160,6 +161,7 @@ def test_success_writes_the_model_and_the_job_together(db: Database, settings: S
             ["cat", "dog", "eel"],
         )
         assert stored.plan == row.plan
+        assert stored.bytes == 4096  # counts against the tenant's max_stored_bytes
 
 
 def test_finish_failed_records_the_error(db: Database, settings: Settings) -> None:
@@ -271,5 +273,5 @@ def _succeed(session: Session, job_id: str, worker_id: str) -> Model | None:
         session,
         job_id,
         worker_id,
-        TrainedModel(new_id("mdl"), "models/x", ["a"], {}, {}),
+        TrainedModel(new_id("mdl"), "models/x", ["a"], {}, {}, 0),
     )

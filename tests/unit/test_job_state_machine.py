@@ -69,7 +69,7 @@ def succeed(session: Session, job_id: str, settings: Settings) -> object:
         session,
         job_id,
         WORKER,
-        TrainedModel(new_id("mdl"), "models/x", ["a", "b"], {"crop": 32}, {}),
+        TrainedModel(new_id("mdl"), "models/x", ["a", "b"], {"crop": 32}, {}, 0),
     )
 
 

@@ -19,7 +19,7 @@ from service.ids import utcnow
 from service.schemas import JobPublic
 from service.settings import Settings
 from service.tables import Dataset, Job
-from tests.unit.job_helpers import add_dataset, create, load
+from tests.unit.job_helpers import NO_QUOTA, add_dataset, create, load
 
 
 def test_training_examples_match_the_stratified_split() -> None:
@@ -67,7 +67,10 @@ def test_a_failed_send_leaves_the_job_queued_for_the_reconciler(
 
     with db.sessionmaker() as session:
         job, created = jobs.create_job(
-            session, jobs.JobRequest(dataset_id, "tiny-R10x0.25"), send=broker_down
+            session,
+            jobs.JobRequest(dataset_id, "tiny-R10x0.25"),
+            send=broker_down,
+            settings=settings,
         )
     assert created and load(db, job.id).enqueued_at is None
     sent: list[str] = []
@@ -95,7 +98,7 @@ def test_create_refuses_bad_requests(
     dataset_id = add_dataset(db)
     body = {"dataset_id": dataset_id, "base_model": "tiny-R10x0.25", **fields}
     with db.sessionmaker() as session, pytest.raises(DomainError) as err:
-        jobs.create_job(session, jobs.JobRequest(**body), send=lambda _: None)  # type: ignore[arg-type]
+        jobs.create_job(session, jobs.JobRequest(**body), send=lambda _: None, settings=NO_QUOTA)  # type: ignore[arg-type]
     assert (status_of(err.value), err.value.code, err.value.details["field"]) == (
         status,
         code,
@@ -133,7 +136,7 @@ def test_a_dataset_deleted_between_read_and_insert_is_404_not_500(db: Database) 
     with db.sessionmaker() as session:
         sa.event.listen(session, "before_commit", delete_the_dataset)
         with pytest.raises(DomainError) as err:
-            jobs.create_job(session, request, send=sent.append)
+            jobs.create_job(session, request, send=sent.append, settings=NO_QUOTA)
     assert (status_of(err.value), err.value.code) == (404, "not_found")
     assert deleted == [True]
     with db.sessionmaker() as session:
