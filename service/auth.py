@@ -66,8 +66,9 @@ async def _principal(
                 return api_keys.authenticate(session, token, settings.pepper)
 
         principal = await run_in_threadpool(check)
-    api_keys.require(principal, frozenset(Scope(s) for s in security_scopes.scopes))
+    # Kept before the scope check: the audit trail names a valid key even when it is refused.
     request.state.principal = principal
+    api_keys.require(principal, frozenset(Scope(s) for s in security_scopes.scopes))
     return principal
 
 
