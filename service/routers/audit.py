@@ -4,14 +4,12 @@ that presented no valid key."""
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, Query
+from fastapi import APIRouter
 
 from service import api_keys, audit
 from service.api_keys import Scope
 from service.auth import authorize
-from service.deps import PrincipalDep, SessionDep
+from service.deps import PrincipalDep, SessionDep, TenantQuery
 from service.http_errors import error_responses
 from service.pagination import DEFAULT_LIMIT, CursorQuery, LimitQuery, page
 from service.schemas import AuditEventPublic, Page
@@ -28,9 +26,7 @@ router = APIRouter(
 def list_audit_events(
     session: SessionDep,
     principal: PrincipalDep,
-    tenant: Annotated[
-        str | None, Query(max_length=64, description="a global admin's filter")
-    ] = None,
+    tenant: TenantQuery = None,
     limit: LimitQuery = DEFAULT_LIMIT,
     cursor: CursorQuery = None,
 ) -> Page[AuditEventPublic]:
