@@ -105,8 +105,8 @@ function describeError(err) {
   if (err.status === 401) lines.push("Enter an API key in the API key panel above.");
   if (err.status === 403 && Array.isArray(d.needed)) {
     const has = Array.isArray(d.scopes) && d.scopes.length ? d.scopes.join(", ") : "none";
-    lines.push(`Missing scope: this needs a key with ${d.needed.join(" or ")} (or admin); ` +
-      `this key has ${has}.`);
+    const admin = d.needed.includes("admin") ? "" : " (or admin)";
+    lines.push(`Missing scope: this needs a key with ${d.needed.join(" or ")}${admin}; this key has ${has}.`);
   }
   return lines.join("\n");
 }

@@ -207,6 +207,8 @@ out.error = m.describeError(new m.ApiError(422, "too_few_images", "class b has 1
 out.unauthorized = m.describeError(new m.ApiError(401, "missing_api_key", "no key", {}));
 out.forbidden = m.describeError(new m.ApiError(403, "insufficient_scope", "lacks train",
   {needed: ["train"], scopes: ["predict"]}));
+out.notAdmin = m.describeError(new m.ApiError(403, "insufficient_scope", "lacks admin",
+  {needed: ["admin"], scopes: []}));
 out.fragments = ["#key=bsk_a_b", "#key=bsk_a_b&tab=jobs", "#tab=jobs", "", "#key="].map(m.keyFromFragment);
 out.keyHelp = m.KEY_HELP;
 console.log(JSON.stringify(out));
@@ -241,6 +243,9 @@ def test_the_scripts_pure_parts_with_node() -> None:
     assert out["forbidden"] == (
         "lacks train (insufficient_scope, HTTP 403)\n"
         "Missing scope: this needs a key with train (or admin); this key has predict."
+    )
+    assert out["notAdmin"].endswith(
+        "Missing scope: this needs a key with admin; this key has none."
     )
     assert out["fragments"] == [
         {"key": "bsk_a_b", "rest": ""},
