@@ -33,6 +33,7 @@ from httpx_sse import EventSource
 
 from bitserve_client.errors import ApiError, JobFailed, JobTimeout
 from bitserve_client.schema import (
+    AuditEvent,
     BaseModel,
     Dataset,
     Job,
@@ -328,6 +329,16 @@ class BitserveClient:
             "POST", f"/v1/models/{_seg(model_id)}/predict", params={"top_k": top_k}, files=files
         )
         return [cast(list[Label], p["top_k"]) for p in response.json()["predictions"]]
+
+    # -- audit -------------------------------------------------------------------------------
+
+    def list_audit_events(
+        self, tenant: str | None = None, *, page_size: int = PAGE_SIZE
+    ) -> Iterator[AuditEvent]:
+        """The audit trail (an admin key), newest first: the key's own tenant, or as a global
+        admin `tenant`'s (None: every tenant's)."""
+        params = {"tenant": tenant} if tenant is not None else {}
+        return cast(Iterator[AuditEvent], self._pages("/v1/audit", params, page_size))
 
     # -- transport ---------------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ from typing import Any, Literal, TypedDict
 
 JobStatus = Literal["queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
 Phase = Literal["downloading", "preparing", "training", "evaluating", "done"]
+Scope = Literal["admin", "predict", "train"]
 
 
 class ClassCount(TypedDict):
@@ -215,6 +216,40 @@ class TenantQuotas(TypedDict):
     predict_rate_per_second: float
     overridden: list[str]
     usage: QuotaUsage
+
+
+class ApiKey(TypedDict):
+    """An API key without its secret (GET /v1/keys)."""
+
+    id: str
+    tenant: str
+    name: str | None
+    scopes: list[Scope]
+    global_admin: bool
+    created_by: str | None
+    created_at: str
+    expires_at: str | None
+    revoked_at: str | None
+    last_used_at: str | None
+
+
+class CreatedKey(ApiKey):
+    """POST /v1/keys: the new key, whose secret `key` is shown this once."""
+
+    key: str
+
+
+class AuditEvent(TypedDict):
+    """One mutating API call (GET /v1/audit, admins only)."""
+
+    id: str
+    tenant: str | None
+    key_id: str | None
+    method: str
+    route: str
+    object_id: str | None
+    status: int
+    created_at: str
 
 
 @dataclass(frozen=True)

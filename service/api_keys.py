@@ -177,15 +177,15 @@ def require(principal: Principal, accepted: frozenset[Scope]) -> None:
         )
 
 
-def visible_tenant(principal: Principal, tenant_id: str | None) -> str | None:
-    """The tenant whose keys an admin may see or manage: its own, or (a global admin) any one
-    it names, or all (None)."""
+def visible_tenant(principal: Principal, tenant_id: str | None, what: str = "keys") -> str | None:
+    """The tenant whose keys (or audit events, ...: `what`) an admin may see or manage: its
+    own, or (a global admin) any one it names, or all (None)."""
     if principal.global_admin:
         return tenant_id
     if tenant_id is not None and tenant_id != principal.tenant_id:
         raise Forbidden(
             "insufficient_scope",
-            "only a global admin key manages another tenant's keys",
+            f"only a global admin key sees or manages another tenant's {what}",
             {"tenant": tenant_id},
         )
     return principal.tenant_id

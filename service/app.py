@@ -9,13 +9,14 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
+from service.audit_middleware import AuditMiddleware
 from service.auth import PrincipalCache, check_auth_setting
 from service.broker import Broker
 from service.db import Database
 from service.http_errors import install_error_handlers
 from service.metrics import Metrics, MetricsMiddleware
 from service.quotas import RateLimiter
-from service.routers import base_models, datasets, health, jobs, keys, models, tenants, ui
+from service.routers import audit, base_models, datasets, health, jobs, keys, models, tenants, ui
 from service.serving import ModelCache
 from service.settings import Settings, get_settings
 from service.storage import Storage
@@ -63,6 +64,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.rate_limiter = rate_limiter
     install_error_handlers(app)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
-    for module in (health, base_models, datasets, jobs, models, keys, tenants, ui):
+    app.add_middleware(AuditMiddleware, db=db, settings=settings)
+    for module in (health, base_models, datasets, jobs, models, keys, tenants, audit, ui):
         app.include_router(module.router)
     return app

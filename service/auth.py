@@ -126,8 +126,9 @@ async def _principal(
             cache.put(token or "", principal)
         else:
             principal = cached
-    api_keys.require(principal, frozenset(Scope(s) for s in security_scopes.scopes))
+    # Kept before the scope check: the audit trail names a valid key even when it is refused.
     request.state.principal = principal
+    api_keys.require(principal, frozenset(Scope(s) for s in security_scopes.scopes))
     return principal
 
 

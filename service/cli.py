@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import ctypes
 import os
 import signal
@@ -25,8 +26,10 @@ import threading
 import time
 from collections.abc import Sequence
 from types import FrameType
+from typing import Any
 
 import uvicorn
+from uvicorn.config import LOGGING_CONFIG
 
 from service.cli_keys import ADMIN_KEY_FILE, cmd_keys, ensure_admin_key
 from service.cli_keys import add_parser as add_keys_parser
@@ -286,6 +289,14 @@ def _announce(settings: Settings, new_key: str | None) -> None:
     print("\n".join(lines), flush=True)
 
 
+def _log_config() -> dict[str, Any]:
+    """uvicorn's logging, plus the service's own loggers at INFO on the same stream: the audit
+    trail's lines (service.audit) and the model cache's appear next to the access log."""
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["loggers"]["service"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
+    return config
+
+
 def _uvicorn_config(settings: Settings, app: object) -> uvicorn.Config:
     # One process: the model cache, the batcher and the DB engine live in it (load once).
     return uvicorn.Config(
@@ -293,6 +304,7 @@ def _uvicorn_config(settings: Settings, app: object) -> uvicorn.Config:
         host=settings.host,
         port=settings.port,
         log_level="info",
+        log_config=_log_config(),
         timeout_graceful_shutdown=10,
     )
 

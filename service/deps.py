@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Query, Request
 from sqlalchemy.orm import Session
 
 from service.api_keys import Principal
@@ -58,6 +58,8 @@ def get_tenant(principal: Annotated[Principal, Depends(get_principal)]) -> str:
 
 
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
+# ?tenant= on an admin's lists (keys, audit events): only a global admin may name another.
+TenantQuery = Annotated[str | None, Query(max_length=64, description="a global admin's filter")]
 DbDep = Annotated[Database, Depends(get_db)]
 SessionDep = Annotated[Session, Depends(get_session)]
 StorageDep = Annotated[Storage, Depends(get_storage)]

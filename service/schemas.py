@@ -21,7 +21,7 @@ from service.datasets import WorkEstimate
 from service.ids import rfc3339
 from service.job_states import JobStatus
 from service.quotas import MAX_VALUES, Quotas, Usage
-from service.tables import ApiKey, Dataset, Job, Model
+from service.tables import ApiKey, AuditEvent, Dataset, Job, Model
 
 Item = TypeVar("Item")
 # RFC 3339 in UTC with a Z suffix, as every time in the API.
@@ -51,6 +51,39 @@ class ErrorBody(Schema):
     """Every error answer: 4xx and 5xx alike."""
 
     error: ErrorInfo
+
+
+# -- audit --------------------------------------------------------------------------------
+
+
+class AuditEventPublic(Schema):
+    """One mutating API call (GET /v1/audit): who, what, when, and how it ended."""
+
+    id: str
+    tenant: str | None = Field(description="the caller's tenant; null: no valid key was sent")
+    key_id: str | None = Field(description="the caller's key (never the key itself); null: none")
+    method: str = Field(description="POST, PUT, PATCH or DELETE")
+    route: str = Field(
+        description="the route template, e.g. /v1/jobs/{job_id}/cancel; unmatched: no route"
+    )
+    object_id: str | None = Field(
+        description="the path's id, or the id a successful creation answered; null: none"
+    )
+    status: int = Field(description="the HTTP status of the answer")
+    created_at: Timestamp
+
+    @classmethod
+    def from_row(cls, row: AuditEvent) -> AuditEventPublic:
+        return cls(
+            id=row.id,
+            tenant=row.tenant_id,
+            key_id=row.key_id,
+            method=row.method,
+            route=row.route,
+            object_id=row.object_id,
+            status=row.status,
+            created_at=row.created_at,
+        )
 
 
 # -- health -------------------------------------------------------------------------------

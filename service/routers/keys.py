@@ -4,15 +4,14 @@
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Annotated
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from service import api_keys
 from service.api_keys import Scope
 from service.auth import PrincipalCache, authorize
-from service.deps import PrincipalDep, SessionDep, SettingsDep
+from service.deps import PrincipalDep, SessionDep, SettingsDep, TenantQuery
 from service.domain_errors import Forbidden
 from service.http_errors import error_responses
 from service.pagination import DEFAULT_LIMIT, CursorQuery, LimitQuery, page
@@ -55,9 +54,7 @@ async def create_key(
 def list_keys(
     session: SessionDep,
     principal: PrincipalDep,
-    tenant: Annotated[
-        str | None, Query(max_length=64, description="a global admin's filter")
-    ] = None,
+    tenant: TenantQuery = None,
     limit: LimitQuery = DEFAULT_LIMIT,
     cursor: CursorQuery = None,
 ) -> Page[KeyPublic]:

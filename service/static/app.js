@@ -102,11 +102,38 @@ function describeError(err) {
   }
   if (d.field) lines.push(`Field: ${d.field}`);
   if (d.filename) lines.push(`File: ${d.filename}`);
+  if (err.status === 401) lines.push("Enter an API key in the API key panel above.");
+  if (err.status === 403 && Array.isArray(d.needed)) {
+    const has = Array.isArray(d.scopes) && d.scopes.length ? d.scopes.join(", ") : "none";
+    const admin = d.needed.includes("admin") ? "" : " (or admin)";
+    lines.push(`Missing scope: this needs a key with ${d.needed.join(" or ")}${admin}; this key has ${has}.`);
+  }
   return lines.join("\n");
 }
 
+// The key handed over in a URL fragment, "#key=bsk_...", as in the link `bitserve up` prints:
+// {key, rest} where rest is the fragment without it ("" when nothing else was in it); null when
+// the fragment holds no key.
+function keyFromFragment(hash) {
+  if (!hash || !hash.startsWith("#")) return null;
+  const params = new URLSearchParams(hash.slice(1));
+  if (!params.has("key")) return null;
+  const key = params.get("key").trim();
+  params.delete("key");
+  const rest = params.toString();
+  return { key, rest: rest ? `#${rest}` : "" };
+}
+
+const KEY_HELP =
+  "This server needs an API key. `bitserve up` saved an admin key in $BITSERVE_HOME/admin.key " +
+  "(./.bitserve/admin.key unless BITSERVE_HOME is set) and printed a one-time link that hands it " +
+  "to this page. Paste the key here, or make one for this page with " +
+  "`bitserve keys create --tenant NAME --scope train --scope predict`.";
+
 if (typeof module !== "undefined" && module.exports) {
-  module.exports = { ApiError, SseParser, formatDuration, formatBytes, formatNumber, describeError };
+  module.exports = {
+    ApiError, SseParser, formatDuration, formatBytes, formatNumber, describeError, keyFromFragment, KEY_HELP,
+  };
 }
 
 // -- talking to the API --------------------------------------------------------------------------
@@ -117,6 +144,38 @@ const $ = (id) => document.getElementById(id);
 function authHeaders() {
   const key = $("api-key").value.trim();
   return key ? { Authorization: `Bearer ${key}` } : {};
+}
+
+// The key is kept in localStorage, not sessionStorage, on purpose: `bitserve up` prints its
+// sign-in link once, so a key that died with the tab would send people digging for admin.key
+// each time. sessionStorage would not stop the one real threat either: a script running in this
+// origin reads both. That is what the Content-Security-Policy ('self' only, no inline script,
+// nothing from elsewhere) guards against. The admin key already sits on this machine's disk in
+// admin.key; on a shared computer, "Forget key" removes it from the browser.
+const KEY_STORE = "bitserve-api-key";
+
+function saveKey(key) {
+  if (key) window.localStorage.setItem(KEY_STORE, key);
+  else window.localStorage.removeItem(KEY_STORE);
+}
+
+// A key in the URL fragment (never sent to the server) is stored, and the fragment removed at
+// once, so the key stays neither in the address bar nor in this page's history entry.
+function takeKeyFromFragment() {
+  const found = keyFromFragment(window.location.hash);
+  if (!found) return null;
+  const url = window.location.pathname + window.location.search + found.rest;
+  window.history.replaceState(window.history.state, "", url);
+  if (found.key) saveKey(found.key);
+  return found.key || null;
+}
+
+// A 401: open the API key panel, say plainly what is needed and where the key is, focus it.
+function askForKey(err) {
+  const refused = err.code === "invalid_api_key" ? `The key in this page was refused: ${err.message}. ` : "";
+  $("api-key-help").textContent = refused + KEY_HELP;
+  $("settings").open = true;
+  $("api-key").focus();
 }
 
 async function errorFrom(response) {
@@ -164,12 +223,13 @@ async function apiStream(method, path, signal) {
 
 // -- page state and rendering --------------------------------------------------------------------
 
-const state = { follow: null, jobId: null };
+const state = { follow: null, jobId: null, baseModels: [] };
 
 function showError(err) {
   const box = $("error");
   box.textContent = describeError(err);
   box.hidden = false;
+  if (err instanceof ApiError && err.status === 401) askForKey(err);
 }
 
 function clearError() {
@@ -238,6 +298,7 @@ function showDataset(ds) {
 
 async function loadBaseModels() {
   const { items } = await api("GET", `/v1/base-models`);
+  state.baseModels = items;
   const select = $("base-model");
   select.replaceChildren();
   for (const m of items) {
@@ -250,12 +311,12 @@ async function loadBaseModels() {
   }
   const ready = items.find((m) => m.checkpoint_present) || items.find((m) => !m.requires_checkpoint);
   if (ready) select.value = ready.name;
-  const info = () => {
-    const m = items.find((i) => i.name === select.value);
-    $("base-model-info").textContent = m ? `${m.description || ""} ${m.upstream ? `Pre-trained on ${m.upstream}.` : ""}` : "";
-  };
-  select.addEventListener("change", info);
-  info();
+  showBaseModelInfo();
+}
+
+function showBaseModelInfo() {
+  const m = state.baseModels.find((i) => i.name === $("base-model").value);
+  $("base-model-info").textContent = m ? `${m.description || ""} ${m.upstream ? `Pre-trained on ${m.upstream}.` : ""}` : "";
 }
 
 function overrides() {
@@ -490,13 +551,34 @@ async function refreshLists(select = {}) {
   }
 }
 
+// Everything the page shows, loaded again (on start, and whenever the key changes).
+async function loadAll() {
+  await Promise.all([loadBaseModels(), refreshLists()]);
+  const running = document.querySelector("#jobs-list tbody tr");
+  if (running && running.cells[1].textContent === "running") await followJob(running.cells[0].textContent);
+}
+
 function init() {
   const keyInput = $("api-key");
-  keyInput.value = window.localStorage.getItem("bitserve-api-key") || "";
+  takeKeyFromFragment();
+  keyInput.value = window.localStorage.getItem(KEY_STORE) || "";
   keyInput.addEventListener("change", () => {
-    window.localStorage.setItem("bitserve-api-key", keyInput.value.trim());
-    guarded(() => refreshLists());
+    saveKey(keyInput.value.trim());
+    guarded(loadAll);
   });
+  $("forget-key").addEventListener("click", () => {
+    saveKey("");
+    keyInput.value = "";
+    keyInput.focus();
+  });
+  // A sign-in link opened in a tab that already shows the page changes only the fragment.
+  window.addEventListener("hashchange", () => {
+    if (takeKeyFromFragment()) {
+      keyInput.value = window.localStorage.getItem(KEY_STORE) || "";
+      guarded(loadAll);
+    }
+  });
+  $("base-model").addEventListener("change", showBaseModelInfo);
 
   $("upload-form").addEventListener("submit", (event) => {
     event.preventDefault();
@@ -548,11 +630,7 @@ function init() {
     guarded(() => predict(event.dataTransfer.files));
   });
 
-  guarded(async () => {
-    await Promise.all([loadBaseModels(), refreshLists()]);
-    const running = document.querySelector("#jobs-list tbody tr");
-    if (running && running.cells[1].textContent === "running") await followJob(running.cells[0].textContent);
-  });
+  guarded(loadAll);
 }
 
 if (typeof document !== "undefined") document.addEventListener("DOMContentLoaded", init);

@@ -195,12 +195,13 @@ def _assert_error(response: httpx.Response, status: int, code: str, route: Route
 
 
 def test_the_walk_sees_every_route(routes: list[Route]) -> None:
-    assert len(routes) == 21
+    assert len(routes) == 22
     assert {str(r) for r in routes if r.scopes == {"admin"}} >= {
         "POST /v1/keys",
         "GET /v1/keys",
         "GET /v1/tenants/{tenant}/quotas",
         "PUT /v1/tenants/{tenant}/quotas",
+        "GET /v1/audit",
     }
 
 

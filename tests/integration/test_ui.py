@@ -1,8 +1,11 @@
 """The web page over real HTTP (uvicorn): GET /, its static files, and that its script calls only
 routes the app really has (each api("METHOD", `path`) against /openapi.json).
 
-The script's pure parts (the Server-Sent Events parser, the formatters, the error text) are run
-with node when it is installed; no browser is needed.
+The script's pure parts (the Server-Sent Events parser, the formatters, the error text, the
+URL fragment's key) are run with node when it is installed; no browser is needed. So are the
+page's flows, against the real server (ui_smoke.js): signed in through the `#key=` link that
+`bitserve up` prints, asked for a key on a 401, told which scope a 403 lacks, and without keys
+where BITSERVE_AUTH=off.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import json
 import re
 import shutil
 import subprocess
+from collections.abc import Callable
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
@@ -20,8 +24,10 @@ import pytest
 import torch
 
 from bitcore.models import create_model
+from service.api_keys import Scope
+from service.settings import Settings
 from tests.imagegen import class_image, encode, make_archive, make_image_folder
-from tests.integration.conftest import JobServer, LiveServer
+from tests.integration.conftest import JobServer, LiveServer, make_key
 from tests.integration.worker_fixtures import FAST_OVERRIDES
 from tests.model_fixtures import publish_model
 
@@ -32,7 +38,10 @@ APP_JS = STATIC / "app.js"
 SMOKE_JS = Path(__file__).resolve().parent / "ui_smoke.js"
 PAGE_IDS = {
     "error",
+    "settings",
     "api-key",
+    "api-key-help",
+    "forget-key",
     "upload-form",
     "upload-file",
     "upload-name",
@@ -195,6 +204,13 @@ out.bytes = [0, 999, 1234567].map(m.formatBytes);
 out.numbers = [m.formatNumber(0.00012, 4), m.formatNumber(0.5, 4), m.formatNumber(null, 2)];
 out.error = m.describeError(new m.ApiError(422, "too_few_images", "class b has 1 image",
   {classes: [{name: "b", count: 1}]}));
+out.unauthorized = m.describeError(new m.ApiError(401, "missing_api_key", "no key", {}));
+out.forbidden = m.describeError(new m.ApiError(403, "insufficient_scope", "lacks train",
+  {needed: ["train"], scopes: ["predict"]}));
+out.notAdmin = m.describeError(new m.ApiError(403, "insufficient_scope", "lacks admin",
+  {needed: ["admin"], scopes: []}));
+out.fragments = ["#key=bsk_a_b", "#key=bsk_a_b&tab=jobs", "#tab=jobs", "", "#key="].map(m.keyFromFragment);
+out.keyHelp = m.KEY_HELP;
 console.log(JSON.stringify(out));
 """
 
@@ -221,6 +237,24 @@ def test_the_scripts_pure_parts_with_node() -> None:
     assert out["bytes"] == ["0 B", "999 B", "1.2 MB"]
     assert out["numbers"] == ["1.20e-4", "0.5000", "–"]
     assert out["error"] == ("class b has 1 image (too_few_images, HTTP 422)\nClasses: b (1)")
+    assert out["unauthorized"] == (
+        "no key (missing_api_key, HTTP 401)\nEnter an API key in the API key panel above."
+    )
+    assert out["forbidden"] == (
+        "lacks train (insufficient_scope, HTTP 403)\n"
+        "Missing scope: this needs a key with train (or admin); this key has predict."
+    )
+    assert out["notAdmin"].endswith(
+        "Missing scope: this needs a key with admin; this key has none."
+    )
+    assert out["fragments"] == [
+        {"key": "bsk_a_b", "rest": ""},
+        {"key": "bsk_a_b", "rest": "#tab=jobs"},
+        None,
+        None,
+        {"key": "", "rest": ""},
+    ]
+    assert "$BITSERVE_HOME/admin.key" in out["keyHelp"] and "bitserve keys create" in out["keyHelp"]
 
 
 # -- the page's flows, run by node against the real server -------------------------------------
@@ -271,17 +305,25 @@ def _run_page(
     return out
 
 
+def _signed_in(out: dict[str, Any], key: str) -> None:
+    """The page took the key from the `#key=` fragment, kept it and removed the fragment."""
+    assert out["fragment"] == {"stored": key, "hash": "", "replaced": ["/"], "input": key}
+
+
 def test_the_page_uploads_plans_follows_cancels_and_predicts(
     client: httpx.Client, live_server_instance: LiveServer, tmp_path: Path
 ) -> None:
+    key = live_server_instance.key
     out = _run_page(
         live_server_instance.url,
         tmp_path,
         {"cat": 3, "dog": 2},
         scenario="cancel",
+        hash=f"#key={key}",
         overrides={"steps": "5", "batch_size": "2", "crop": "32", "precrop": "40"},
         modelId=_known_model(live_server_instance),
     )
+    _signed_in(out, key)
 
     base = client.get("/v1/base-models").json()["items"]
     assert out["baseModels"] == [m["name"] for m in base]
@@ -328,11 +370,17 @@ def test_the_page_follows_a_real_job_to_its_model_and_predicts(
     overrides = {k: str(v) for k, v in FAST_OVERRIDES.items()}
     try:
         out = _run_page(
-            server.url, tmp_path, {"cat": 4, "dog": 4}, scenario="train", overrides=overrides
+            server.url,
+            tmp_path,
+            {"cat": 4, "dog": 4},
+            scenario="train",
+            overrides=overrides,
+            hash=f"#key={server.key}",
         )
     except AssertionError:
         print(worker.log()[-4000:])
         raise
+    _signed_in(out, server.key)
     total = FAST_OVERRIDES["steps"]
     seen = [s for s in out["steps"] if s]  # "" until the first job read-out
     steps = [int(s.split(" / ")[0]) for s in seen]
@@ -354,3 +402,44 @@ def test_the_page_follows_a_real_job_to_its_model_and_predicts(
     assert float(match[2]) >= float(match[4])
     assert float(match[2]) + float(match[4]) == pytest.approx(100.0, abs=0.11)
     assert out["error"] is None
+
+
+def test_the_page_asks_for_a_key_and_names_a_missing_scope(
+    live_server_instance: LiveServer, tmp_path: Path
+) -> None:
+    server = live_server_instance
+    predict = make_key(server.app.state.db, server.settings, scopes=(Scope.PREDICT,))
+    out = _run_page(
+        server.url,
+        tmp_path,
+        {"cat": 2, "dog": 2},
+        scenario="key",
+        predictKey=predict,
+        adminKey=server.key,
+    )
+    # No key: the first answer is 401, and the page opens its key panel, focused, saying where
+    # `bitserve up` put the key.
+    panel = out["panel"]
+    assert panel["open"] is True and panel["focused"] == "api-key"
+    assert "This server needs an API key" in panel["help"]
+    assert "$BITSERVE_HOME/admin.key" in panel["help"]
+    assert "(missing_api_key, HTTP 401)" in panel["error"]
+    # A predict key cannot list datasets: the 403 names the scope it lacks.
+    assert "(insufficient_scope, HTTP 403)" in out["forbidden"]
+    assert (
+        "Missing scope: this needs a key with train (or admin); this key has predict."
+        in (out["forbidden"])
+    )
+    # The admin key: everything loads, and the key is kept until forgotten.
+    assert out["error"] is None and out["stored"] == server.key
+    assert out["forgotten"] == {"stored": None, "input": "", "focused": "api-key"}
+
+
+def test_the_page_needs_no_key_where_auth_is_off(
+    start_server: Callable[..., LiveServer], settings: Settings, tmp_path: Path
+) -> None:
+    server = start_server(settings.model_copy(update={"auth": "off"}), with_key=False)
+    out = _run_page(server.url, tmp_path, {"cat": 2, "dog": 2}, scenario="open")
+    assert out["baseModels"] and out["error"] is None
+    assert out["panelOpen"] is False and out["sentKeys"] == [""]
+    assert out["fragment"] == {"stored": None, "hash": "", "replaced": [], "input": ""}

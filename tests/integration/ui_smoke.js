@@ -2,8 +2,10 @@
 // event handlers: init, upload, plan, start + follow (SSE) + cancel a job, predict.
 // The browser is replaced by the smallest DOM app.js needs: elements are plain objects, and only
 // the ids index.html really has exist (getElementById throws for any other).
-// argv: app.js path, JSON {base, tags: {id: tagName}, zip, png, overrides, scenario: "cancel"
-// (needs modelId: a model to predict with) or "train" (needs a worker)}. Prints JSON results.
+// argv: app.js path, JSON {base, tags: {id: tagName}, hash (the URL fragment the page opens
+// with, e.g. "#key=bsk_..."), zip, png, overrides, scenario: "cancel" (needs modelId: a model
+// to predict with), "train" (needs a worker), "key" (a server that needs a key, opened without
+// one: needs predictKey and adminKey) or "open" (a server without API keys)}. Prints JSON.
 "use strict";
 
 const fs = require("fs");
@@ -43,6 +45,7 @@ class El {
   insertRow() { return this.appendChild(new El("tr")); }
   createCaption() { return (this._caption ||= new El("caption")); }
   click() {}
+  focus() { focused = this.id; }
 }
 
 const text = (node) =>
@@ -52,6 +55,10 @@ const rows = (id) => document.getElementById(id).tBodies[0].children.map((r) => 
 
 const elements = new Map(Object.entries(args.tags).map(([id, tag]) => [id, new El(tag, id)]));
 let ready = null;
+let focused = null;
+const stored = new Map();
+const replaced = []; // URLs given to history.replaceState
+const location = { origin: args.base, pathname: "/", search: "", hash: args.hash || "" };
 global.document = {
   getElementById(id) {
     if (!elements.has(id)) throw new Error(`app.js looked up #${id}, which index.html lacks`);
@@ -65,15 +72,30 @@ global.document = {
   addEventListener(type, fn) { if (type === "DOMContentLoaded") ready = fn; },
 };
 global.window = {
-  location: { origin: args.base },
-  localStorage: { getItem: () => null, setItem() {} },
+  location,
+  history: {
+    state: null,
+    replaceState(_state, _title, url) {
+      replaced.push(url);
+      const u = new URL(url, args.base);
+      Object.assign(location, { pathname: u.pathname, search: u.search, hash: u.hash });
+    },
+  },
+  localStorage: {
+    getItem: (k) => (stored.has(k) ? stored.get(k) : null),
+    setItem: (k, v) => stored.set(k, String(v)),
+    removeItem: (k) => stored.delete(k),
+  },
+  addEventListener() {},
   confirm: () => true,
 };
 const $ = (id) => document.getElementById(id);
 // Requests in flight (until their headers): the page's async work is done when this is 0.
 let inflight = 0;
+const sentKeys = new Set(); // the Authorization headers the page sent
 const realFetch = global.fetch;
 global.fetch = async (...a) => {
+  sentKeys.add((a[1] && a[1].headers && a[1].headers.Authorization) || "");
   inflight += 1;
   try {
     return await realFetch(...a);
@@ -88,22 +110,61 @@ const settled = async () => {
   }
 };
 
-async function waitFor(what, cond, ms = 20000) {
+async function waitFor(what, cond, ms = 20000, errorsExpected = false) {
   const end = Date.now() + ms;
   while (Date.now() < end) {
     if (cond()) return;
-    if (!$("error").hidden) throw new Error(`${what}: the page shows an error: ${$("error").textContent}`);
+    if (!errorsExpected && !$("error").hidden) throw new Error(`${what}: the page shows an error: ${$("error").textContent}`);
     await new Promise((r) => setTimeout(r, 20));
   }
   throw new Error(`${what}: not reached in ${ms} ms`);
 }
 
+const shown = (id) => ($(id).hidden ? null : $(id).textContent);
+
+// A server that needs a key, a page without one: the 401 opens the key panel; a key without
+// the scope the lists need says which scope is missing; the right key loads everything.
+async function keyScenario(out) {
+  ready();
+  await waitFor("the key panel", () => $("settings").open === true, 20000, true);
+  await settled();
+  out.panel = { open: $("settings").open, focused, help: $("api-key-help").textContent, error: shown("error") };
+  $("api-key").value = args.predictKey;
+  $("api-key").fire("change");
+  await waitFor("a 403", () => /insufficient_scope/.test($("error").textContent), 20000, true);
+  await settled();
+  out.forbidden = shown("error");
+  $("api-key").value = args.adminKey;
+  $("api-key").fire("change");
+  await waitFor("the page with a key", () => $("base-model").children.length > 0 && $("error").hidden);
+  await settled();
+  out.error = shown("error");
+  out.stored = stored.get("bitserve-api-key") || null;
+  $("forget-key").fire("click");
+  out.forgotten = { stored: stored.get("bitserve-api-key") || null, input: $("api-key").value, focused };
+}
+
 async function main() {
   require(appPath);
   const out = {};
+  if (args.scenario === "key") {
+    await keyScenario(out);
+    console.log(JSON.stringify(out));
+    return;
+  }
   ready();
+  // What the page did with the URL fragment it opened with.
+  out.fragment = { stored: stored.get("bitserve-api-key") || null, hash: location.hash, replaced, input: $("api-key").value };
   await waitFor("base models", () => $("base-model").children.length > 0);
   await settled();
+  if (args.scenario === "open") {
+    out.baseModels = $("base-model").children.map((o) => o.value);
+    out.panelOpen = Boolean($("settings").open);
+    out.error = shown("error");
+    out.sentKeys = [...sentKeys];
+    console.log(JSON.stringify(out));
+    return;
+  }
   out.baseModels = $("base-model").children.map((o) => o.value);
   out.baseModel = $("base-model").value;
 
