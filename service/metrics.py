@@ -132,11 +132,26 @@ class MetricsMiddleware:
             return
         status = 500
         start = time.perf_counter()
+        recorded = False
+
+        def record() -> None:
+            nonlocal recorded
+            if recorded:
+                return
+            recorded = True
+            route = _route_template(scope)
+            method = scope.get("method", "")
+            self.metrics.requests.labels(method, route, str(status)).inc()
+            self.metrics.latency.labels(method, route).observe(time.perf_counter() - start)
 
         async def send_wrapper(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = int(message["status"])
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                # Counted before the last byte leaves: a client that has its answer and then
+                # reads /metrics always finds its request counted.
+                record()
             await send(message)
 
         self.metrics.in_flight.inc()
@@ -144,10 +159,7 @@ class MetricsMiddleware:
             await self.app(scope, receive, send_wrapper)
         finally:
             self.metrics.in_flight.dec()
-            route = _route_template(scope)
-            method = scope.get("method", "")
-            self.metrics.requests.labels(method, route, str(status)).inc()
-            self.metrics.latency.labels(method, route).observe(time.perf_counter() - start)
+            record()  # no-op when counted above; here for errors and disconnects
 
 
 def _route_template(scope: dict[str, Any] | Scope) -> str:
