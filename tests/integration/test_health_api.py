@@ -71,10 +71,12 @@ def test_metrics_count_requests_by_route_template(client: httpx.Client) -> None:
     for _ in range(3):
         assert client.get("/v1/datasets/ds_aaaaaaaaaaaaaaaaaaaa").status_code == 404
     text = client.get("/metrics").text
-    before = _sample(text, 'route="/v1/datasets/{dataset_id}",status="404"')
+    before = _sample(text, 'method="GET",route="/v1/datasets/{dataset_id}",status="404"')
     assert client.get("/v1/datasets/ds_bbbbbbbbbbbbbbbbbbbb").status_code == 404
     text = client.get("/metrics").text
-    assert _sample(text, 'route="/v1/datasets/{dataset_id}",status="404"') == before + 1
+    assert (
+        _sample(text, 'method="GET",route="/v1/datasets/{dataset_id}",status="404"') == before + 1
+    )
     assert before >= 3
     assert "ds_aaaa" not in text  # raw paths never become labels
     assert 'bitserve_jobs{state="queued"}' in text
