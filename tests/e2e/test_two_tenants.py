@@ -15,8 +15,7 @@ import pytest
 from service.api_keys import Scope
 from service.db import migrate
 from tests.e2e.loop import LoopResult, check_loop, run_loop
-from tests.integration.conftest import JobServer, LiveServer, make_key
-from tests.integration.worker_fixtures import WorkerProcess, fast_job_settings
+from tests.integration.conftest import JobServer, make_key, running_job_server
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(420)]
 
@@ -28,18 +27,8 @@ def job_server(
     tmp_path_factory: pytest.TempPathFactory, postgres_url: str, redis_url: str
 ) -> Iterator[JobServer]:
     migrate(postgres_url)
-    settings = fast_job_settings(
-        tmp_path_factory.mktemp("tenants"),
-        database_url=postgres_url,
-        broker_url=redis_url,
-        job_stale_after_seconds=60.0,
-    )
-    server = LiveServer(settings).start()
-    try:
-        with WorkerProcess(settings, pool="solo") as worker:
-            yield JobServer(server, worker)
-    finally:
-        server.stop()
+    with running_job_server(tmp_path_factory.mktemp("tenants"), postgres_url, redis_url) as both:
+        yield both
 
 
 @pytest.fixture(scope="module")

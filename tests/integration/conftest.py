@@ -13,6 +13,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -161,16 +162,12 @@ class JobServer:
     worker: WorkerProcess
 
 
-@pytest.fixture(scope="module")
-def job_server(
-    tmp_path_factory: pytest.TempPathFactory, migrated_db: str, redis_url: str
-) -> Iterator[JobServer]:
+@contextmanager
+def running_job_server(home: Path, database_url: str, redis_url: str) -> Iterator[JobServer]:
+    """A live API and a real solo-pool worker on `database_url` (already migrated)."""
     # Stale only after 30 s: on a loaded CI machine a late heartbeat must not re-queue the job.
     settings = fast_job_settings(
-        tmp_path_factory.mktemp("jobs"),
-        database_url=migrated_db,
-        broker_url=redis_url,
-        job_stale_after_seconds=30.0,
+        home, database_url=database_url, broker_url=redis_url, job_stale_after_seconds=30.0
     )
     server = LiveServer(settings).start()
     try:
@@ -178,3 +175,11 @@ def job_server(
             yield JobServer(server, worker)
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def job_server(
+    tmp_path_factory: pytest.TempPathFactory, migrated_db: str, redis_url: str
+) -> Iterator[JobServer]:
+    with running_job_server(tmp_path_factory.mktemp("jobs"), migrated_db, redis_url) as both:
+        yield both
