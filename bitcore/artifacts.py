@@ -2,13 +2,20 @@
 
 Layout of an artifact directory:
     model.safetensors   the state dict of the training-form model (StdConv2d kernels unstandardised)
-    metadata.json       format version, model name, classes, plan, preprocessing, metrics
+    metadata.json       format version, model name, classes, plan, preprocessing, metrics, and
+                        the SHA-256 of model.safetensors (`weights_sha256`)
+
+The checksum is how a damaged file is caught at load: safetensors itself notices a truncated
+file (its header promises more bytes than there are) but not a flipped bit in the tensor data,
+which would serve wrong scores without a word. Hashing costs about a second per GB of weights,
+once per load. Artifacts written before the checksum existed load without the check.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +34,16 @@ INPUT_MEAN = (0.5, 0.5, 0.5)
 INPUT_STD = (0.5, 0.5, 0.5)
 
 
+HASH_CHUNK_BYTES = 1 << 20
+
+
 class ArtifactError(ValueError):
-    """The directory is not a valid bitserve artifact; the message says what is wrong."""
+    """The directory is not a valid bitserve artifact (damaged or not one at all); the message
+    says what is wrong."""
+
+
+class ArtifactMissing(ArtifactError):
+    """A file of the artifact is not there at all."""
 
 
 @dataclass
@@ -40,6 +55,7 @@ class ArtifactMetadata:
     metrics: dict[str, Any] = field(default_factory=dict)
     base_model: str | None = None  # the checkpoint it was fine-tuned from (None: from scratch)
     extra: dict[str, Any] = field(default_factory=dict)  # timings, seed, dataset facts...
+    weights_sha256: str | None = None  # filled by save_artifact; None in older artifacts
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -52,6 +68,7 @@ class ArtifactMetadata:
             "plan": self.plan,
             "metrics": self.metrics,
             "extra": self.extra,
+            "weights_sha256": self.weights_sha256,
         }
 
     @classmethod
@@ -76,6 +93,7 @@ class ArtifactMetadata:
                 metrics=dict(data.get("metrics") or {}),
                 base_model=data.get("base_model"),
                 extra=dict(data.get("extra") or {}),
+                weights_sha256=_optional_str(data.get("weights_sha256")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ArtifactError(f"artifact metadata is missing or has a bad field: {exc}") from exc
@@ -88,14 +106,32 @@ def save_artifact(out_dir: str | Path, model: torch.nn.Module, metadata: Artifac
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_write(out / WEIGHTS_FILE) as tmp:
         save_file(tensors, tmp, metadata={"format": FORMAT, "model_name": metadata.model_name})
-    write_json_atomic(out / METADATA_FILE, metadata.to_dict())
+        digest = file_sha256(tmp)  # read back from the page cache: the bytes that were written
+    # Metadata last: an artifact with metadata.json is complete, and it names its weights.
+    write_json_atomic(out / METADATA_FILE, replace(metadata, weights_sha256=digest).to_dict())
     return out
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(HASH_CHUNK_BYTES):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _optional_str(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"weights_sha256 must be a string, got {value!r}")
+    return value
 
 
 def load_metadata(artifact_dir: str | Path) -> ArtifactMetadata:
     path = Path(artifact_dir) / METADATA_FILE
     if not path.is_file():
-        raise ArtifactError(f"{path} not found: not a bitserve artifact directory")
+        raise ArtifactMissing(f"{path} not found: not a bitserve artifact directory")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -106,12 +142,22 @@ def load_metadata(artifact_dir: str | Path) -> ArtifactMetadata:
 
 
 def load_weights(
-    artifact_dir: str | Path, device: str | torch.device = "cpu"
+    artifact_dir: str | Path, device: str | torch.device = "cpu", *, sha256: str | None = None
 ) -> dict[str, torch.Tensor]:
-    """Read the safetensors weights. Anything else (a pickle, a .pt) is refused."""
+    """Read the safetensors weights. Anything else (a pickle, a .pt) is refused; with `sha256`,
+    so is a file whose checksum differs (damaged on disk)."""
     path = Path(artifact_dir) / WEIGHTS_FILE
     if not path.is_file():
-        raise ArtifactError(f"{path} not found: artifacts hold safetensors weights only")
+        raise ArtifactMissing(f"{path} not found: artifacts hold safetensors weights only")
+    if sha256 is not None:
+        try:
+            actual = file_sha256(path)
+        except OSError as exc:
+            raise ArtifactError(f"{path} cannot be read: {exc}") from exc
+        if actual != sha256:
+            raise ArtifactError(
+                f"{path} is damaged: its SHA-256 is {actual}, metadata.json records {sha256}"
+            )
     try:
         return load_file(str(path), device=str(device))
     except Exception as exc:  # safetensors raises its own error types for bad headers
@@ -127,7 +173,7 @@ def load_model(
         model = create_model(meta.model_name, len(meta.classes))
     except ValueError as exc:  # unknown architecture name
         raise ArtifactError(f"artifact metadata names a model bitcore cannot build: {exc}") from exc
-    state = load_weights(artifact_dir)
+    state = load_weights(artifact_dir, sha256=meta.weights_sha256)
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shape mismatch, e.g. a head for another number of classes

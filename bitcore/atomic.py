@@ -9,6 +9,11 @@ training checkpoints, exported and downloaded .npz checkpoints) goes through her
 3. it gets mode 0o644 (FILE_MODE) and `os.replace` puts it in place;
 4. on any error the temporary file is removed and the target is left as it was.
 
+A full disk (ENOSPC, or EDQUOT past a disk quota) is reported as `DiskFull`, an OSError with
+that errno, whichever writer hit it: safetensors wraps it in its own SafetensorError, torch.save
+in a RuntimeError ("unexpected pos ..."), np.save in an errno-less OSError. Callers test
+`is_disk_full(exc)` and tell the user the server's disk is full rather than "an internal error".
+
 Why 0o644 and not mkstemp's 0o600: these files are read by other processes than the one that
 wrote them (the API serves artifacts a worker wrote, DataLoader workers and DDP ranks map the
 image cache, containers sharing a volume may run as other users). None of them is secret.
@@ -19,6 +24,7 @@ so the secret is never readable by others, not even for a moment.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
@@ -28,6 +34,50 @@ from typing import Any
 
 FILE_MODE = 0o644
 SECRET_MODE = 0o600
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# Writers that hide the errno still say it in words (safetensors: "... (os error 28)").
+_DISK_FULL_WORDS = ("no space left on device", "disk quota exceeded", "os error 28", "os error 122")
+# Below this many free bytes after a failed write, the write failed because the disk is full:
+# the half-written temporary file is still there, so a full disk reads as (nearly) 0 free.
+NEARLY_FULL_BYTES = 1 << 20
+
+
+class DiskFull(OSError):
+    """No space left (or over a disk quota) on the filesystem a file was being written to."""
+
+
+def is_disk_full(exc: BaseException | None) -> bool:
+    """Whether `exc` (or an exception it was raised from) is a full disk or a disk quota."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+            return True
+        if any(words in str(exc).lower() for words in _DISK_FULL_WORDS):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _free_bytes(directory: Path) -> int | None:
+    try:
+        stat = os.statvfs(directory)
+    except OSError:
+        return None
+    return stat.f_bavail * stat.f_frsize
+
+
+def _disk_full_error(exc: BaseException, path: Path) -> DiskFull | None:
+    """A DiskFull for a failed write of `path`, or None if the disk was not the cause."""
+    if isinstance(exc, DiskFull):
+        return None  # already said
+    free = _free_bytes(path.parent)
+    if not is_disk_full(exc) and not (
+        isinstance(exc, OSError | RuntimeError) and free is not None and free < NEARLY_FULL_BYTES
+    ):
+        return None
+    code = exc.errno if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS else None
+    return DiskFull(code or errno.ENOSPC, f"no space left to write {path.name}", str(path.parent))
 
 
 @contextlib.contextmanager
@@ -44,8 +94,11 @@ def atomic_write(path: str | Path, *, mode: int = FILE_MODE) -> Iterator[Path]:
     try:
         yield tmp
         commit_file(tmp, path, mode=mode)
-    except BaseException:
+    except BaseException as exc:
+        full = _disk_full_error(exc, path)  # judged before the unlink frees the space
         tmp.unlink(missing_ok=True)
+        if full is not None:
+            raise full from exc
         raise
 
 
@@ -59,6 +112,26 @@ def commit_file(tmp: str | Path, path: str | Path, *, mode: int = FILE_MODE) -> 
         os.fsync(handle.fileno())
     os.chmod(tmp, mode)  # explicit, so the umask of whichever process wrote it does not matter
     os.replace(tmp, path)
+
+
+def reserve(path: str | Path, size: int) -> None:
+    """Allocate `size` bytes for `path` on disk now, so that a full disk is an ENOSPC here.
+
+    For files written through a memory map: a write to a mapped page the filesystem has no
+    room for is not an error the program can catch but a SIGBUS that kills the process (the
+    API server, when a dataset is uploaded to a full disk).
+    """
+    if size <= 0 or not hasattr(os, "posix_fallocate"):  # not on macOS: no such guard there
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE)
+    try:
+        os.posix_fallocate(fd, 0, size)  # glibc writes zeros where the filesystem cannot
+    except OSError as exc:
+        if exc.errno in DISK_FULL_ERRNOS:
+            raise DiskFull(exc.errno, f"no space left for {size} bytes", str(path)) from exc
+        raise
+    finally:
+        os.close(fd)
 
 
 def write_json_atomic(path: str | Path, data: Any, *, indent: int | None = 2) -> None:

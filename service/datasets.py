@@ -28,7 +28,13 @@ from service.domain_errors import Conflict, InvalidRequest, NotFound
 from service.ids import new_id
 from service.job_states import ACTIVE
 from service.settings import Settings
-from service.storage import DATASET_CACHE, DATASET_FILES, DATASET_INDEX, Storage
+from service.storage import (
+    DATASET_CACHE,
+    DATASET_FILES,
+    DATASET_INDEX,
+    Storage,
+    disk_full_as,
+)
 from service.tables import Dataset, Job, tenant_is
 
 log = logging.getLogger(__name__)
@@ -108,16 +114,19 @@ def create_dataset(
     tenant_id: str | None,
 ) -> Dataset:
     """Turn an uploaded archive into a ready dataset (blocking; the upload route runs it in a
-    thread). Raises the kinds of service.domain_errors; QuotaExceeded when `size` more bytes
+    thread). Raises the kinds of service.domain_errors (InsufficientStorage when the store's disk
+    fills up: nothing is kept); QuotaExceeded when `size` more bytes
     would pass the tenant's max_stored_bytes (checked with the row's insert, under the
     tenant's lock: the route's check before the upload races with other uploads). This is the
     seam where ingestion can move off the request path: the route only hands it a received
     archive."""
     dataset_id = new_id("ds")
     directory = storage.dataset_dir(dataset_id)
-    directory.mkdir(parents=True)
     try:
-        index, rejected = build_dataset_files(archive, kind, directory, settings)
+        # A full disk while extracting, indexing or caching: 507, and the folder goes below.
+        with disk_full_as("the dataset"):
+            directory.mkdir(parents=True)
+            index, rejected = build_dataset_files(archive, kind, directory, settings)
         height, width = index.median_size
         row = Dataset(
             id=dataset_id,

@@ -16,6 +16,7 @@ one table in the web layer (service.http_errors.STATUS), and nowhere else.
     Gone                the object exists but its files are lost
     QuotaExceeded       past a tenant's quota or a key's rate: retry after `retry_after` s
     Unavailable         busy or a dependency is down: retry after `retry_after` seconds
+    InsufficientStorage the server's disk is full (or over its disk quota)
 """
 
 from __future__ import annotations
@@ -100,6 +101,10 @@ class QuotaExceeded(DomainError):
     ) -> None:
         super().__init__(code, message, details)
         self.retry_after = retry_after
+
+
+class InsufficientStorage(DomainError):
+    """The server could not store what the request sent: its disk is full (ENOSPC/EDQUOT)."""
 
 
 def payload_too_large(limit: int, hint: str = "") -> TooLarge:

@@ -23,6 +23,7 @@ from service.domain_errors import (
     DomainError,
     Forbidden,
     Gone,
+    InsufficientStorage,
     InvalidRequest,
     MalformedRequest,
     NotFound,
@@ -50,6 +51,7 @@ STATUS: dict[type[DomainError], int] = {
     InvalidRequest: 422,
     QuotaExceeded: 429,
     Unavailable: 503,
+    InsufficientStorage: 507,
 }
 DEFAULT_RETRY_AFTER = "5"
 # Codes for errors FastAPI or Starlette raise themselves (unknown routes, wrong methods, ...).
@@ -160,6 +162,7 @@ DESCRIPTIONS = {
     422: "Invalid values",
     429: "Over a quota or rate limit; retry after Retry-After seconds",
     503: "Busy or a dependency is down; retry after Retry-After seconds",
+    507: "The server's disk is full; nothing was stored",
 }
 
 

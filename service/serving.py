@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from bitcore.artifacts import METADATA_FILE, WEIGHTS_FILE, ArtifactError, ArtifactMissing
 from bitcore.predict import Prediction, Predictor, top_k_labels
 
 if TYPE_CHECKING:
@@ -46,6 +47,7 @@ if TYPE_CHECKING:
     from service.storage import Storage
 
 log = logging.getLogger(__name__)
+ARTIFACT_FILES = (WEIGHTS_FILE, METADATA_FILE)
 
 
 class Overloaded(Exception):
@@ -61,7 +63,19 @@ class Overloaded(Exception):
 
 
 class ModelUnavailable(Exception):
-    """The model's artifact could not be loaded (missing or damaged on disk)."""
+    """The model's artifact could not be loaded: `code` says why (docs/api.md):
+    model_artifact_corrupt (damaged on disk) or model_unavailable (missing, unreadable)."""
+
+    def __init__(self, code: str, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.code = code
+        self.retry_after = retry_after
+
+
+# A damaged file stays damaged until someone restores or re-publishes it: clients need not
+# retry soon. A missing or unreadable one may be a store that is still being mounted.
+CORRUPT_RETRY_AFTER_S = 60
+UNAVAILABLE_RETRY_AFTER_S = 5
 
 
 @dataclass
@@ -242,6 +256,11 @@ class ModelCache:
         self._entries: collections.OrderedDict[str, _Entry] = collections.OrderedDict()
         self._loading: dict[str, asyncio.Task[_Entry]] = {}
         self._discard: set[str] = set()
+        # Models whose artifact failed to load, with the files' stat signature at that time:
+        # answered from here (no reload, no second log line) until the files change.
+        self._broken: dict[
+            str, tuple[tuple[tuple[int, int, int] | None, ...], ModelUnavailable]
+        ] = {}
         self._waiting = 0  # admitted images not yet answered, all models together
         cpus = os.cpu_count() or 1
         # One loader: loads are rare and big; doing them one at a time bounds the memory peak.
@@ -307,6 +326,7 @@ class ModelCache:
 
     def evict(self, model_id: str) -> bool:
         """Forget a loaded model (e.g. it was deleted). In-flight batches still finish."""
+        self._broken.pop(model_id, None)
         if model_id in self._loading:
             self._discard.add(model_id)
         return self._entries.pop(model_id, None) is not None
@@ -318,6 +338,7 @@ class ModelCache:
             return entry
         task = self._loading.get(model_id)
         if task is None:
+            self._raise_if_still_broken(model_id)
             # The load is its own task, not part of any one request: a client that goes away
             # does not cancel the load others wait on (hence the shield below).
             task = asyncio.get_running_loop().create_task(self._load_and_insert(model_id))
@@ -325,12 +346,46 @@ class ModelCache:
             self._loading[model_id] = task
         return await asyncio.shield(task)
 
+    def _raise_if_still_broken(self, model_id: str) -> None:
+        broken = self._broken.get(model_id)
+        if broken is None:
+            return
+        signature, error = broken
+        if self._signature(model_id) != signature:  # restored or replaced: try it again
+            del self._broken[model_id]
+            return
+        raise ModelUnavailable(error.code, str(error), error.retry_after)
+
+    def _signature(self, model_id: str) -> tuple[tuple[int, int, int] | None, ...]:
+        """(size, mtime, inode) of each artifact file: changes when a file is replaced."""
+        directory = self.storage.model_dir(model_id)
+        signature: list[tuple[int, int, int] | None] = []
+        for name in ARTIFACT_FILES:
+            try:
+                stat = (directory / name).stat()
+            except OSError:
+                signature.append(None)
+            else:
+                signature.append((stat.st_size, stat.st_mtime_ns, stat.st_ino))
+        return tuple(signature)
+
     async def _load_and_insert(self, model_id: str) -> _Entry:
         loop = asyncio.get_running_loop()
+        signature = self._signature(model_id)
         try:
             entry = await loop.run_in_executor(self._pools()[0], self._load, model_id)
+        except ModelUnavailable as exc:
+            # Logged here, once per damaged file, with the path (clients get no server paths).
+            log.error("%s (%s)", exc, exc.__cause__)
+            # A fresh copy: `exc`'s traceback would keep the half-loaded model's tensors alive.
+            self._broken[model_id] = (
+                signature,
+                ModelUnavailable(exc.code, str(exc), exc.retry_after),
+            )
+            raise
         finally:
             self._loading.pop(model_id, None)
+        self._broken.pop(model_id, None)
         if model_id in self._discard:  # deleted while it was loading
             self._discard.discard(model_id)
         else:
@@ -348,9 +403,27 @@ class ModelCache:
                 max_batch_size=int(self.settings.predict_max_batch_size),
                 max_pixels=int(self.settings.max_image_pixels),
             )
-        except (OSError, ValueError) as exc:  # ArtifactError is a ValueError
-            raise ModelUnavailable(f"model {model_id} cannot be loaded: {exc}") from exc
-        warmup = predictor.warmup()
+            warmup = predictor.warmup()
+        except ArtifactMissing as exc:
+            raise ModelUnavailable(
+                "model_unavailable",
+                f"model {model_id} cannot be served: a file of its artifact is missing on the "
+                "server",
+                UNAVAILABLE_RETRY_AFTER_S,
+            ) from exc
+        except ArtifactError as exc:
+            raise ModelUnavailable(
+                "model_artifact_corrupt",
+                f"model {model_id} cannot be served: its artifact on the server is damaged "
+                "(other models are not affected); restore the file, or train it again",
+                CORRUPT_RETRY_AFTER_S,
+            ) from exc
+        except Exception as exc:  # unreadable file, an error in the warm-up: never a 500
+            raise ModelUnavailable(
+                "model_unavailable",
+                f"model {model_id} cannot be loaded: {type(exc).__name__}",
+                UNAVAILABLE_RETRY_AFTER_S,
+            ) from exc
         log.info(
             "loaded model %s (%s, %d classes) in %.2f s, warm-up %.3f s",
             model_id,

@@ -12,8 +12,12 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+from bitcore.atomic import is_disk_full
+from service.domain_errors import InsufficientStorage
 from service.ids import is_id
 
 # A dataset's folder (service.datasets writes it, the worker trains from it).
@@ -84,3 +88,25 @@ class Storage:
         finally:
             os.close(fd)
             os.unlink(name)
+
+
+def disk_full_error(what: str) -> InsufficientStorage:
+    """The answer when `what` could not be written because the store's disk is full."""
+    return InsufficientStorage(
+        "insufficient_storage",
+        f"the server's disk is full: {what} could not be stored, and nothing of it was kept. "
+        "Try again once the server's operator has freed space.",
+    )
+
+
+@contextmanager
+def disk_full_as(what: str) -> Iterator[None]:
+    """Turn a full disk (ENOSPC/EDQUOT, however a writer reports it) into InsufficientStorage.
+    The block must clean up its own partial files (it does: temp files and folders are removed
+    by the code that made them)."""
+    try:
+        yield
+    except (OSError, RuntimeError) as exc:
+        if not is_disk_full(exc):
+            raise
+        raise disk_full_error(what) from exc

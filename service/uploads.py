@@ -36,6 +36,7 @@ from starlette.requests import Request
 
 from service.domain_errors import InvalidRequest, MalformedRequest, TooLarge, UnsupportedMedia
 from service.request_bodies import QuotaCap, capped_stream
+from service.storage import disk_full_as
 
 MAX_FIELD_BYTES = 4096  # plain form fields (name, ...): small by nature
 
@@ -151,14 +152,17 @@ async def receive_upload(
     Raises UnsupportedMedia (not multipart), TooLarge payload_too_large (Content-Length or
     the streamed bytes over `max_bytes`), `quota.error()` (over `quota.limit` bytes: the
     whole body counts, multipart framing included), MalformedRequest, InvalidRequest (no
-    file part).
+    file part), InsufficientStorage (the disk of `tmp_dir` is full).
     """
     boundary = _boundary(request)
     body = capped_stream(request, max_bytes, quota=quota)
-    fd, name = tempfile.mkstemp(prefix="upload-", suffix=".part", dir=tmp_dir)
+    with disk_full_as("the upload"):
+        fd, name = tempfile.mkstemp(prefix="upload-", suffix=".part", dir=tmp_dir)
     path = Path(name)
     try:
-        with os.fdopen(fd, "wb") as sink:
+        # A full disk (the write of a chunk, or the flush at close) is a 507, and the temp
+        # file goes in `finally`: the rest of the body is never read.
+        with disk_full_as("the upload"), os.fdopen(fd, "wb") as sink:
             writer = _FormWriter(sink, file_field)
             parser = MultipartParser(boundary, writer.callbacks())  # type: ignore[arg-type]
             try:

@@ -31,6 +31,7 @@ from service.db import Database
 from service.settings import Settings
 from service.storage import Storage
 from service.tables import Dataset, Job
+from worker.failures import release_memory, resource_failure
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +124,15 @@ class JobRun:
         except JobFailure as exc:
             return self._failed(exc.code, exc.message)
         except Exception as exc:
-            log.exception("job %s failed", self.job.id)
-            return self._failed("training_error", f"{type(exc).__name__}: {exc}")
+            failure = resource_failure(exc, self.job.plan)
+            if failure is None:
+                log.exception("job %s failed", self.job.id)
+                return self._failed("training_error", f"{type(exc).__name__}: {exc}")
+            log.warning("job %s: %s (%s: %s)", self.job.id, failure[0], type(exc).__name__, exc)
+        # Out of the except block, the exception and the tensors its frames hold are gone:
+        # release them before this worker records the failure and takes its next job.
+        release_memory()
+        return self._failed(*failure)
 
     def _train(self) -> str:
         index = self._dataset_index()

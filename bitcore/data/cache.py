@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from bitcore.atomic import atomic_write, write_json_atomic
+from bitcore.atomic import atomic_write, reserve, write_json_atomic
 from bitcore.data.index import DatasetError, DatasetIndex, Sample, decode_workers
 from bitcore.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
 from bitcore.transforms import resize_squash
@@ -168,7 +168,9 @@ def _write_pixels(
 
     with atomic_write(data_path) as tmp:
         if paths:
-            out = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=(len(paths), size, size, 3))
+            shape = (len(paths), size, size, 3)
+            reserve(tmp, int(np.prod(shape)))
+            out = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=shape)
             for i, pixels in enumerate(_ordered_map(load, paths, workers or decode_workers())):
                 out[i] = pixels
                 if progress is not None:

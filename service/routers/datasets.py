@@ -52,7 +52,7 @@ UPLOAD_DOC = {
     status_code=201,
     openapi_extra=UPLOAD_DOC,
     response_model=DatasetPublic,
-    responses=error_responses(400, 413, 415, 422, 429),
+    responses=error_responses(400, 413, 415, 422, 429, 507),
 )
 async def upload_dataset(
     request: Request, settings: SettingsDep, db: DbDep, storage: StorageDep, tenant: TenantDep

@@ -182,7 +182,9 @@ async def predict(
             retry_after=exc.retry_after,
         ) from exc
     except ModelUnavailable as exc:
-        raise Unavailable("model_unavailable", str(exc)) from exc
+        raise Unavailable(
+            exc.code, str(exc), {"model_id": model_id}, retry_after=exc.retry_after
+        ) from exc
     return PredictResponse(
         model_id=model_id,
         predictions=[

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pickle
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,8 @@ from bitcore.artifacts import (
     WEIGHTS_FILE,
     ArtifactError,
     ArtifactMetadata,
+    ArtifactMissing,
+    file_sha256,
     load_metadata,
     load_model,
     load_weights,
@@ -58,7 +62,7 @@ def test_round_trip_is_exact(artifact):
     path, model = artifact
     assert sorted(p.name for p in path.iterdir()) == sorted([WEIGHTS_FILE, METADATA_FILE])
     loaded, meta = load_model(path)
-    assert meta == metadata()
+    assert meta == replace(metadata(), weights_sha256=file_sha256(path / WEIGHTS_FILE))
     original = model.state_dict()
     restored = loaded.state_dict()
     assert list(original) == list(restored)
@@ -77,7 +81,8 @@ def test_metadata_file_is_plain_json(artifact):
     assert data["format"] == "bitserve-artifact" and data["format_version"] == 1
     assert data["input"] == {"crop": 64, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
     assert data["classes"] == CLASSES
-    assert load_metadata(path) == metadata()
+    assert data["weights_sha256"] == hashlib.sha256((path / WEIGHTS_FILE).read_bytes()).hexdigest()
+    assert replace(load_metadata(path), weights_sha256=None) == metadata()
 
 
 def test_pickle_named_safetensors_is_refused(artifact, tmp_path: Path):
@@ -90,6 +95,7 @@ def test_pickle_named_safetensors_is_refused(artifact, tmp_path: Path):
 
     with open(path / WEIGHTS_FILE, "wb") as fh:
         pickle.dump({"state": model.state_dict(), "x": Payload()}, fh)
+    _without_checksum(path)
     with pytest.raises(ArtifactError, match="not a valid safetensors file"):
         load_weights(path)
     with pytest.raises(ArtifactError, match="not a valid safetensors file"):
@@ -100,21 +106,29 @@ def test_pickle_named_safetensors_is_refused(artifact, tmp_path: Path):
 def test_torch_save_file_is_refused(artifact):
     path, model = artifact
     torch.save(model.state_dict(), path / WEIGHTS_FILE)
+    _without_checksum(path)
     with pytest.raises(ArtifactError, match="not a valid safetensors file"):
         load_model(path)
 
 
 def test_missing_files(tmp_path: Path, artifact):
-    with pytest.raises(ArtifactError, match="not a bitserve artifact directory"):
+    with pytest.raises(ArtifactMissing, match="not a bitserve artifact directory"):
         load_metadata(tmp_path / "nowhere")
     path, _ = artifact
     (path / WEIGHTS_FILE).unlink()
-    with pytest.raises(ArtifactError, match="safetensors weights only"):
+    with pytest.raises(ArtifactMissing, match="safetensors weights only"):
         load_model(path)
 
 
 def _write_meta(path: Path, data: Any) -> None:
     (path / METADATA_FILE).write_text(json.dumps(data) if not isinstance(data, str) else data)
+
+
+def _without_checksum(path: Path) -> None:
+    """As an artifact written before checksums: the checks after the checksum still refuse."""
+    data = json.loads((path / METADATA_FILE).read_text())
+    data.pop("weights_sha256")
+    _write_meta(path, data)
 
 
 @pytest.mark.parametrize(
@@ -168,6 +182,7 @@ def test_missing_and_extra_tensors_are_refused(artifact):
     del state["body.block2.unit01.gn1.weight"]
     state["extra.weight"] = torch.zeros(1)
     save_file(state, str(path / WEIGHTS_FILE))
+    _without_checksum(path)
     with pytest.raises(ArtifactError, match=r"missing \['body\.block2\.unit01\.gn1\.weight'\]"):
         load_model(path)
 
@@ -180,3 +195,35 @@ def test_save_leaves_no_temp_files_and_overwrites(artifact):
     loaded: Any
     loaded, _ = load_model(path)
     assert torch.count_nonzero(loaded.head.conv.weight) == 0
+
+
+def test_a_flipped_bit_in_the_tensor_data_is_caught_by_the_checksum(artifact):
+    path, _ = artifact
+    weights = path / WEIGHTS_FILE
+    data = bytearray(weights.read_bytes())
+    data[-100] ^= 0x01  # in the last tensor's bytes: safetensors alone would load it
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match=r"is damaged: its SHA-256 is [0-9a-f]{64}"):
+        load_model(path)
+    _without_checksum(path)  # what an artifact without a checksum would do: serve it silently
+    load_model(path)
+
+
+def test_a_truncated_weights_file_is_refused(artifact):
+    path, _ = artifact
+    weights = path / WEIGHTS_FILE
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ArtifactError, match="is damaged"):
+        load_model(path)
+    _without_checksum(path)
+    with pytest.raises(ArtifactError, match="not a valid safetensors file"):
+        load_model(path)
+
+
+def test_a_bad_checksum_field_is_refused(artifact):
+    path, _ = artifact
+    data = json.loads((path / METADATA_FILE).read_text())
+    data["weights_sha256"] = 12
+    _write_meta(path, data)
+    with pytest.raises(ArtifactError, match="weights_sha256 must be a string"):
+        load_metadata(path)

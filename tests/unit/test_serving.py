@@ -209,3 +209,39 @@ def test_forward_runs_off_the_event_loop(tmp_path: Path) -> None:
 
     asyncio.run(scenario())
     assert threads and all(name.startswith("bitserve-forward") for name in threads)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "bit_flip"])
+def test_a_damaged_artifact_fails_that_model_only_is_logged_once_and_not_cached(
+    tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = _settings(tmp_path)
+    storage = Storage(settings.artifact_root)
+    good, bad = _save_model(storage, seed=1), _save_model(storage, seed=2)
+    weights = storage.model_dir(bad) / "model.safetensors"
+    intact = weights.read_bytes()
+    data = bytearray(intact)
+    if damage == "truncate":
+        del data[len(data) // 2 :]
+    else:
+        data[-64] ^= 0x10  # inside the tensor data: only the checksum notices
+    weights.write_bytes(bytes(data))
+
+    async def scenario() -> None:
+        cache = ModelCache(settings, storage)
+        for _ in range(3):
+            with pytest.raises(ModelUnavailable) as caught:
+                await cache.predict(bad, _images(1), top_k=1)
+            assert caught.value.code == "model_artifact_corrupt"
+            assert caught.value.retry_after == 60
+            assert str(weights) not in str(caught.value)  # no server paths for clients
+            assert len(await cache.predict(good, _images(2), top_k=1)) == 2
+        assert cache.loaded == [good] and cache.waiting == 0
+        errors = [r for r in caplog.records if r.levelname == "ERROR" and bad in r.getMessage()]
+        assert len(errors) == 1 and str(weights) in errors[0].getMessage()
+        weights.write_bytes(intact)  # restored by the operator: loaded on the next request
+        assert len(await cache.predict(bad, _images(1), top_k=1)) == 1
+        assert sorted(cache.loaded) == sorted([good, bad])
+        await cache.close()
+
+    asyncio.run(scenario())
