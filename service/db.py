@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,13 +14,33 @@ from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 15_000
+# How long a request may wait for a PostgreSQL connection: to connect (connect_timeout; libpq
+# takes whole seconds, at least 2) and again for a free pooled one (pool_timeout). The
+# gateway takes it from BITSERVE_DB_TIMEOUT_SECONDS (docs/operations.md, "Database loss").
+DEFAULT_TIMEOUT_SECONDS = 5.0
+MIN_CONNECT_TIMEOUT_SECONDS = 2
+
+# What the database being down (restarting, unreachable, out of connections) looks like to
+# SQLAlchemy, as opposed to a query being wrong: the web layer answers these 503
+# `database_unavailable` with Retry-After (service.http_errors), never 500.
+UNAVAILABLE_ERRORS: tuple[type[Exception], ...] = (
+    sa.exc.OperationalError,  # connection refused or lost, server shutting down or starting
+    sa.exc.InterfaceError,  # a connection the driver already knows is closed
+    sa.exc.DisconnectionError,  # pre-ping could not get a live connection
+    sa.exc.TimeoutError,  # no pooled connection free within pool_timeout
+)
 
 
-def create_engine(url: str) -> sa.Engine:
+def create_engine(url: str, timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS) -> sa.Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
-        # pre_ping: a PostgreSQL restart must not poison pooled connections.
-        return sa.create_engine(url, pool_pre_ping=True)
+        # pre_ping: a PostgreSQL restart must not poison pooled connections (each checkout
+        # tests its connection and reconnects); the timeouts bound how long a request waits
+        # while the server is gone, so it gets a 503 instead of hanging.
+        connect = {"connect_timeout": max(MIN_CONNECT_TIMEOUT_SECONDS, math.ceil(timeout_seconds))}
+        return sa.create_engine(
+            url, pool_pre_ping=True, pool_timeout=timeout_seconds, connect_args=connect
+        )
     if parsed.database and parsed.database != ":memory:":
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
     engine = sa.create_engine(url, connect_args={"check_same_thread": False, "timeout": 15})
@@ -40,9 +61,9 @@ def create_engine(url: str) -> sa.Engine:
 class Database:
     """The engine and session factory of one process (built once, never per request)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS) -> None:
         self.url = url
-        self.engine = create_engine(url)
+        self.engine = create_engine(url, timeout_seconds)
         self.sessionmaker = sessionmaker(self.engine, expire_on_commit=False)
 
     @property
