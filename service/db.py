@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
+
+log = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 15_000
@@ -80,6 +83,25 @@ class Database:
             except BaseException:
                 session.rollback()
                 raise
+
+    @contextmanager
+    def request_session(self) -> Iterator[Session]:
+        """A session for one request; routes commit explicitly, the rest is rolled back.
+
+        Closing it never raises for a lost database: it is closed after the route returned,
+        when the answer (a 200, or a 503 for the outage) may already be on its way, and an
+        error there would cut that answer off. The dead connection is discarded instead.
+        """
+        session = self.sessionmaker()
+        try:
+            yield session
+        finally:
+            try:
+                session.close()
+            except UNAVAILABLE_ERRORS as exc:
+                log.warning("database: closing a session failed (%s)", type(exc).__name__)
+                with suppress(Exception):
+                    session.invalidate()
 
     def check(self) -> None:
         """Raise if the database does not answer a trivial query."""
