@@ -6,11 +6,14 @@
         job = api.wait_for_job(job["id"], on_progress=print)
         print(api.predict(job["model_id"], ["cat.jpg"], top_k=3))
 
-429 and 503 answers are retried after their Retry-After (bounded by `max_retries` and
-`max_retry_wait`; not for the streamed artifact download, and a job's event stream falls back to
-polling instead); every other error answer raises ApiError with the server's code, message
-and details. Jobs are created with an Idempotency-Key (a fresh one per call unless given), so
-such a retry never starts a second job.
+Retries (bounded by `max_retries` and `max_retry_wait`, docs/api.md "Retries"): a 429 answer,
+and a 503 `shutting_down` (refused before any work), are retried after their Retry-After for
+every call; other 503 answers and lost connections (refused, reset, closed without an answer:
+a gateway restarting) only for idempotent calls: GET, DELETE, predict (a pure function) and job
+creation (sent with an Idempotency-Key, a fresh one per call unless given, so a retry never
+starts a second job). Not retried: the streamed artifact download, and a job's event stream
+(it falls back to polling instead). Every other error answer raises ApiError with the server's
+code, message and details.
 """
 
 from __future__ import annotations
@@ -52,6 +55,18 @@ FilesFactory = Callable[[ExitStack], list[tuple[str, tuple[str, IO[bytes] | byte
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 RETRY_STATUSES = frozenset({429, 503})
+# Safe to send again whatever happened to the first try (RFC 9110 9.2.2); predict and job
+# creation are marked idempotent where they are sent.
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
+# A 503 that says the request was refused before any work: safe to retry for every call.
+REFUSED_UNDONE = frozenset({"shutting_down"})
+# The connection failed before the request could be sent: safe to retry for every call.
+NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout)
+# The connection broke with no answer (reset, closed): the server may have acted on it, so only
+# idempotent calls are retried. Timeouts are not: the server is slow, not gone.
+NO_ANSWER = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
+# First pause after a lost connection, doubled per retry (capped by max_retry_wait).
+RECONNECT_BACKOFF_S = 0.25
 FINISHED = frozenset({"succeeded", "failed", "cancelled"})
 ARCHIVE_TYPES = {".zip": "application/zip", ".tgz": "application/gzip", ".gz": "application/gzip"}
 # Longer than the server's SSE keep-alive (15 s): a silent stream this long is a dead one.
@@ -175,7 +190,9 @@ class BitserveClient:
         if name is not None:
             body["name"] = name
         key = idempotency_key or f"bitserve-client-{uuid.uuid4().hex}"
-        response = self._request("POST", "/v1/jobs", json=body, headers={"Idempotency-Key": key})
+        response = self._request(
+            "POST", "/v1/jobs", json=body, headers={"Idempotency-Key": key}, idempotent=True
+        )
         return cast(Job, response.json())
 
     def get_job(self, job_id: str) -> Job:
@@ -326,7 +343,11 @@ class BitserveClient:
             return [("files", (name, data, "application/octet-stream")) for name, data in parts]
 
         response = self._request(
-            "POST", f"/v1/models/{_seg(model_id)}/predict", params={"top_k": top_k}, files=files
+            "POST",
+            f"/v1/models/{_seg(model_id)}/predict",
+            params={"top_k": top_k},
+            files=files,
+            idempotent=True,  # a pure function of the model and the images
         )
         return [cast(list[Label], p["top_k"]) for p in response.json()["predictions"]]
 
@@ -366,26 +387,42 @@ class BitserveClient:
         files: FilesFactory | None = None,
         headers: dict[str, str] | None = None,
         timeout: httpx.Timeout | None = None,
+        idempotent: bool | None = None,
     ) -> httpx.Response:
-        """Send; retry 429/503 after Retry-After (else a doubling back-off), at most
-        max_retries times, each wait capped at max_retry_wait; raise ApiError on error."""
+        """Send; retry what the module docstring lists, at most max_retries times, each wait
+        capped at max_retry_wait (Retry-After, else a doubling back-off); raise ApiError on an
+        error answer, or the last httpx.TransportError."""
+        if idempotent is None:
+            idempotent = method in IDEMPOTENT_METHODS
         attempt = 0
         while True:
-            with ExitStack() as stack:
-                response = self._http.request(
-                    method,
-                    path,
-                    params=params,
-                    json=json,
-                    data=data,
-                    files=files(stack) if files is not None else None,
-                    headers=headers,
-                    timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT,
-                )
+            try:
+                with ExitStack() as stack:
+                    response = self._http.request(
+                        method,
+                        path,
+                        params=params,
+                        json=json,
+                        data=data,
+                        files=files(stack) if files is not None else None,
+                        headers=headers,
+                        timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT,
+                    )
+            except httpx.TransportError as exc:
+                lost = isinstance(exc, NOT_SENT) or (idempotent and isinstance(exc, NO_ANSWER))
+                if not lost or attempt >= self.max_retries:
+                    raise
+                time.sleep(min(RECONNECT_BACKOFF_S * 2**attempt, self.max_retry_wait))
+                attempt += 1
+                continue
             if response.status_code < 400:
                 return response
             error = ApiError.from_response(response)
-            if response.status_code not in RETRY_STATUSES or attempt >= self.max_retries:
+            retryable = response.status_code == 429 or (
+                response.status_code in RETRY_STATUSES
+                and (idempotent or error.code in REFUSED_UNDONE)
+            )
+            if not retryable or attempt >= self.max_retries:
                 raise error
             wait = error.retry_after if error.retry_after is not None else 0.5 * 2**attempt
             time.sleep(min(wait, self.max_retry_wait))

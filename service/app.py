@@ -13,6 +13,7 @@ from service.audit_middleware import AuditMiddleware
 from service.auth import PrincipalCache, check_auth_setting
 from service.broker import Broker
 from service.db import Database
+from service.draining import Drain, DrainMiddleware
 from service.http_errors import install_error_handlers
 from service.metrics import Metrics, MetricsMiddleware
 from service.quotas import RateLimiter
@@ -27,7 +28,7 @@ log = logging.getLogger(__name__)
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     check_auth_setting(settings)
-    db = Database(settings.database_url)
+    db = Database(settings.database_url, settings.db_timeout_seconds)
     storage = Storage(settings.artifact_root)
     metrics = Metrics()
     metrics.watch_jobs(db)
@@ -62,7 +63,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.broker = broker
     app.state.principals = PrincipalCache()
     app.state.rate_limiter = rate_limiter
+    # Set by `bitserve api` on SIGTERM (service.draining): new requests are answered 503.
+    app.state.drain = Drain()
     install_error_handlers(app)
+    # Innermost: the metrics and the audit trail see the 503s of a draining gateway.
+    app.add_middleware(DrainMiddleware, drain=app.state.drain)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_middleware(AuditMiddleware, db=db, settings=settings)
     for module in (health, base_models, datasets, jobs, models, keys, tenants, audit, ui):

@@ -96,15 +96,47 @@ def cmd_worker(settings: Settings) -> int:
 
 
 def cmd_api(settings: Settings) -> int:
-    from service.app import create_app
+    """Serve until SIGTERM/Ctrl-C, then drain (service.draining) and exit 0.
 
-    server = uvicorn.Server(_uvicorn_config(settings, create_app(settings)))
+    The port is bound with SO_REUSEPORT: a second `bitserve api` on the same port shares it,
+    so one can be restarted while the other serves (docs/operations.md, "Rolling restarts").
+    """
+    from service.app import create_app
+    from service.draining import DrainingServer
+
+    app = create_app(settings)
+    sock = listen_socket(settings.host, settings.port)
+    server = DrainingServer(
+        _uvicorn_config(settings, app), app.state.drain, settings.shutdown_grace_seconds
+    )
     # uvicorn re-raises the signal it stopped on once it has shut down; handled here, Ctrl-C
     # ends with exit status 0 instead of a KeyboardInterrupt traceback.
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: None)
-    server.run()
+    # uvicorn does not announce sockets it is given: say where it listens (and which process).
+    print(
+        f"bitserve api: listening on http://{_display_host(settings.host)}:{settings.port}"
+        f" (pid {os.getpid()})",
+        flush=True,
+    )
+    server.run(sockets=[sock])
     return 0
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to host:port with SO_REUSEPORT (Linux, macOS): processes of the same
+    user may bind the same port and the kernel spreads new connections between them."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if hasattr(socket, "SO_REUSEPORT"):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise SystemExit(f"bitserve: cannot listen on {host}:{port} ({exc.strerror})") from None
+    return sock
 
 
 def cmd_up(settings: Settings) -> int:
@@ -305,7 +337,9 @@ def _uvicorn_config(settings: Settings, app: object) -> uvicorn.Config:
         port=settings.port,
         log_level="info",
         log_config=_log_config(),
-        timeout_graceful_shutdown=10,
+        # After the drain (or Ctrl-C under `bitserve up`): how long answers in progress may
+        # take before uvicorn cancels them.
+        timeout_graceful_shutdown=max(1, round(settings.shutdown_grace_seconds)),
     )
 
 

@@ -43,7 +43,7 @@ def get_broker(request: Request) -> Broker:
 
 def get_session(db: Annotated[Database, Depends(get_db)]) -> Iterator[Session]:
     """A session for one request. Routes commit explicitly; anything uncommitted is rolled back."""
-    with db.sessionmaker() as session:
+    with db.request_session() as session:
         yield session
 
 

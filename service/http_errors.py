@@ -18,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.db import UNAVAILABLE_ERRORS
 from service.domain_errors import (
     Conflict,
     DomainError,
@@ -54,6 +55,8 @@ STATUS: dict[type[DomainError], int] = {
     InsufficientStorage: 507,
 }
 DEFAULT_RETRY_AFTER = "5"
+# A PostgreSQL restart takes a few seconds; clients come back after this long.
+DATABASE_RETRY_AFTER = 5
 # Codes for errors FastAPI or Starlette raise themselves (unknown routes, wrong methods, ...).
 HTTP_CODES = {
     400: "bad_request",
@@ -138,6 +141,27 @@ async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
     return error_response(exc.status_code, code, message, None, dict(exc.headers or {}))
 
 
+def database_unavailable() -> Unavailable:
+    return Unavailable(
+        "database_unavailable",
+        "the database cannot be reached right now; retry after Retry-After seconds",
+        retry_after=DATABASE_RETRY_AFTER,
+    )
+
+
+async def _database_error(request: Request, exc: Exception) -> JSONResponse:
+    # The database is down or restarting (service.db.UNAVAILABLE_ERRORS), wherever the route
+    # or its dependencies (the API key check included) met it: retry later, not a 500. One
+    # line without the traceback: an outage makes one per request.
+    log.warning(
+        "database unavailable on %s %s: %s",
+        request.method,
+        request.url.path,
+        str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__,
+    )
+    return domain_error_response(database_unavailable())
+
+
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return error_response(500, "internal_error", "internal error; it has been logged")
@@ -147,6 +171,8 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(DomainError, _domain_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    for kind in UNAVAILABLE_ERRORS:
+        app.add_exception_handler(kind, _database_error)
     app.add_exception_handler(Exception, _unexpected)
 
 

@@ -94,6 +94,13 @@ class Settings(BaseSettings):
     train_queue: str = "train"
     worker_concurrency: int = Field(default=1, gt=0)
 
+    # Faults (docs/operations.md, "Database loss" and "Stopping and rolling restarts").
+    # The longest a request waits to connect to PostgreSQL, and again for a pooled connection,
+    # before it is answered 503 database_unavailable.
+    db_timeout_seconds: float = Field(default=5.0, gt=0)
+    # SIGTERM: requests in flight get this long to finish (new ones are answered 503).
+    shutdown_grace_seconds: float = Field(default=30.0, gt=0)
+
     @field_validator("home", "checkpoint_dir", "artifact_root")
     @classmethod
     def _absolute(cls, value: Path) -> Path:

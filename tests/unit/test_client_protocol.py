@@ -323,3 +323,83 @@ def test_the_key_comes_from_the_environment_or_bitserve_up(
             api.get_dataset("ds_x")
     sent = [s.headers.get("authorization") for s in server.seen]
     assert sent == ["Bearer bsk_from_file", "Bearer bsk_from_env", None]
+
+
+# -- retries of lost connections and of 503s, by idempotency -----------------------------------
+
+
+class DropsFirst:
+    """A loopback server that closes its first `drops` connections without answering (a
+    gateway going away), then answers every request 200 `{}`. Counts connections."""
+
+    def __init__(self, drops: int) -> None:
+        import socket
+
+        self.drops = drops
+        self.connections = 0
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            with conn:
+                conn.recv(65536)  # the request (small in these tests)
+                if self.connections > self.drops:
+                    conn.sendall(
+                        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: 2\r\nConnection: close\r\n\r\n{}"
+                    )
+
+    def __enter__(self) -> DropsFirst:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.sock.close()
+
+
+def test_a_lost_connection_is_retried_for_idempotent_calls_only() -> None:
+    with DropsFirst(drops=2) as server, BitserveClient(server.url) as api:
+        assert api.get_model("mdl_x") == {}
+        assert server.connections == 3  # two lost, the third answered
+    with DropsFirst(drops=1) as server, BitserveClient(server.url) as api:
+        with pytest.raises(httpx.RemoteProtocolError):
+            api.cancel_job("job_x")  # a POST that changes state: the server may have acted
+        assert server.connections == 1
+
+
+def test_a_refused_connection_is_retried_with_backoff_then_raised() -> None:
+    import socket
+
+    with socket.socket() as sock:  # a port with nothing listening
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    with BitserveClient(url, max_retries=2) as api, pytest.raises(httpx.ConnectError):
+        started = time.monotonic()
+        api.cancel_job("job_x")  # nothing was sent: safe to retry even a POST
+    assert time.monotonic() - started >= 0.25 + 0.5  # backed off twice
+
+
+def test_503_is_retried_for_a_post_only_when_it_says_nothing_was_done() -> None:
+    job = {"id": "job_x", "status": "cancelled"}
+    down = Reply(503, _error("database_unavailable"), {"Retry-After": "0"})
+    stopping = Reply(503, _error("shutting_down"), {"Retry-After": "0", "Connection": "close"})
+    ok = Reply(200, json.dumps(job).encode())
+    script = {("POST", "/v1/jobs/job_x/cancel"): [down, ok]}
+    with Scripted(script) as server, BitserveClient(server.url) as api:
+        with pytest.raises(ApiError) as caught:
+            api.cancel_job("job_x")
+        assert caught.value.code == "database_unavailable"
+        assert len(server.seen) == 1
+    script = {("POST", "/v1/jobs/job_x/cancel"): [stopping, ok]}
+    with Scripted(script) as server, BitserveClient(server.url) as api:
+        assert api.cancel_job("job_x") == job
+        assert len(server.seen) == 2

@@ -46,6 +46,7 @@ WEB_LAYER = (
     "python_multipart",
     "service.app",
     "service.audit_middleware",
+    "service.draining",
     "service.auth",
     "service.routers",
     "service.deps",
