@@ -27,7 +27,7 @@ from bitcore.models import MODEL_SPECS
 from bitcore.train import Progress, TrainCallbacks, TrainingCancelled, finetune
 from service import job_runs, jobs, models_store
 from service.broker import Broker
-from service.db import Database
+from service.db import UNAVAILABLE_ERRORS, Database
 from service.settings import Settings
 from service.storage import Storage
 from service.tables import Dataset, Job
@@ -35,7 +35,11 @@ from worker.failures import release_memory, resource_failure
 
 log = logging.getLogger(__name__)
 
-CANCEL_POLL_SECONDS = 1.0  # a cancel is noticed within about this (plus one training step)
+CANCEL_POLL_SECONDS = 1.0
+# How long a finished job keeps trying to record its model while the database is down.
+FINAL_WRITE_PATIENCE_SECONDS = (
+    300.0  # a cancel is noticed within about this (plus one training step)
+)
 _databases: dict[tuple[int, str], Database] = {}
 _databases_lock = threading.Lock()
 
@@ -164,22 +168,51 @@ class JobRun:
         final = replace(
             last, step=result.steps, total_steps=plan.total_steps, phase="done", eta_seconds=0
         )
-        with self.db.sessionmaker() as session:
-            model = job_runs.finish_succeeded(
-                session,
-                self.job.id,
-                self.worker_id,
-                models_store.TrainedModel.from_artifact(
-                    self.storage, self.model_id, result.metrics
-                ),
-                progress=final.to_dict(),
-            )
-        if model is None:  # cancel requested after the last step, or the job was taken over
+        trained = models_store.TrainedModel.from_artifact(
+            self.storage, self.model_id, result.metrics
+        )
+        if not self._record_success(trained, final):
+            # cancel requested after the last step, or the job was taken over
             self.storage.remove(self.out_dir)
             return self._cancelled()
         self.storage.remove(self.work_dir)
         log.info("job %s succeeded: model %s", self.job.id, self.model_id)
         return "succeeded"
+
+    def _record_success(self, trained: models_store.TrainedModel, final: Progress) -> bool:
+        """Commit the model and the job's success; True if this attempt's model was recorded.
+
+        The database may be down at the very moment a long run ends: keep trying (with
+        backoff, for up to FINAL_WRITE_PATIENCE_SECONDS) instead of throwing the trained model
+        away. A commit whose answer was lost is recognised on the retry by the job already
+        pointing at this attempt's model id (the write is fenced, so it cannot happen twice).
+        """
+        deadline = time.monotonic() + FINAL_WRITE_PATIENCE_SECONDS
+        delay = 0.5
+        retried = False
+        while True:
+            try:
+                with self.db.sessionmaker() as session:
+                    if retried:
+                        job = session.get(Job, self.job.id)
+                        if job is not None and job.model_id == self.model_id:
+                            return True
+                    model = job_runs.finish_succeeded(
+                        session, self.job.id, self.worker_id, trained, progress=final.to_dict()
+                    )
+                return model is not None
+            except UNAVAILABLE_ERRORS as exc:
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.warning(
+                    "job %s: recording its result failed (%s); retrying in %.1f s",
+                    self.job.id,
+                    exc,
+                    delay,
+                )
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)
+                retried = True
 
     def _dataset_index(self) -> DatasetIndex:
         with self.db.sessionmaker() as session:

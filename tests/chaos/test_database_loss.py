@@ -8,6 +8,7 @@ cluster is stopped (`pg_ctl stop -m fast`) for a few seconds and started again.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,8 +16,13 @@ from pathlib import Path
 import httpx
 import pytest
 
+from bitcore.train import Progress
+from service import job_runs
 from service.db import Database, migrate
+from service.models_store import TrainedModel
+from service.settings import Settings
 from service.storage import Storage
+from service.tables import Job, Model
 from tests.chaos.resilience_fixtures import (
     ApiProcess,
     Load,
@@ -27,6 +33,8 @@ from tests.chaos.resilience_fixtures import (
 )
 from tests.integration.conftest import make_key, make_settings
 from tests.services import _free_port
+from tests.unit.job_helpers import add_dataset, create
+from worker.runner import JobRun
 
 DB_TIMEOUT_S = 3.0  # BITSERVE_DB_TIMEOUT_SECONDS of the gateway under test
 # The stated bound: connect (DB_TIMEOUT_S) + wait for a pooled connection (DB_TIMEOUT_S), plus
@@ -168,3 +176,40 @@ def _recovered(outcomes: list[Outcome], up_at: float, kinds: list[str]) -> float
     if all(sum(1 for o in good if o.kind == kind) >= 3 for kind in kinds):
         return last_failure
     return None
+
+
+def test_a_finished_job_records_its_model_once_the_database_is_back(
+    cluster: PostgresCluster, tmp_path: Path
+) -> None:
+    """The database is down at the moment training ends: the worker keeps the trained model
+    and commits it when the database returns, instead of failing hours of work."""
+
+    migrate(cluster.url)
+    db = Database(cluster.url, timeout_seconds=DB_TIMEOUT_S)
+    settings = Settings(
+        home=tmp_path / "home", database_url=cluster.url, tenant_max_active_jobs=100
+    )
+    job, _ = create(db, add_dataset(db))
+    with db.sessionmaker() as session:
+        claim = job_runs.claim(session, job.id, "host:1:test", settings)
+    assert claim.claimed and claim.job is not None
+    run = JobRun(
+        db, Storage(tmp_path / "store"), settings, claim.job, "host:1:test", threading.Event()
+    )
+    trained = TrainedModel(run.model_id, f"models/{run.model_id}", ["a", "b"], {}, {}, 10)
+    cluster.stop("fast")
+    restart = threading.Timer(OUTAGE_S, cluster.start)
+    restart.start()
+    started = time.monotonic()
+    recorded = run._record_success(trained, Progress(step=12, total_steps=12, phase="done"))
+    waited = time.monotonic() - started
+    restart.join()
+    print(f"\nfinal write recorded {waited:.2f} s after the database went down")
+    assert recorded is True
+    assert OUTAGE_S <= waited < OUTAGE_S + 30.0
+    with db.sessionmaker() as session:
+        stored = session.get(Job, job.id)
+        assert stored is not None
+        assert (stored.status, stored.model_id) == ("succeeded", run.model_id)
+        assert session.get(Model, run.model_id) is not None
+    db.dispose()
