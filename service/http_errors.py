@@ -67,6 +67,9 @@ HTTP_CODES = {
     429: "too_many_requests",
     503: "service_unavailable",
 }
+# FastAPI's answer to a body it cannot decode at all (JSON that is not UTF-8, a broken form):
+# the same `malformed_request` as JSON that does not parse (docs/api.md).
+UNPARSEABLE_BODY = "There was an error parsing the body"
 
 
 def status_of(error: DomainError) -> int:
@@ -129,6 +132,8 @@ async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
 
 async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 400 and exc.detail == UNPARSEABLE_BODY:
+        return error_response(400, "malformed_request", "the body could not be parsed")
     code = HTTP_CODES.get(exc.status_code, "http_error")
     message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
     if exc.status_code == 404 and message == "Not Found":

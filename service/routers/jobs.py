@@ -76,7 +76,7 @@ async def _call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     response_model=JobPublic,
     responses={
         200: {"model": JobPublic, "description": "A replay: this Idempotency-Key's job"},
-        **error_responses(404, 409, 422, 429),
+        **error_responses(400, 404, 409, 422, 429),  # 400: an unparseable JSON body
     },
 )
 async def create_job(

@@ -1,0 +1,135 @@
+"""Schemathesis against the live OpenAPI schema of a real server: every /v1 operation.
+
+The schema is the one the running server serves (/openapi.json), so the contract fuzzed is
+the one clients get. Each operation gets EXAMPLES_PER_OPERATION examples, valid and invalid
+(derandomized: CI sends the same requests every run), and every response must pass
+tests/fuzz/checks.CHECKS: never a 5xx; a status, content type, headers and body that the
+schema documents for the operation; an invalid request never accepted; every error in the
+documented shape. A second pass sends no key, or a wrong one: every /v1 route answers 401.
+
+Run alone: `pytest -m fuzz -s` (the requests sent per operation, by status, are printed).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import hypothesis
+import pytest
+import schemathesis
+
+from tests.fuzz.checks import CHECKS, SPEC
+from tests.fuzz.reach import cases
+from tests.fuzz.world import World, fuzz_world
+
+# Bounded so the whole run takes about a minute on a 2-core machine.
+EXAMPLES_PER_OPERATION = 50
+SETTINGS = hypothesis.settings(
+    max_examples=EXAMPLES_PER_OPERATION,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=list(hypothesis.HealthCheck),
+    print_blob=False,
+)
+CALLS: dict[str, Counter[int]] = {}
+
+
+def _v1_operations(spec: dict[str, Any]) -> list[str]:
+    return sorted(
+        f"{method.upper()} {path}"
+        for path, item in spec["paths"].items()
+        if path.startswith("/v1/")
+        for method in item
+    )
+
+
+# The committed contract (tests/unit/test_openapi_contract.py keeps it equal to the code's);
+# test_the_live_schema_is_the_committed_one makes sure no live operation goes unfuzzed.
+OPERATIONS = _v1_operations(SPEC)
+
+
+@pytest.fixture(scope="module")
+def world(
+    tmp_path_factory: pytest.TempPathFactory, postgres_admin_url: str, redis_url: str
+) -> Iterator[World]:
+    started = time.monotonic()
+    with fuzz_world(tmp_path_factory.mktemp("fuzz"), postgres_admin_url, redis_url) as made:
+        yield made
+        # The run must not have locked itself out: its admin key still works.
+        check = httpx.get(f"{made.server.url}/v1/keys", headers=made.server.headers, timeout=30)
+        assert check.status_code == 200, check.text
+    _report(time.monotonic() - started)
+
+
+def _report(seconds: float) -> None:
+    total = sum(sum(statuses.values()) for statuses in CALLS.values())
+    print(f"\nfuzz: {total} requests, {len(CALLS)} operations, {seconds:.0f} s")
+    for label, statuses in sorted(CALLS.items()):
+        counts = ", ".join(f"{status}: {n}" for status, n in sorted(statuses.items()))
+        print(f"  {label}: {sum(statuses.values())} ({counts})")
+
+
+def _record(label: str, status: int) -> None:
+    CALLS.setdefault(label, Counter())[status] += 1
+
+
+@pytest.fixture(scope="module")
+def api_schema(world: World) -> schemathesis.BaseSchema:
+    return schemathesis.openapi.from_url(f"{world.server.url}/openapi.json", timeout=30)
+
+
+def test_the_live_schema_is_the_committed_one(api_schema: schemathesis.BaseSchema) -> None:
+    assert _v1_operations(api_schema.raw_schema) == OPERATIONS
+    assert len(OPERATIONS) == 22
+
+
+@pytest.mark.parametrize("label", OPERATIONS)
+def test_operation_keeps_its_contract(
+    label: str, api_schema: schemathesis.BaseSchema, world: World
+) -> None:
+    method, path = label.split(" ")
+    operation = api_schema[path][method]
+
+    @SETTINGS
+    @hypothesis.given(case=cases(world, operation))
+    def fuzz(case: schemathesis.Case) -> None:
+        response = case.call_and_validate(headers=world.server.headers, checks=CHECKS, timeout=30)
+        _record(label, response.status_code)
+
+    fuzz()
+
+
+UNAUTHENTICATED_EXAMPLES = 5
+# No key, a well-formed key that does not exist, garbage in either header.
+WRONG_KEYS: dict[str, dict[str, str]] = {
+    "none": {},
+    "unknown": {"Authorization": "Bearer bsk_" + "0" * 40},
+    "garbage": {"X-API-Key": "not a key"},
+}
+AUTH_HEADERS = ("authorization", "x-api-key")
+
+
+@pytest.mark.parametrize("key", sorted(WRONG_KEYS))
+@pytest.mark.parametrize("label", OPERATIONS)
+def test_operation_refuses_a_missing_or_wrong_key(
+    label: str, key: str, api_schema: schemathesis.BaseSchema, world: World
+) -> None:
+    method, path = label.split(" ")
+    operation = api_schema[path][method]
+
+    @hypothesis.settings(SETTINGS, max_examples=UNAUTHENTICATED_EXAMPLES)
+    @hypothesis.given(case=operation.as_strategy())
+    def fuzz(case: schemathesis.Case) -> None:
+        for name in [h for h in case.headers or {} if h.lower() in AUTH_HEADERS]:
+            del case.headers[name]  # whatever the generator put there: this pass sends WRONG_KEYS
+        response = case.call(headers=WRONG_KEYS[key], timeout=30)
+        case.validate_response(response, checks=CHECKS)
+        assert response.status_code == 401, response.text
+        _record(f"{label} (key: {key})", response.status_code)
+
+    fuzz()
