@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import redis
 import torch
 
 from bitcore.models import create_model
@@ -133,6 +134,11 @@ def fuzz_world(home: Path, postgres_admin_url: str, redis_url: str) -> Iterator[
                 yield populate(server, http)
         finally:
             server.stop()
+            # The jobs the fuzzer started wait in the shared Redis for a worker that never
+            # comes: their private queue goes with the run.
+            broker = redis.Redis.from_url(redis_url)
+            broker.delete(settings.train_queue)
+            broker.close()
     finally:
         drop_database(postgres_admin_url, name)
 
