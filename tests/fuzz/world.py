@@ -21,11 +21,11 @@ import redis
 import torch
 
 from bitcore.models import create_model
-from service.api_keys import DEFAULT_TENANT, Scope
+from service.api_keys import DEFAULT_TENANT
 from service.db import migrate
 from service.settings import Settings
 from tests.imagegen import class_image, encode
-from tests.integration.conftest import LiveServer, make_key
+from tests.integration.conftest import LiveServer
 from tests.integration.worker_fixtures import FAST_OVERRIDES, fast_job_settings
 from tests.model_fixtures import publish_model
 from tests.services import create_database, drop_database
@@ -141,9 +141,3 @@ def fuzz_world(home: Path, postgres_admin_url: str, redis_url: str) -> Iterator[
             broker.close()
     finally:
         drop_database(postgres_admin_url, name)
-
-
-def extra_admin_key(world: World) -> str:
-    """An admin key of the world's tenant, not global (the fuzzer never learns its id)."""
-    state = world.server.app.state
-    return make_key(state.db, state.settings, world.tenant, (Scope.ADMIN,))
