@@ -16,6 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.db import UNAVAILABLE_ERRORS
@@ -72,6 +73,9 @@ HTTP_CODES = {
     429: "too_many_requests",
     503: "service_unavailable",
 }
+# FastAPI's answer to a body it cannot decode at all (JSON that is not UTF-8, a broken form):
+# the same `malformed_request` as JSON that does not parse (docs/api.md).
+UNPARSEABLE_BODY = "There was an error parsing the body"
 
 
 def status_of(error: DomainError) -> int:
@@ -134,6 +138,8 @@ async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
 
 async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 400 and exc.detail == UNPARSEABLE_BODY:
+        return error_response(400, "malformed_request", "the body could not be parsed")
     code = HTTP_CODES.get(exc.status_code, "http_error")
     message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
     if exc.status_code == 404 and message == "Not Found":
@@ -162,6 +168,18 @@ async def _database_error(request: Request, exc: Exception) -> JSONResponse:
     return domain_error_response(database_unavailable())
 
 
+async def _data_error(request: Request, exc: Exception) -> JSONResponse:
+    # The database refused a value the request carried (PostgreSQL: text with a NUL character,
+    # found by tests/fuzz): the request is invalid, not the server broken. Logged, as the
+    # database's own words are not the client's to read.
+    log.warning(
+        "a value refused by the database on %s %s: %s", request.method, request.url.path, exc
+    )
+    return error_response(
+        422, "invalid_request", "a value in the request cannot be stored (e.g. a NUL character)"
+    )
+
+
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return error_response(500, "internal_error", "internal error; it has been logged")
@@ -173,6 +191,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _http_error)
     for kind in UNAVAILABLE_ERRORS:
         app.add_exception_handler(kind, _database_error)
+    app.add_exception_handler(DataError, _data_error)
     app.add_exception_handler(Exception, _unexpected)
 
 

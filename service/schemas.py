@@ -366,8 +366,9 @@ class KeyCreate(Schema):
     tenant: str | None = Field(None, max_length=64)
     scopes: list[Scope] = Field(min_length=1, description="admin > train > predict")
     name: str | None = Field(None, max_length=200, description="a label, e.g. who uses it")
-    expires_days: float | None = Field(None, gt=0, le=3650)
-    global_admin: bool = False
+    # strict: `true` is not 1 day, nor 1 a global admin (found by tests/fuzz).
+    expires_days: float | None = Field(None, gt=0, le=3650, strict=True)
+    global_admin: bool = Field(False, strict=True)
 
 
 class KeyPublic(Schema):
@@ -443,10 +444,11 @@ class QuotasUpdate(Schema):
     """PUT /v1/tenants/{tenant}/quotas body, partial: a quota left out stays as it is; null
     puts it back to the server's default."""
 
-    max_active_jobs: int | None = Field(None, gt=0, le=MAX_VALUES["max_active_jobs"])
-    max_stored_bytes: int | None = Field(None, gt=0, le=MAX_VALUES["max_stored_bytes"])
+    # strict: `true` is not a quota of 1, nor "5" one of 5 (found by tests/fuzz).
+    max_active_jobs: int | None = Field(None, gt=0, le=MAX_VALUES["max_active_jobs"], strict=True)
+    max_stored_bytes: int | None = Field(None, gt=0, le=MAX_VALUES["max_stored_bytes"], strict=True)
     predict_rate_per_second: float | None = Field(
-        None, gt=0, le=MAX_VALUES["predict_rate_per_second"]
+        None, gt=0, le=MAX_VALUES["predict_rate_per_second"], strict=True
     )
 
 

@@ -58,8 +58,9 @@ class JobCreate(BaseModel):
 
     dataset_id: str = Field(min_length=1, max_length=64)
     base_model: str = Field(default="BiT-M-R50x1", min_length=1, max_length=64)
-    validation_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
-    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    # strict: `false` is not a fraction of 0, nor `true` seed 1 (found by tests/fuzz).
+    validation_fraction: float = Field(default=0.1, ge=0.0, lt=1.0, strict=True)
+    seed: int = Field(default=0, ge=0, le=2**31 - 1, strict=True)
     overrides: dict[str, Any] = Field(default_factory=dict)
     name: str | None = Field(default=None, max_length=200)
 
@@ -76,7 +77,7 @@ async def _call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     response_model=JobPublic,
     responses={
         200: {"model": JobPublic, "description": "A replay: this Idempotency-Key's job"},
-        **error_responses(404, 409, 422, 429),
+        **error_responses(400, 404, 409, 422, 429),  # 400: an unparseable JSON body
     },
 )
 async def create_job(

@@ -25,7 +25,13 @@ router = APIRouter(
 )
 
 
-@router.post("", status_code=201, response_model=KeyCreated, summary="Create an API key")
+@router.post(
+    "",
+    status_code=201,
+    response_model=KeyCreated,
+    summary="Create an API key",
+    responses=error_responses(400),  # an unparseable JSON body
+)
 async def create_key(
     body: KeyCreate, session: SessionDep, principal: PrincipalDep, settings: SettingsDep
 ) -> KeyCreated:

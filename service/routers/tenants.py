@@ -45,6 +45,7 @@ def get_quotas(
     "/{tenant}/quotas",
     response_model=TenantQuotas,
     summary="Set a tenant's quotas (global admins)",
+    responses=error_responses(400),  # an unparseable JSON body
 )
 def set_quotas(
     tenant: str,

@@ -173,6 +173,25 @@ def test_bad_job_requests_are_refused(
     assert queue.job_ids() == before
 
 
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"{not json", "the body is not valid JSON"),
+        # Not UTF-8: FastAPI cannot even decode it (found by tests/fuzz), same answer.
+        (b'{"dataset_id": "\xff\xfe"}', "the body could not be parsed"),
+    ],
+)
+def test_an_unparseable_body_is_a_malformed_request(
+    http: httpx.Client, queue: Queue, body: bytes, message: str
+) -> None:
+    before = queue.job_ids()
+    response = http.post("/v1/jobs", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["code"], error["message"]) == ("malformed_request", message)
+    assert queue.job_ids() == before
+
+
 def test_idempotency_key(http: httpx.Client, dataset: dict[str, Any], queue: Queue) -> None:
     key = f"key-{uuid.uuid4().hex}"
     first = _post(http, _body(dataset, seed=7), key)

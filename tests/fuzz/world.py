@@ -1,0 +1,143 @@
+"""The server the fuzzer talks to, and real objects on it for the fuzzer to reach.
+
+Random ids only ever reach 404, so the hooks in test_api_fuzz.py swap in the ids of real
+objects made here: a dataset, a model, a finished and a queued job, keys and a tenant. Routes
+that destroy (DELETE, cancel) get objects of their own, so one deletion does not turn every
+later GET of the run into a 404.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import redis
+import torch
+
+from bitcore.models import create_model
+from service.api_keys import DEFAULT_TENANT
+from service.db import migrate
+from service.settings import Settings
+from tests.imagegen import class_image, encode
+from tests.integration.conftest import LiveServer
+from tests.integration.worker_fixtures import FAST_OVERRIDES, fast_job_settings
+from tests.model_fixtures import publish_model
+from tests.services import create_database, drop_database
+
+BASE_MODEL = "tiny-R10x0.25"
+CLASSES = ["ant", "bee"]
+# A request stuck on a bug must fail the run, not hang it.
+HTTP_TIMEOUT_S = 30.0
+
+
+def png(index: int) -> bytes:
+    return encode(class_image(index % 2, 2, (36, 40), seed=index), "PNG")
+
+
+def dataset_zip() -> bytes:
+    """The smallest dataset the server accepts: two classes of two images, in a zip."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as archive:
+        for i in range(4):
+            archive.writestr(f"{CLASSES[i % 2]}/{i}.png", png(i))
+    return out.getvalue()
+
+
+@dataclass
+class World:
+    """Ids of real objects on the fuzz server (see the module docstring)."""
+
+    server: LiveServer
+    dataset: str  # used by the queued job: DELETE answers 409
+    doomed_datasets: list[str]
+    model: str
+    doomed_models: list[str]
+    finished_job: str  # succeeded: its event stream ends at once
+    queued_job: str  # no worker takes it
+    doomed_keys: list[str]
+    tenant: str = DEFAULT_TENANT
+    valid_bodies: dict[str, object] = field(default_factory=dict)
+
+
+def _post(http: httpx.Client, path: str, **kwargs: object) -> dict[str, str]:
+    response = http.post(path, **kwargs)  # type: ignore[arg-type]
+    assert response.status_code in (201, 202), response.text
+    body: dict[str, str] = response.json()
+    return body
+
+
+def _upload(http: httpx.Client, name: str) -> str:
+    files = {"file": (f"{name}.zip", dataset_zip(), "application/zip")}
+    return _post(http, "/v1/datasets", files=files, data={"name": name})["id"]
+
+
+def _publish(server: LiveServer, seed: int) -> tuple[str, str]:
+    torch.manual_seed(seed)
+    model = create_model(BASE_MODEL, len(CLASSES))
+    state = server.app.state
+    return publish_model(state.db, state.storage, model, BASE_MODEL, CLASSES, 32)
+
+
+def populate(server: LiveServer, http: httpx.Client) -> World:
+    dataset = _upload(http, "kept")
+    model, finished_job = _publish(server, seed=0)
+    job_body = {"dataset_id": dataset, "base_model": BASE_MODEL, "overrides": FAST_OVERRIDES}
+    queued_job = _post(http, "/v1/jobs", json=job_body)["id"]
+    keys = [
+        _post(http, "/v1/keys", json={"scopes": ["predict"], "name": f"doomed-{i}"})["id"]
+        for i in range(3)
+    ]
+    image = base64.b64encode(png(0)).decode()
+    return World(
+        server=server,
+        dataset=dataset,
+        doomed_datasets=[_upload(http, f"doomed-{i}") for i in range(2)],
+        model=model,
+        doomed_models=[_publish(server, seed=i + 1)[0] for i in range(2)],
+        finished_job=finished_job,
+        queued_job=queued_job,
+        doomed_keys=keys,
+        valid_bodies={
+            "job": job_body,
+            "predict_json": {"instances": [{"image_b64": image}]},
+            "predict_files": {"files": [png(1), png(2)]},
+            "dataset": {"file": dataset_zip(), "name": "fuzzed"},
+        },
+    )
+
+
+@contextmanager
+def fuzz_world(home: Path, postgres_admin_url: str, redis_url: str) -> Iterator[World]:
+    """A live server on a database of its own, with real objects on it."""
+    database_url, name = create_database(postgres_admin_url)
+    try:
+        migrate(database_url)
+        settings: Settings = fast_job_settings(
+            home,
+            database_url=database_url,
+            broker_url=redis_url,
+            # The fuzzer's predict calls must meet the code behind the rate limit, mostly.
+            predict_burst=1_000_000,
+            predict_rate_per_second=1_000_000.0,
+        )
+        server = LiveServer(settings).start()
+        try:
+            with httpx.Client(
+                base_url=server.url, headers=server.headers, timeout=HTTP_TIMEOUT_S
+            ) as http:
+                yield populate(server, http)
+        finally:
+            server.stop()
+            # The jobs the fuzzer started wait in the shared Redis for a worker that never
+            # comes: their private queue goes with the run.
+            broker = redis.Redis.from_url(redis_url)
+            broker.delete(settings.train_queue)
+            broker.close()
+    finally:
+        drop_database(postgres_admin_url, name)
