@@ -11,8 +11,6 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
-import secrets
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -31,6 +29,7 @@ from service.db import Database
 from service.settings import Settings
 from service.storage import Storage
 from service.tables import Dataset, Job
+from worker.identity import new_worker_id
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +54,6 @@ def process_database(url: str) -> Database:
         if key not in _databases:
             _databases[key] = Database(url)
         return _databases[key]
-
-
-def new_worker_id() -> str:
-    """Names this attempt: host, process and a random token (fences its writes)."""
-    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
 
 
 def run_job(

@@ -78,6 +78,7 @@ DOMAIN = (
     "settings",
     "storage",
     "tables",
+    "supervisor",
 )
 
 
