@@ -219,12 +219,16 @@ class Reconciled:
     cancelled: list[str] = field(default_factory=list)  # worker silent while cancelling
     forgotten: int = 0  # queued jobs whose message the broker lost (sent again from now on)
     send_failed: bool = False  # the broker refused a send: it is down, try again soon
-    # A dead worker's job that may be re-queued this many seconds from now (its last heartbeat
-    # is too recent yet): the caller runs the next pass then rather than a whole interval later.
+    # Something is due this many seconds from now (a dead worker's job whose last heartbeat is
+    # too recent yet, an unsent job in its grace): the next pass should run then, not a whole
+    # interval later.
     next_due_in: float | None = None
 
     def __bool__(self) -> bool:
         return bool(self.resent or self.requeued or self.failed or self.cancelled)
+
+    def due_in(self, seconds: float) -> None:
+        self.next_due_in = seconds if self.next_due_in is None else min(self.next_due_in, seconds)
 
 
 def dead_holder_grace(settings: Settings) -> float:
@@ -274,7 +278,7 @@ def reconcile(
         elif worker_id and holder_is_dead is not None and holder_is_dead(worker_id):
             due_in = (heartbeat_at - (now - timedelta(seconds=grace_s))).total_seconds()
             if due_in > 0:
-                report.next_due_in = min(report.next_due_in or due_in, due_in)
+                report.due_in(due_in)
                 continue
             # Its heartbeat has not moved since (a live worker, wrongly judged, refuses it).
             fence = sa.and_(Job.worker_id == worker_id, _stale(now - timedelta(seconds=grace_s)))
@@ -330,6 +334,15 @@ def reconcile(
             break
         if job_id not in report.requeued:
             report.resent.append(job_id)
+    # An unsent job still in its grace (e.g. recorded while the broker was down) is due soon:
+    # say when, so it is sent then and not a whole interval later.
+    youngest = session.scalar(
+        sa.select(sa.func.min(Job.updated_at)).where(
+            Job.status == JobStatus.QUEUED, Job.enqueued_at.is_(None), Job.updated_at >= grace
+        )
+    )
+    if youngest is not None:
+        report.due_in(max(0.0, (youngest - grace).total_seconds()))
     return report
 
 

@@ -186,3 +186,20 @@ def test_a_refused_send_ends_the_pass_and_the_next_comes_soon(
         report = job_runs.reconcile(session, settings, sent.append, now=now)
         assert sorted(report.resent) == sorted(ids) and not report.send_failed
         assert next_pass_in(settings, report) == settings.reconcile_interval_seconds
+
+
+def test_an_unsent_job_in_its_grace_brings_the_next_pass_forward(
+    db: Database, settings: Settings
+) -> None:
+    job, _ = create(db, add_dataset(db))
+    t0 = utcnow()
+    with db.sessionmaker() as session:  # recorded while the broker was down: never sent
+        session.execute(sa.update(Job).values(enqueued_at=None, updated_at=t0))
+        session.commit()
+        sent: list[str] = []
+        report = job_runs.reconcile(session, settings, sent.append, now=t0 + timedelta(seconds=4))
+        assert sent == [] and report.next_due_in == job_runs.SEND_GRACE_SECONDS - 4
+        assert next_pass_in(settings, report) == job_runs.SEND_GRACE_SECONDS - 4 + 0.1
+        later = t0 + timedelta(seconds=job_runs.SEND_GRACE_SECONDS + 0.1)
+        report = job_runs.reconcile(session, settings, sent.append, now=later)
+    assert sent == [job.id] and report.resent == [job.id] and report.next_due_in is None
