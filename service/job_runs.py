@@ -289,17 +289,27 @@ def reconcile(
             session, settings, report, job_id, status, attempts, cancel_requested, fence, why, now
         )
 
+    forgotten: list[str] = []
     if messages_lost:
-        # Forget that they were sent: the "never sent" rule below sends them (now and, if the
-        # broker refuses, on later passes), a durable record that survives this process.
-        result = session.execute(
-            sa.update(Job)
-            .where(Job.status == JobStatus.QUEUED, Job.enqueued_at.is_not(None))
-            .values(enqueued_at=None)
-            .execution_options(synchronize_session=False)
+        # Forget that they were sent (durably: if a send below fails, the "never sent" rule
+        # picks them up on later passes) and send them now, without the grace for a request
+        # that is sending (their requests sent them long ago). updated_at is kept as it was.
+        forgotten = list(
+            session.scalars(
+                sa.select(Job.id).where(
+                    Job.status == JobStatus.QUEUED, Job.enqueued_at.is_not(None)
+                )
+            ).all()
         )
-        session.commit()
-        report.forgotten = _rowcount(result)
+        if forgotten:
+            session.execute(
+                sa.update(Job)
+                .where(Job.id.in_(forgotten), Job.status == JobStatus.QUEUED)
+                .values(enqueued_at=None, updated_at=Job.updated_at)
+                .execution_options(synchronize_session=False)
+            )
+            session.commit()
+        report.forgotten = len(forgotten)
 
     # Queued jobs whose message may be lost: never sent (after a grace period for the request
     # that is sending it right now), or sent long ago (e.g. Redis restarted without persistence).
@@ -309,25 +319,27 @@ def reconcile(
         sa.and_(Job.enqueued_at.is_(None), Job.updated_at < grace),
         Job.enqueued_at < resend_before,
     )
-    due = [*report.requeued]
+    due = [*report.requeued, *forgotten]
     due += session.scalars(
         sa.select(Job.id).where(Job.status == JobStatus.QUEUED, unsent).order_by(Job.created_at)
     ).all()
     for job_id in dict.fromkeys(due):
         # Take the turn with a compare-and-set, so two reconcilers do not both send.
         condition = [Job.id == job_id, Job.status == JobStatus.QUEUED]
-        if job_id not in report.requeued:
-            condition.append(unsent)
-        else:
+        if job_id in report.requeued or job_id in forgotten:
             condition.append(Job.enqueued_at.is_(None))
-        if not _update(session, condition, {"enqueued_at": now}):
+        else:
+            condition.append(unsent)
+        # updated_at stays: a send is no change of the job, and a failed send must not give
+        # the job a new grace period (the rule above is for a request that is sending it).
+        if not _update(session, condition, {"enqueued_at": now, "updated_at": Job.updated_at}):
             continue
         try:
             send(job_id)
         except Exception as exc:
             log.warning("reconciler could not send job %s: %s", job_id, exc)
             queued = [Job.id == job_id, Job.status == JobStatus.QUEUED]
-            _update(session, queued, {"enqueued_at": None})
+            _update(session, queued, {"enqueued_at": None, "updated_at": Job.updated_at})
             # The broker is down: every other send would wait for its timeout too. The jobs
             # stay unsent and the next pass (soon: see send_failed) sends them.
             report.send_failed = True

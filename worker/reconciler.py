@@ -13,15 +13,17 @@ as "worker_lost" after `job_max_attempts`), and jobs left "cancelling" by a dead
 (cancelled). Work dirs of jobs it ends are removed.
 
 It runs at once when the worker starts (a worker restarted after a crash takes its dead
-predecessor's job back within seconds), then every `reconcile_interval_seconds`, sooner while
-the broker is down (BROKER_RETRY_SECONDS: jobs recorded meanwhile are sent soon after it
-returns) or while a dead worker's job is about to become due.
+predecessor's job back within seconds), then every `reconcile_interval_seconds`; sooner when the
+broker lost its messages or is down (watched every BROKER_WATCH_SECONDS; while it is down passes
+run every BROKER_RETRY_SECONDS, so jobs recorded meanwhile are sent soon after it returns), or
+when a dead worker's job or an unsent job is about to become due.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from datetime import datetime
 
 from service import job_runs
@@ -36,6 +38,8 @@ log = logging.getLogger(__name__)
 # While the broker does not answer, passes run this often (instead of every interval), so the
 # jobs recorded meanwhile are sent within seconds of its return.
 BROKER_RETRY_SECONDS = 2.0
+# Between passes, the broker is looked at this often (see run_forever).
+BROKER_WATCH_SECONDS = 2.0
 
 _thread: threading.Thread | None = None
 _stop = threading.Event()
@@ -87,21 +91,39 @@ def reconcile_once(
 
 
 def run_forever(settings: Settings, stop: threading.Event) -> None:
-    """Reconcile now, then every `reconcile_interval_seconds`, until `stop` is set."""
+    """Reconcile now, then every `reconcile_interval_seconds` (or sooner), until `stop` is set.
+
+    Between passes the broker is watched every BROKER_WATCH_SECONDS (one Redis EXISTS): when
+    it lost its messages or stopped answering, the next pass runs at once instead of up to an
+    interval later."""
     db = Database(settings.database_url)
     broker = Broker(settings)
     storage = Storage(settings.artifact_root)
+    next_pass = time.monotonic()
     try:
         while not stop.is_set():
-            wait = settings.reconcile_interval_seconds
-            try:
-                wait = next_pass_in(settings, reconcile_once(settings, db, broker, storage))
-            except Exception:  # the database is down: try again next round
-                log.exception("reconcile pass failed")
-            stop.wait(wait)
+            if time.monotonic() >= next_pass:
+                wait = settings.reconcile_interval_seconds
+                try:
+                    wait = next_pass_in(settings, reconcile_once(settings, db, broker, storage))
+                except Exception:  # the database is down: try again next round
+                    log.exception("reconcile pass failed")
+                next_pass = time.monotonic() + wait
+            elif broker_needs_a_pass(broker):
+                next_pass = time.monotonic()
+                continue
+            stop.wait(max(0.0, min(BROKER_WATCH_SECONDS, next_pass - time.monotonic())))
     finally:
         broker.close()
         db.dispose()
+
+
+def broker_needs_a_pass(broker: Broker) -> bool:
+    """The broker lost its messages, or does not answer (then passes retry sends soon)."""
+    try:
+        return broker.messages_lost()
+    except Exception:
+        return True
 
 
 def next_pass_in(settings: Settings, report: job_runs.Reconciled) -> float:

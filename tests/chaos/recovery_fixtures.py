@@ -170,7 +170,7 @@ class PrivateRedis:
             self.proc.kill()
             self.proc.wait(10)
 
-    def keys(self) -> list[bytes]:
+    def stored_keys(self) -> list[bytes]:
         import redis
 
         client = redis.Redis.from_url(self.url, socket_timeout=2)

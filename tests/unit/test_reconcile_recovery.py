@@ -152,7 +152,8 @@ def test_lost_messages_are_sent_again_at_once(db: Database, settings: Settings) 
         session.execute(sa.update(Job).values(enqueued_at=t0, updated_at=t0))
         session.commit()
         assert job_runs.claim(session, running, "w-run", settings, now=t0).claimed
-        now = t0 + timedelta(seconds=20)  # sent 20 s ago: not due by job_resend_after_seconds
+        # Sent 5 s ago: not due by job_resend_after_seconds, and within the send grace.
+        now = t0 + timedelta(seconds=5)
         assert job_runs.heartbeat(session, running, "w-run", now=now) == "ok"
         sent: list[str] = []
         assert not job_runs.reconcile(session, settings, sent.append, now=now)
@@ -160,6 +161,7 @@ def test_lost_messages_are_sent_again_at_once(db: Database, settings: Settings) 
         assert report.forgotten == 3
         assert sorted(report.resent) == sorted(queued) and sorted(sent) == sorted(queued)
     assert {load(db, job_id).enqueued_at for job_id in queued} == {now}
+    assert {load(db, job_id).updated_at for job_id in queued} == {t0}  # sending is no change
     assert load(db, running).status == "running"  # its worker carries on
 
 
