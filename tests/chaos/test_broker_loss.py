@@ -166,6 +166,28 @@ def test_redis_restarted_empty_loses_no_job(
             worker.log,
         )
         done_s = time.monotonic() - returned
+
+        # Again with the worker idle, waiting on the queue (a Celery worker has been known to
+        # stop consuming after such a restart): it must reconnect and take the next job.
+        redis_server.kill()
+        time.sleep(3.0)
+        redis_server.start()
+        back = time.monotonic()
+        idle, _ = post_job()
+        ids.append(idle["id"])
+        wait_until(
+            lambda: rows([idle["id"]])[idle["id"]].status != "queued",
+            BACK_WITHIN_S,
+            "the idle worker consumes after the restart",
+            worker.log,
+        )
+        idle_s = time.monotonic() - back
+        wait_until(
+            lambda: rows([idle["id"]])[idle["id"]].status == "succeeded",
+            JOBS_DONE_TIMEOUT_S,
+            "the job after the idle restart succeeded",
+            worker.log,
+        )
         log = worker.log()
 
     final = rows(ids)
@@ -181,7 +203,8 @@ def test_redis_restarted_empty_loses_no_job(
         f"202 queued in {post_took:.2f} s. After Redis returned empty: the 3 queued jobs were "
         f"in the broker again after {resent_s:.1f} s, the worker consumed again after "
         f"{claimed_s:.1f} s, all 3 had run (one worker, one job at a time) after "
-        f"{running_s:.1f} s, all {len(ids)} jobs succeeded after {done_s:.1f} s"
+        f"{running_s:.1f} s, all {len(ids) - 1} jobs succeeded after {done_s:.1f} s. Idle worker, "
+        f"Redis restarted: a new job ran {idle_s:.1f} s after Redis returned"
     )
 
 
