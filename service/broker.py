@@ -18,11 +18,12 @@ from celery import Celery
 from service.settings import Settings
 
 FINETUNE_TASK = "bitserve.finetune"
-# A key the reconciler keeps in Redis next to the queues. Gone means Redis lost its data
-# (restarted without persistence, flushed, a fresh server): the messages of every queued job are
-# gone with it. A Redis that kept its data (AOF/RDB, a replica promoted) still has the key and
-# its messages, so nothing is sent twice for nothing.
-BROKER_MARKER_KEY = "bitserve:broker-marker"
+# A key the reconciler keeps in Redis next to the queue (one per train queue: deployments that
+# share a Redis each keep their own). Gone means Redis lost its data (restarted without
+# persistence, flushed, a fresh server): the messages of every queued job are gone with it. A
+# Redis that kept its data (AOF/RDB, a replica promoted) still has the key and its messages, so
+# nothing is sent twice for nothing.
+BROKER_MARKER_PREFIX = "bitserve:broker-marker:"
 SQLITE_BROKER_PREFIX = "sqla+sqlite:///"
 # Sending must not hang a request when the broker is down: the job row is already committed
 # and the reconciler re-sends it later, so give up quickly.
@@ -118,18 +119,22 @@ class Broker:
 
     def messages_lost(self) -> bool:
         """True when a Redis broker has lost its data since `keep_marker` last ran (or never
-        had it set): see BROKER_MARKER_KEY. Always False for other brokers (the embedded one
+        had it set): see BROKER_MARKER_PREFIX. Always False for other brokers (the embedded one
         lives in a file next to the database). Raises if the broker does not answer."""
         if not is_redis_url(self.settings.broker_url):
             return False
         with self._redis() as client:
-            return not client.exists(BROKER_MARKER_KEY)
+            return not client.exists(self.marker_key)
 
     def keep_marker(self) -> None:
         """Set the marker (after the lost messages were dealt with)."""
         if is_redis_url(self.settings.broker_url):
             with self._redis() as client:
-                client.set(BROKER_MARKER_KEY, "1")
+                client.set(self.marker_key, "1")
+
+    @property
+    def marker_key(self) -> str:
+        return BROKER_MARKER_PREFIX + self.settings.train_queue
 
     @contextlib.contextmanager
     def _redis(self) -> Iterator[Any]:

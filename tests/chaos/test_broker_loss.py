@@ -21,7 +21,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from service.broker import BROKER_MARKER_KEY
+from service.broker import Broker
 from service.ids import utcnow
 from service.tables import Job, Model
 from tests.chaos.recovery_fixtures import PrivateRedis, wait_until
@@ -89,8 +89,9 @@ def test_redis_restarted_empty_loses_no_job(
 
     with WorkerProcess(settings, pool="solo") as worker:
         # The reconciler's start-up pass marks the fresh Redis.
+        marker = Broker(settings).marker_key.encode()
         wait_until(
-            lambda: BROKER_MARKER_KEY.encode() in redis_server.stored_keys(),
+            lambda: marker in redis_server.stored_keys(),
             30,
             "marker",
             worker.log,

@@ -33,8 +33,8 @@ from tests.model_fixtures import publish_model
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 READY_TIMEOUT_S = 90.0
-# Enough steps that the kill lands mid-training after a checkpoint (every 4 steps here).
-STEPS = 40
+# Enough steps that the kill lands mid-training after a checkpoint (every 6 steps here).
+STEPS = 60
 OVERRIDES: dict[str, Any] = {"steps": STEPS, "batch_size": 8, "crop": 32, "precrop": 40}
 RECOVERY_TIMEOUT_S = 60.0  # kill -> the job runs again; typically a few seconds
 JOB_TIMEOUT_S = 180.0
@@ -103,18 +103,6 @@ def test_a_killed_worker_is_restarted_and_its_job_resumes(up: UpProcess, tmp_pat
         progress = job().get("progress") or {}
         return int(progress.get("step") or 0)
 
-    # Mid-training, after a checkpoint and a few steps past it (work that is lost and redone).
-    wait_until(
-        lambda: bool(checkpoints()) and step() >= checkpoints()[-1] + 2,
-        JOB_TIMEOUT_S,
-        "the job checkpointed and trained on",
-        up.log,
-    )
-    running = job()
-    assert running["status"] == "running" and running["attempts"] == 1
-    worker = up.worker_pid()
-    assert worker is not None, up.log()
-
     def healthz() -> str:
         response = httpx.get(f"{up.url}/healthz", timeout=5)
         return "ok" if response.status_code == 200 else f"healthz {response.status_code}"
@@ -129,10 +117,21 @@ def test_a_killed_worker_is_restarted_and_its_job_resumes(up: UpProcess, tmp_pat
         return "ok" if top in ("red", "blue") else f"predict label {top}"
 
     with Poller(healthz) as health_poll, Poller(predict) as predict_poll:
-        time.sleep(1.0)  # a few answers before the fault, too
+        # Mid-training, after a checkpoint and a few steps past it (work that is lost and
+        # redone). Killed at once: on a fast machine the job must not finish first.
+        wait_until(
+            lambda: bool(checkpoints()) and step() >= checkpoints()[-1] + 2,
+            JOB_TIMEOUT_S,
+            "the job checkpointed and trained on",
+            up.log,
+        )
+        worker = up.worker_pid()
+        assert worker is not None, up.log()
         checkpoint_at_kill, step_at_kill = checkpoints()[-1], step()
         killed = time.monotonic()
         os.kill(worker, signal.SIGKILL)
+        running = job()
+        assert running["status"] == "running" and running["attempts"] == 1, running
         restarted = wait_until(
             lambda: (pid := up.worker_pid()) is not None and pid != worker,
             RECOVERY_TIMEOUT_S,
@@ -141,7 +140,7 @@ def test_a_killed_worker_is_restarted_and_its_job_resumes(up: UpProcess, tmp_pat
         )
         resumed = (
             wait_until(
-                lambda: (j := job())["attempts"] == 2 and j["status"] == "running",
+                lambda: (j := job())["attempts"] == 2 and j["status"] in ("running", "succeeded"),
                 RECOVERY_TIMEOUT_S,
                 "the job runs again as attempt 2",
                 up.log,
@@ -149,15 +148,16 @@ def test_a_killed_worker_is_restarted_and_its_job_resumes(up: UpProcess, tmp_pat
             + restarted
         )
         time.sleep(1.0)
+    during = [t for t, _ in predict_poll.results if killed <= t <= killed + resumed]
     print(
         f"\nworker SIGKILLed at step {step_at_kill} (checkpoint {checkpoint_at_kill}):"
         f" worker restarted after {restarted:.1f} s, job running again (attempt 2) after"
-        f" {resumed:.1f} s; during the outage {len(health_poll.results)} /healthz and"
-        f" {len(predict_poll.results)} predict calls"
+        f" {resumed:.1f} s; {len(health_poll.results)} /healthz and"
+        f" {len(predict_poll.results)} predict calls, all 200 ({len(during)} predict calls"
+        " between the kill and the job's restart)"
     )
     assert not alive(worker)
-    outage = [t for t, _ in predict_poll.results if killed <= t <= killed + resumed]
-    assert len(outage) >= 3, "too few predict calls during the outage to show anything"
+    assert len(during) >= 3, "too few predict calls during the outage to show anything"
     assert health_poll.failures() == [] and predict_poll.failures() == []
 
     done = wait_until(
