@@ -138,7 +138,11 @@ class Supervisor:
                     log.warning(
                         "bitserve: restarting the %s (restart %d)", child.name, child.restarts
                     )
-                    self._spawn(child)
+                    try:
+                        self._spawn(child)
+                    except OSError as exc:  # e.g. no memory for a fork: counts as an exit
+                        child.restart_at = now + child.policy.exited()
+                        log.error("bitserve: could not start the %s: %s", child.name, exc)
 
     def problems(self) -> dict[str, str]:
         """Crash-looping children, described (for /readyz and the log)."""
@@ -203,6 +207,8 @@ class Supervisor:
     def _spawn(self, child: Child) -> None:
         # Own session: a terminal's Ctrl-C reaches only us, and we stop the children in order.
         # PDEATHSIG: if we are killed outright (SIGKILL), the kernel still stops the children.
+        # (It follows the thread that started the child: restarts run in `bitserve up`'s
+        # watcher thread, which ends only when everything stops anyway.)
         child.proc = subprocess.Popen(
             child.command, env=child.env, start_new_session=True, preexec_fn=_die_with_parent
         )

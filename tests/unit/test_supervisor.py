@@ -160,3 +160,18 @@ def test_readyz_names_a_crash_looping_worker(tmp_path: Path) -> None:
     assert error["details"]["failing"]["worker"].startswith(
         "ChildDown: the worker process is crash-looping: it exited 2 times within 60 s"
     )
+
+
+def test_a_child_that_cannot_be_started_again_is_retried_not_fatal(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    supervisor = Supervisor(policy=fast_policy(loop_limit=3))
+    supervisor.start("worker", CRASH, {})
+    supervisor.children["worker"].command = [str(tmp_path / "no-such-program")]
+    try:
+        with caplog.at_level("ERROR", logger="service.supervisor"):
+            poll_until(supervisor, lambda: supervisor.children["worker"].restarts >= 3)
+        assert "worker" in supervisor.problems()  # the failed starts count as exits
+        assert any("could not start the worker" in r.getMessage() for r in caplog.records)
+    finally:
+        supervisor.stop(5)
