@@ -7,7 +7,9 @@ reconciler re-sends, the worker's compare-and-set claim drops duplicates).
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,15 +18,26 @@ from celery import Celery
 from service.settings import Settings
 
 FINETUNE_TASK = "bitserve.finetune"
+# A key the reconciler keeps in Redis next to the queue (one per train queue: deployments that
+# share a Redis each keep their own). Gone means Redis lost its data (restarted without
+# persistence, flushed, a fresh server): the messages of every queued job are gone with it. A
+# Redis that kept its data (AOF/RDB, a replica promoted) still has the key and its messages, so
+# nothing is sent twice for nothing.
+BROKER_MARKER_PREFIX = "bitserve:broker-marker:"
 SQLITE_BROKER_PREFIX = "sqla+sqlite:///"
 # Sending must not hang a request when the broker is down: the job row is already committed
 # and the reconciler re-sends it later, so give up quickly.
+BROKER_CONNECT_TIMEOUT_SECONDS = 3
 PUBLISH_RETRY_POLICY = {
     "max_retries": 2,
     "interval_start": 0,
     "interval_step": 0.2,
     "interval_max": 0.5,
 }
+
+
+def is_redis_url(url: str) -> bool:
+    return url.startswith(("redis://", "rediss://"))
 
 
 def is_sqlalchemy_url(url: str) -> bool:
@@ -44,7 +57,12 @@ def transport_options(settings: Settings) -> dict[str, Any]:
         if "sqlite" in settings.broker_url.split("://", 1)[0]:
             return {"connect_args": {"timeout": 30}}
         return {}
-    return {"visibility_timeout": settings.broker_visibility_timeout}
+    # A connect to an unreachable host (no RST) must fail in seconds, not hang a request for
+    # the kernel's TCP timeout: the job is already recorded, the reconciler sends it later.
+    return {
+        "visibility_timeout": settings.broker_visibility_timeout,
+        "socket_connect_timeout": BROKER_CONNECT_TIMEOUT_SECONDS,
+    }
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -57,7 +75,12 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "broker_url": settings.broker_url,
         "broker_transport_options": transport_options(settings),
         "broker_connection_retry_on_startup": True,
-        "broker_connection_timeout": 3,
+        # A worker whose broker went away reconnects for as long as it takes (Celery's default
+        # gives up after 100 tries and the worker exits).
+        "broker_connection_retry": True,
+        "broker_connection_max_retries": None,
+        "broker_channel_error_retry": True,
+        "broker_connection_timeout": BROKER_CONNECT_TIMEOUT_SECONDS,
         "task_routes": {FINETUNE_TASK: {"queue": settings.train_queue}},
         "task_default_queue": settings.train_queue,
         "task_serializer": "json",
@@ -93,6 +116,38 @@ class Broker:
             retry=True,
             retry_policy=PUBLISH_RETRY_POLICY,
         )
+
+    def messages_lost(self) -> bool:
+        """True when a Redis broker has lost its data since `keep_marker` last ran (or never
+        had it set): see BROKER_MARKER_PREFIX. Always False for other brokers (the embedded one
+        lives in a file next to the database). Raises if the broker does not answer."""
+        if not is_redis_url(self.settings.broker_url):
+            return False
+        with self._redis() as client:
+            return not client.exists(self.marker_key)
+
+    def keep_marker(self) -> None:
+        """Set the marker (after the lost messages were dealt with)."""
+        if is_redis_url(self.settings.broker_url):
+            with self._redis() as client:
+                client.set(self.marker_key, "1")
+
+    @property
+    def marker_key(self) -> str:
+        return BROKER_MARKER_PREFIX + self.settings.train_queue
+
+    @contextlib.contextmanager
+    def _redis(self) -> Iterator[Any]:
+        import redis
+
+        timeout = BROKER_CONNECT_TIMEOUT_SECONDS
+        client = redis.Redis.from_url(
+            self.settings.broker_url, socket_timeout=timeout, socket_connect_timeout=timeout
+        )
+        try:
+            yield client
+        finally:
+            client.close()
 
     def close(self) -> None:
         with self._lock:

@@ -3,7 +3,9 @@
 `bitserve up` is the embedded default: with nothing configured it keeps everything under
 BITSERVE_HOME (SQLite database, kombu's SQLAlchemy transport as the broker, the artifact
 store), runs the migrations, then starts the Celery training worker as a child process and
-the gateway (uvicorn) in this process. Ctrl-C or SIGTERM stops all of it: the gateway drains,
+the gateway (uvicorn) in this process. A worker that exits on its own (e.g. killed by the OOM
+killer) is restarted with a growing pause while the API keeps serving (service.supervisor); a
+crash loop shows in /readyz and the log. Ctrl-C or SIGTERM stops all of it: the gateway drains,
 the worker gets SIGTERM (a warm shutdown), and is killed if it has not stopped after a grace
 period; a job it was running is re-queued by the reconciler and resumes from its checkpoint.
 
@@ -14,13 +16,11 @@ started as `python -m celery -A worker.celery_app worker`, with the same environ
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
-import ctypes
+import logging
 import os
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -34,6 +34,9 @@ from uvicorn.config import LOGGING_CONFIG
 from service.cli_keys import ADMIN_KEY_FILE, cmd_keys, ensure_admin_key
 from service.cli_keys import add_parser as add_keys_parser
 from service.settings import Settings, get_settings
+from service.supervisor import Supervisor
+
+log = logging.getLogger(__name__)
 
 # A running training step checkpoints and hands its job back on SIGTERM (worker.runner); a big
 # model on a CPU may need a while for that. A second Ctrl-C kills at once.
@@ -160,6 +163,7 @@ def cmd_up(settings: Settings) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     # Migrated just above: the app need not run the migrations again on start-up.
     app = create_app(settings.model_copy(update={"auto_migrate": False}))
+    app.state.supervisor = supervisor  # /readyz reports a crash-looping worker
     server = uvicorn.Server(_uvicorn_config(settings, app))
     try:
         supervisor.start("worker", worker_command(settings), child_environment(settings))
@@ -174,9 +178,6 @@ def cmd_up(settings: Settings) -> int:
             server.run()
     finally:
         supervisor.stop(WORKER_STOP_GRACE_SECONDS)
-    if supervisor.failed:
-        print(f"bitserve: stopped because {supervisor.failed}", file=sys.stderr, flush=True)
-        return 1
     print("bitserve: stopped", flush=True)
     return 0
 
@@ -227,66 +228,17 @@ def child_environment(settings: Settings) -> dict[str, str]:
     return env
 
 
-class Supervisor:
-    """Child processes of `bitserve up`: started, watched, stopped (TERM, wait, KILL)."""
-
-    def __init__(self) -> None:
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-        self.stopping = False
-        self.failed: str | None = None
-
-    def start(self, name: str, command: list[str], env: dict[str, str]) -> None:
-        # Own session: a terminal's Ctrl-C reaches only us, and we stop the children in order.
-        # PDEATHSIG: if we are killed outright (SIGKILL), the kernel still stops the children.
-        self.procs[name] = subprocess.Popen(
-            command, env=env, start_new_session=True, preexec_fn=_die_with_parent
-        )
-
-    def check(self) -> str | None:
-        """The first child that exited on its own, described; None while all run."""
-        for name, proc in self.procs.items():
-            code = proc.poll()
-            if code is not None and not self.stopping:
-                return f"the {name} process exited unexpectedly (exit code {code})"
-        return None
-
-    def terminate(self) -> None:
-        """SIGTERM every child still running (Celery: warm shutdown); does not wait."""
-        self.stopping = True
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.terminate()
-
-    def stop(self, grace: float) -> None:
-        self.terminate()
-        deadline = time.monotonic() + grace
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-    def kill(self) -> None:
-        self.stopping = True
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-
-
 def _watch(server: object, supervisor: Supervisor, settings: Settings, new_key: str | None) -> None:
-    """Print where things are once the API listens; stop the API if a child dies; when the
-    API starts shutting down, tell the worker at once (both drain in parallel)."""
+    """Print where things are once the API listens; restart a child that died (the API keeps
+    serving); when the API starts shutting down, tell the worker at once (both drain in
+    parallel)."""
     announced = False
     started = time.monotonic()
     while not getattr(server, "should_exit", False):
-        problem = supervisor.check()
-        if problem is not None:
-            supervisor.failed = problem
-            server.should_exit = True  # type: ignore[attr-defined]
-            return
+        try:
+            supervisor.poll()
+        except Exception:  # e.g. a failed fork: try again on the next turn, keep serving
+            log.exception("bitserve: supervising the worker failed")
         if not announced and getattr(server, "started", False):
             announced = True
             _announce(settings, new_key)
@@ -353,13 +305,6 @@ def _check_port_free(host: str, port: int) -> None:
                 f"bitserve: cannot listen on {host}:{port} ({exc.strerror}); "
                 "is bitserve already running? Set BITSERVE_PORT or --port to use another port."
             ) from None
-
-
-def _die_with_parent() -> None:
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            libc = ctypes.CDLL("libc.so.6", use_errno=True)
-            libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _display_host(host: str) -> str:

@@ -214,44 +214,102 @@ def release(session: Session, job_id: str, worker_id: str, now: datetime | None 
 @dataclass
 class Reconciled:
     resent: list[str] = field(default_factory=list)  # queued jobs sent again
-    requeued: list[str] = field(default_factory=list)  # running, worker silent -> queued
+    requeued: list[str] = field(default_factory=list)  # running, worker silent or dead -> queued
     failed: list[str] = field(default_factory=list)  # worker silent, attempts exhausted
     cancelled: list[str] = field(default_factory=list)  # worker silent while cancelling
+    forgotten: int = 0  # queued jobs whose message the broker lost (sent again from now on)
+    send_failed: bool = False  # the broker refused a send: it is down, try again soon
+    # Something is due this many seconds from now (a dead worker's job whose last heartbeat is
+    # too recent yet, an unsent job in its grace): the next pass should run then, not a whole
+    # interval later.
+    next_due_in: float | None = None
 
     def __bool__(self) -> bool:
         return bool(self.resent or self.requeued or self.failed or self.cancelled)
 
+    def due_in(self, seconds: float) -> None:
+        self.next_due_in = seconds if self.next_due_in is None else min(self.next_due_in, seconds)
+
+
+def dead_holder_grace(settings: Settings) -> float:
+    """How old a dead holder's last heartbeat must be before its job is taken away.
+
+    The holder is known dead (the caller's `holder_is_dead`), so this only guards against
+    a wrong verdict, e.g. two hosts of the same name: three missed beats of a live worker
+    (it beats every min(job_heartbeat_seconds, 1 s)), never longer than the stale limit."""
+    beat = min(settings.job_heartbeat_seconds, 1.0)
+    return min(max(3 * beat, 3.0), settings.job_stale_after_seconds)
+
 
 def reconcile(
-    session: Session, settings: Settings, send: Send, now: datetime | None = None
+    session: Session,
+    settings: Settings,
+    send: Send,
+    now: datetime | None = None,
+    *,
+    holder_is_dead: Callable[[str], bool] | None = None,
+    messages_lost: bool = False,
 ) -> Reconciled:
     """Repair what the broker or a dead worker lost. Safe to run from several processes:
-    every change is a compare-and-set, and a duplicate message is refused by `claim`."""
+    every change is a compare-and-set, and a duplicate message is refused by `claim`.
+
+    `holder_is_dead(worker_id)` True: that worker's process is known to be gone, so its job is
+    re-queued at once instead of after `job_stale_after_seconds` without a heartbeat (a short
+    grace still applies, `dead_holder_grace`). `messages_lost`: the broker lost its messages
+    (restarted empty): every queued job counts as never sent and is sent again now."""
     now = now or utcnow()
     report = Reconciled()
     stale = now - timedelta(seconds=settings.job_stale_after_seconds)
-    silent = session.execute(
-        sa.select(Job.id, Job.status, Job.attempts, Job.cancel_requested).where(
-            Job.status.in_(HELD_BY_WORKER), _stale(stale)
-        )
+    grace_s = dead_holder_grace(settings)
+    held = session.execute(
+        sa.select(
+            Job.id, Job.status, Job.attempts, Job.cancel_requested, Job.worker_id, Job.heartbeat_at
+        ).where(Job.status.in_(HELD_BY_WORKER))
     ).all()
-    for job_id, status, attempts, cancel_requested in silent:
-        was = (status,)
-        if status == JobStatus.CANCELLING or cancel_requested:
-            values = {"finished_at": now, "updated_at": now}
-            if transition(session, job_id, was, JobStatus.CANCELLED, values, _stale(stale)):
-                report.cancelled.append(job_id)
-        elif attempts >= settings.job_max_attempts:
-            message = (
-                f"the worker stopped answering (no heartbeat for "
-                f"{settings.job_stale_after_seconds:g} s) on attempt {attempts} of "
-                f"{settings.job_max_attempts}"
+    for job_id, status, attempts, cancel_requested, worker_id, heartbeat_at in held:
+        if heartbeat_at is None or heartbeat_at < stale:
+            fence, why = (
+                _stale(stale),
+                (
+                    f"the worker stopped answering (no heartbeat for "
+                    f"{settings.job_stale_after_seconds:g} s)"
+                ),
             )
-            values = _failed_values("worker_lost", message, now)
-            if transition(session, job_id, was, JobStatus.FAILED, values, _stale(stale)):
-                report.failed.append(job_id)
-        elif transition(session, job_id, was, JobStatus.QUEUED, _unassigned(now), _stale(stale)):
-            report.requeued.append(job_id)
+        elif worker_id and holder_is_dead is not None and holder_is_dead(worker_id):
+            due_in = (heartbeat_at - (now - timedelta(seconds=grace_s))).total_seconds()
+            if due_in > 0:
+                report.due_in(due_in)
+                continue
+            # Its heartbeat has not moved since (a live worker, wrongly judged, refuses it).
+            fence = sa.and_(Job.worker_id == worker_id, _stale(now - timedelta(seconds=grace_s)))
+            why = f"the worker process died ({worker_id})"
+        else:
+            continue
+        _repair_held(
+            session, settings, report, job_id, status, attempts, cancel_requested, fence, why, now
+        )
+
+    forgotten: list[str] = []
+    if messages_lost:
+        # Forget that they were sent (durably: if a send below fails, the "never sent" rule
+        # picks them up on later passes) and send them now, without the grace for a request
+        # that is sending (their requests sent them long ago). updated_at is kept as it was.
+        forgotten = list(
+            session.scalars(
+                sa.select(Job.id).where(
+                    Job.status == JobStatus.QUEUED, Job.enqueued_at.is_not(None)
+                )
+            ).all()
+        )
+        if forgotten:
+            session.execute(
+                sa.update(Job)
+                .where(Job.id.in_(forgotten), Job.status == JobStatus.QUEUED)
+                .values(enqueued_at=None, updated_at=Job.updated_at)
+                .execution_options(synchronize_session=False)
+            )
+            session.commit()
+        report.forgotten = len(forgotten)
 
     # Queued jobs whose message may be lost: never sent (after a grace period for the request
     # that is sending it right now), or sent long ago (e.g. Redis restarted without persistence).
@@ -261,29 +319,71 @@ def reconcile(
         sa.and_(Job.enqueued_at.is_(None), Job.updated_at < grace),
         Job.enqueued_at < resend_before,
     )
-    due = [*report.requeued]
+    due = [*report.requeued, *forgotten]
     due += session.scalars(
         sa.select(Job.id).where(Job.status == JobStatus.QUEUED, unsent).order_by(Job.created_at)
     ).all()
     for job_id in dict.fromkeys(due):
         # Take the turn with a compare-and-set, so two reconcilers do not both send.
         condition = [Job.id == job_id, Job.status == JobStatus.QUEUED]
-        if job_id not in report.requeued:
-            condition.append(unsent)
-        else:
+        if job_id in report.requeued or job_id in forgotten:
             condition.append(Job.enqueued_at.is_(None))
-        if not _update(session, condition, {"enqueued_at": now}):
+        else:
+            condition.append(unsent)
+        # updated_at stays: a send is no change of the job, and a failed send must not give
+        # the job a new grace period (the rule above is for a request that is sending it).
+        if not _update(session, condition, {"enqueued_at": now, "updated_at": Job.updated_at}):
             continue
         try:
             send(job_id)
         except Exception as exc:
             log.warning("reconciler could not send job %s: %s", job_id, exc)
             queued = [Job.id == job_id, Job.status == JobStatus.QUEUED]
-            _update(session, queued, {"enqueued_at": None})
-            continue
+            _update(session, queued, {"enqueued_at": None, "updated_at": Job.updated_at})
+            # The broker is down: every other send would wait for its timeout too. The jobs
+            # stay unsent and the next pass (soon: see send_failed) sends them.
+            report.send_failed = True
+            break
         if job_id not in report.requeued:
             report.resent.append(job_id)
+    # An unsent job still in its grace (e.g. recorded while the broker was down) is due soon:
+    # say when, so it is sent then and not a whole interval later.
+    youngest = session.scalar(
+        sa.select(sa.func.min(Job.updated_at)).where(
+            Job.status == JobStatus.QUEUED, Job.enqueued_at.is_(None), Job.updated_at >= grace
+        )
+    )
+    if youngest is not None:
+        report.due_in(max(0.0, (youngest - grace).total_seconds()))
     return report
+
+
+def _repair_held(
+    session: Session,
+    settings: Settings,
+    report: Reconciled,
+    job_id: str,
+    status: str,
+    attempts: int,
+    cancel_requested: bool,
+    fence: sa.ColumnElement[bool],
+    why: str,
+    now: datetime,
+) -> None:
+    """A job whose worker is gone: cancelled (cancel was asked), failed (attempts used up) or
+    back in the queue; `fence` makes each a compare-and-set against a worker coming back."""
+    was = (status,)
+    if status == JobStatus.CANCELLING or cancel_requested:
+        values = {"finished_at": now, "updated_at": now}
+        if transition(session, job_id, was, JobStatus.CANCELLED, values, fence):
+            report.cancelled.append(job_id)
+    elif attempts >= settings.job_max_attempts:
+        message = f"{why} on attempt {attempts} of {settings.job_max_attempts}"
+        values = _failed_values("worker_lost", message, now)
+        if transition(session, job_id, was, JobStatus.FAILED, values, fence):
+            report.failed.append(job_id)
+    elif transition(session, job_id, was, JobStatus.QUEUED, _unassigned(now), fence):
+        report.requeued.append(job_id)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,14 +8,22 @@ message is refused by the worker's claim.
 
 What it repairs (docs/operations.md, "Long jobs on Celery + Redis"): queued jobs whose message was
 lost (Redis restarted without persistence, a send that failed), running jobs whose worker
-stopped beating (re-queued, or failed as "worker_lost" after `job_max_attempts`), and jobs
-left "cancelling" by a dead worker (cancelled). Work dirs of jobs it ends are removed.
+stopped beating or whose worker process is known dead (worker.identity; re-queued, or failed
+as "worker_lost" after `job_max_attempts`), and jobs left "cancelling" by a dead worker
+(cancelled). Work dirs of jobs it ends are removed.
+
+It runs at once when the worker starts (a worker restarted after a crash takes its dead
+predecessor's job back within seconds), then every `reconcile_interval_seconds`; sooner when the
+broker lost its messages or is down (watched every BROKER_WATCH_SECONDS; while it is down passes
+run every BROKER_RETRY_SECONDS, so jobs recorded meanwhile are sent soon after it returns), or
+when a dead worker's job or an unsent job is about to become due.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from datetime import datetime
 
 from service import job_runs
@@ -23,8 +31,15 @@ from service.broker import Broker
 from service.db import Database
 from service.settings import Settings
 from service.storage import Storage
+from worker.identity import holder_is_dead
 
 log = logging.getLogger(__name__)
+
+# While the broker does not answer, passes run this often (instead of every interval), so the
+# jobs recorded meanwhile are sent within seconds of its return.
+BROKER_RETRY_SECONDS = 2.0
+# Between passes, the broker is looked at this often (see run_forever).
+BROKER_WATCH_SECONDS = 2.0
 
 _thread: threading.Thread | None = None
 _stop = threading.Event()
@@ -38,8 +53,29 @@ def reconcile_once(
     now: datetime | None = None,
 ) -> job_runs.Reconciled:
     """One pass; removes the work dirs of the jobs it ended."""
+    try:
+        lost = broker.messages_lost()
+        broker_down = False
+    except Exception as exc:  # the broker is down: repair the rest, look again soon
+        log.warning("reconciler: the broker does not answer: %s", exc)
+        lost, broker_down = False, True
     with db.sessionmaker() as session:
-        report = job_runs.reconcile(session, settings, broker.send_finetune, now=now)
+        report = job_runs.reconcile(
+            session,
+            settings,
+            broker.send_finetune,
+            now=now,
+            holder_is_dead=holder_is_dead,
+            messages_lost=lost,
+        )
+    if lost:
+        log.warning(
+            "reconciler: the broker lost its messages (restarted empty?): "
+            "%d queued jobs are sent again",
+            report.forgotten,
+        )
+        broker.keep_marker()  # only now: had this pass died, the next one would look again
+    report.send_failed = report.send_failed or broker_down
     if report:
         log.warning(
             "reconciled jobs: resent %s, requeued %s, failed %s, cancelled %s",
@@ -55,20 +91,49 @@ def reconcile_once(
 
 
 def run_forever(settings: Settings, stop: threading.Event) -> None:
-    """Reconcile now, then every `reconcile_interval_seconds`, until `stop` is set."""
+    """Reconcile now, then every `reconcile_interval_seconds` (or sooner), until `stop` is set.
+
+    Between passes the broker is watched every BROKER_WATCH_SECONDS (one Redis EXISTS): when
+    it lost its messages or stopped answering, the next pass runs at once instead of up to an
+    interval later."""
     db = Database(settings.database_url)
     broker = Broker(settings)
     storage = Storage(settings.artifact_root)
+    next_pass = time.monotonic()
     try:
         while not stop.is_set():
-            try:
-                reconcile_once(settings, db, broker, storage)
-            except Exception:  # the database or broker is down: try again next round
-                log.exception("reconcile pass failed")
-            stop.wait(settings.reconcile_interval_seconds)
+            if time.monotonic() >= next_pass:
+                wait = settings.reconcile_interval_seconds
+                try:
+                    wait = next_pass_in(settings, reconcile_once(settings, db, broker, storage))
+                except Exception:  # the database is down: try again next round
+                    log.exception("reconcile pass failed")
+                next_pass = time.monotonic() + wait
+            elif broker_needs_a_pass(broker):
+                next_pass = time.monotonic()
+                continue
+            stop.wait(max(0.0, min(BROKER_WATCH_SECONDS, next_pass - time.monotonic())))
     finally:
         broker.close()
         db.dispose()
+
+
+def broker_needs_a_pass(broker: Broker) -> bool:
+    """The broker lost its messages, or does not answer (then passes retry sends soon)."""
+    try:
+        return broker.messages_lost()
+    except Exception:
+        return True
+
+
+def next_pass_in(settings: Settings, report: job_runs.Reconciled) -> float:
+    """Seconds to the next pass: the interval, or sooner (see the module's docstring)."""
+    wait = settings.reconcile_interval_seconds
+    if report.send_failed:
+        wait = min(wait, BROKER_RETRY_SECONDS)
+    if report.next_due_in is not None:
+        wait = min(wait, report.next_due_in + 0.1)
+    return wait
 
 
 def start(settings: Settings) -> threading.Thread:

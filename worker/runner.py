@@ -11,8 +11,6 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
-import secrets
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -32,14 +30,13 @@ from service.settings import Settings
 from service.storage import Storage
 from service.tables import Dataset, Job
 from worker.failures import release_memory, resource_failure
+from worker.identity import new_worker_id
 
 log = logging.getLogger(__name__)
 
-CANCEL_POLL_SECONDS = 1.0
+CANCEL_POLL_SECONDS = 1.0  # a cancel is noticed within about this (plus one training step)
 # How long a finished job keeps trying to record its model while the database is down.
-FINAL_WRITE_PATIENCE_SECONDS = (
-    300.0  # a cancel is noticed within about this (plus one training step)
-)
+FINAL_WRITE_PATIENCE_SECONDS = 300.0
 _databases: dict[tuple[int, str], Database] = {}
 _databases_lock = threading.Lock()
 
@@ -60,11 +57,6 @@ def process_database(url: str) -> Database:
         if key not in _databases:
             _databases[key] = Database(url)
         return _databases[key]
-
-
-def new_worker_id() -> str:
-    """Names this attempt: host, process and a random token (fences its writes)."""
-    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
 
 
 def run_job(

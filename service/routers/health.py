@@ -48,11 +48,17 @@ def check_broker(url: str, timeout: float = CHECK_TIMEOUT_S) -> None:
 def readiness_checks(request: Request) -> dict[str, Callable[[], None]]:
     state = request.app.state
     settings: Settings = state.settings
-    return {
+    checks: dict[str, Callable[[], None]] = {
         "database": state.db.check,
         "broker": lambda: check_broker(settings.broker_url),
         "storage": state.storage.check,
     }
+    # `bitserve up` supervises its worker (service.supervisor) and sets this: a crash-looping
+    # worker makes the service not ready (training stalls) though the API answers.
+    supervisor = getattr(state, "supervisor", None)
+    if supervisor is not None:
+        checks.update(supervisor.readiness_checks())
+    return checks
 
 
 @router.get("/healthz", response_model=Health)

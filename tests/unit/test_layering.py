@@ -79,6 +79,7 @@ DOMAIN = (
     "settings",
     "storage",
     "tables",
+    "supervisor",
 )
 
 
