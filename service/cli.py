@@ -145,6 +145,7 @@ def listen_socket(host: str, port: int) -> socket.socket:
 def cmd_up(settings: Settings) -> int:
     """Migrate, start the worker, serve the API until Ctrl-C/SIGTERM, then stop everything."""
     from service.app import create_app
+    from service.draining import DrainingServer
 
     _check_port_free(settings.host, settings.port)
     cmd_migrate(settings)
@@ -164,7 +165,10 @@ def cmd_up(settings: Settings) -> int:
     # Migrated just above: the app need not run the migrations again on start-up.
     app = create_app(settings.model_copy(update={"auto_migrate": False}))
     app.state.supervisor = supervisor  # /readyz reports a crash-looping worker
-    server = uvicorn.Server(_uvicorn_config(settings, app))
+    # The same drain as `bitserve api`: in-flight requests finish, new ones get 503.
+    server = DrainingServer(
+        _uvicorn_config(settings, app), app.state.drain, settings.shutdown_grace_seconds
+    )
     try:
         supervisor.start("worker", worker_command(settings), child_environment(settings))
         watcher = threading.Thread(
@@ -234,7 +238,7 @@ def _watch(server: object, supervisor: Supervisor, settings: Settings, new_key: 
     parallel)."""
     announced = False
     started = time.monotonic()
-    while not getattr(server, "should_exit", False):
+    while not _stopping(server):
         try:
             supervisor.poll()
         except Exception:  # e.g. a failed fork: try again on the next turn, keep serving
@@ -246,6 +250,12 @@ def _watch(server: object, supervisor: Supervisor, settings: Settings, new_key: 
             announced = True  # uvicorn reports its own start-up errors
         time.sleep(0.2)
     supervisor.terminate()
+
+
+def _stopping(server: object) -> bool:
+    """uvicorn is shutting down, or (DrainingServer) has started draining on a signal."""
+    drain = getattr(server, "drain", None)
+    return bool(getattr(server, "should_exit", False) or getattr(drain, "draining", False))
 
 
 def _announce(settings: Settings, new_key: str | None) -> None:
