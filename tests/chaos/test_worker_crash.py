@@ -119,15 +119,25 @@ def test_a_killed_worker_is_restarted_and_its_job_resumes(up: UpProcess, tmp_pat
     with Poller(healthz) as health_poll, Poller(predict) as predict_poll:
         # Mid-training, after a checkpoint and a few steps past it (work that is lost and
         # redone). Killed at once: on a fast machine the job must not finish first.
+        seen: list[int] = []
+
+        def trained_past_a_checkpoint() -> bool:
+            # One listing per check, kept: the trainer writes a new checkpoint and deletes the
+            # old one while we look, and a directory scan racing that can see neither.
+            saved = checkpoints()
+            if saved:
+                seen[:] = saved
+            return bool(saved) and step() >= saved[-1] + 2
+
         wait_until(
-            lambda: bool(checkpoints()) and step() >= checkpoints()[-1] + 2,
+            trained_past_a_checkpoint,
             JOB_TIMEOUT_S,
             "the job checkpointed and trained on",
             up.log,
         )
         worker = up.worker_pid()
         assert worker is not None, up.log()
-        checkpoint_at_kill, step_at_kill = checkpoints()[-1], step()
+        checkpoint_at_kill, step_at_kill = seen[-1], step()
         killed = time.monotonic()
         os.kill(worker, signal.SIGKILL)
         running = job()
