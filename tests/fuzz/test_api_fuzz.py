@@ -110,7 +110,11 @@ def test_operation_keeps_its_contract(
         response = case.call_and_validate(headers=world.server.headers, checks=CHECKS, timeout=30)
         _record(label, response.status_code)
 
+    before = sum(CALLS.get(label, Counter()).values())
     fuzz()
+    # Every example reached the server and passed every check (a failed check raises above).
+    assert sum(CALLS[label].values()) > before
+    assert all(status < 500 for status in CALLS[label])
 
 
 UNAUTHENTICATED_EXAMPLES = 5
@@ -135,6 +139,7 @@ def _refuses(world: World, operation: APIOperation, headers: dict[str, str]) -> 
         _record(f"{operation.label} (no valid key)", response.status_code)
 
     fuzz()
+    assert set(CALLS[f"{operation.label} (no valid key)"]) <= {400, 401}
 
 
 @pytest.mark.parametrize("key", sorted(WRONG_KEYS))
@@ -144,3 +149,5 @@ def test_every_operation_refuses_a_missing_or_wrong_key(
     for label in OPERATIONS:
         method, path = label.split(" ")
         _refuses(world, api_schema[path][method], WRONG_KEYS[key])
+    refused = [label for label in CALLS if label.endswith("(no valid key)")]
+    assert len(refused) == len(OPERATIONS)
