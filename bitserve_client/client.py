@@ -18,23 +18,23 @@ code, message and details.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import tempfile
 import time
 import uuid
-import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Union, cast
+from typing import IO, Any, cast
 from urllib.parse import quote
 
 import httpx
 from httpx_sse import EventSource
 
 from bitserve_client.errors import ApiError, JobFailed, JobTimeout
+from bitserve_client.files import ImageInput, image_part, is_pil, zip_folder
+from bitserve_client.retries import IDEMPOTENT_METHODS, RetryPolicy
 from bitserve_client.schema import (
     AuditEvent,
     BaseModel,
@@ -47,26 +47,9 @@ from bitserve_client.schema import (
     ProgressEvent,
 )
 
-if TYPE_CHECKING:
-    from PIL.Image import Image as PILImage
-
-ImageInput = Union[str, "os.PathLike[str]", bytes, "PILImage"]
 FilesFactory = Callable[[ExitStack], list[tuple[str, tuple[str, IO[bytes] | bytes, str]]]]
 
 DEFAULT_URL = "http://127.0.0.1:8000"
-RETRY_STATUSES = frozenset({429, 503})
-# Safe to send again whatever happened to the first try (RFC 9110 9.2.2); predict and job
-# creation are marked idempotent where they are sent.
-IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
-# A 503 that says the request was refused before any work: safe to retry for every call.
-REFUSED_UNDONE = frozenset({"shutting_down"})
-# The connection failed before the request could be sent: safe to retry for every call.
-NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout)
-# The connection broke with no answer (reset, closed): the server may have acted on it, so only
-# idempotent calls are retried. Timeouts are not: the server is slow, not gone.
-NO_ANSWER = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
-# First pause after a lost connection, doubled per retry (capped by max_retry_wait).
-RECONNECT_BACKOFF_S = 0.25
 FINISHED = frozenset({"succeeded", "failed", "cancelled"})
 ARCHIVE_TYPES = {".zip": "application/zip", ".tgz": "application/gzip", ".gz": "application/gzip"}
 # Longer than the server's SSE keep-alive (15 s): a silent stream this long is a dead one.
@@ -102,6 +85,7 @@ class BitserveClient:
         self.timeout = timeout
         self.max_retries = max_retries
         self.max_retry_wait = max_retry_wait
+        self._retry = RetryPolicy(max_retries, max_retry_wait)
         self._http = httpx.Client(
             base_url=self.base_url, headers=headers, timeout=timeout, transport=transport
         )
@@ -335,9 +319,9 @@ class BitserveClient:
     ) -> list[list[Label]]:
         """Classify images (paths, encoded bytes or PIL images): per image, in order, its top_k
         labels with softmax scores, highest first."""
-        if isinstance(images, (str, bytes, os.PathLike)) or _is_pil(images):
+        if isinstance(images, (str, bytes, os.PathLike)) or is_pil(images):
             raise TypeError("images must be a list (of paths, bytes or PIL images)")
-        parts = [_image_part(i, image) for i, image in enumerate(images)]
+        parts = [image_part(i, image) for i, image in enumerate(images)]
 
         def files(_: ExitStack) -> list[tuple[str, tuple[str, IO[bytes] | bytes, str]]]:
             return [("files", (name, data, "application/octet-stream")) for name, data in parts]
@@ -409,23 +393,23 @@ class BitserveClient:
                         timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT,
                     )
             except httpx.TransportError as exc:
-                lost = isinstance(exc, NOT_SENT) or (idempotent and isinstance(exc, NO_ANSWER))
-                if not lost or attempt >= self.max_retries:
+                wait = self._retry.after_lost_connection(
+                    exc, idempotent=idempotent, attempt=attempt
+                )
+                if wait is None:
                     raise
-                time.sleep(min(RECONNECT_BACKOFF_S * 2**attempt, self.max_retry_wait))
+                time.sleep(wait)
                 attempt += 1
                 continue
             if response.status_code < 400:
                 return response
             error = ApiError.from_response(response)
-            retryable = response.status_code == 429 or (
-                response.status_code in RETRY_STATUSES
-                and (idempotent or error.code in REFUSED_UNDONE)
+            wait = self._retry.after_error(
+                response.status_code, error, idempotent=idempotent, attempt=attempt
             )
-            if not retryable or attempt >= self.max_retries:
+            if wait is None:
                 raise error
-            wait = error.retry_after if error.retry_after is not None else 0.5 * 2**attempt
-            time.sleep(min(wait, self.max_retry_wait))
+            time.sleep(wait)
             attempt += 1
 
     @contextmanager
@@ -458,44 +442,6 @@ def default_api_key() -> str | None:
         return path.read_text(encoding="utf-8").strip() or None
     except OSError:
         return None
-
-
-def zip_folder(folder: Path, out: Path) -> Path:
-    """Zip the files under `folder` (relative paths; hidden files and folders left out)."""
-    count = 0
-    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
-        for root, dirs, names in os.walk(folder):  # does not follow folder symlinks
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-            for name in sorted(names):
-                path = Path(root) / name
-                if name.startswith(".") or not path.is_file():
-                    continue
-                archive.write(path, path.relative_to(folder).as_posix())
-                count += 1
-    if count == 0:
-        raise ValueError(f"{folder} has no files to upload (expected <class>/<image> folders)")
-    return out
-
-
-def _image_part(index: int, image: ImageInput) -> tuple[str, bytes]:
-    if isinstance(image, bytes):
-        return f"image{index}", image
-    if isinstance(image, (str, os.PathLike)):
-        path = Path(image)
-        return path.name, path.read_bytes()
-    if _is_pil(image):
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")  # lossless: the server sees exactly these pixels
-        return f"image{index}.png", buffer.getvalue()
-    raise TypeError(f"image {index}: expected a path, bytes or a PIL image, got {type(image)!r}")
-
-
-def _is_pil(value: object) -> bool:
-    try:
-        from PIL import Image
-    except ImportError:  # Pillow is optional for the client
-        return False
-    return isinstance(value, Image.Image)
 
 
 def _seg(value: str) -> str:
