@@ -18,6 +18,8 @@ from pathlib import Path
 
 import httpx
 
+from tests.procs import children
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -37,29 +39,6 @@ def wait_until(
             return time.monotonic() - started
         time.sleep(0.1)
     raise AssertionError(f"{what}: not within {timeout} s\n{log()[-6000:]}")
-
-
-def children(pid: int) -> list[int]:
-    """Live direct children of `pid`, from /proc (Linux)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if fields[0] != "Z" and int(fields[1]) == pid:
-            found.append(int(entry.name))
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
 
 
 class UpProcess:

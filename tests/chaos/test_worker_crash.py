@@ -26,9 +26,10 @@ from bitcore.models import create_model
 from service.db import Database
 from service.settings import Settings
 from service.storage import Storage
-from tests.chaos.recovery_fixtures import Poller, UpProcess, alive, wait_until
+from tests.chaos.recovery_fixtures import Poller, UpProcess, wait_until
 from tests.imagegen import class_image, encode, make_archive, make_image_folder
 from tests.model_fixtures import publish_model
+from tests.procs import alive
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 

@@ -22,6 +22,7 @@ import httpx
 import pytest
 
 from tests.e2e.loop import check_loop, run_loop
+from tests.procs import alive, descendants
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -52,37 +53,6 @@ def _embedded_env(home: Path, port: int) -> dict[str, str]:
     )
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     return env
-
-
-def _descendants(pid: int) -> set[int]:
-    """All live descendants of `pid`, from /proc (Linux)."""
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # "pid (comm) state ppid ...": comm may hold spaces, so split after the last ")".
-        fields = stat.rsplit(")", 1)[1].split()
-        if fields[0] != "Z":
-            parents[int(entry.name)] = int(fields[1])
-    found: set[int] = set()
-    frontier = {pid}
-    while frontier:
-        children = {child for child, parent in parents.items() if parent in frontier}
-        frontier = children - found
-        found |= children
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
 
 
 class Up:
@@ -122,7 +92,7 @@ class Up:
         raise AssertionError(f"/readyz not 200 within {READY_TIMEOUT_S} s:\n{self.log()}")
 
     def kill(self) -> None:
-        for pid in _descendants(self.proc.pid):
+        for pid in descendants(self.proc.pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         if self.proc.poll() is None:
@@ -175,7 +145,7 @@ def test_bitserve_up_runs_the_loop_and_stops_cleanly(up: Up, tmp_path: Path) -> 
     model_dir = up.home / "store" / "models" / result.model["id"]
     assert sorted(p.name for p in model_dir.iterdir()) == ["metadata.json", "model.safetensors"]
 
-    children = _descendants(up.proc.pid)
+    children = descendants(up.proc.pid)
     assert children, "bitserve up started no worker process"
     started = time.monotonic()
     up.proc.send_signal(signal.SIGINT)
@@ -186,8 +156,8 @@ def test_bitserve_up_runs_the_loop_and_stops_cleanly(up: Up, tmp_path: Path) -> 
     took = time.monotonic() - started
     assert code == 0, up.log()[-4000:]
     deadline = time.monotonic() + 5
-    while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
+    while any(alive(pid) for pid in children) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not [pid for pid in children if _alive(pid)], "child processes left behind"
+    assert not [pid for pid in children if alive(pid)], "child processes left behind"
     assert "bitserve: stopped" in up.log()
     print(f"bitserve up stopped {took:.1f} s after SIGINT")
