@@ -34,8 +34,9 @@ from tests.procs import alive
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 READY_TIMEOUT_S = 90.0
-# Enough steps that the kill lands mid-training after a checkpoint (every 6 steps here).
-STEPS = 60
+# Enough steps that the kill lands mid-training after a checkpoint (every 12 steps here) even
+# when the polling is slow on a loaded machine.
+STEPS = 120
 OVERRIDES: dict[str, Any] = {"steps": STEPS, "batch_size": 8, "crop": 32, "precrop": 40}
 RECOVERY_TIMEOUT_S = 60.0  # kill -> the job runs again; typically a few seconds
 JOB_TIMEOUT_S = 180.0
@@ -118,24 +119,20 @@ def test_a_killed_worker_is_restarted_and_its_job_resumes(up: UpProcess, tmp_pat
         return "ok" if top in ("red", "blue") else f"predict label {top}"
 
     with Poller(healthz) as health_poll, Poller(predict) as predict_poll:
-        # Mid-training, after a checkpoint and a few steps past it (work that is lost and
-        # redone). Killed at once: on a fast machine the job must not finish first.
+        # Mid-training, once a checkpoint exists. Killed at once: the job must not finish first.
         seen: list[int] = []
 
-        def trained_past_a_checkpoint() -> bool:
+        def past_a_checkpoint() -> bool:
             # One listing per check, kept: the trainer writes a new checkpoint and deletes the
             # old one while we look, and a directory scan racing that can see neither.
+            state = job()
+            assert state["status"] in ("queued", "running"), f"finished before the kill: {state}"
             saved = checkpoints()
             if saved:
                 seen[:] = saved
-            return bool(saved) and step() >= saved[-1] + 2
+            return bool(saved) and state["status"] == "running"
 
-        wait_until(
-            trained_past_a_checkpoint,
-            JOB_TIMEOUT_S,
-            "the job checkpointed and trained on",
-            up.log,
-        )
+        wait_until(past_a_checkpoint, JOB_TIMEOUT_S, "the job wrote a checkpoint", up.log)
         worker = up.worker_pid()
         assert worker is not None, up.log()
         checkpoint_at_kill, step_at_kill = seen[-1], step()
@@ -161,7 +158,8 @@ def test_a_killed_worker_is_restarted_and_its_job_resumes(up: UpProcess, tmp_pat
         time.sleep(1.0)
     during = [t for t, _ in predict_poll.results if killed <= t <= killed + resumed]
     print(
-        f"\nworker SIGKILLed at step {step_at_kill} (checkpoint {checkpoint_at_kill}):"
+        f"\nworker SIGKILLed after the checkpoint of step {checkpoint_at_kill} (last reported"
+        f" progress: step {step_at_kill}):"
         f" worker restarted after {restarted:.1f} s, job running again (attempt 2) after"
         f" {resumed:.1f} s; {len(health_poll.results)} /healthz and"
         f" {len(predict_poll.results)} predict calls, all 200 ({len(during)} predict calls"
