@@ -53,7 +53,9 @@ class JsonFormatter(logging.Formatter):
             entry["exception"] = self.formatException(record.exc_info)
         elif record.exc_text:
             entry["exception"] = record.exc_text
-        return json.dumps(entry, ensure_ascii=False, default=str)
+        # ASCII only: JSON leaves U+2028, U+2029 and U+0085 raw, and readers that split on
+        # every line break (Python's splitlines, some collectors) would cut the record there.
+        return json.dumps(entry, ensure_ascii=True, default=str)
 
 
 class TextFormatter(logging.Formatter):

@@ -12,7 +12,7 @@ from worker.celery_app import SHUTTING_DOWN, app
 
 log = logging.getLogger(__name__)
 # How much of a refused argument the log quotes (repr: escaped, one line).
-QUOTED_CHARS = 100
+QUOTED_CHARS = 200
 
 
 @app.task(name=FINETUNE_TASK, ignore_result=True)
