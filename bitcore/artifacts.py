@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import platform
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,7 @@ class ArtifactMetadata:
     weights_sha256: str | None = None  # filled by save_artifact; None in older artifacts
 
     def to_dict(self) -> dict[str, Any]:
+        """The metadata.json document; `extra` without host paths (see without_host_paths)."""
         return {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -67,7 +69,7 @@ class ArtifactMetadata:
             "input": {"crop": self.crop, "mean": list(INPUT_MEAN), "std": list(INPUT_STD)},
             "plan": self.plan,
             "metrics": self.metrics,
-            "extra": self.extra,
+            "extra": without_host_paths(self.extra),
             "weights_sha256": self.weights_sha256,
         }
 
@@ -97,6 +99,38 @@ class ArtifactMetadata:
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ArtifactError(f"artifact metadata is missing or has a bad field: {exc}") from exc
+
+
+def without_host_paths(value: Any) -> Any:
+    """`value` (JSON-like) without the strings that are absolute file system paths.
+
+    metadata.json travels: it is downloaded with the model (GET /v1/models/{id}/artifact) and
+    copied elsewhere. A path of the server's ("/srv/bitserve/store/datasets/ds_…") tells a
+    downloader how the server is laid out and names other tenants' objects' places, and is of
+    no use where the artifact goes. Facts, timings and versions stay; a dict entry whose value
+    is such a path is dropped, a list item too.
+    """
+    if isinstance(value, dict):
+        return {k: without_host_paths(v) for k, v in value.items() if not _is_host_path(v)}
+    if isinstance(value, list | tuple):
+        return [without_host_paths(v) for v in value if not _is_host_path(v)]
+    return value
+
+
+def _is_host_path(value: Any) -> bool:
+    if isinstance(value, Path):
+        return True
+    if not isinstance(value, str):
+        return False
+    return value.startswith(("/", "~", "\\\\")) or (
+        len(value) > 2 and value[1] == ":" and value[2] in "/\\" and value[0].isalpha()
+    )
+
+
+def software_versions() -> dict[str, str]:
+    """torch and Python as major.minor: what the weights' format depends on."""
+    torch_version = ".".join(torch.__version__.split("+")[0].split(".")[:2])
+    return {"torch": torch_version, "python": ".".join(platform.python_version_tuple()[:2])}
 
 
 def save_artifact(out_dir: str | Path, model: torch.nn.Module, metadata: ArtifactMetadata) -> Path:

@@ -33,7 +33,8 @@ DEFAULT_PEPPER = b"bitserve-api-key-v1"  # with no pepper set: still a fixed-len
 DEFAULT_TENANT = "default"
 # last_used_at is written at most this often per key: not a database write per request.
 LAST_USED_RESOLUTION = timedelta(minutes=1)
-TENANT_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+# fullmatch: "$" would let a trailing newline through ("acme\n").
+TENANT_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 _TOKEN = re.compile(
     rf"^{KEY_PREFIX}(?P<id>[a-z2-7]{{{ID_LENGTH}}})_(?P<secret>[A-Za-z0-9_-]{{43}})$"
 )
@@ -75,7 +76,7 @@ def hash_secret(secret: str, pepper: bytes | None) -> str:
 
 
 def check_tenant(name: str) -> str:
-    if not TENANT_PATTERN.match(name):
+    if not TENANT_PATTERN.fullmatch(name):
         raise InvalidRequest(
             "invalid_request",
             "a tenant name is 1-64 characters: lower-case letters, digits, '.', '_', '-', "

@@ -21,6 +21,7 @@ from service.routers import audit, base_models, datasets, health, jobs, keys, mo
 from service.serving import ModelCache
 from service.settings import Settings, get_settings
 from service.storage import Storage
+from service.web_security import WebSecurityMiddleware
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         description="Fine-tune BiT (Big Transfer) models with the BiT-HyperRule and serve them.",
         lifespan=lifespan,
+        # /docs is served from the package by service.routers.ui (FastAPI's loads a CDN);
+        # no ReDoc (a CDN too).
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.db = db
@@ -70,6 +75,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(DrainMiddleware, drain=app.state.drain)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_middleware(AuditMiddleware, db=db, settings=settings)
+    # Outermost: a foreign Host or a cross-site write is refused before anything else runs.
+    app.add_middleware(WebSecurityMiddleware, settings=settings)
     for module in (health, base_models, datasets, jobs, models, keys, tenants, audit, ui):
         app.include_router(module.router)
     return app

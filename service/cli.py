@@ -33,6 +33,7 @@ from uvicorn.config import LOGGING_CONFIG
 
 from service.cli_keys import ADMIN_KEY_FILE, cmd_keys, ensure_admin_key
 from service.cli_keys import add_parser as add_keys_parser
+from service.log_format import FORMATTERS, LogFormat
 from service.settings import Settings, get_settings
 from service.supervisor import Supervisor
 
@@ -148,6 +149,9 @@ def cmd_up(settings: Settings) -> int:
     from service.draining import DrainingServer
 
     _check_port_free(settings.host, settings.port)
+    # A terminal reads these logs: escaped text unless BITSERVE_LOG_FORMAT says otherwise (the
+    # worker child gets the same through its environment).
+    settings = settings.model_copy(update={"log_format": settings.log_format or "text"})
     cmd_migrate(settings)
     new_key = ensure_admin_key(settings) if settings.auth == "required" else None
     received: list[int] = []
@@ -229,6 +233,8 @@ def child_environment(settings: Settings) -> dict[str, str]:
     """This environment, with BITSERVE_HOME made absolute so children resolve the same paths."""
     env = dict(os.environ)
     env["BITSERVE_HOME"] = str(settings.home)
+    if settings.log_format is not None:
+        env["BITSERVE_LOG_FORMAT"] = settings.log_format
     return env
 
 
@@ -283,11 +289,17 @@ def _announce(settings: Settings, new_key: str | None) -> None:
     print("\n".join(lines), flush=True)
 
 
-def _log_config() -> dict[str, Any]:
+def _log_config(log_format: LogFormat = "json") -> dict[str, Any]:
     """uvicorn's logging, plus the service's own loggers at INFO on the same stream: the audit
-    trail's lines (service.audit) and the model cache's appear next to the access log."""
+    trail's lines (service.audit) and the model cache's appear next to the access log. Every
+    line is written by service.log_format (JSON, or escaped text), so no logged value (a path,
+    a name) can start a line of its own; other libraries' warnings go the same way (root)."""
     config = copy.deepcopy(LOGGING_CONFIG)
-    config["loggers"]["service"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
+    for name in ("default", "access"):
+        config["formatters"][name] = {"()": FORMATTERS[log_format]}
+    for name in ("service", "bitcore"):
+        config["loggers"][name] = {"handlers": ["default"], "level": "INFO", "propagate": False}
+    config["root"] = {"handlers": ["default"], "level": "WARNING"}
     return config
 
 
@@ -298,7 +310,7 @@ def _uvicorn_config(settings: Settings, app: object) -> uvicorn.Config:
         host=settings.host,
         port=settings.port,
         log_level="info",
-        log_config=_log_config(),
+        log_config=_log_config(settings.log_format or "json"),
         # After the drain (or Ctrl-C under `bitserve up`): how long answers in progress may
         # take before uvicorn cancels them.
         timeout_graceful_shutdown=max(1, round(settings.shutdown_grace_seconds)),

@@ -27,6 +27,7 @@ from service.db import Database
 from service.domain_errors import Conflict, InvalidRequest, NotFound
 from service.ids import new_id
 from service.job_states import ACTIVE
+from service.names import check_name
 from service.settings import Settings
 from service.storage import (
     DATASET_CACHE,
@@ -46,7 +47,7 @@ _ARCHIVE_SUFFIX = re.compile(r"(\.tar\.gz|\.tgz|\.zip|\.gz)$", re.IGNORECASE)
 def dataset_name(given: str | None, filename: str | None, fallback: str) -> str:
     """The client's name if given, else the archive's file name without its suffix."""
     if given is not None:
-        name = given.strip()
+        name = check_name(given, "name").strip()
         if not name or len(name) > MAX_NAME_LENGTH or not name.isprintable():
             raise InvalidRequest(
                 "invalid_request",

@@ -8,7 +8,9 @@ from datetime import UTC, datetime
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz234567"  # RFC 4648 base32, lower case
 ID_LENGTH = 20  # 100 random bits: collisions are not a practical concern
-ID_PATTERN = re.compile(rf"^(?P<prefix>[a-z]{{2,5}})_[a-z2-7]{{{ID_LENGTH}}}$")
+# fullmatch, never match + "$": "$" also matches before a trailing newline, so "job_…\n"
+# passed for an id (and could forge a log line).
+ID_PATTERN = re.compile(rf"(?P<prefix>[a-z]{{2,5}})_[a-z2-7]{{{ID_LENGTH}}}")
 
 
 def new_id(prefix: str) -> str:
@@ -17,7 +19,7 @@ def new_id(prefix: str) -> str:
 
 
 def is_id(value: str, prefix: str | None = None) -> bool:
-    match = ID_PATTERN.match(value)
+    match = ID_PATTERN.fullmatch(value)
     return bool(match) and (prefix is None or match.group("prefix") == prefix)  # type: ignore[union-attr]
 
 

@@ -20,6 +20,7 @@ from service.api_keys import Scope
 from service.datasets import WorkEstimate
 from service.ids import rfc3339
 from service.job_states import JobStatus
+from service.names import NameStr
 from service.quotas import MAX_VALUES, Quotas, Usage
 from service.tables import ApiKey, AuditEvent, Dataset, Job, Model
 
@@ -365,7 +366,7 @@ class KeyCreate(Schema):
 
     tenant: str | None = Field(None, max_length=64)
     scopes: list[Scope] = Field(min_length=1, description="admin > train > predict")
-    name: str | None = Field(None, max_length=200, description="a label, e.g. who uses it")
+    name: NameStr | None = Field(None, max_length=200, description="a label, e.g. who uses it")
     # strict: `true` is not 1 day, nor 1 a global admin (found by tests/fuzz).
     expires_days: float | None = Field(None, gt=0, le=3650, strict=True)
     global_admin: bool = Field(False, strict=True)

@@ -8,12 +8,13 @@ holds everything an embedded (single-machine) deployment writes.
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 GIB = 1 << 30
 
@@ -100,6 +101,26 @@ class Settings(BaseSettings):
     db_timeout_seconds: float = Field(default=5.0, gt=0)
     # SIGTERM: requests in flight get this long to finish (new ones are answered 503).
     shutdown_grace_seconds: float = Field(default=30.0, gt=0)
+
+    # Browsers (service.web_security, docs/security.md). Host names the API answers to besides
+    # the loopback names and `host` ("*": any); origins (scheme://host[:port]) whose pages may
+    # send state-changing requests besides the API's own. Comma-separated in the environment.
+    allowed_hosts: Annotated[list[str], NoDecode] = []
+    allowed_origins: Annotated[list[str], NoDecode] = []
+    # Log lines (service.log_format): one JSON object per line, or text for a terminal. Unset:
+    # json for `bitserve api` and `bitserve worker`, text for `bitserve up`.
+    log_format: Literal["json", "text"] | None = None
+
+    @field_validator("allowed_hosts", "allowed_origins", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        # "a.example,b.example" in the environment; a JSON list is accepted too.
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [item.strip() for item in text.split(",") if item.strip()]
+        return value
 
     @field_validator("home", "checkpoint_dir", "artifact_root")
     @classmethod

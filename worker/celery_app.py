@@ -18,9 +18,10 @@ import threading
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
+from celery.signals import setup_logging, worker_ready, worker_shutdown, worker_shutting_down
 
 from service.broker import celery_config
+from service.log_format import configure_root
 from service.settings import get_settings
 
 app = Celery("bitserve", include=["worker.tasks"])
@@ -43,6 +44,14 @@ def _configure(sender: Celery, **_: Any) -> None:
         task_soft_time_limit=None,
         worker_hijack_root_logger=False,
     )
+
+
+@setup_logging.connect
+def _setup_logging(loglevel: Any = None, **_: Any) -> None:
+    # Replaces Celery's own log set-up: every record (Celery's included) is written by
+    # service.log_format, JSON by default, so a value from a message (a forged job id) cannot
+    # start a log line of its own. `bitserve up` asks for text (BITSERVE_LOG_FORMAT).
+    configure_root(get_settings().log_format or "json", loglevel or "INFO")
 
 
 @worker_ready.connect

@@ -26,6 +26,7 @@ from bitcore.train import Progress, TrainCallbacks, TrainingCancelled, finetune
 from service import job_runs, jobs, models_store
 from service.broker import Broker
 from service.db import UNAVAILABLE_ERRORS, Database
+from service.ids import new_id
 from service.settings import Settings
 from service.storage import Storage
 from service.tables import Dataset, Job
@@ -122,8 +123,11 @@ class JobRun:
         except Exception as exc:
             failure = resource_failure(exc, self.job.plan)
             if failure is None:
-                log.exception("job %s failed", self.job.id)
-                return self._failed("training_error", f"{type(exc).__name__}: {exc}")
+                # The exception's own text may name server paths and internals: it goes to
+                # the worker's log under an error id, and the job's error quotes only the id.
+                error_id = new_id("err")
+                log.exception("job %s failed: error %s", self.job.id, error_id)
+                return self._failed("training_error", internal_error_message(error_id))
             log.warning("job %s: %s (%s: %s)", self.job.id, failure[0], type(exc).__name__, exc)
         # Out of the except block, the exception and the tensors its frames hold are gone:
         # release them before this worker records the failure and takes its next job.
@@ -248,13 +252,18 @@ class JobRun:
                 base_url=self.settings.checkpoint_base_url,
             )
         except catalog.CheckpointMissing as exc:
-            raise JobFailure("checkpoint_missing", str(exc)) from None
-        except catalog.CheckpointDownloadError as exc:
+            # The full text names the server's directory: the operator's, in the log.
+            log.warning("job %s: %s", self.job.id, exc)
             raise JobFailure(
                 "checkpoint_missing",
-                f"could not download the {name} checkpoint ({exc}). Download "
-                f"{catalog.get_entry(name).url(self.settings.checkpoint_base_url)} and save it "
-                f"as {path}, or set BITSERVE_CHECKPOINT_BASE_URL to a reachable mirror.",
+                checkpoint_missing_message(name, path, self.settings, "downloads are disabled"),
+            ) from None
+        except catalog.CheckpointDownloadError as exc:
+            log.warning("job %s: downloading the %s checkpoint failed: %s", self.job.id, name, exc)
+            raise JobFailure(
+                "checkpoint_missing",
+                checkpoint_missing_message(name, path, self.settings, "the download failed")
+                + " Or set BITSERVE_CHECKPOINT_BASE_URL to a reachable mirror.",
             ) from None
 
     def _cancelled(self) -> str:
@@ -377,6 +386,22 @@ class Throttled:
         if due or phase_changed or last_step:
             self._last_write = now
             self.write(progress)
+
+
+def internal_error_message(error_id: str) -> str:
+    return (
+        f"training stopped on an internal error (error id {error_id}); the worker's log has "
+        "its details under that id. Submit the job again, or report the id to the operator."
+    )
+
+
+def checkpoint_missing_message(name: str, path: Path, settings: Settings, why: str) -> str:
+    """What a user (and their operator) can do, naming no directory of the server's."""
+    url = catalog.get_entry(name).url(settings.checkpoint_base_url)
+    return (
+        f"the {name} checkpoint is not on the server ({why}). An operator downloads {url} and "
+        f"saves it as {path.name} in the server's checkpoint directory (BITSERVE_CHECKPOINT_DIR)."
+    )
 
 
 def checkpoint_every(total_steps: int) -> int:

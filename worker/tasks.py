@@ -3,14 +3,30 @@ task is like a view; the logic lives elsewhere)."""
 
 from __future__ import annotations
 
+import logging
+
 from service.broker import FINETUNE_TASK
+from service.ids import is_id
 from service.settings import get_settings
 from worker.celery_app import SHUTTING_DOWN, app
 
+log = logging.getLogger(__name__)
+# How much of a refused argument the log quotes (repr: escaped, one line).
+QUOTED_CHARS = 200
+
 
 @app.task(name=FINETUNE_TASK, ignore_result=True)
-def finetune(job_id: str) -> str:
+def finetune(job_id: object) -> str:
     """Run job `job_id` to an end state; returns how it ended (for the worker's log)."""
+    # Anyone who can write to the broker can send this task: an argument that is not a job id
+    # is dropped (acknowledged, never run), and quoted escaped, so it cannot forge a log line.
+    if not isinstance(job_id, str) or not is_id(job_id, "job"):
+        log.warning(
+            "dropped a %s task whose argument is not a job id: %s",
+            FINETUNE_TASK,
+            repr(job_id)[:QUOTED_CHARS],
+        )
+        return "invalid_job_id"
     # Imported here, in the process that runs the task: the prefork parent never loads the
     # training code (and so never touches CUDA).
     from worker.runner import run_job

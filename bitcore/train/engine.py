@@ -7,7 +7,6 @@ prepare (index, split, caches, initial model) -> train (loop.py, on one process 
 from __future__ import annotations
 
 import dataclasses
-import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from bitcore.artifacts import ArtifactMetadata, save_artifact
+from bitcore.artifacts import ArtifactMetadata, save_artifact, software_versions
 from bitcore.data import DatasetIndex, default_num_workers
 from bitcore.devices import select_device, uses_bf16_autocast
 from bitcore.hyperrule import Plan
@@ -215,7 +214,9 @@ def finetune(
             "evaluate_seconds": t3 - t2,
             "train_images_per_second": outcome.images / outcome.seconds if outcome.images else None,
         },
-        "software": {"torch": torch.__version__, "python": platform.python_version()},
+        # Major.minor only: what loading the weights depends on, not the patch level that
+        # would tell a downloader which known bugs the server has (bitcore.artifacts).
+        "software": software_versions(),
     }
     meta = ArtifactMetadata(
         model_name=architecture_of(base_model),

@@ -33,7 +33,6 @@ class PreparedData:
 
     def facts(self) -> dict[str, object]:
         return {
-            "root": str(self.index.root),
             "num_images": self.index.num_images,
             "num_train": len(self.train_samples),
             "num_validation": len(self.val_samples),

@@ -25,6 +25,7 @@ from service.db import Database
 from service.deps import BrokerDep, DbDep, SessionDep, SettingsDep, TenantDep
 from service.http_errors import error_responses
 from service.job_states import JobStatus
+from service.names import NameStr
 from service.pagination import DEFAULT_LIMIT, CursorQuery, LimitQuery, page
 from service.schemas import JobPublic, Page
 
@@ -62,7 +63,7 @@ class JobCreate(BaseModel):
     validation_fraction: float = Field(default=0.1, ge=0.0, lt=1.0, strict=True)
     seed: int = Field(default=0, ge=0, le=2**31 - 1, strict=True)
     overrides: dict[str, Any] = Field(default_factory=dict)
-    name: str | None = Field(default=None, max_length=200)
+    name: NameStr | None = Field(default=None, max_length=200)
 
 
 async def _call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

@@ -1,4 +1,7 @@
-"""The small web page: GET / and its static files under /ui/ (service/static, no build step).
+"""The small web page: GET / and its static files under /ui/ (service/static, no build step),
+and the API's reference at /docs: Swagger UI from the installed swagger-ui-bundle package, not
+from a CDN (FastAPI's own /docs loads it from cdn.jsdelivr.net: an outside host that sees every
+visit and whose script runs with the key typed into "Authorize").
 
 Only the files listed in STATIC are served (no path from the URL ever reaches the file
 system), each with its type, and a Content-Security-Policy allowing nothing but this origin:
@@ -10,6 +13,7 @@ from __future__ import annotations
 from functools import cache
 from pathlib import Path
 
+import swagger_ui_bundle
 from fastapi import APIRouter
 from fastapi.responses import Response
 
@@ -22,6 +26,8 @@ STATIC = {
     "index.html": "text/html; charset=utf-8",
     "app.js": "text/javascript; charset=utf-8",
     "style.css": "text/css; charset=utf-8",
+    "docs.html": "text/html; charset=utf-8",
+    "docs.js": "text/javascript; charset=utf-8",
 }
 SECURITY_HEADERS = {
     # blob: for the preview of the image being classified; nothing else leaves this origin.
@@ -35,9 +41,31 @@ SECURITY_HEADERS = {
 }
 
 
+SWAGGER_DIR = Path(str(swagger_ui_bundle.swagger_ui_path))
+SWAGGER_FILES = {
+    "swagger-ui-bundle.js": "text/javascript; charset=utf-8",
+    "swagger-ui.css": "text/css; charset=utf-8",
+    "favicon-32x32.png": "image/png",
+}
+DOCS_HEADERS = {
+    **SECURITY_HEADERS,
+    # Swagger UI sets style attributes and draws its icons as data: images.
+    "Content-Security-Policy": (
+        "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
+        "script-src 'self'; connect-src 'self'; object-src 'none'; base-uri 'none'; "
+        "frame-ancestors 'none'"
+    ),
+}
+
+
 @cache
 def _read(name: str) -> bytes:
     return (STATIC_DIR / name).read_bytes()
+
+
+@cache
+def _read_swagger(name: str) -> bytes:
+    return (SWAGGER_DIR / name).read_bytes()
 
 
 def _file(name: str) -> Response:
@@ -55,3 +83,19 @@ def index() -> Response:
 @router.get("/ui/{name}")
 def static_file(name: str) -> Response:
     return _file(name)
+
+
+@router.get("/docs")
+def docs() -> Response:
+    """Swagger UI for /openapi.json; every file it loads comes from this server."""
+    return Response(_read("docs.html"), media_type=STATIC["docs.html"], headers=DOCS_HEADERS)
+
+
+@router.get("/docs/{name}")
+def docs_file(name: str) -> Response:
+    if name == "docs.js":
+        return Response(_read(name), media_type=STATIC[name], headers=DOCS_HEADERS)
+    media_type = SWAGGER_FILES.get(name)
+    if media_type is None:
+        raise NotFound("file", name)
+    return Response(_read_swagger(name), media_type=media_type, headers=DOCS_HEADERS)

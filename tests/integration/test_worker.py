@@ -6,6 +6,9 @@ seconds on two shared CPU cores.
 
 from __future__ import annotations
 
+import json
+import re
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -108,6 +111,15 @@ def test_a_job_runs_to_success(env: Env, worker: WorkerProcess) -> None:
     meta = load_metadata(artifact)
     assert (meta.classes, meta.crop, meta.model_name) == (["a", "b"], 32, "tiny-R10x0.25")
     assert (artifact / "model.safetensors").stat().st_size > 100_000
+    # Issue 11: metadata.json carried the dataset's absolute root (and full library versions).
+    document = json.loads((artifact / "metadata.json").read_text())
+    assert not [v for v in _strings(document) if v.startswith("/")], document
+    assert str(env.settings.artifact_root) not in json.dumps(document)
+    assert "root" not in document["extra"]["dataset"]
+    software = document["extra"]["software"]
+    assert re.fullmatch(r"\d+\.\d+", software["torch"]) and re.fullmatch(
+        r"\d+\.\d+", software["python"]
+    )
     assert not env.storage.job_dir(job_id).exists()  # work dir cleaned after success
 
 
@@ -174,8 +186,59 @@ def test_a_published_model_without_its_checkpoint_fails_fast(
         )
     done = wait_for_job(env.db, job.id, finished, 30, "failed", worker)
     assert (done.status, done.error_code) == ("failed", "checkpoint_missing")
+    # What to do, naming no directory of the server's: the full path is in the worker's log.
+    message = done.error_message or ""
+    assert "BiT-M-R50x1.npz" in message and "BITSERVE_CHECKPOINT_DIR" in message
+    assert str(env.settings.checkpoint_dir) not in message and "/" + "tmp" not in message
     expected = env.settings.checkpoint_dir / "BiT-M-R50x1.npz"
-    assert str(expected) in (done.error_message or "")
+    assert str(expected) in worker.log()
+
+
+def test_an_unexpected_training_failure_names_an_error_id_not_the_exception(
+    env: Env, worker: WorkerProcess
+) -> None:
+    """Issue 11: job errors carried raw exception text ("JSONDecodeError: Expecting ...")."""
+    dataset_id = add_dataset(env.db, env.storage)
+    env.storage.dataset_index(dataset_id).write_text("{damaged")  # fails inside training
+    job_id = env.create(dataset_id)
+    done = wait_for_job(env.db, job_id, finished, 60, "failed", worker)
+    assert (done.status, done.error_code) == ("failed", "training_error")
+    message = done.error_message or ""
+    match = re.search(r"error id (err_[a-z2-7]{20})", message)
+    assert match, message
+    for leak in ("JSONDecodeError", "Expecting", "Traceback", str(env.settings.artifact_root)):
+        assert leak not in message
+    # The operator finds the exception under that id, in one JSON record with its traceback.
+    records = [json.loads(line) for line in worker.log().splitlines() if match.group(1) in line]
+    errors = [r for r in records if r["level"] == "ERROR"]
+    assert len(errors) == 1, records
+    assert "JSONDecodeError" in errors[0]["exception"] and job_id in errors[0]["message"]
+
+
+def test_a_forged_job_id_from_the_broker_is_dropped_and_logged_on_one_escaped_line(
+    env: Env, worker: WorkerProcess
+) -> None:
+    """Issue 11: a job id from the broker was written unescaped into the worker's log, and a
+    forged one injected a fake line."""
+    fake_line = "[2030-01-01 00:00:00] INFO job job_aaaaaaaaaaaaaaaaaaaa succeeded: FORGED"
+    env.broker.send_finetune("job_bbbbbbbbbbbbbbbbbbbb\n" + fake_line)
+    env.broker.send_finetune("job_cccccccccccccccccccc\r\n" + fake_line)
+    deadline = time.monotonic() + 30
+    while worker.log().count("is not a job id") < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    lines = [line for line in worker.log().splitlines() if "FORGED" in line]
+    # One log record per forged message (Celery's own "received" lines quote no arguments),
+    # each a JSON object: the newline is inside a string, escaped, never a line of its own.
+    dropped = [json.loads(line) for line in lines]
+    assert [r["message"].count("FORGED") for r in dropped] == [1, 1], lines
+    assert all("is not a job id" in r["message"] and r["level"] == "WARNING" for r in dropped)
+    assert not any(line.startswith("[2030") for line in worker.log().splitlines())
+    # The worker still takes tasks: a well-formed id of no job is refused by the claim.
+    unknown = "job_dddddddddddddddddddd"
+    env.broker.send_finetune(unknown)
+    while f"job {unknown} not claimed" not in worker.log() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert f"job {unknown} not claimed: not_found" in worker.log()
 
 
 @pytest.mark.slow
@@ -247,6 +310,17 @@ def test_stopped_and_killed_workers_hand_the_job_on_and_it_resumes(
     (model,) = env.models_of(job_id)
     resumed_from = load_metadata(env.storage.path(model.storage_key)).extra["resumed_from"]
     assert resumed_from is not None and handed_back_at < resumed_from < steps
+
+
+def _strings(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
 
 
 def _all_models(env: Env) -> list[Model]:

@@ -227,3 +227,26 @@ def test_a_bad_checksum_field_is_refused(artifact):
     _write_meta(path, data)
     with pytest.raises(ArtifactError, match="weights_sha256 must be a string"):
         load_metadata(path)
+
+
+def test_metadata_keeps_no_host_paths_issue_11() -> None:
+    """Downloaded metadata.json carried the dataset's absolute root (issue 11)."""
+    from bitcore.artifacts import ArtifactMetadata, software_versions, without_host_paths
+
+    extra = {
+        "dataset": {"root": "/srv/bitserve/store/datasets/ds_x/files", "num_images": 8},
+        "cache": "C:\\bitserve\\cache",
+        "home": "~/bitserve",
+        "notes": ["/etc/passwd", "kept"],
+        "timings": {"train_seconds": 1.5},
+        "software": software_versions(),
+    }
+    document = ArtifactMetadata("tiny-R10x0.25", ["a", "b"], 32, extra=extra).to_dict()
+    assert document["extra"] == {
+        "dataset": {"num_images": 8},
+        "notes": ["kept"],
+        "timings": {"train_seconds": 1.5},
+        "software": software_versions(),
+    }
+    assert without_host_paths({"relative": "a/b.png"}) == {"relative": "a/b.png"}
+    assert all(v.count(".") == 1 for v in software_versions().values())

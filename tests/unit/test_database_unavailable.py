@@ -23,7 +23,9 @@ def test_an_unreachable_database_answers_503_database_unavailable(tmp_path: Path
         auto_migrate=False,
         db_timeout_seconds=2.0,
     )
-    client = TestClient(create_app(settings), raise_server_exceptions=False)
+    client = TestClient(
+        create_app(settings), base_url="http://localhost", raise_server_exceptions=False
+    )
     started = time.monotonic()
     # Well-formed, so it is looked up in the database.
     token = f"{KEY_PREFIX}{'a' * ID_LENGTH}_{'s' * 43}"

@@ -58,6 +58,7 @@ WEB_LAYER = (
     "service.metrics",
     "service.openapi",
     "service.auth",
+    "service.web_security",
 )
 # The service's domain modules: plain functions over the database and the store, which the
 # routes and the worker call. They raise service.domain_errors kinds and know no HTTP.
@@ -70,6 +71,8 @@ DOMAIN = (
     "db",
     "domain_errors",
     "ids",
+    "log_format",
+    "names",
     "job_runs",
     "job_states",
     "jobs",

@@ -145,7 +145,7 @@ def test_readyz_names_a_crash_looping_worker(tmp_path: Path) -> None:
     app.state.supervisor = supervisor
     supervisor.start("worker", CRASH_AFTER_1S, {})
     try:
-        with TestClient(app) as client:
+        with TestClient(app, base_url="http://localhost") as client:
             assert client.get("/readyz").status_code == 200  # up (for a second)
             poll_until(supervisor, lambda: bool(supervisor.problems()))
             response = client.get("/readyz")
