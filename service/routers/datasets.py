@@ -20,7 +20,7 @@ from service.deps import DbDep, SessionDep, SettingsDep, StorageDep, TenantDep
 from service.domain_errors import MalformedRequest, UnsupportedMedia
 from service.http_errors import error_responses
 from service.pagination import DEFAULT_LIMIT, CursorQuery, LimitQuery, page
-from service.request_bodies import QuotaCap
+from service.request_bodies import QuotaCap, check_declared_length
 from service.schemas import DatasetPlan, DatasetPublic, Page, Plan, RejectedFile
 from service.settings import Settings
 from service.storage import Storage
@@ -77,13 +77,15 @@ async def _upload(
     room = await run_in_threadpool(_byte_room, db, settings, tenant)
     quota = QuotaCap(room.remaining, room.exceeded)
     tmp = await run_in_threadpool(storage.upload_tmp)
+    max_bytes = settings.max_upload_bytes
+    # Over the cap or the quota says more than a full disk would: those answers come first.
+    check_declared_length(request, max_bytes, quota=quota)
     await run_in_threadpool(
         check_free_disk,
         tmp,
         request.headers.get("content-length"),
         settings.upload_free_disk_margin_bytes,
     )
-    max_bytes = settings.max_upload_bytes
     async with receive_upload(request, tmp, max_bytes=max_bytes, quota=quota) as upload:
         kind = await run_in_threadpool(detect_kind, upload.path)
         if kind is None:
