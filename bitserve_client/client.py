@@ -45,6 +45,7 @@ from bitserve_client.schema import (
     Model,
     PlanEstimate,
     ProgressEvent,
+    Rejected,
 )
 
 FilesFactory = Callable[[ExitStack], list[tuple[str, tuple[str, IO[bytes] | bytes, str]]]]
@@ -137,6 +138,11 @@ class BitserveClient:
     def list_datasets(self, *, page_size: int = PAGE_SIZE) -> Iterator[Dataset]:
         """Every dataset, newest first, fetching the pages as they are consumed."""
         return cast(Iterator[Dataset], self._pages("/v1/datasets", {}, page_size))
+
+    def rejected_files(self, dataset_id: str, *, page_size: int = PAGE_SIZE) -> Iterator[Rejected]:
+        """Every member the upload skipped, with why (a dataset lists only the first 100)."""
+        path = f"/v1/datasets/{_seg(dataset_id)}/rejected"
+        return cast(Iterator[Rejected], self._pages(path, {}, page_size))
 
     def delete_dataset(self, dataset_id: str) -> None:
         self._request("DELETE", f"/v1/datasets/{_seg(dataset_id)}")

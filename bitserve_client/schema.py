@@ -40,7 +40,9 @@ class Dataset(TypedDict):
     num_classes: int
     classes: list[ClassCount]
     image_size: ImageSize
-    rejected: list[Rejected]
+    rejected: list[Rejected]  # the first 100; all: BitserveClient.rejected_files
+    rejected_count: int
+    rejected_reasons: dict[str, int]
     bytes: int
     created_at: str
 

@@ -9,8 +9,10 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
+from service.admission import PredictAdmission, UploadSlots
 from service.audit_middleware import AuditMiddleware
 from service.auth import PrincipalCache, check_auth_setting
+from service.body_limits import BodyLimitMiddleware
 from service.broker import Broker
 from service.db import Database
 from service.draining import Drain, DrainMiddleware
@@ -71,6 +73,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Set by `bitserve api` on SIGTERM (service.draining): new requests are answered 503.
     app.state.drain = Drain()
     install_error_handlers(app)
+    # Per-process admission for uploads and predict requests (docs/security.md "Limits").
+    app.state.upload_slots = UploadSlots(settings.max_concurrent_uploads)
+    app.state.predict_admission = PredictAdmission(
+        settings.predict_max_concurrent_requests, settings.predict_max_inflight_bytes
+    )
+    # Innermost of all: a JSON body over its cap is refused before the app reads it.
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_json_body_bytes)
     # Innermost: the metrics and the audit trail see the 503s of a draining gateway.
     app.add_middleware(DrainMiddleware, drain=app.state.drain)
     app.add_middleware(MetricsMiddleware, metrics=metrics)

@@ -21,7 +21,7 @@ import stat
 import tarfile
 import zipfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import IO, Any, Literal
@@ -35,11 +35,12 @@ NESTED_SUFFIXES = (
 )  # fmt: skip
 SKIPPED_DIRS = frozenset({"__MACOSX"})  # macOS resource forks: never images
 # Small outputs are not held to the ratio limit: a 200x ratio only matters once the output is
-# big, and tiny flat images (a solid-colour BMP) compress far better than that. A tar.gz is
-# one gzip stream (no per-member sizes), so its whole stream is held to the ratio past a
-# larger floor: many small flat images together may legitimately pass 1 MiB.
+# big, and tiny flat images (a solid-colour BMP) compress far better than that. The whole
+# archive (a zip's declared sizes summed, a tar.gz's one gzip stream) is held to the ratio
+# past a larger floor: many small flat images together may legitimately pass 1 MiB, but 500
+# members of 1 MiB each, every one under the per-member floor, must not expand 900x.
 RATIO_MIN_BYTES = 1 << 20
-STREAM_RATIO_MIN_BYTES = 64 << 20
+ARCHIVE_RATIO_MIN_BYTES = 64 << 20
 COPY_CHUNK = 1 << 20
 _DRIVE = re.compile(r"^[A-Za-z]:")
 
@@ -87,7 +88,7 @@ class Limits:
     max_uncompressed_bytes: int = 8 << 30
     max_compression_ratio: float = 200.0
     ratio_min_bytes: int = RATIO_MIN_BYTES  # per zip member
-    stream_ratio_min_bytes: int = STREAM_RATIO_MIN_BYTES  # per tar.gz stream
+    archive_ratio_min_bytes: int = ARCHIVE_RATIO_MIN_BYTES  # the whole archive, zip or tar.gz
 
 
 @dataclass(frozen=True)
@@ -179,6 +180,10 @@ class _Budget:
         if size > self.limits.ratio_min_bytes and ratio > self.limits.max_compression_ratio:
             raise _ratio_error(path, ratio, self.limits.max_compression_ratio)
 
+    def whole_archive(self, archive_bytes: int) -> None:
+        """Every member's declared size together against the archive's own size."""
+        _check_archive_ratio(self.declared, archive_bytes, self.limits)
+
 
 def _ratio_error(path: str, ratio: float, limit: float) -> ArchiveUnsafe:
     return ArchiveUnsafe(
@@ -188,6 +193,20 @@ def _ratio_error(path: str, ratio: float, limit: float) -> ArchiveUnsafe:
         ratio=round(ratio, 1),
         limit=limit,
     )
+
+
+def _check_archive_ratio(expanded: int, archive_bytes: int, limits: Limits) -> None:
+    ratio = expanded / max(1, archive_bytes)
+    if expanded > limits.archive_ratio_min_bytes and ratio > limits.max_compression_ratio:
+        raise ArchiveUnsafe(
+            f"the archive expands {ratio:.0f}x as a whole (limit "
+            f"{limits.max_compression_ratio:.0f}x past {limits.archive_ratio_min_bytes} bytes): "
+            "refused as a zip bomb",
+            reason="compression_ratio",
+            scope="archive",
+            ratio=round(ratio, 1),
+            limit=limits.max_compression_ratio,
+        )
 
 
 # --- zip -------------------------------------------------------------------------------------
@@ -219,7 +238,17 @@ def _scan_zip(archive: zipfile.ZipFile, budget: _Budget, out: Extracted) -> list
             out.skipped.append(Skipped(path, "nested_archive"))
             continue
         members.append(_Member(path, info.file_size, info))
+    # Per-member floors let many small members through one by one: the sum is held too.
+    fp = archive.fp
+    budget.whole_archive(_size_of(fp) if fp is not None else 0)
     return members
+
+
+def _size_of(handle: IO[bytes]) -> int:
+    position = handle.tell()
+    size = handle.seek(0, io.SEEK_END)
+    handle.seek(position)
+    return size
 
 
 # --- tar.gz ----------------------------------------------------------------------------------
@@ -249,11 +278,8 @@ class _CountingReader:
                 reason="uncompressed_size",
                 limit=self.limit,
             )
-        if self.count > self.limits.stream_ratio_min_bytes:
-            # tell() runs ahead of what was decompressed (read-ahead): errs towards accepting.
-            ratio = self.count / max(1, self.compressed.tell())
-            if ratio > self.limits.max_compression_ratio:
-                raise _ratio_error(self.name, ratio, self.limits.max_compression_ratio)
+        # tell() runs ahead of what was decompressed (read-ahead): errs towards accepting.
+        _check_archive_ratio(self.count, self.compressed.tell(), self.limits)
         return data
 
 
@@ -309,14 +335,21 @@ def _target_path(target: Path, rel: str) -> Path:
 
 
 def _copy(
-    source: IO[bytes], dest: Path, declared: int, rel: str, total: list[int], limit: int
+    source: IO[bytes],
+    dest: Path,
+    declared: int,
+    rel: str,
+    total: list[int],
+    limit: int,
+    head: bytes = b"",
 ) -> int:
     dest.parent.mkdir(parents=True, exist_ok=True)
     written = 0
     # "xb": never follow or overwrite something already there (duplicate names are refused).
     try:
         with open(dest, "xb") as handle:
-            while chunk := source.read(COPY_CHUNK):
+            chunk = head
+            while chunk or (chunk := source.read(COPY_CHUNK)):
                 written += len(chunk)
                 total[0] += len(chunk)
                 if written > declared or total[0] > limit:
@@ -326,6 +359,7 @@ def _copy(
                         path=rel,
                     )
                 handle.write(chunk)
+                chunk = b""
     except FileExistsError:
         raise ArchiveInvalid(f"member {rel!r} appears twice", path=rel) from None
     return written
@@ -353,10 +387,23 @@ def _tar_files(path: Path, members: list[_Member]) -> Iterator[tuple[_Member, IO
                 yield member, source
 
 
+# Given a member's path and its first HEAD_BYTES, why it is not written: None to write it, ""
+# to drop it silently, or a reason reported in `Extracted.skipped`.
+SkipRule = Callable[[str, bytes], str | None]
+HEAD_BYTES = 16
+
+
 def extract_archive(
-    path: str | Path, target: str | Path, limits: Limits, kind: ArchiveKind | None = None
+    path: str | Path,
+    target: str | Path,
+    limits: Limits,
+    kind: ArchiveKind | None = None,
+    skip: SkipRule | None = None,
 ) -> Extracted:
     """Check then extract `path` into the (new or empty) folder `target`.
+
+    `skip` keeps members off the disk by their path and first bytes (a dataset writes only
+    images: a non-image member costs no disk at all, whatever its size).
 
     Raises an ArchiveError: NotAnArchive (not a zip or gzip), ArchiveTooLarge (entries, total
     size), ArchiveUnsafe (traversal, links, devices, compression ratio) or ArchiveInvalid
@@ -382,16 +429,24 @@ def extract_archive(
         total = [0]
         for folder in out.folders:
             _target_path(target, folder).mkdir(parents=True, exist_ok=True)
+        handled = 0
         for member, source in files:
+            handled += 1
             dest = _target_path(target, member.path)
+            head = source.read(HEAD_BYTES) if skip is not None else b""
+            reason = skip(member.path, head) if skip is not None else None
+            if reason is not None:
+                if reason:
+                    out.skipped.append(Skipped(member.path, reason))
+                continue
             out.bytes += _copy(
-                source, dest, member.size, member.path, total, limits.max_uncompressed_bytes
+                source, dest, member.size, member.path, total, limits.max_uncompressed_bytes, head
             )
             out.files += 1
     except (zipfile.BadZipFile, tarfile.TarError, EOFError, gzip.BadGzipFile, zlib.error) as exc:
         raise ArchiveInvalid(f"the archive is corrupt or truncated: {exc}") from None
     except (NotADirectoryError, IsADirectoryError, FileExistsError) as exc:
         raise ArchiveInvalid(f"a file and a folder share a name: {exc.filename}") from None
-    if out.files < len(members):
+    if handled < len(members):
         raise ArchiveInvalid("the archive changed while it was read")
     return out

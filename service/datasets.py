@@ -9,8 +9,10 @@ is removed.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,8 +21,10 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from bitcore import hyperrule
+from bitcore.atomic import write_json_atomic
 from bitcore.data.cache import build_cache
-from bitcore.data.index import DatasetError, DatasetIndex, index_directory
+from bitcore.data.index import IGNORED_NAMES, DatasetError, DatasetIndex, index_directory
+from bitcore.images import sniff_format
 from service import jobs, quotas
 from service.archives import ArchiveKind, Extracted, Limits, extract_archive
 from service.db import Database
@@ -41,6 +45,10 @@ from service.tables import Dataset, Job, tenant_is
 log = logging.getLogger(__name__)
 
 MAX_NAME_LENGTH = 200
+# Rejected members listed in the dataset itself (GET /v1/datasets pages carry them); the whole
+# list is DATASET_REJECTED in its folder, paged by GET /v1/datasets/{id}/rejected.
+REJECTED_INLINE = 100
+DATASET_REJECTED = "rejected.json"
 _ARCHIVE_SUFFIX = re.compile(r"(\.tar\.gz|\.tgz|\.zip|\.gz)$", re.IGNORECASE)
 
 
@@ -65,7 +73,30 @@ def _limits(settings: Settings) -> Limits:
         max_entries=settings.max_archive_entries,
         max_uncompressed_bytes=settings.max_uncompressed_bytes,
         max_compression_ratio=settings.max_compression_ratio,
+        archive_ratio_min_bytes=settings.archive_ratio_min_bytes,
     )
+
+
+def rejected_counts(row: Dataset) -> dict[str, int]:
+    """{reason: count} of every rejected member (rows made before the counts: from the list)."""
+    if row.rejected_counts is not None:
+        return {str(k): int(v) for k, v in row.rejected_counts.items()}
+    return dict(Counter(str(item["reason"]) for item in row.rejected))
+
+
+def rejected_page(
+    storage: Storage, row: Dataset, offset: int, limit: int
+) -> tuple[list[dict[str, str]], int | None]:
+    """Rejected members [offset, offset+limit) in path order, and the next offset (None at the
+    end). The list never changes once the dataset exists, so an offset is a stable cursor."""
+    path = storage.path(row.storage_key) / DATASET_REJECTED
+    try:
+        with open(path, encoding="utf-8") as handle:
+            items: list[dict[str, str]] = json.load(handle)
+    except FileNotFoundError:  # a dataset made before the file: its row holds the whole list
+        items = list(row.rejected)
+    end = offset + limit
+    return items[offset:end], end if end < len(items) else None
 
 
 def _rejected(index: DatasetIndex, files: Path, extracted: Extracted) -> list[dict[str, str]]:
@@ -77,12 +108,35 @@ def _rejected(index: DatasetIndex, files: Path, extracted: Extracted) -> list[di
     return sorted(items, key=lambda item: item["path"])
 
 
+def images_only(path: str, head: bytes) -> str | None:
+    """The archive SkipRule of a dataset: only what may be an image reaches the disk.
+
+    Hidden files and folders (which the index ignores) are dropped silently; a non-empty
+    member whose first bytes are no allowed image format is reported as the index would
+    (`unsupported_format`) but never written, so 500 zero-filled `.bin` members cost nothing.
+    Empty members are written (0 bytes) for the index to name (`empty`)."""
+    if any(part.startswith(".") or part in IGNORED_NAMES for part in path.split("/")):
+        return ""
+    if head and sniff_format(head) is None:
+        return "unsupported_format"
+    return None
+
+
+def _delete_rejected(index: DatasetIndex) -> None:
+    # Kept on disk, a rejected file is stored bytes nobody can use: stored ~ accepted images.
+    for rejected in index.rejected:
+        path = index.root / rejected.path
+        if path.is_file() and not path.is_symlink():
+            path.unlink()
+
+
 def build_dataset_files(
     archive: Path, kind: ArchiveKind, directory: Path, settings: Settings
 ) -> tuple[DatasetIndex, list[dict[str, str]]]:
-    """Extract, index and cache into `directory`. Blocking: call from a worker thread."""
+    """Extract, index and cache into `directory`. Blocking: call from a worker thread.
+    Returns the index and every rejected member (also written to DATASET_REJECTED)."""
     files = directory / DATASET_FILES
-    extracted = extract_archive(archive, files, _limits(settings), kind)
+    extracted = extract_archive(archive, files, _limits(settings), kind, skip=images_only)
     try:
         index = index_directory(
             files,
@@ -91,6 +145,9 @@ def build_dataset_files(
         )
     except DatasetError as exc:  # bitcore's error: a plain library knows no API errors
         raise InvalidRequest(exc.code, str(exc), exc.details) from None
+    _delete_rejected(index)
+    rejected = _rejected(index, files, extracted)
+    write_json_atomic(directory / DATASET_REJECTED, rejected, indent=None)
     index.save(directory / DATASET_INDEX)
     # The training copy at the HyperRule's pre-crop size: decoding full-size uploads on
     # every epoch would dominate a CPU fine-tuning run.
@@ -100,7 +157,7 @@ def build_dataset_files(
     build_cache(
         index, plan.precrop, directory / DATASET_CACHE, max_pixels=settings.max_image_pixels
     )
-    return index, _rejected(index, files, extracted)
+    return index, rejected
 
 
 def create_dataset(
@@ -138,7 +195,9 @@ def create_dataset(
             num_classes=len(index.classes),
             classes=[{"name": n, "count": c} for n, c in index.counts().items()],
             image_size={"median_height": height, "median_width": width},
-            rejected=rejected,
+            # A few inline (every listing carries them), the rest paged from the file.
+            rejected=rejected[:REJECTED_INLINE],
+            rejected_counts=dict(Counter(item["reason"] for item in rejected)),
             bytes=size,
             storage_key=storage.key(directory),
         )

@@ -42,21 +42,28 @@ class QuotaCap:
     error: Callable[[], DomainError]
 
 
+def check_declared_length(
+    request: Request, limit: int, hint: str = "", *, quota: QuotaCap | None = None
+) -> None:
+    """The Content-Length, if any, against `limit` and `quota`: refused before a byte of the
+    body is read (the errors of capped_stream)."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise MalformedRequest("malformed_request", "Content-Length is not a number")
+        if int(declared) > limit:
+            raise payload_too_large(limit, hint)
+        if quota is not None and int(declared) > quota.limit:
+            raise quota.error()
+
+
 async def capped_stream(
     request: Request, limit: int, hint: str = "", *, quota: QuotaCap | None = None
 ) -> AsyncGenerator[bytes, None]:
     """The body of `request`, chunk by chunk; TooLarge (payload_too_large) as soon as the
     declared or the received length passes `limit` bytes, `quota.error()` as soon as it
     passes `quota.limit` (and not `limit`), MalformedRequest if the client goes away."""
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        if not declared.isdigit():
-            raise MalformedRequest("malformed_request", "Content-Length is not a number")
-        # Refused before a byte of the body is read.
-        if int(declared) > limit:
-            raise payload_too_large(limit, hint)
-        if quota is not None and int(declared) > quota.limit:
-            raise quota.error()
+    check_declared_length(request, limit, hint, quota=quota)
     total = 0
     try:
         async for chunk in request.stream():

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, PlainSerializer
 
 from bitcore.train.callbacks import Progress
+from service import datasets
 from service.api_keys import Scope
 from service.datasets import WorkEstimate
 from service.ids import rfc3339
@@ -200,12 +201,18 @@ class DatasetPublic(Schema):
     num_classes: int
     classes: list[ClassCount]
     image_size: ImageSize
-    rejected: list[RejectedFile] = Field(description="members skipped, with why")
+    rejected: list[RejectedFile] = Field(
+        description="the first members skipped, with why (at most 100, in path order; "
+        "all of them: GET /v1/datasets/{id}/rejected)"
+    )
+    rejected_count: int = Field(description="members skipped in all")
+    rejected_reasons: dict[str, int] = Field(description="members skipped per reason")
     bytes: int = Field(description="size of the uploaded archive")
     created_at: Timestamp
 
     @classmethod
     def from_row(cls, row: Dataset) -> DatasetPublic:
+        counts = datasets.rejected_counts(row)
         return cls(
             id=row.id,
             name=row.name,
@@ -214,7 +221,9 @@ class DatasetPublic(Schema):
             num_classes=row.num_classes,
             classes=[ClassCount(**c) for c in row.classes],
             image_size=ImageSize(**row.image_size),
-            rejected=[RejectedFile(**r) for r in row.rejected],
+            rejected=[RejectedFile(**r) for r in row.rejected[: datasets.REJECTED_INLINE]],
+            rejected_count=sum(counts.values()),
+            rejected_reasons=counts,
             bytes=row.bytes,
             created_at=row.created_at,
         )

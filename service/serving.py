@@ -401,7 +401,8 @@ class ModelCache:
                 path,
                 self.settings.device,
                 max_batch_size=int(self.settings.predict_max_batch_size),
-                max_pixels=int(self.settings.max_image_pixels),
+                # Lower than for datasets: a predict image is decoded on the request path.
+                max_pixels=int(self.settings.predict_max_image_pixels),
             )
             warmup = predictor.warmup()
         except ArtifactMissing as exc:

@@ -102,6 +102,23 @@ class Settings(BaseSettings):
     # SIGTERM: requests in flight get this long to finish (new ones are answered 503).
     shutdown_grace_seconds: float = Field(default=30.0, gt=0)
 
+    # Uploads and bodies (issue 11; docs/security.md "Limits").
+    # A whole archive (zip or tar.gz) that expands past this is held to max_compression_ratio.
+    archive_ratio_min_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
+    # An upload is refused (507) unless the store keeps this much free beyond its body.
+    upload_free_disk_margin_bytes: int = Field(default=1 * GIB, ge=0)
+    # Uploads received or unpacked at once, per gateway process: 503 + Retry-After past it.
+    max_concurrent_uploads: int = Field(default=4, gt=0)
+    # Every body but an upload's or a predict's (those have their own caps): 413 past it.
+    max_json_body_bytes: int = Field(default=1024 * 1024, gt=0)
+    # Predict requests admitted at once per process, and their declared body bytes together
+    # (a body without Content-Length counts as predict_max_request_bytes): 503 past either,
+    # before a byte of the body is read.
+    predict_max_concurrent_requests: int = Field(default=32, gt=0)
+    predict_max_inflight_bytes: int = Field(default=256 * 1024 * 1024, gt=0)
+    # Below max_image_pixels: a predict image is decoded on the request path.
+    predict_max_image_pixels: int = Field(default=16_000_000, gt=0)
+
     # Browsers (service.web_security, docs/security.md). Host names the API answers to besides
     # the loopback names and `host` ("*": any); origins (scheme://host[:port]) whose pages may
     # send state-changing requests besides the API's own. Comma-separated in the environment.

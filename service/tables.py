@@ -81,7 +81,9 @@ class Dataset(Base):
     num_classes: Mapped[int]
     classes: Mapped[list[Any]]  # [{name, count}]
     image_size: Mapped[dict[str, Any]]  # {median_height, median_width}
-    rejected: Mapped[list[Any]]  # [{path, reason}]
+    rejected: Mapped[list[Any]]  # [{path, reason}]: the first REJECTED_INLINE (service.datasets)
+    # {reason: count} of every rejected member; NULL on rows made before it (count `rejected`).
+    rejected_counts: Mapped[dict[str, Any] | None] = mapped_column(default=None)
     bytes: Mapped[int] = mapped_column(sa.BigInteger)  # size of the uploaded archive
     storage_key: Mapped[str] = mapped_column(sa.String(200))  # relative to the artifact root
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

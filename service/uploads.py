@@ -23,6 +23,7 @@ disconnects), so the caller only has to consume it inside the block.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
@@ -34,11 +35,19 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
-from service.domain_errors import InvalidRequest, MalformedRequest, TooLarge, UnsupportedMedia
+from service.domain_errors import (
+    InsufficientStorage,
+    InvalidRequest,
+    MalformedRequest,
+    TooLarge,
+    UnsupportedMedia,
+)
 from service.request_bodies import QuotaCap, capped_stream
 from service.storage import disk_full_as
 
 MAX_FIELD_BYTES = 4096  # plain form fields (name, ...): small by nature
+# A part's headers (Content-Disposition, Content-Type): a few hundred bytes in practice.
+MAX_PART_HEADER_BYTES = 8192
 
 
 @dataclass
@@ -52,9 +61,10 @@ class Upload:
 class _FormWriter:
     """python-multipart callbacks: the file part goes to `sink`, small fields to memory."""
 
-    def __init__(self, sink: IO[bytes], file_field: str) -> None:
+    def __init__(self, sink: IO[bytes], file_field: str, fields: frozenset[str]) -> None:
         self.sink = sink
         self.file_field = file_field
+        self.known_fields = fields  # any other part is refused: parts are bounded by these
         self.file_seen = False
         self.filename: str | None = None
         self.size = 0
@@ -63,6 +73,7 @@ class _FormWriter:
         self._header_value = b""
         self._headers: dict[bytes, bytes] = {}
         self._target: str | None = None  # "file", a field name, or None (ignored part)
+        self._header_bytes = 0
         self._buffer = bytearray()
         self.complete = False  # the closing boundary was seen
 
@@ -79,15 +90,27 @@ class _FormWriter:
         }
 
     def _part_begin(self) -> None:
+        self._header_bytes = 0
         self._headers = {}
         self._target = None
         self._buffer = bytearray()
 
     def _header_field(self, data: bytes, start: int, end: int) -> None:
+        self._count_header(end - start)
         self._header_name += data[start:end]
 
     def _header_value_data(self, data: bytes, start: int, end: int) -> None:
+        self._count_header(end - start)
         self._header_value += data[start:end]
+
+    def _count_header(self, size: int) -> None:
+        self._header_bytes += size
+        if self._header_bytes > MAX_PART_HEADER_BYTES:
+            raise TooLarge(
+                "payload_too_large",
+                f"a multipart part's headers are over {MAX_PART_HEADER_BYTES} bytes",
+                {"limit_bytes": MAX_PART_HEADER_BYTES},
+            )
 
     def _header_end(self) -> None:
         self._headers[self._header_name.lower()] = self._header_value
@@ -105,8 +128,19 @@ class _FormWriter:
             self._target = "file"
             if b"filename" in options:
                 self.filename = options[b"filename"].decode("utf-8", "replace")[:255]
-        else:
+        elif name in self.known_fields:
+            if name in self.fields:
+                raise InvalidRequest(
+                    "invalid_request", f"more than one {name!r} part", {"field": name}
+                )
             self._target = name
+        else:
+            known = ", ".join(sorted({self.file_field, *self.known_fields}))
+            raise InvalidRequest(
+                "invalid_request",
+                f"unknown form field {name[:100]!r}: the form takes {known}",
+                {"field": name[:100]},
+            )
 
     def _part_data(self, data: bytes, start: int, end: int) -> None:
         if self._target == "file":
@@ -146,13 +180,15 @@ async def receive_upload(
     max_bytes: int,
     quota: QuotaCap | None = None,
     file_field: str = "file",
+    fields: frozenset[str] = frozenset({"name"}),
 ) -> AsyncIterator[Upload]:
     """Stream the multipart body of `request`; yield the file part as a temp file.
 
     Raises UnsupportedMedia (not multipart), TooLarge payload_too_large (Content-Length or
     the streamed bytes over `max_bytes`), `quota.error()` (over `quota.limit` bytes: the
     whole body counts, multipart framing included), MalformedRequest, InvalidRequest (no
-    file part), InsufficientStorage (the disk of `tmp_dir` is full).
+    file part; a part that is not the file or one of `fields`; a field twice),
+    InsufficientStorage (the disk of `tmp_dir` is full).
     """
     boundary = _boundary(request)
     body = capped_stream(request, max_bytes, quota=quota)
@@ -163,7 +199,7 @@ async def receive_upload(
         # A full disk (the write of a chunk, or the flush at close) is a 507, and the temp
         # file goes in `finally`: the rest of the body is never read.
         with disk_full_as("the upload"), os.fdopen(fd, "wb") as sink:
-            writer = _FormWriter(sink, file_field)
+            writer = _FormWriter(sink, file_field, fields)
             parser = MultipartParser(boundary, writer.callbacks())  # type: ignore[arg-type]
             try:
                 async for chunk in body:
@@ -185,3 +221,18 @@ async def receive_upload(
     finally:
         with suppress(OSError):
             path.unlink()
+
+
+def check_free_disk(directory: Path, declared: str | None, margin: int) -> None:
+    """InsufficientStorage (507) unless the disk of `directory` has room for a body of
+    `declared` bytes (its Content-Length, if any) plus `margin`: refused before a byte is read,
+    rather than at ENOSPC halfway through, with every other writer of that disk starved."""
+    body = int(declared) if declared is not None and declared.isdigit() else 0
+    free = shutil.disk_usage(directory).free
+    if free < body + margin:
+        raise InsufficientStorage(
+            "insufficient_storage",
+            "the server has too little free disk to accept this upload; try again once space "
+            "is freed",
+            {"needed_bytes": body + margin, "free_bytes": free},
+        )

@@ -2,24 +2,29 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from service import datasets, quotas
+from service.admission import UploadSlots
 from service.api_keys import Scope
 from service.archives import detect_kind
 from service.auth import authorize
 from service.db import Database
 from service.deps import DbDep, SessionDep, SettingsDep, StorageDep, TenantDep
-from service.domain_errors import UnsupportedMedia
+from service.domain_errors import MalformedRequest, UnsupportedMedia
 from service.http_errors import error_responses
 from service.pagination import DEFAULT_LIMIT, CursorQuery, LimitQuery, page
-from service.request_bodies import QuotaCap
-from service.schemas import DatasetPlan, DatasetPublic, Page, Plan
+from service.request_bodies import QuotaCap, check_declared_length
+from service.schemas import DatasetPlan, DatasetPublic, Page, Plan, RejectedFile
 from service.settings import Settings
-from service.uploads import receive_upload
+from service.storage import Storage
+from service.uploads import check_free_disk, receive_upload
 
 router = APIRouter(
     prefix="/v1/datasets",
@@ -52,18 +57,35 @@ UPLOAD_DOC = {
     status_code=201,
     openapi_extra=UPLOAD_DOC,
     response_model=DatasetPublic,
-    responses=error_responses(400, 413, 415, 422, 429, 507),
+    responses=error_responses(400, 413, 415, 422, 429, 503, 507),
 )
 async def upload_dataset(
     request: Request, settings: SettingsDep, db: DbDep, storage: StorageDep, tenant: TenantDep
 ) -> DatasetPublic:
     """A .zip or .tar.gz of `<class>/<image>` folders (the body is parsed as it streams).
     A body larger than the tenant's remaining byte quota is refused (429) as soon as its
-    Content-Length or its streamed bytes say so."""
+    Content-Length or its streamed bytes say so; past the uploads in progress per process,
+    503 `too_many_uploads`; without free disk for the body and a margin, 507."""
+    slots: UploadSlots = request.app.state.upload_slots
+    with slots.take():
+        return await _upload(request, settings, db, storage, tenant)
+
+
+async def _upload(
+    request: Request, settings: Settings, db: Database, storage: Storage, tenant: str
+) -> DatasetPublic:
     room = await run_in_threadpool(_byte_room, db, settings, tenant)
     quota = QuotaCap(room.remaining, room.exceeded)
     tmp = await run_in_threadpool(storage.upload_tmp)
     max_bytes = settings.max_upload_bytes
+    # Over the cap or the quota says more than a full disk would: those answers come first.
+    check_declared_length(request, max_bytes, quota=quota)
+    await run_in_threadpool(
+        check_free_disk,
+        tmp,
+        request.headers.get("content-length"),
+        settings.upload_free_disk_margin_bytes,
+    )
     async with receive_upload(request, tmp, max_bytes=max_bytes, quota=quota) as upload:
         kind = await run_in_threadpool(detect_kind, upload.path)
         if kind is None:
@@ -104,6 +126,46 @@ def list_datasets(
 @router.get("/{dataset_id}", response_model=DatasetPublic, responses=error_responses(404))
 def get_dataset(dataset_id: str, session: SessionDep, tenant: TenantDep) -> DatasetPublic:
     return DatasetPublic.from_row(datasets.get_dataset(session, tenant, dataset_id))
+
+
+@router.get(
+    "/{dataset_id}/rejected",
+    response_model=Page[RejectedFile],
+    responses=error_responses(400, 404),
+)
+def list_rejected(
+    dataset_id: str,
+    session: SessionDep,
+    storage: StorageDep,
+    tenant: TenantDep,
+    limit: LimitQuery = DEFAULT_LIMIT,
+    cursor: CursorQuery = None,
+) -> Page[RejectedFile]:
+    """Every member the upload skipped, with why, in path order (the dataset itself lists only
+    the first ones, and the counts per reason)."""
+    row = datasets.get_dataset(session, tenant, dataset_id)
+    offset = _decode_offset(cursor) if cursor else 0
+    items, following = datasets.rejected_page(storage, row, offset, limit)
+    return Page(
+        items=[RejectedFile(**item) for item in items],
+        next_cursor=_encode_offset(following) if following is not None else None,
+    )
+
+
+def _encode_offset(offset: int) -> str:
+    return base64.urlsafe_b64encode(json.dumps(["rejected", offset]).encode()).decode()
+
+
+def _decode_offset(cursor: str) -> int:
+    try:
+        kind, offset = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        if kind != "rejected" or not isinstance(offset, int) or offset < 0:
+            raise ValueError(cursor)
+        return offset
+    except (binascii.Error, ValueError, TypeError, UnicodeDecodeError):
+        raise MalformedRequest(
+            "invalid_cursor", "cursor is not one this API returned; start again without it"
+        ) from None
 
 
 @router.delete("/{dataset_id}", status_code=204, responses=error_responses(404, 409))

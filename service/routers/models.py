@@ -16,6 +16,7 @@ from fastapi.responses import StreamingResponse
 from bitcore.predict import InputImageError
 from service import models_store as store
 from service import quotas
+from service.admission import PredictAdmission
 from service.api_keys import Scope
 from service.auth import authorize, principal_of
 from service.db import Database
@@ -163,6 +164,21 @@ async def predict(
 ) -> PredictResponse:
     """Classify one or many images: multipart `files`, or JSON {"instances":[{"image_b64"}]}."""
     await run_in_threadpool(store.get_model, session, tenant, model_id)
+    # Admitted before a byte of the body is read: a busy server answers 503 at once.
+    admission: PredictAdmission = request.app.state.predict_admission
+    with admission.admit(_declared_bytes(request, settings)):
+        return await _predict(model_id, request, settings, top_k)
+
+
+def _declared_bytes(request: Request, settings: Settings) -> int:
+    declared = request.headers.get("content-length", "")
+    limit = int(settings.predict_max_request_bytes)
+    return min(int(declared), limit) if declared.isdigit() else limit
+
+
+async def _predict(
+    model_id: str, request: Request, settings: Settings, top_k: int
+) -> PredictResponse:
     names, images = await read_images(request, settings)
     try:
         results = await _cache(request).predict(model_id, images, top_k)

@@ -286,7 +286,9 @@ function showDataset(ds) {
     cell(row, c.name);
     cell(row, String(c.count));
   }
-  $("dataset-rejected-title").textContent = `Rejected files (${ds.rejected.length})`;
+  // The dataset carries the first 100; the count is of them all (GET .../rejected pages them).
+  const shown = ds.rejected_count > ds.rejected.length ? `, first ${ds.rejected.length} shown` : "";
+  $("dataset-rejected-title").textContent = `Rejected files (${ds.rejected_count}${shown})`;
   const list = $("dataset-rejected");
   list.replaceChildren();
   for (const r of ds.rejected) {

@@ -128,9 +128,13 @@ def test_wrong_type_is_judged_by_content(client: httpx.Client, tmp_path: Path) -
     response = client.post("/v1/datasets", json={"file": "x"})
     assert response.status_code == 415
     # Multipart without the file part.
-    response = client.post("/v1/datasets", files={"other": ("a.zip", b"PK\x03\x04")})
+    response = client.post("/v1/datasets", files=[("name", (None, b"x"))])  # type: ignore[list-item]
     assert response.status_code == 422
     assert response.json()["error"]["details"] == {"field": "file"}
+    # A part the form does not take (issue 11: only the known fields) is named.
+    response = client.post("/v1/datasets", files={"other": ("a.zip", b"PK\x03\x04")})
+    assert response.status_code == 422
+    assert response.json()["error"]["details"] == {"field": "other"}
 
 
 @pytest.fixture

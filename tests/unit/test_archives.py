@@ -181,7 +181,7 @@ def test_small_members_are_not_held_to_the_ratio(tmp_path: Path) -> None:
 def test_gzip_bomb_by_ratio_of_the_whole_stream(tmp_path: Path) -> None:
     zeros = bytes(4 << 20)  # ~1000x with gzip
     archive = _tar(tmp_path / "a.tar.gz", [_file("cat/bomb.png")], {"cat/bomb.png": zeros})
-    limits = Limits(max_compression_ratio=200, stream_ratio_min_bytes=1 << 20)
+    limits = Limits(max_compression_ratio=200, archive_ratio_min_bytes=1 << 20)
     error = _refused(tmp_path, archive, limits)
     assert (status_of(error), error.code) == (422, "archive_unsafe")
     assert error.details["reason"] == "compression_ratio"

@@ -46,6 +46,7 @@ WEB_LAYER = (
     "python_multipart",
     "service.app",
     "service.audit_middleware",
+    "service.body_limits",
     "service.draining",
     "service.auth",
     "service.routers",
@@ -63,6 +64,7 @@ WEB_LAYER = (
 # The service's domain modules: plain functions over the database and the store, which the
 # routes and the worker call. They raise service.domain_errors kinds and know no HTTP.
 DOMAIN = (
+    "admission",
     "api_keys",
     "archives",
     "audit",
