@@ -15,6 +15,8 @@ from typing import Any, Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from bitcore.checkpoint_digests import normalise_pins
+
 GIB = 1 << 30
 
 
@@ -60,6 +62,12 @@ class Settings(BaseSettings):
 
     allow_downloads: bool = True
     checkpoint_base_url: str | None = None
+    # Checkpoint integrity (docs/security.md, "Checkpoints"): known SHA-256 digests by catalog
+    # name (JSON in the environment), plain-http mirrors refused unless allowed, a download cap
+    # above the largest official file (BiT-M-R152x4, 4.1 GiB).
+    checkpoint_sha256: dict[str, str] = Field(default_factory=dict)
+    allow_insecure_mirror: bool = False
+    checkpoint_max_bytes: int = Field(default=6 * GIB, gt=0)
 
     max_upload_bytes: int = Field(default=2 * GIB, gt=0)
     max_archive_entries: int = Field(default=100_000, gt=0)
@@ -106,9 +114,25 @@ class Settings(BaseSettings):
     def _absolute(cls, value: Path) -> Path:
         return value.expanduser().resolve()
 
+    @field_validator("checkpoint_sha256")
+    @classmethod
+    def _hex_digests(cls, value: dict[str, str]) -> dict[str, str]:
+        return normalise_pins(value)
+
     @property
     def pepper(self) -> bytes | None:
         return self.api_key_pepper.get_secret_value().encode() if self.api_key_pepper else None
+
+    @model_validator(mode="after")
+    def _https_mirror(self) -> Settings:
+        # Refused at start-up rather than at the first job's download.
+        url = self.checkpoint_base_url or ""
+        if url.lower().startswith("http://") and not self.allow_insecure_mirror:
+            raise ValueError(
+                f"checkpoint_base_url {url!r} is plain http: use https, or set "
+                "BITSERVE_ALLOW_INSECURE_MIRROR=1 to allow an unencrypted mirror you trust"
+            )
+        return self
 
     @model_validator(mode="after")
     def _migrate_default(self) -> Settings:

@@ -219,11 +219,10 @@ class JobRun:
         return DatasetIndex.load(index_path)
 
     def _base_checkpoint(self) -> Path:
-        """The catalog checkpoint, downloaded first if needed (the job's "downloading" phase)."""
+        """The catalog checkpoint, downloaded first if needed (the job's "downloading" phase),
+        its SHA-256 checked against the pinned or recorded one on every use."""
         name, directory = self.job.base_model, self.settings.checkpoint_dir
         path = catalog.local_path(name, directory)
-        if path.is_file():
-            return path
         total_steps = int(self.job.plan["total_steps"])
 
         def report(done: int, total: int | None) -> None:
@@ -246,14 +245,23 @@ class JobRun:
                 progress=report,
                 allow_download=self.settings.allow_downloads,
                 base_url=self.settings.checkpoint_base_url,
+                pins=self.settings.checkpoint_sha256,
+                max_bytes=self.settings.checkpoint_max_bytes,
+                allow_insecure=self.settings.allow_insecure_mirror,
             )
+        except catalog.CheckpointCorrupt as exc:
+            raise JobFailure("checkpoint_corrupt", str(exc)) from None
         except catalog.CheckpointMissing as exc:
             raise JobFailure("checkpoint_missing", str(exc)) from None
-        except catalog.CheckpointDownloadError as exc:
+        except (catalog.CheckpointDownloadError, catalog.InsecureMirror) as exc:
+            # allow_insecure=True: only to name the address, whatever its scheme.
+            url = catalog.get_entry(name).url(
+                self.settings.checkpoint_base_url, allow_insecure=True
+            )
             raise JobFailure(
                 "checkpoint_missing",
                 f"could not download the {name} checkpoint ({exc}). Download "
-                f"{catalog.get_entry(name).url(self.settings.checkpoint_base_url)} and save it "
+                f"{url} and save it "
                 f"as {path}, or set BITSERVE_CHECKPOINT_BASE_URL to a reachable mirror.",
             ) from None
 
