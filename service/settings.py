@@ -11,6 +11,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -44,6 +45,12 @@ class Settings(BaseSettings):
         default_factory=lambda data: f"sqla+sqlite:///{data['home'] / 'broker.db'}",
         validation_alias=_env("broker_url", "CELERY_BROKER_URL", "REDIS_URL"),
     )
+    # Secrets from files (Docker / Kubernetes secrets, docker-compose.yml): the password is put
+    # into the URL above when the settings load, so it never sits in the environment or in the
+    # compose file. The file's trailing newline is dropped.
+    database_password_file: Path | None = None
+    broker_password_file: Path | None = None
+    api_key_pepper_file: Path | None = None
     checkpoint_dir: Path = Field(default_factory=lambda data: data["home"] / "checkpoints")
     artifact_root: Path = Field(default_factory=lambda data: data["home"] / "store")
     # None: migrate on start-up for the embedded SQLite set-up only; a shared PostgreSQL is
@@ -124,6 +131,18 @@ class Settings(BaseSettings):
         return self.api_key_pepper.get_secret_value().encode() if self.api_key_pepper else None
 
     @model_validator(mode="after")
+    def _secrets_from_files(self) -> Settings:
+        if self.database_password_file is not None:
+            secret = _read_secret(self.database_password_file)
+            self.database_url = _with_password(self.database_url, secret)
+        if self.broker_password_file is not None:
+            secret = _read_secret(self.broker_password_file)
+            self.broker_url = _with_password(self.broker_url, secret)
+        if self.api_key_pepper_file is not None:
+            self.api_key_pepper = SecretStr(_read_secret(self.api_key_pepper_file))
+        return self
+
+    @model_validator(mode="after")
     def _https_mirror(self) -> Settings:
         # Refused at start-up rather than at the first job's download.
         url = self.checkpoint_base_url or ""
@@ -139,6 +158,25 @@ class Settings(BaseSettings):
         if self.auto_migrate is None:
             self.auto_migrate = self.database_url.startswith("sqlite")
         return self
+
+
+def _read_secret(path: Path) -> str:
+    secret = path.read_text(encoding="utf-8").rstrip("\r\n")
+    if not secret:
+        raise ValueError(f"the secret file {path} is empty")
+    return secret
+
+
+def _with_password(url: str, password: str) -> str:
+    """`url` with `password` (percent-encoded) in place of any password it had:
+    postgresql+psycopg://bitserve@postgres/db -> postgresql+psycopg://bitserve:PW@postgres/db."""
+    parts = urlsplit(url)
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    if not hostport:
+        raise ValueError(f"{parts.scheme}:// URL has no host to authenticate to")
+    user = userinfo.partition(":")[0]
+    netloc = f"{user}:{quote(password, safe='')}@{hostport}"
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 @lru_cache(maxsize=1)
