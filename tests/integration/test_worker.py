@@ -178,6 +178,27 @@ def test_a_published_model_without_its_checkpoint_fails_fast(
     assert str(expected) in (done.error_message or "")
 
 
+def test_a_tampered_checkpoint_fails_the_job_as_corrupt(env: Env, worker: WorkerProcess) -> None:
+    """Issue 11: the checkpoint's SHA-256, recorded at download, is checked on every use."""
+    directory = env.settings.checkpoint_dir
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "BiT-M-R50x1.npz").write_bytes(b"PK\x03\x04 replaced after download")
+    recorded = "0123456789abcdef" * 4
+    (directory / "BiT-M-R50x1.npz.sha256").write_text(f"{recorded}  BiT-M-R50x1.npz\n")
+    dataset_id = add_dataset(env.db, env.storage)
+    with env.db.sessionmaker() as session:
+        job, _ = jobs.create_job(
+            session,
+            jobs.JobRequest(dataset_id, "BiT-M-R50x1", overrides=FAST_OVERRIDES),
+            send=env.broker.send_finetune,
+            settings=env.settings,
+        )
+    done = wait_for_job(env.db, job.id, finished, 30, "failed", worker)
+    assert (done.status, done.error_code) == ("failed", "checkpoint_corrupt")
+    assert f"not the {recorded} recorded in BiT-M-R50x1.npz.sha256" in (done.error_message or "")
+    assert env.models_of(job.id) == []
+
+
 @pytest.mark.slow
 def test_the_embedded_setup_runs_a_job(tmp_path: Path) -> None:
     """SQLite database + kombu's SQLAlchemy broker on SQLite: `bitserve up` with no servers."""
