@@ -1,21 +1,39 @@
 # bitserve developer tasks. `make install` is idempotent: it re-installs only when
-# pyproject.toml changed since the last install.
+# pyproject.toml or the lock file changed since the last install.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Every dependency but torch, pinned with its SHA-256 hashes (`make lock` writes them).
+LOCK := requirements-dev.lock
+LOCK_VENV := .venv-lock
+PIP_COMPILE = $(LOCK_VENV)/bin/pip-compile --quiet --generate-hashes --strip-extras \
+	--no-emit-index-url --no-emit-find-links --unsafe-package torch --no-allow-unsafe
 
-.PHONY: install test test-unit lint lint-deploy typecheck check up bench clean
+.PHONY: install lock test test-unit lint lint-deploy typecheck check up bench clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# Hash-checked: pip refuses any file of the lock whose SHA-256 differs from the recorded one
+# (--require-hashes), and --no-deps installs nothing the lock does not list. torch is the one
+# exception: pinned by version only (the CPU wheel from the local disk / the CPU index, whose
+# hash differs per build); its own dependencies are in the lock, so --no-deps again.
+# `pip check` then proves the set complete and consistent.
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	# torch first and exactly pinned: the CPU wheel from the local disk / the CPU index.
-	$(BIN)/python -m pip install --quiet "torch==2.13.0"
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet --require-hashes --no-deps -r $(LOCK)
+	$(BIN)/python -m pip install --quiet --no-deps "torch==2.13.0"
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(BIN)/python -m pip check
 	touch $(STAMP)
+
+# Re-resolve both lock files from pyproject.toml (docs/operations.md, "Dependencies"): the
+# runtime set for the image, the runtime + dev set for `make install` and CI.
+lock:
+	test -x $(LOCK_VENV)/bin/pip-compile || \
+		($(PYTHON) -m venv $(LOCK_VENV) && $(LOCK_VENV)/bin/pip install --quiet pip-tools)
+	$(PIP_COMPILE) --output-file requirements.lock pyproject.toml
+	$(PIP_COMPILE) --extra dev --output-file requirements-dev.lock pyproject.toml
 
 # The test command (README): finds or starts Redis and PostgreSQL, never skips integration tests.
 test: install
@@ -49,4 +67,4 @@ bench: install
 	$(BIN)/python benchmarks/serve_speed.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(LOCK_VENV) .pytest_cache .mypy_cache .ruff_cache

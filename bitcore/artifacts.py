@@ -134,7 +134,7 @@ def software_versions() -> dict[str, str]:
 
 
 def save_artifact(out_dir: str | Path, model: torch.nn.Module, metadata: ArtifactMetadata) -> Path:
-    """Write weights and metadata; each file lands atomically, mode 0o644 (`bitcore.atomic`)."""
+    """Write weights and metadata; each file lands atomically, mode 0o600 (`bitcore.atomic`)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}

@@ -6,7 +6,7 @@ training checkpoints, exported and downloaded .npz checkpoints) goes through her
 1. the bytes go to a hidden temporary file in the target's own directory (same filesystem, so
    the rename below is atomic, and directory listings that glob for real names skip it);
 2. the temporary file is fsynced, so a crash after the rename cannot leave an empty file;
-3. it gets mode 0o644 (FILE_MODE) and `os.replace` puts it in place;
+3. it gets mode 0o600 (FILE_MODE) and `os.replace` puts it in place;
 4. on any error the temporary file is removed and the target is left as it was.
 
 A full disk (ENOSPC, or EDQUOT past a disk quota) is reported as `DiskFull`, an OSError with
@@ -14,11 +14,14 @@ that errno, whichever writer hit it: safetensors wraps it in its own SafetensorE
 in a RuntimeError ("unexpected pos ..."), np.save in an errno-less OSError. Callers test
 `is_disk_full(exc)` and tell the user the server's disk is full rather than "an internal error".
 
-Why 0o644 and not mkstemp's 0o600: these files are read by other processes than the one that
-wrote them (the API serves artifacts a worker wrote, DataLoader workers and DDP ranks map the
-image cache, containers sharing a volume may run as other users). None of them is secret.
-A secret (an API key file) passes mode=SECRET_MODE: mkstemp creates the temporary file 0o600,
-so the secret is never readable by others, not even for a moment.
+Why 0o600 (issue 11): the files are users' data (uploaded images, trained weights) and nobody
+but the service's own user needs them; the processes that read them (the API serving what a
+worker wrote, DataLoader workers, DDP ranks, containers sharing a volume) all run as that user.
+Directories bitserve creates are 0o700 (DIR_MODE, `make_private_dir`), and the `bitserve`
+commands set the umask to 0o077 so that files other libraries create (the SQLite database,
+upload temporaries) are private too. A secret (an API key file) passes mode=SECRET_MODE, the
+same: mkstemp creates the temporary file 0o600, so it is never readable by others, not even
+for a moment.
 """
 
 from __future__ import annotations
@@ -32,8 +35,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-FILE_MODE = 0o644
+FILE_MODE = 0o600
 SECRET_MODE = 0o600
+DIR_MODE = 0o700
+PRIVATE_UMASK = 0o077  # what the `bitserve` commands set at start (service.cli)
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 # Writers that hide the errno still say it in words (safetensors: "... (os error 28)").
 _DISK_FULL_WORDS = ("no space left on device", "disk quota exceeded", "os error 28", "os error 122")
@@ -85,7 +90,7 @@ def atomic_write(path: str | Path, *, mode: int = FILE_MODE) -> Iterator[Path]:
     """Yield a temporary path next to `path`; write it, and on success it replaces `path`.
 
     A path rather than an open file, because some writers only take a file name
-    (safetensors' save_file, np.memmap). The final file has `mode` (FILE_MODE, 0o644).
+    (safetensors' save_file, np.memmap). The final file has `mode` (FILE_MODE, 0o600).
     """
     path = Path(path)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -114,6 +119,21 @@ def commit_file(tmp: str | Path, path: str | Path, *, mode: int = FILE_MODE) -> 
     os.replace(tmp, path)
 
 
+def make_private_dir(path: str | Path) -> Path:
+    """Create `path` and each missing parent with DIR_MODE (0o700), whatever the umask;
+    existing directories are left as they are (an operator may have chosen their mode)."""
+    target = Path(path)
+    missing: list[Path] = []
+    current = target
+    while not current.exists() and current != current.parent:
+        missing.append(current)
+        current = current.parent
+    for directory in reversed(missing):
+        directory.mkdir(mode=DIR_MODE, exist_ok=True)
+        os.chmod(directory, DIR_MODE)  # mkdir's mode is masked by the umask; this is not
+    return target
+
+
 def reserve(path: str | Path, size: int) -> None:
     """Allocate `size` bytes for `path` on disk now, so that a full disk is an ENOSPC here.
 
@@ -135,7 +155,7 @@ def reserve(path: str | Path, size: int) -> None:
 
 
 def write_json_atomic(path: str | Path, data: Any, *, indent: int | None = 2) -> None:
-    """`data` as UTF-8 JSON (keys sorted), written with `atomic_write` (mode 0o644).
+    """`data` as UTF-8 JSON (keys sorted), written with `atomic_write` (mode 0o600).
 
     indent=None writes one line, for machine-read files that list every sample of a dataset.
     """

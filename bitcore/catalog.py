@@ -9,6 +9,12 @@ Downloads stream to `<name>.npz.part`, resume it with an HTTP Range request, che
 server announced, check that the result is an .npz of `resnet/` arrays, and only then rename it
 into place, so `<name>.npz` present means complete. A per-file lock keeps concurrent workers
 from writing the same .part.
+
+Integrity (docs/security.md, "Checkpoints"): https only, unless an operator explicitly allows a
+plain-http mirror (BITSERVE_ALLOW_INSECURE_MIRROR); a redirect to http is refused either way
+once the transfer is on https; a download larger than BITSERVE_CHECKPOINT_MAX_BYTES is aborted
+and its partial file removed; and each file's SHA-256 is recorded on first download and checked
+on every use, against a pinned digest where one is known (bitcore.checkpoint_digests).
 """
 
 from __future__ import annotations
@@ -20,14 +26,15 @@ import re
 import urllib.error
 import urllib.request
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
 import numpy as np
 
-from bitcore.atomic import commit_file
+from bitcore import checkpoint_digests
+from bitcore.atomic import commit_file, make_private_dir
 from bitcore.checkpoints import is_npz
 from bitcore.models import (
     IMAGENET1K_CLASSES,
@@ -44,6 +51,11 @@ except ImportError:  # pragma: no cover
 DEFAULT_BASE_URL = "https://storage.googleapis.com/bit_models"
 DIR_ENV = "BITSERVE_CHECKPOINT_DIR"
 BASE_URL_ENV = "BITSERVE_CHECKPOINT_BASE_URL"
+INSECURE_ENV = "BITSERVE_ALLOW_INSECURE_MIRROR"
+MAX_BYTES_ENV = "BITSERVE_CHECKPOINT_MAX_BYTES"
+# The largest official file, BiT-M-R152x4.npz, is 4.1 GiB (4 bytes x 1.1e9 parameters): 6 GiB
+# leaves room for npz overhead and a little more, and stops an endless or hostile stream.
+DEFAULT_MAX_BYTES = 6 << 30
 DEFAULT_TIMEOUT = 60.0
 CHUNK = 1 << 20
 
@@ -56,6 +68,10 @@ class CatalogEntry:
     model_name: str  # registry architecture to build (bitcore.models.create_model)
     num_classes: int  # classes of the checkpoint's head
     upstream: str  # data the weights were trained on
+    # The file's SHA-256 where it is known. Google publishes none and this project cannot fetch
+    # the files, so every entry starts without one: the digest is recorded on first download
+    # (bitcore.checkpoint_digests) and operators pin known ones in BITSERVE_CHECKPOINT_SHA256.
+    sha256: str | None = None
 
     @property
     def filename(self) -> str:
@@ -75,8 +91,8 @@ class CatalogEntry:
         """Alias of approx_bytes (the download size to show users)."""
         return self.approx_bytes
 
-    def url(self, base_url: str | None = None) -> str:
-        return f"{resolve_base_url(base_url)}/{self.filename}"
+    def url(self, base_url: str | None = None, *, allow_insecure: bool | None = None) -> str:
+        return f"{resolve_base_url(base_url, allow_insecure=allow_insecure)}/{self.filename}"
 
 
 def _build_catalog() -> dict[str, CatalogEntry]:
@@ -128,6 +144,22 @@ class CheckpointDownloadError(CatalogError, RuntimeError):
 DownloadError = CheckpointDownloadError
 
 
+class InsecureMirror(CatalogError, ValueError):
+    """A plain-http mirror (or a redirect to http) without the operator's explicit consent."""
+
+
+class CheckpointRedirectRefused(CheckpointDownloadError):
+    """The server redirected a download to a URL that is not https (a downgrade)."""
+
+
+class CheckpointTooLarge(CheckpointDownloadError):
+    """The download is (or announced) more bytes than the cap; the partial file was removed."""
+
+
+class CheckpointCorrupt(CatalogError):
+    """The file on disk differs from its pinned or recorded SHA-256 (modified or replaced)."""
+
+
 class CheckpointNetworkError(CheckpointDownloadError):
     """The server could not be reached or the connection broke (retrying resumes)."""
 
@@ -153,12 +185,51 @@ def checkpoint_dir() -> Path:
     return Path.home() / ".cache" / "bitserve" / "checkpoints"
 
 
-def resolve_base_url(base_url: str | None = None) -> str:
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def insecure_allowed(allow_insecure: bool | None = None) -> bool:
+    """`allow_insecure`, else $BITSERVE_ALLOW_INSECURE_MIRROR (off unless set to 1/true/yes)."""
+    return _env_flag(INSECURE_ENV) if allow_insecure is None else allow_insecure
+
+
+def max_download_bytes(max_bytes: int | None = None) -> int:
+    """`max_bytes`, else $BITSERVE_CHECKPOINT_MAX_BYTES, else DEFAULT_MAX_BYTES."""
+    if max_bytes is not None:
+        return max_bytes
+    configured = os.environ.get(MAX_BYTES_ENV, "").strip()
+    return int(configured) if configured else DEFAULT_MAX_BYTES
+
+
+def resolve_base_url(base_url: str | None = None, *, allow_insecure: bool | None = None) -> str:
     base = base_url or os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL
     parsed = urlparse(base)
     if parsed.scheme not in ("http", "https") or not parsed.netloc:
         raise ValueError(f"checkpoint base URL must be http(s)://host/..., got {base!r}")
+    if parsed.scheme == "http" and not insecure_allowed(allow_insecure):
+        # Plain http lets anyone on the path swap the weights a model is trained from.
+        raise InsecureMirror(
+            f"checkpoint base URL {base!r} is plain http: use https, or set {INSECURE_ENV}=1 "
+            "to allow an unencrypted mirror you trust (e.g. on a private network)"
+        )
     return base.rstrip("/")
+
+
+def pinned_digest(name: str, pins: Mapping[str, str] | None = None) -> str | None:
+    """The SHA-256 `name` must have: the operator's pin (`pins`, else the environment's), else
+    the catalog's own, else None (the digest recorded on first download is checked instead)."""
+    effective = checkpoint_digests.pins_from_env() if pins is None else pins
+    return effective.get(name) or get_entry(name).sha256
+
+
+def verify_present(name: str, path: Path, pins: Mapping[str, str] | None = None) -> Path:
+    """Check the file of `name` at `path` against its digest; raises CheckpointCorrupt."""
+    try:
+        checkpoint_digests.verify(path, pinned_digest(name, pins))
+    except checkpoint_digests.DigestMismatch as exc:
+        raise CheckpointCorrupt(f"checkpoint {name} is corrupt: {exc}") from None
+    return path
 
 
 def local_path(name: str, directory: str | Path | None = None) -> Path:
@@ -178,33 +249,50 @@ def pull(
     allow_download: bool = True,
     base_url: str | None = None,
     timeout: float = DEFAULT_TIMEOUT,
+    pins: Mapping[str, str] | None = None,
+    max_bytes: int | None = None,
+    allow_insecure: bool | None = None,
 ) -> Path:
     """Return the local path of catalog checkpoint `name`, downloading it if needed.
 
-    `progress(bytes_done, total_or_None)` is called as data arrives. Raises UnknownCheckpoint
-    (not a catalog name), CheckpointMissing (absent and allow_download=False),
-    CheckpointNetworkError (unreachable or cut off; a rerun resumes the .part),
-    CheckpointHTTPError (the server answered an error status) or CheckpointDownloadError (the
+    `progress(bytes_done, total_or_None)` is called as data arrives. `pins` (name -> SHA-256),
+    `max_bytes` and `allow_insecure` default to BITSERVE_CHECKPOINT_SHA256,
+    BITSERVE_CHECKPOINT_MAX_BYTES and BITSERVE_ALLOW_INSECURE_MIRROR. Raises UnknownCheckpoint
+    (not a catalog name), CheckpointMissing (absent and allow_download=False), InsecureMirror
+    (an http mirror not allowed), CheckpointCorrupt (the file's SHA-256 differs from its pinned
+    or recorded one), CheckpointNetworkError (unreachable or cut off; a rerun resumes the
+    .part), CheckpointHTTPError (the server answered an error status), CheckpointRedirectRefused
+    (redirected to http), CheckpointTooLarge (past the cap) or CheckpointDownloadError (the
     bytes are not the announced size or not a BiT .npz; the .part is removed). All of them are
     CatalogError.
     """
     entry = get_entry(name)
     path = local_path(name, directory)
     if path.is_file():
-        return path
-    url = entry.url(base_url)
+        return verify_present(name, path, pins)
+    url = entry.url(base_url, allow_insecure=allow_insecure)
     if not allow_download:
         raise CheckpointMissing(name, path, url, "downloads are disabled")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_private_dir(path.parent)
     with _file_lock(path):
         if path.is_file():  # another process finished it while we waited for the lock
-            return path
+            return verify_present(name, path, pins)
         # Not atomic_write: its temporary file has a random name and is removed on any error,
         # but a broken download must survive under a name the next pull can find and resume.
         part = path.with_name(path.name + ".part")
-        _download(url, part, progress, timeout)
+        limit = max_download_bytes(max_bytes)
+        _download(url, part, progress, timeout, limit, insecure_allowed(allow_insecure))
         _verify_npz(part, url)
-        commit_file(part, path)  # fsync, mode 0o644, rename: the same finish as atomic_write
+        digest = checkpoint_digests.sha256_of(part)
+        pinned = pinned_digest(name, pins)
+        if pinned is not None and digest != pinned:
+            part.unlink()
+            raise CheckpointCorrupt(
+                f"{url} has SHA-256 {digest}, not the {pinned} pinned for {name} in "
+                f"{checkpoint_digests.PINS_ENV}; the download was removed"
+            )
+        commit_file(part, path)  # fsync, mode FILE_MODE, rename: the same finish as atomic_write
+        checkpoint_digests.record(path, digest)  # checked on every later use
     return path
 
 
@@ -220,14 +308,50 @@ def _file_lock(path: Path) -> Iterator[None]:
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
 
-def _download(url: str, part: Path, progress: Progress | None, timeout: float) -> None:
+class _NoDowngradeRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows redirects only to https, or from http to http when plain http is allowed: an
+    https download redirected to http would lose its integrity to anyone on the path."""
+
+    def __init__(self, allow_insecure: bool) -> None:
+        self.allow_insecure = allow_insecure
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]
+        source, target = urlparse(req.full_url).scheme, urlparse(newurl).scheme
+        if target != "https" and not (self.allow_insecure and source == target == "http"):
+            fp.close()
+            raise CheckpointRedirectRefused(
+                f"{req.full_url} redirected (HTTP {code}) to {newurl}, which is not https; "
+                "refused. Point the mirror at the https address"
+            )
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _too_large(part: Path, url: str, size: int, limit: int) -> CheckpointTooLarge:
+    part.unlink(missing_ok=True)
+    return CheckpointTooLarge(
+        f"{url} is larger than the {limit}-byte cap ({MAX_BYTES_ENV}): {size} bytes; the "
+        "partial file was removed"
+    )
+
+
+def _download(
+    url: str,
+    part: Path,
+    progress: Progress | None,
+    timeout: float,
+    limit: int,
+    allow_insecure: bool,
+) -> None:
     offset = part.stat().st_size if part.exists() else 0
+    if offset > limit:
+        raise _too_large(part, url, offset, limit)
     request = urllib.request.Request(url, headers={"User-Agent": "bitserve"})
     if offset:
         request.add_header("Range", f"bytes={offset}-")
     manual = f"or download {url} yourself and save it as {part.with_suffix('')}"
+    opener = urllib.request.build_opener(_NoDowngradeRedirects(allow_insecure))
     try:
-        response = urllib.request.urlopen(request, timeout=timeout)
+        response = opener.open(request, timeout=timeout)
     except urllib.error.HTTPError as exc:
         exc.close()  # an HTTPError holds the response's open connection
         if exc.code == 416 and offset:
@@ -249,6 +373,8 @@ def _download(url: str, part: Path, progress: Progress | None, timeout: float) -
 
     with response:
         total = _expected_total(response, offset, url)
+        if total is not None and total > limit:
+            raise _too_large(part, url, total, limit)  # said up front: nothing is read
         if response.status == 200:
             offset = 0  # the server ignored Range: start over
         done = offset
@@ -259,6 +385,9 @@ def _download(url: str, part: Path, progress: Progress | None, timeout: float) -
                 while chunk := response.read(CHUNK):
                     fh.write(chunk)
                     done += len(chunk)
+                    if done > limit:  # no or a false Content-Length: stop at the cap
+                        fh.close()
+                        raise _too_large(part, url, done, limit)
                     if progress is not None:
                         progress(done, total)
             except (TimeoutError, ConnectionError, http.client.HTTPException) as exc:

@@ -31,6 +31,7 @@ from typing import Any
 import uvicorn
 from uvicorn.config import LOGGING_CONFIG
 
+from bitcore.atomic import PRIVATE_UMASK, make_private_dir
 from service.cli_keys import ADMIN_KEY_FILE, cmd_keys, ensure_admin_key
 from service.cli_keys import add_parser as add_keys_parser
 from service.log_format import FORMATTERS, LogFormat
@@ -51,6 +52,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    # Before anything is created: the database, uploads, logs and every child process's files
+    # are private to the service's user (0o600 files, 0o700 directories; docs/security.md).
+    os.umask(PRIVATE_UMASK)
     # Command-line values go through the environment so child processes see the same settings.
     if getattr(args, "host", None):
         os.environ["BITSERVE_HOST"] = args.host
@@ -86,14 +90,14 @@ def _parser() -> argparse.ArgumentParser:
 def cmd_migrate(settings: Settings) -> int:
     from service.db import migrate
 
-    settings.home.mkdir(parents=True, exist_ok=True)
+    make_private_dir(settings.home)
     migrate(settings.database_url)
     print(f"database is up to date: {_redact(settings.database_url)}", flush=True)
     return 0
 
 
 def cmd_worker(settings: Settings) -> int:
-    settings.home.mkdir(parents=True, exist_ok=True)
+    make_private_dir(settings.home)
     command = worker_command(settings)
     os.execve(command[0], command, child_environment(settings))
     return 0  # not reached

@@ -12,9 +12,12 @@ import json
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from bitcore.checkpoint_digests import normalise_pins
 
 GIB = 1 << 30
 
@@ -43,6 +46,12 @@ class Settings(BaseSettings):
         default_factory=lambda data: f"sqla+sqlite:///{data['home'] / 'broker.db'}",
         validation_alias=_env("broker_url", "CELERY_BROKER_URL", "REDIS_URL"),
     )
+    # Secrets from files (Docker / Kubernetes secrets, docker-compose.yml): the password is put
+    # into the URL above when the settings load, so it never sits in the environment or in the
+    # compose file. The file's trailing newline is dropped.
+    database_password_file: Path | None = None
+    broker_password_file: Path | None = None
+    api_key_pepper_file: Path | None = None
     checkpoint_dir: Path = Field(default_factory=lambda data: data["home"] / "checkpoints")
     artifact_root: Path = Field(default_factory=lambda data: data["home"] / "store")
     # None: migrate on start-up for the embedded SQLite set-up only; a shared PostgreSQL is
@@ -61,6 +70,12 @@ class Settings(BaseSettings):
 
     allow_downloads: bool = True
     checkpoint_base_url: str | None = None
+    # Checkpoint integrity (docs/security.md, "Checkpoints"): known SHA-256 digests by catalog
+    # name (JSON in the environment), plain-http mirrors refused unless allowed, a download cap
+    # above the largest official file (BiT-M-R152x4, 4.1 GiB).
+    checkpoint_sha256: dict[str, str] = Field(default_factory=dict)
+    allow_insecure_mirror: bool = False
+    checkpoint_max_bytes: int = Field(default=6 * GIB, gt=0)
 
     max_upload_bytes: int = Field(default=2 * GIB, gt=0)
     max_archive_entries: int = Field(default=100_000, gt=0)
@@ -144,15 +159,62 @@ class Settings(BaseSettings):
     def _absolute(cls, value: Path) -> Path:
         return value.expanduser().resolve()
 
+    @field_validator("checkpoint_sha256")
+    @classmethod
+    def _hex_digests(cls, value: dict[str, str]) -> dict[str, str]:
+        return normalise_pins(value)
+
     @property
     def pepper(self) -> bytes | None:
         return self.api_key_pepper.get_secret_value().encode() if self.api_key_pepper else None
+
+    @model_validator(mode="after")
+    def _secrets_from_files(self) -> Settings:
+        if self.database_password_file is not None:
+            secret = _read_secret(self.database_password_file)
+            self.database_url = _with_password(self.database_url, secret)
+        if self.broker_password_file is not None:
+            secret = _read_secret(self.broker_password_file)
+            self.broker_url = _with_password(self.broker_url, secret)
+        if self.api_key_pepper_file is not None:
+            self.api_key_pepper = SecretStr(_read_secret(self.api_key_pepper_file))
+        return self
+
+    @model_validator(mode="after")
+    def _https_mirror(self) -> Settings:
+        # Refused at start-up rather than at the first job's download.
+        url = self.checkpoint_base_url or ""
+        if url.lower().startswith("http://") and not self.allow_insecure_mirror:
+            raise ValueError(
+                f"checkpoint_base_url {url!r} is plain http: use https, or set "
+                "BITSERVE_ALLOW_INSECURE_MIRROR=1 to allow an unencrypted mirror you trust"
+            )
+        return self
 
     @model_validator(mode="after")
     def _migrate_default(self) -> Settings:
         if self.auto_migrate is None:
             self.auto_migrate = self.database_url.startswith("sqlite")
         return self
+
+
+def _read_secret(path: Path) -> str:
+    secret = path.read_text(encoding="utf-8").rstrip("\r\n")
+    if not secret:
+        raise ValueError(f"the secret file {path} is empty")
+    return secret
+
+
+def _with_password(url: str, password: str) -> str:
+    """`url` with `password` (percent-encoded) in place of any password it had:
+    postgresql+psycopg://bitserve@postgres/db -> postgresql+psycopg://bitserve:PW@postgres/db."""
+    parts = urlsplit(url)
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    if not hostport:
+        raise ValueError(f"{parts.scheme}:// URL has no host to authenticate to")
+    user = userinfo.partition(":")[0]
+    netloc = f"{user}:{quote(password, safe='')}@{hostport}"
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 @lru_cache(maxsize=1)

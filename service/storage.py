@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from bitcore.atomic import is_disk_full
+from bitcore.atomic import is_disk_full, make_private_dir
 from service.domain_errors import InsufficientStorage
 from service.ids import is_id
 
@@ -53,9 +53,7 @@ class Storage:
 
     def upload_tmp(self) -> Path:
         """The folder for uploads in flight (created on demand)."""
-        path = self.root / "tmp"
-        path.mkdir(parents=True, exist_ok=True)
-        return path
+        return make_private_dir(self.root / "tmp")
 
     def key(self, path: Path) -> str:
         """The storage key (posix path relative to the root) of a path inside the store."""
@@ -79,8 +77,9 @@ class Storage:
             path.unlink(missing_ok=True)
 
     def check(self) -> None:
-        """Raise OSError unless a file can be created, written and removed under the root."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        """Raise OSError unless a file can be created, written and removed under the root.
+        A new root (and any missing parent, e.g. BITSERVE_HOME) is made 0o700: users' data."""
+        make_private_dir(self.root)
         fd, name = tempfile.mkstemp(prefix=".ready-", dir=self.root)
         try:
             os.write(fd, b"ok")

@@ -22,8 +22,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 HOW_TO = (
     "Integration tests need Redis and PostgreSQL. Start them with "
-    "`docker compose up -d redis postgres` (then export REDIS_URL=redis://127.0.0.1:6379/0 "
-    "TEST_DATABASE_URL=postgresql://postgres:postgres@127.0.0.1:5432/postgres), or install "
+    "`docker compose up -d redis postgres` (after making its secrets/, then export "
+    "REDIS_URL=redis://:$(cat secrets/redis_password)@127.0.0.1:6379/0 TEST_DATABASE_URL="
+    "postgresql://bitserve:$(cat secrets/postgres_password)@127.0.0.1:5432/bitserve), or install "
     "redis-server and PostgreSQL (initdb, pg_ctl) so the tests can start private ones."
 )
 

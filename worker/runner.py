@@ -223,11 +223,10 @@ class JobRun:
         return DatasetIndex.load(index_path)
 
     def _base_checkpoint(self) -> Path:
-        """The catalog checkpoint, downloaded first if needed (the job's "downloading" phase)."""
+        """The catalog checkpoint, downloaded first if needed (the job's "downloading" phase),
+        its SHA-256 checked against the pinned or recorded one on every use."""
         name, directory = self.job.base_model, self.settings.checkpoint_dir
         path = catalog.local_path(name, directory)
-        if path.is_file():
-            return path
         total_steps = int(self.job.plan["total_steps"])
 
         def report(done: int, total: int | None) -> None:
@@ -250,7 +249,12 @@ class JobRun:
                 progress=report,
                 allow_download=self.settings.allow_downloads,
                 base_url=self.settings.checkpoint_base_url,
+                pins=self.settings.checkpoint_sha256,
+                max_bytes=self.settings.checkpoint_max_bytes,
+                allow_insecure=self.settings.allow_insecure_mirror,
             )
+        except catalog.CheckpointCorrupt as exc:
+            raise corrupt_checkpoint(self.job.id, name, exc) from None
         except catalog.CheckpointMissing as exc:
             # The full text names the server's directory: the operator's, in the log.
             log.warning("job %s: %s", self.job.id, exc)
@@ -258,7 +262,7 @@ class JobRun:
                 "checkpoint_missing",
                 checkpoint_missing_message(name, path, self.settings, "downloads are disabled"),
             ) from None
-        except catalog.CheckpointDownloadError as exc:
+        except (catalog.CheckpointDownloadError, catalog.InsecureMirror) as exc:
             log.warning("job %s: downloading the %s checkpoint failed: %s", self.job.id, name, exc)
             raise JobFailure(
                 "checkpoint_missing",
@@ -401,6 +405,18 @@ def checkpoint_missing_message(name: str, path: Path, settings: Settings, why: s
     return (
         f"the {name} checkpoint is not on the server ({why}). An operator downloads {url} and "
         f"saves it as {path.name} in the server's checkpoint directory (BITSERVE_CHECKPOINT_DIR)."
+    )
+
+
+def corrupt_checkpoint(job_id: str, name: str, exc: Exception) -> JobFailure:
+    """The job error for a checkpoint whose SHA-256 is wrong; the full text (it names the
+    server's files) goes to the log only."""
+    log.error("job %s: %s", job_id, exc)
+    return JobFailure(
+        "checkpoint_corrupt",
+        f"the {name} checkpoint on the server differs from its pinned or recorded SHA-256 (it "
+        "was modified or replaced); an operator should remove it from BITSERVE_CHECKPOINT_DIR "
+        "so that it is downloaded again",
     )
 
 

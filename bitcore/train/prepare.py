@@ -135,4 +135,4 @@ def _catalog_path(base_model: str, published: bool) -> Path:
             "not downloaded yet (python -m bitcore checkpoints pull "
             f"{base_model}); or pass from_scratch=True to train without pre-training",
         )
-    return path
+    return catalog.verify_present(base_model, path)  # its SHA-256, as on every use

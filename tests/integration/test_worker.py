@@ -241,6 +241,30 @@ def test_a_forged_job_id_from_the_broker_is_dropped_and_logged_on_one_escaped_li
     assert f"job {unknown} not claimed: not_found" in worker.log()
 
 
+def test_a_tampered_checkpoint_fails_the_job_as_corrupt(env: Env, worker: WorkerProcess) -> None:
+    """Issue 11: the checkpoint's SHA-256, recorded at download, is checked on every use."""
+    directory = env.settings.checkpoint_dir
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "BiT-M-R50x1.npz").write_bytes(b"PK\x03\x04 replaced after download")
+    recorded = "0123456789abcdef" * 4
+    (directory / "BiT-M-R50x1.npz.sha256").write_text(f"{recorded}  BiT-M-R50x1.npz\n")
+    dataset_id = add_dataset(env.db, env.storage)
+    with env.db.sessionmaker() as session:
+        job, _ = jobs.create_job(
+            session,
+            jobs.JobRequest(dataset_id, "BiT-M-R50x1", overrides=FAST_OVERRIDES),
+            send=env.broker.send_finetune,
+            settings=env.settings,
+        )
+    done = wait_for_job(env.db, job.id, finished, 30, "failed", worker)
+    assert (done.status, done.error_code) == ("failed", "checkpoint_corrupt")
+    message = done.error_message or ""
+    assert "BiT-M-R50x1 checkpoint on the server differs from its pinned or recorded" in message
+    assert str(env.settings.checkpoint_dir) not in message  # the full text is in the log only
+    assert f"not the {recorded} recorded in BiT-M-R50x1.npz.sha256" in worker.log()
+    assert env.models_of(job.id) == []
+
+
 @pytest.mark.slow
 def test_the_embedded_setup_runs_a_job(tmp_path: Path) -> None:
     """SQLite database + kombu's SQLAlchemy broker on SQLite: `bitserve up` with no servers."""

@@ -15,16 +15,16 @@ def _mode(path: Path) -> int:
     return path.stat().st_mode & 0o777
 
 
-def test_file_mode_is_0644_whatever_the_umask(tmp_path: Path) -> None:
+def test_file_mode_is_0600_whatever_the_umask(tmp_path: Path) -> None:
     target = tmp_path / "weights.bin"
-    previous = os.umask(0o077)  # a umask that would otherwise make the file 0600
+    previous = os.umask(0)  # a umask that would otherwise leave the file 0666
     try:
         with atomic_write(target) as tmp:
             tmp.write_bytes(b"abc")
     finally:
         os.umask(previous)
-    assert FILE_MODE == 0o644
-    assert _mode(target) == 0o644
+    assert FILE_MODE == 0o600
+    assert _mode(target) == 0o600
     assert target.read_bytes() == b"abc"
     assert [p.name for p in tmp_path.iterdir()] == ["weights.bin"]
 
@@ -68,15 +68,15 @@ def test_write_json_atomic(tmp_path: Path) -> None:
     write_json_atomic(target, {"b": 1, "a": [1, 2]}, indent=None)
     assert target.read_text(encoding="utf-8") == '{"a": [1, 2], "b": 1}'
     assert json.loads(target.read_text(encoding="utf-8")) == {"a": [1, 2], "b": 1}
-    assert _mode(target) == 0o644
+    assert _mode(target) == 0o600
     assert [p.name for p in tmp_path.iterdir()] == ["meta.json"]
 
 
 def test_commit_file_publishes_a_named_temp_file(tmp_path: Path) -> None:
     part = tmp_path / "BiT-S-R50x1.npz.part"
     part.write_bytes(b"npz bytes")
-    os.chmod(part, 0o600)
+    os.chmod(part, 0o644)
     commit_file(part, tmp_path / "BiT-S-R50x1.npz")
     assert [p.name for p in tmp_path.iterdir()] == ["BiT-S-R50x1.npz"]
     assert (tmp_path / "BiT-S-R50x1.npz").read_bytes() == b"npz bytes"
-    assert _mode(tmp_path / "BiT-S-R50x1.npz") == 0o644
+    assert _mode(tmp_path / "BiT-S-R50x1.npz") == 0o600

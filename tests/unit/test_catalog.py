@@ -92,6 +92,8 @@ def content() -> bytes:
 @pytest.fixture
 def server(content: bytes, monkeypatch: pytest.MonkeyPatch) -> Iterator[FileServer]:
     monkeypatch.setenv("no_proxy", "*")  # loopback must not go through a configured proxy
+    # A plain-http test mirror, explicitly allowed (https is tested in test_catalog_integrity).
+    monkeypatch.setenv(catalog.INSECURE_ENV, "1")
     monkeypatch.setattr(catalog, "CHUNK", 64 * 1024)  # several chunks from a small file
     state = FileServer(files={f"{NAME}.npz": content, "BiT-M-R50x1.npz": b"not an npz at all"})
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(state))
@@ -111,8 +113,12 @@ def test_full_download(server: FileServer, content: bytes, tmp_path: Path):
     assert server.requests == [(f"/bit_models/{NAME}.npz", None)]
     assert seen[0] == (0, len(content)) and seen[-1] == (len(content), len(content))
     assert len(seen) > 3 and all(a[0] < b[0] for a, b in itertools.pairwise(seen))
-    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{NAME}.npz", f"{NAME}.npz.lock"]
-    assert path.stat().st_mode & 0o777 == 0o644  # bitcore.atomic.FILE_MODE
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        f"{NAME}.npz",
+        f"{NAME}.npz.lock",
+        f"{NAME}.npz.sha256",  # its digest, checked on every later use
+    ]
+    assert path.stat().st_mode & 0o777 == 0o600  # bitcore.atomic.FILE_MODE
     assert is_present(NAME, tmp_path)
 
 
@@ -206,7 +212,9 @@ def test_http_error_is_distinguished(server: FileServer, tmp_path: Path):
 def test_network_failure_is_distinguished(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("no_proxy", "*")
     with pytest.raises(CheckpointNetworkError, match="network failure") as info:
-        pull(NAME, tmp_path, base_url="http://127.0.0.1:9/bit_models", timeout=5)  # discard port
+        pull(  # the discard port: nothing answers
+            NAME, tmp_path, base_url="http://127.0.0.1:9/bit_models", timeout=5, allow_insecure=True
+        )
     assert str(tmp_path / f"{NAME}.npz") in str(info.value)  # says where to put it by hand
 
 

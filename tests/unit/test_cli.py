@@ -262,6 +262,9 @@ def test_checkpoints_list_and_pull_errors(
         port = probe.getsockname()[1]
     monkeypatch.setenv("BITSERVE_CHECKPOINT_BASE_URL", f"http://127.0.0.1:{port}")
     code, out, err = _run(["checkpoints", "pull", "BiT-S-R50x1"], capsys)
+    assert code == 2 and "is plain http: use https" in err  # refused before any request
+    monkeypatch.setenv("BITSERVE_ALLOW_INSECURE_MIRROR", "1")
+    code, out, err = _run(["checkpoints", "pull", "BiT-S-R50x1"], capsys)
     assert code == 2 and out == ""
     assert err.splitlines()[-1].startswith(
         f"error: network failure fetching http://127.0.0.1:{port}/BiT-S-R50x1.npz"

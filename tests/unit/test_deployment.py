@@ -8,10 +8,17 @@ route is served, and every environment variable they set is one the Settings rea
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+import subprocess
+import time
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import pytest
+import redis
+import sqlalchemy as sa
 import yaml
 
 from service.app import create_app
@@ -52,17 +59,42 @@ def test_healthcheck_route_exists(tmp_path: Path) -> None:
     assert "get" in app.openapi()["paths"]["/healthz"]
 
 
+# A secret with the characters a URL must escape, as `openssl rand -base64` can produce.
+SECRET = "s3:cr/t@p+w=d%"
+
+
+def secret_files(tmp_path: Path) -> dict[str, str]:
+    """/run/secrets/<name> -> a local file holding SECRET + <name> (the container's paths are
+    not writable here)."""
+    mapping = {}
+    for name in COMPOSE["secrets"]:
+        local = tmp_path / "secrets" / name
+        local.parent.mkdir(exist_ok=True)
+        local.write_text(f"{SECRET}{name}\n")  # a trailing newline, as `openssl rand` writes
+        mapping[f"/run/secrets/{name}"] = str(local)
+    return mapping
+
+
 def test_compose_environment_is_read_by_settings(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     env = dict(COMPOSE["x-bitserve-env"])
     env["BITSERVE_HOME"] = str(tmp_path)  # the container's /data is not writable here
     env["BITSERVE_CHECKPOINT_DIR"] = str(tmp_path / "checkpoints")
+    secrets = secret_files(tmp_path)
     for key, value in env.items():
-        monkeypatch.setenv(key, value)
+        monkeypatch.setenv(key, secrets.get(value, value))
     settings = Settings()
-    assert settings.database_url == env["DATABASE_URL"]
-    assert settings.broker_url == env["CELERY_BROKER_URL"]
+    # The passwords come from the secret files into the URLs, percent-encoded.
+    database = sa.engine.make_url(settings.database_url)
+    assert database.password == f"{SECRET}postgres_password"
+    assert database.render_as_string(hide_password=True) == env["DATABASE_URL"].replace(
+        "bitserve@", "bitserve:***@"
+    )
+    broker = urlsplit(settings.broker_url)
+    assert unquote(broker.password or "") == f"{SECRET}redis_password"
+    assert (broker.hostname, broker.port, broker.path) == ("redis", 6379, "/0")
+    assert settings.pepper == f"{SECRET}api_key_pepper".encode()
     assert settings.home == tmp_path
     assert settings.checkpoint_dir == tmp_path / "checkpoints"
     assert settings.worker_concurrency == int(env["BITSERVE_WORKER_CONCURRENCY"])
@@ -75,3 +107,135 @@ def test_gpu_worker_selects_cuda(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
     monkeypatch.setenv("BITSERVE_DEVICE", gpu["environment"]["BITSERVE_DEVICE"])
     assert Settings().device == "cuda"
     assert gpu["profiles"] == ["gpu"]
+
+
+# -- issue 11: compose hardening, the image's pinned base and locked install ------------------
+
+
+def test_compose_publishes_ports_on_loopback_only() -> None:
+    published = {
+        name: svc.get("ports", []) for name, svc in COMPOSE["services"].items() if "ports" in svc
+    }
+    assert set(published) == {"postgres", "redis", "gateway"}
+    for name, ports in published.items():
+        for port in ports:
+            assert str(port).startswith("127.0.0.1:"), (name, port)
+
+
+def test_every_compose_service_has_a_memory_limit() -> None:
+    limits = {name: svc.get("mem_limit") for name, svc in COMPOSE["services"].items()}
+    assert all(re.fullmatch(r"\d+[mg]", str(limit)) for limit in limits.values()), limits
+
+
+def test_compose_keeps_no_password_in_plain_text() -> None:
+    text = (ROOT / "docker-compose.yml").read_text()
+    assert "POSTGRES_PASSWORD:" not in text
+    assert "BITSERVE_API_KEY_PEPPER:" not in text
+    for url in (
+        COMPOSE["x-bitserve-env"]["DATABASE_URL"],
+        COMPOSE["x-bitserve-env"]["CELERY_BROKER_URL"],
+    ):
+        assert urlsplit(url).password is None, url
+    assert COMPOSE["services"]["postgres"]["environment"]["POSTGRES_PASSWORD_FILE"] == (
+        "/run/secrets/postgres_password"
+    )
+    # Every secret is a git-ignored file, and every container reading one mounts it.
+    assert {name: spec["file"] for name, spec in COMPOSE["secrets"].items()} == {
+        name: f"./secrets/{name}"
+        for name in ("postgres_password", "redis_password", "api_key_pepper")
+    }
+    assert "/secrets/" in (ROOT / ".gitignore").read_text().split()
+    for name, svc in COMPOSE["services"].items():
+        environment = svc.get("environment") or {}
+        wanted = {
+            value.removeprefix("/run/secrets/")
+            for value in environment.values()
+            if str(value).startswith("/run/secrets/")
+        }
+        command = " ".join(svc.get("command") or [])
+        wanted |= set(re.findall(r"/run/secrets/(\w+)", command))
+        assert wanted <= set(svc.get("secrets") or []), name
+
+
+def test_compose_redis_refuses_clients_without_the_password(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The compose file's own Redis command and health check, run on a local redis-server
+    (the secret's path swapped for a local file), against the URL bitserve's settings build."""
+    if shutil.which("redis-server") is None:
+        pytest.fail("redis-server is needed (tests/services.py says how to get it)")
+    secrets = secret_files(tmp_path)
+    service = COMPOSE["services"]["redis"]
+
+    def local(shell: str) -> str:
+        shell = shell.replace("$$", "$")  # compose's escape for a literal $
+        for container_path, local_path in secrets.items():
+            shell = shell.replace(container_path, local_path)
+        return shell
+
+    assert service["command"][:2] == ["sh", "-c"]
+    port = _free_port()
+    server = subprocess.Popen(
+        ["sh", "-c", local(service["command"][2]) + f" --port {port} --dir {tmp_path}"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        anonymous = redis.Redis(port=port, socket_timeout=5)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                anonymous.ping()
+            except redis.exceptions.AuthenticationError:
+                break  # up, and refusing us: what we want
+            except redis.exceptions.ConnectionError:
+                assert time.monotonic() < deadline, "redis-server did not start"
+                time.sleep(0.05)
+            else:
+                pytest.fail("Redis answered a client without the password")
+        monkeypatch.setenv("BITSERVE_HOME", str(tmp_path))
+        monkeypatch.setenv("CELERY_BROKER_URL", f"redis://127.0.0.1:{port}/0")
+        monkeypatch.setenv("BITSERVE_BROKER_PASSWORD_FILE", secrets["/run/secrets/redis_password"])
+        assert redis.Redis.from_url(Settings().broker_url).ping() is True
+        health = service["healthcheck"]["test"]
+        assert health[0] == "CMD-SHELL"
+        check = local(health[1]).replace("redis-cli", f"redis-cli -p {port}")
+        assert subprocess.run(["sh", "-c", check], timeout=10).returncode == 0
+        wrong = re.sub(r"\$\(cat [^)]*\)", "wrong-password", check)
+        assert wrong != check
+        assert subprocess.run(["sh", "-c", wrong], timeout=10).returncode != 0
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_password_files_replace_a_password_in_the_url(tmp_path: Path) -> None:
+    secret = tmp_path / "pw"
+    secret.write_text("n3w/p@ss\r\n")
+    settings = Settings(
+        home=tmp_path,
+        database_url="postgresql+psycopg://user:old@db:5432/x",
+        database_password_file=secret,
+    )
+    assert settings.database_url == "postgresql+psycopg://user:n3w%2Fp%40ss@db:5432/x"
+    secret.write_text("")
+    with pytest.raises(ValueError, match="is empty"):
+        Settings(home=tmp_path, broker_url="redis://r:6379/0", broker_password_file=secret)
+
+
+def test_the_image_base_is_pinned_by_digest_and_installs_the_lock() -> None:
+    base = re.search(r"^FROM (\S+)", DOCKERFILE, re.M)
+    assert base is not None
+    assert re.fullmatch(r"python:3\.11[\w.-]*-slim[\w-]*@sha256:[0-9a-f]{64}", base.group(1))
+    assert "COPY requirements.lock ./" in DOCKERFILE
+    assert "pip install --require-hashes --no-deps -r requirements.lock" in DOCKERFILE
+    assert "pip install --no-deps --no-build-isolation . && pip check" in DOCKERFILE
+    assert os.path.exists(ROOT / "requirements.lock")

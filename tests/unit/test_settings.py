@@ -113,3 +113,24 @@ def test_get_settings_is_cached_and_reads_the_environment(
 def test_bad_values_are_refused(field: str, value: object) -> None:
     with pytest.raises(ValidationError):
         Settings(**{field: value})  # type: ignore[arg-type]
+
+
+def test_checkpoint_integrity_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 11: pinned digests from the environment, http mirrors only when allowed, a cap."""
+    from bitcore import catalog
+
+    digest = "AB" * 32
+    monkeypatch.setenv("BITSERVE_CHECKPOINT_SHA256", f'{{"BiT-M-R50x1": "{digest}"}}')
+    settings = Settings(home=tmp_path)
+    assert settings.checkpoint_sha256 == {"BiT-M-R50x1": digest.lower()}
+    assert settings.checkpoint_max_bytes == catalog.DEFAULT_MAX_BYTES
+    assert settings.allow_insecure_mirror is False
+    monkeypatch.setenv("BITSERVE_CHECKPOINT_SHA256", '{"BiT-M-R50x1": "not-a-digest"}')
+    with pytest.raises(ValueError, match="the digest of BiT-M-R50x1 is not 64 hex digits"):
+        Settings(home=tmp_path)
+    monkeypatch.delenv("BITSERVE_CHECKPOINT_SHA256")
+    with pytest.raises(ValueError, match="is plain http: use https, or set BITSERVE_ALLOW_INSEC"):
+        Settings(home=tmp_path, checkpoint_base_url="http://mirror.internal/bit")
+    monkeypatch.setenv("BITSERVE_ALLOW_INSECURE_MIRROR", "true")
+    allowed = Settings(home=tmp_path, checkpoint_base_url="http://mirror.internal/bit")
+    assert allowed.allow_insecure_mirror is True

@@ -24,7 +24,7 @@ def test_save_keeps_the_newest_complete_step_readable(tmp_path: Path) -> None:
     assert final == tmp_path / "step-00000002"
     assert [p.name for p in tmp_path.iterdir()] == ["step-00000002"]
     assert sorted(p.name for p in final.iterdir()) == ["state.json", "state.safetensors"]
-    assert [p.stat().st_mode & 0o777 for p in final.iterdir()] == [0o644, 0o644]
+    assert [p.stat().st_mode & 0o777 for p in final.iterdir()] == [0o600, 0o600]
     assert state.latest(tmp_path) == state.SavedState(2, final)
 
 
