@@ -80,6 +80,7 @@ DOMAIN = (
     "storage",
     "tables",
     "supervisor",
+    "job_costs",
 )
 
 
