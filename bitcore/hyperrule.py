@@ -40,6 +40,19 @@ OVERRIDABLE = (
     "precrop",
     "mixup_alpha",
 )
+# Hard upper bounds on overrides (docs/security.md, "Limits"): far above anything the rule
+# chooses itself (crop 480, batch 512, 20k steps), far below what exhausts a worker
+# (precrop 60000 or batch 1e9 need tens of GB; steps 1e12 holds a worker for ever).
+MAX_OVERRIDE: dict[str, int | float] = {
+    "steps": 100_000,
+    "warmup_steps": 100_000,
+    "batch_size": 4096,
+    "micro_batch_size": 4096,
+    "crop": 1024,
+    "precrop": 1024,
+    "base_lr": 10.0,
+    "mixup_alpha": 10.0,
+}
 
 
 class PlanError(ValueError):
@@ -194,6 +207,9 @@ def apply_overrides(base: Plan, overrides: Mapping[str, Any]) -> Plan:
             changes[key] = _non_negative_float(key, overrides[key])
     if changes.get("base_lr") == 0.0:
         raise PlanError("base_lr must be > 0", "base_lr")
+    for key, value in changes.items():
+        if value > MAX_OVERRIDE[key]:
+            raise PlanError(f"{key} must be <= {MAX_OVERRIDE[key]}, got {value}", key)
 
     steps = changes.pop("steps", None)
     warmup = changes.pop("warmup_steps", None)

@@ -91,12 +91,20 @@ class WorkEstimate(TypedDict):
     basis: str
 
 
+class JobCost(TypedDict):
+    memory_bytes: int
+    micro_batch_size: int
+    cache_bytes: int
+    images_processed: int
+
+
 class PlanEstimate(TypedDict):
     dataset_id: str
     base_model: str
     validation_fraction: float
     plan: Plan
     estimate: WorkEstimate
+    cost: JobCost
 
 
 class BaseModel(TypedDict):

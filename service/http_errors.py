@@ -133,7 +133,10 @@ async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
     where = ".".join(str(p) for p in errors[0]["loc"]) if errors else ""
     what = str(errors[0]["msg"]) if errors else "invalid request"
     message = f"{where}: {what}" if where else what
-    return error_response(422, "invalid_request", message, {"errors": errors})
+    details: dict[str, Any] = {"errors": errors}
+    if errors and len(errors[0]["loc"]) > 1:  # the field, without "body." or "query."
+        details["field"] = ".".join(str(p) for p in errors[0]["loc"][1:])
+    return error_response(422, "invalid_request", message, details)
 
 
 async def _http_error(_request: Request, exc: Exception) -> JSONResponse:

@@ -31,7 +31,7 @@ from sqlalchemy.orm import Session
 from bitcore import hyperrule
 from bitcore.data.split import validation_count
 from bitcore.models import MODEL_SPECS
-from service import quotas
+from service import job_costs, quotas
 from service.domain_errors import Conflict, InvalidRequest, NotFound, QuotaExceeded
 from service.ids import new_id, utcnow
 from service.job_runs import Send, transition
@@ -140,6 +140,7 @@ def create_job(
     plan = plan_for_dataset(
         dataset, request.base_model, request.validation_fraction, request.overrides
     )
+    job_costs.check_cost(plan, request.base_model, dataset.num_images, settings)
     try:
         quotas.check_active_jobs(session, tenant_id, settings)
     except QuotaExceeded:

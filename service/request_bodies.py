@@ -141,6 +141,10 @@ async def _read_json(
         payload = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise MalformedRequest("malformed_request", f"the body is not valid JSON: {exc}") from exc
+    except RecursionError:  # nested deeper than the parser's stack (issue 11): not a 500
+        raise MalformedRequest(
+            "malformed_request", "the body's JSON is nested too deeply to parse"
+        ) from None
     instances = payload.get("instances") if isinstance(payload, dict) else None
     if not isinstance(instances, list):
         raise InvalidRequest(

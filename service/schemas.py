@@ -15,6 +15,7 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, PlainSerializer
 
+from bitcore.hyperrule import MAX_OVERRIDE
 from bitcore.train.callbacks import Progress
 from service import datasets
 from service.api_keys import Scope
@@ -165,14 +166,56 @@ class Overrides(Stored):
     mixup_alpha: float | None = Field(None, exclude_if=_unset)
 
 
+def _bounded_int(what: str, name: str) -> Any:
+    # strict: `true` is not 1 step, nor "5" five (JSON numbers only).
+    return Field(None, ge=1, le=int(MAX_OVERRIDE[name]), strict=True, description=what)
+
+
+class OverridesRequest(Schema):
+    """POST /v1/jobs `overrides`: HyperRule fields to set instead of the rule's choice.
+
+    Each has a hard bound (docs/security.md, "Limits"); how they fit together (crop <=
+    precrop, micro_batch_size dividing batch_size, warmup_steps < steps) is the planner's to
+    check (422 invalid_override), and what they cost together is checked against the server's
+    limits (422 job_too_expensive)."""
+
+    steps: int | None = _bounded_int("total optimizer steps", "steps")
+    warmup_steps: int | None = _bounded_int("linear warm-up steps, < steps", "warmup_steps")
+    batch_size: int | None = _bounded_int("images per optimizer step", "batch_size")
+    micro_batch_size: int | None = _bounded_int(
+        "images per forward pass; divides batch_size", "micro_batch_size"
+    )
+    base_lr: float | None = Field(
+        None, gt=0, le=MAX_OVERRIDE["base_lr"], strict=True, allow_inf_nan=False
+    )
+    crop: int | None = _bounded_int("training crop, px; <= precrop", "crop")
+    precrop: int | None = _bounded_int("resize before the crop, px", "precrop")
+    mixup_alpha: float | None = Field(
+        None, ge=0, le=MAX_OVERRIDE["mixup_alpha"], strict=True, allow_inf_nan=False
+    )
+
+
+class JobCost(Schema):
+    """What the plan is estimated to cost (bitcore.costs); a job past one of the server's
+    limits is refused (422 job_too_expensive)."""
+
+    memory_bytes: int = Field(description="model state + saved activations of one micro-batch")
+    micro_batch_size: int = Field(
+        description="the micro-batch memory_bytes is for: the plan's, or 1 if chosen at run time"
+    )
+    cache_bytes: int = Field(description="the dataset's images at precrop x precrop x 3 bytes")
+    images_processed: int = Field(description="total_steps x batch_size")
+
+
 class DatasetPlan(Schema):
-    """The plan a job on this dataset would get, and how much work it is."""
+    """The plan a job on this dataset would get, how much work it is, and what it costs."""
 
     dataset_id: str
     base_model: str
     validation_fraction: float
     plan: Plan
     estimate: WorkEstimate
+    cost: JobCost
 
 
 # -- datasets -----------------------------------------------------------------------------

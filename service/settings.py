@@ -105,6 +105,20 @@ class Settings(BaseSettings):
     job_resend_after_seconds: float = Field(default=600.0, gt=0)
     # Above the longest training job: Redis redelivers unacked late-ack tasks after this.
     broker_visibility_timeout: int = Field(default=7 * 24 * 3600, gt=0)
+    # Job cost limits (docs/security.md, "Limits"): a job whose estimate (bitcore.costs) is
+    # past one is refused before it is queued (422 job_too_expensive).
+    # One micro-batch's training memory: the largest common accelerator (80 GB); set it to
+    # the workers' own device memory.
+    job_max_memory_bytes: int = Field(default=80 * GIB, gt=0)
+    # The dataset's decode-once cache at the job's precrop: 100k images (the archive entry
+    # limit) at the rule's largest precrop (512 px) are 73 GiB.
+    job_max_cache_bytes: int = Field(default=100 * GIB, gt=0)
+    # steps x batch_size: 5x the rule's largest schedule (20k steps x 512 = 10.24M images).
+    job_max_images: int = Field(default=50_000_000, gt=0)
+    # Wall clock from a job's first start: the worker stops it past this (time_limit_exceeded).
+    # 3 days: the rule's largest schedule on a large model at about 100 images/s is ~28 h;
+    # below broker_visibility_timeout, so no running job is ever redelivered as a lost one.
+    job_max_seconds: float = Field(default=3 * 24 * 3600, gt=0)
 
     device: str | None = None
     train_queue: str = "train"

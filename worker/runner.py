@@ -3,7 +3,9 @@
 Every database write goes through service.job_runs, fenced by this attempt's `worker_id`. While
 the job runs a heartbeat thread keeps `heartbeat_at` fresh and watches for a cancel request;
 training polls that flag between steps (cooperative cancel, docs/operations.md) and checkpoints
-into the job's work dir, so a redelivered or reclaimed job resumes where it stopped.
+into the job's work dir, so a redelivered or reclaimed job resumes where it stopped. The same
+thread stops a job that has run past `job_max_seconds` since its first start: the cancel path
+stops it, and it fails with time_limit_exceeded.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
+from datetime import UTC
 from pathlib import Path
 
 from bitcore import catalog
@@ -26,7 +29,7 @@ from bitcore.train import Progress, TrainCallbacks, TrainingCancelled, finetune
 from service import job_runs, jobs, models_store
 from service.broker import Broker
 from service.db import UNAVAILABLE_ERRORS, Database
-from service.ids import new_id
+from service.ids import new_id, utcnow
 from service.settings import Settings
 from service.storage import Storage
 from service.tables import Dataset, Job
@@ -105,6 +108,8 @@ class JobRun:
         self.shutdown = shutdown  # the worker is stopping: checkpoint and hand the job back
         self.cancel = threading.Event()  # set on a cancel request or when the job is lost
         self.lost = threading.Event()  # the job is no longer ours (reclaimed elsewhere)
+        self.timed_out = threading.Event()  # past job_max_seconds: stopped, then failed
+        self.deadline = time.monotonic() + _seconds_left(job, settings.job_max_seconds)
         self.work_dir = storage.job_dir(job.id)
         self.model_id = models_store.new_model_id()
         self.out_dir = storage.model_dir(self.model_id)
@@ -115,6 +120,8 @@ class JobRun:
             return self._train()
         except TrainingCancelled:
             self.storage.remove(self.out_dir)
+            if self.timed_out.is_set():
+                return self._failed("time_limit_exceeded", self._time_limit_message())
             if self.shutdown.is_set() and not self.cancel.is_set():
                 return self._released()
             return self._cancelled()
@@ -270,6 +277,13 @@ class JobRun:
                 + " Or set BITSERVE_CHECKPOINT_BASE_URL to a reachable mirror.",
             ) from None
 
+    def _time_limit_message(self) -> str:
+        limit = self.settings.job_max_seconds
+        return (
+            f"the job ran longer than the limit of {limit:g} s (BITSERVE_JOB_MAX_SECONDS) since "
+            "it first started; fewer steps or a smaller batch_size make it shorter"
+        )
+
     def _cancelled(self) -> str:
         if self.lost.is_set():
             return self._not_ours()
@@ -344,6 +358,10 @@ class JobRun:
     def _beat(self, stop: threading.Event) -> None:
         interval = min(self.settings.job_heartbeat_seconds, CANCEL_POLL_SECONDS)
         while not stop.wait(interval):
+            if time.monotonic() >= self.deadline and not self.timed_out.is_set():
+                log.warning("job %s: past its time limit; stopping it", self.job.id)
+                self.timed_out.set()
+                self.cancel.set()  # training stops between steps, as on a cancel request
             try:
                 with self.db.sessionmaker() as session:
                     state = job_runs.heartbeat(session, self.job.id, self.worker_id)
@@ -424,6 +442,17 @@ def checkpoint_every(total_steps: int) -> int:
     """Checkpoint about 10 times per run, at least every 50 steps: a lost worker costs at most
     a tenth of the run (or 50 steps) when the job resumes elsewhere."""
     return max(1, min(50, total_steps // 10))
+
+
+def _seconds_left(job: Job, limit: float) -> float:
+    """What is left of `limit` seconds since the job first started (earlier attempts count:
+    a job that kills its workers cannot restart its clock)."""
+    started = job.started_at
+    if started is None:
+        return limit
+    if started.tzinfo is None:  # stored without a zone: UTC, as everywhere in the service
+        started = started.replace(tzinfo=UTC)
+    return limit - (utcnow() - started).total_seconds()
 
 
 def _daemonic() -> bool:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from service import datasets, quotas
+from bitcore.hyperrule import MAX_OVERRIDE
+from service import datasets, job_costs, quotas
 from service.admission import UploadSlots
 from service.api_keys import Scope
 from service.archives import detect_kind
@@ -21,7 +22,7 @@ from service.domain_errors import MalformedRequest, UnsupportedMedia
 from service.http_errors import error_responses
 from service.pagination import DEFAULT_LIMIT, CursorQuery, LimitQuery, page
 from service.request_bodies import QuotaCap, check_declared_length
-from service.schemas import DatasetPlan, DatasetPublic, Page, Plan, RejectedFile
+from service.schemas import DatasetPlan, DatasetPublic, JobCost, Page, Plan, RejectedFile
 from service.settings import Settings
 from service.storage import Storage
 from service.uploads import check_free_disk, receive_upload
@@ -174,22 +175,30 @@ def delete_dataset(dataset_id: str, db: DbDep, storage: StorageDep, tenant: Tena
     return Response(status_code=204)
 
 
+def _override(name: str, ge: int = 1) -> Any:
+    # The same bounds as POST /v1/jobs (bitcore.hyperrule.MAX_OVERRIDE).
+    return Query(ge=ge, le=MAX_OVERRIDE[name])
+
+
 @router.get("/{dataset_id}/plan", response_model=DatasetPlan, responses=error_responses(404, 422))
 def dataset_plan(
     dataset_id: str,
     session: SessionDep,
     tenant: TenantDep,
+    settings: SettingsDep,
     base_model: Annotated[str, Query(max_length=64)] = "BiT-M-R50x1",
     validation_fraction: Annotated[float, Query(ge=0, lt=1)] = 0.1,
-    steps: Annotated[int | None, Query(ge=1)] = None,
-    warmup_steps: Annotated[int | None, Query(ge=0)] = None,
-    batch_size: Annotated[int | None, Query(ge=1)] = None,
-    micro_batch_size: Annotated[int | None, Query(ge=1)] = None,
-    base_lr: Annotated[float | None, Query(gt=0)] = None,
-    crop: Annotated[int | None, Query(ge=1)] = None,
-    precrop: Annotated[int | None, Query(ge=1)] = None,
-    mixup_alpha: Annotated[float | None, Query(ge=0)] = None,
+    steps: Annotated[int | None, _override("steps")] = None,
+    warmup_steps: Annotated[int | None, _override("warmup_steps")] = None,
+    batch_size: Annotated[int | None, _override("batch_size")] = None,
+    micro_batch_size: Annotated[int | None, _override("micro_batch_size")] = None,
+    base_lr: Annotated[float | None, Query(gt=0, le=MAX_OVERRIDE["base_lr"])] = None,
+    crop: Annotated[int | None, _override("crop")] = None,
+    precrop: Annotated[int | None, _override("precrop")] = None,
+    mixup_alpha: Annotated[float | None, Query(ge=0, le=MAX_OVERRIDE["mixup_alpha"])] = None,
 ) -> DatasetPlan:
+    """The plan a job on this dataset would get, its work and its cost; what POST /v1/jobs
+    would refuse (bounds, invalid_override, job_too_expensive) is refused here alike."""
     row = datasets.get_dataset(session, tenant, dataset_id)
     overrides = {
         "steps": steps,
@@ -202,10 +211,12 @@ def dataset_plan(
         "mixup_alpha": mixup_alpha,
     }
     plan, estimate = datasets.plan_estimate(row, base_model, validation_fraction, overrides)
+    cost = job_costs.check_cost(plan, base_model, row.num_images, settings)
     return DatasetPlan(
         dataset_id=row.id,
         base_model=base_model,
         validation_fraction=validation_fraction,
         plan=Plan.model_validate(plan),
         estimate=estimate,
+        cost=JobCost(**cost.to_dict()),
     )

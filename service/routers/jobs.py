@@ -27,7 +27,7 @@ from service.http_errors import error_responses
 from service.job_states import JobStatus
 from service.names import NameStr
 from service.pagination import DEFAULT_LIMIT, CursorQuery, LimitQuery, page
-from service.schemas import JobPublic, Page
+from service.schemas import JobPublic, OverridesRequest, Page
 
 router = APIRouter(
     prefix="/v1/jobs",
@@ -51,9 +51,9 @@ EVENTS_DOC: dict[int | str, dict[str, Any]] = {
 
 
 class JobCreate(BaseModel):
-    """POST /v1/jobs body. Overrides are checked by the BiT-HyperRule planner, which names the
-    offending field; allowed keys: steps, warmup_steps, batch_size, micro_batch_size, base_lr,
-    crop, precrop, mixup_alpha."""
+    """POST /v1/jobs body. Each override is typed and bounded here (422 invalid_request, the
+    field named); how they fit together is the BiT-HyperRule planner's to check (422
+    invalid_override), and what the job costs the server's (422 job_too_expensive)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -62,7 +62,7 @@ class JobCreate(BaseModel):
     # strict: `false` is not a fraction of 0, nor `true` seed 1 (found by tests/fuzz).
     validation_fraction: float = Field(default=0.1, ge=0.0, lt=1.0, strict=True)
     seed: int = Field(default=0, ge=0, le=2**31 - 1, strict=True)
-    overrides: dict[str, Any] = Field(default_factory=dict)
+    overrides: OverridesRequest = Field(default_factory=lambda: OverridesRequest.model_validate({}))
     name: NameStr | None = Field(default=None, max_length=200)
 
 
@@ -89,7 +89,9 @@ async def create_job(
     settings: SettingsDep,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> JSONResponse:
-    request = jobs.JobRequest(**body.model_dump())
+    # Only the overrides given: the fingerprint (idempotent replays) is of what was asked.
+    overrides = body.overrides.model_dump(exclude_none=True)
+    request = jobs.JobRequest(**{**body.model_dump(), "overrides": overrides})
     job, created = await _call(
         jobs.create_job,
         session,

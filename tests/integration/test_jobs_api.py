@@ -145,10 +145,11 @@ def test_create_job_answers_the_hyperrule_plan(
     [
         ({"dataset_id": "ds_" + "a" * 20}, 404, "not_found", None),
         ({"base_model": "BiT-Q-R9x9"}, 422, "unknown_base_model", "base_model"),
-        ({"overrides": {"steps": -1}}, 422, "invalid_override", "overrides.steps"),
+        # Bounds and types: the request model's (issue 11); how values fit: the planner's.
+        ({"overrides": {"steps": -1}}, 422, "invalid_request", "overrides.steps"),
         ({"overrides": {"crop": 500}}, 422, "invalid_override", "overrides.crop"),
-        ({"overrides": {"epochs": 2}}, 422, "invalid_override", "overrides.epochs"),
-        ({"overrides": {"batch_size": "big"}}, 422, "invalid_override", "overrides.batch_size"),
+        ({"overrides": {"epochs": 2}}, 422, "invalid_request", "overrides.epochs"),
+        ({"overrides": {"batch_size": "big"}}, 422, "invalid_request", "overrides.batch_size"),
         ({"validation_fraction": 1.5}, 422, "invalid_request", None),
         ({"colour": "blue"}, 422, "invalid_request", None),
     ],

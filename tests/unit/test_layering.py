@@ -85,6 +85,7 @@ DOMAIN = (
     "storage",
     "tables",
     "supervisor",
+    "job_costs",
 )
 
 
