@@ -27,6 +27,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO, Any, Literal
 
 from service.domain_errors import InvalidRequest, TooLarge, UnsupportedMedia
+from service.names import describe, first_refused
 
 ArchiveKind = Literal["zip", "tar.gz"]
 NESTED_SUFFIXES = (
@@ -137,6 +138,18 @@ def safe_relpath(name: str) -> str | None:
         raise _unsafe(f"member {name!r} escapes the archive folder", name, "path_traversal")
     if any(len(p.encode()) > 255 for p in parts):
         raise _unsafe(f"member {name!r} has a name part over 255 bytes", name, "bad_name")
+    # Folder names become class names: shown in listings, logs and predictions, so they hold no
+    # control or format characters (service.names). File names may (macOS writes "Icon\r"):
+    # they are only ever stored and listed escaped.
+    for folder in parts[:-1]:
+        char = first_refused(folder)
+        if char is not None:
+            raise _unsafe(
+                f"member {name!r}: the folder name {folder!r} contains {describe(char)}; "
+                "class folder names may not contain control or format characters",
+                name,
+                "bad_name",
+            )
     return "/".join(parts) or None
 
 

@@ -15,6 +15,7 @@ from bitcore.data.index import index_directory
 from service.archives import (
     RATIO_MIN_BYTES,
     ArchiveError,
+    ArchiveUnsafe,
     Limits,
     _CountingReader,
     detect_kind,
@@ -326,3 +327,24 @@ def test_safe_relpath_normalises() -> None:
         safe_relpath("cat/\x00.png")
     with pytest.raises(ArchiveError):
         safe_relpath("a" * 256 + "/x.png")
+
+
+@pytest.mark.parametrize("folder", ["ca\nt", "ca\rt", "cat\u202e", "cat\u2028", "c\tat"])
+def test_class_folder_names_with_control_characters_are_refused(
+    tmp_path: Path, folder: str
+) -> None:
+    """Issue 11: a class name with a newline forges log lines and listings; U+202E makes a
+    class read as another. The folder names become class names, so the archive is refused."""
+    archive = _zip(tmp_path / "a.zip", {f"{folder}/x.png": b"\x89PNG", "dog/y.png": b"\x89PNG"})
+    error = _refused(tmp_path, archive)
+    assert isinstance(error, ArchiveUnsafe)
+    assert error.details["reason"] == "bad_name"
+    assert f"U+{ord(next(c for c in folder if not c.isalpha())):04X}" in error.message
+
+
+def test_file_names_with_control_characters_are_kept(tmp_path: Path) -> None:
+    # macOS writes a custom folder icon as "Icon\r": a file name is stored, never a class name.
+    archive = _zip(tmp_path / "a.zip", {"cat/Icon\r": b"x", "cat/a.png": b"\x89PNG"})
+    out = extract_archive(archive, tmp_path / "out", LIMITS)
+    assert sorted(_tree(tmp_path / "out")) == ["cat/Icon\r", "cat/a.png"]
+    assert out.skipped == []
