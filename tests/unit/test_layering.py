@@ -58,6 +58,8 @@ WEB_LAYER = (
     "service.metrics",
     "service.openapi",
     "service.auth",
+    "service.connections",
+    "service.job_events",
 )
 # The service's domain modules: plain functions over the database and the store, which the
 # routes and the worker call. They raise service.domain_errors kinds and know no HTTP.
