@@ -166,6 +166,7 @@ class JobNotifier:
 
     async def _poll(self) -> None:
         """Every interval, while any job is watched: one query for all of them."""
+        failing = False
         while self._watches:
             await asyncio.sleep(self.interval)
             ids = list(self._watches)
@@ -174,8 +175,13 @@ class JobNotifier:
             try:
                 jobs = await run_in_threadpool(self._read, ids)
             except Exception:  # the database is down: streams wait, the next turn retries
-                log.warning("job events: reading %d job(s) failed", len(ids), exc_info=True)
+                if not failing:  # once per outage, not every interval
+                    log.warning("job events: reading %d job(s) failed", len(ids), exc_info=True)
+                failing = True
                 continue
+            if failing:
+                log.info("job events: reading jobs again")
+            failing = False
             self.polls += 1
             for job in jobs:
                 watch = self._watches.get(job.id)

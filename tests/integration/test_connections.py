@@ -28,6 +28,7 @@ from tests.integration.conftest import LiveServer, make_settings
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 TIMEOUT = 1.0  # the header and body timeouts of the slowloris server
+KEEP_ALIVE = 2  # its keep-alive timeout
 # A loaded CI machine: the connection must be gone within the timeout plus this.
 SLACK = 1.5
 
@@ -48,6 +49,7 @@ def slow_server(
         header_timeout_seconds=TIMEOUT,
         body_idle_timeout_seconds=TIMEOUT,
         body_min_bytes_per_second=100.0,
+        keep_alive_seconds=KEEP_ALIVE,
     )
     return _serve(start_server, settings)
 
@@ -115,6 +117,19 @@ def test_a_kept_alive_connection_gets_a_fresh_header_deadline(slow_server: LiveS
         assert http.get("/healthz").status_code == 200
         time.sleep(TIMEOUT * 1.3)
         assert http.get("/v1/datasets").status_code == 200
+
+
+def test_an_idle_kept_alive_connection_is_closed_after_the_keep_alive_timeout(
+    slow_server: LiveServer,
+) -> None:
+    with _connect(slow_server) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        answered = time.monotonic()
+        raw = _read_until_closed(sock)
+        elapsed = time.monotonic() - answered
+    # One answer (200), then silence and the close: no 408, the request had been answered.
+    assert raw.startswith(b"HTTP/1.1 200 ") and raw.count(b"HTTP/1.1") == 1
+    assert KEEP_ALIVE - 0.1 <= elapsed <= KEEP_ALIVE + SLACK
 
 
 def _post_head(server: LiveServer, path: str, length: int, content_type: str) -> bytes:
