@@ -17,7 +17,7 @@ finishes arriving. This module adds, in uvicorn's own protocol (httptools) and a
   `request_timeout`, the app sees a client disconnect (uploads delete their temp files).
 
 `raise_fd_limit` lifts RLIMIT_NOFILE's soft limit to the hard one at start-up and lowers the
-cap if descriptors would still run out. docs/operations.md ("Connections") names the
+cap if descriptors would still run out. docs/operations.md ("Connections and streams") names the
 reverse-proxy settings to put in front as well.
 """
 
@@ -165,7 +165,7 @@ class BodyTimeoutMiddleware:
                 with anyio.fail_after(max(wait, 0.0)):
                     message = await receive()
             except TimeoutError:
-                what = "body" if wait >= self.idle_seconds else "body (too slow)"
+                what = "body" if wait >= self.idle_seconds else f"body at {self.min_rate:g} bytes/s"
                 timed_out = request_timeout(what, self.idle_seconds)
                 return {"type": "http.disconnect"}  # the app stops reading, cleans up
             if message["type"] == "http.request":
