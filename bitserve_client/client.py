@@ -201,19 +201,29 @@ class BitserveClient:
     ) -> Iterator[JobEvent]:
         """The job's events until it finishes, ending with `done` (data: the finished job).
 
-        Reads the Server-Sent Events stream; if it cannot be opened or breaks off, polls
-        GET /v1/jobs/{id} instead and makes the same events from the changes it sees.
+        Reads the Server-Sent Events stream, opening a new one when the server ends it with
+        `reconnect` (its maximum lifetime); if it cannot be opened (e.g. 429 too_many_streams)
+        or breaks off, polls GET /v1/jobs/{id} instead and makes the same events from the
+        changes it sees.
         Raises JobTimeout once `timeout` seconds have passed without the end.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         last: dict[str, Any] | None = None
         try:
-            for event in self._sse(job_id, deadline, timeout):
-                if event.event in ("status", "done"):
-                    last = event.data
-                yield event
-                if event.event == "done":
-                    return
+            reconnect = True
+            while reconnect:  # a stream past the server's lifetime ends with `reconnect`
+                reconnect = False
+                for event in self._sse(job_id, deadline, timeout):
+                    if event.event == "reconnect":
+                        reconnect = True
+                        break
+                    if event.event == "status" and _same_status(last, event.data):
+                        continue  # a new stream's first event: nothing changed
+                    if event.event in ("status", "done"):
+                        last = event.data
+                    yield event
+                    if event.event == "done":
+                        return
         except ApiError as exc:
             if exc.status in (401, 403):
                 raise
@@ -476,3 +486,7 @@ def _check_deadline(
 ) -> None:
     if deadline is not None and time.monotonic() >= deadline:
         raise JobTimeout(job_id, timeout or 0.0, last)
+
+
+def _same_status(last: dict[str, Any] | None, job: dict[str, Any]) -> bool:
+    return last is not None and last.get("status") == job.get("status")

@@ -14,9 +14,11 @@ from service.audit_middleware import AuditMiddleware
 from service.auth import PrincipalCache, check_auth_setting
 from service.body_limits import BodyLimitMiddleware
 from service.broker import Broker
+from service.connections import BodyTimeoutMiddleware
 from service.db import Database
 from service.draining import Drain, DrainMiddleware
 from service.http_errors import install_error_handlers
+from service.job_events import JobNotifier
 from service.metrics import Metrics, MetricsMiddleware
 from service.quotas import RateLimiter
 from service.routers import audit, base_models, datasets, health, jobs, keys, models, tenants, ui
@@ -39,6 +41,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     broker = Broker(settings)  # its Celery client (and connection pool) is built on first send
     # Predict requests per API key: buckets in this process's memory (docs/operations.md).
     rate_limiter = RateLimiter(settings.predict_burst)
+    # Every job event stream of this process is fed by one database read per interval.
+    job_events = JobNotifier(
+        db, settings.events_poll_seconds, settings.max_streams_per_key, settings.stream_max_seconds
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -48,6 +54,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            await job_events.close()
             await model_cache.close()
             broker.close()
             db.dispose()
@@ -70,6 +77,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.broker = broker
     app.state.principals = PrincipalCache()
     app.state.rate_limiter = rate_limiter
+    app.state.job_events = job_events
     # Set by `bitserve api` on SIGTERM (service.draining): new requests are answered 503.
     app.state.drain = Drain()
     install_error_handlers(app)
@@ -80,6 +88,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     # Innermost of all: a JSON body over its cap is refused before the app reads it.
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_json_body_bytes)
+    # A body that stalls or trickles is answered 408 (service.connections); inside the metrics
+    # and the audit trail, so they see the 408.
+    app.add_middleware(
+        BodyTimeoutMiddleware,
+        idle_seconds=settings.body_idle_timeout_seconds,
+        min_bytes_per_second=settings.body_min_bytes_per_second,
+    )
     # Innermost: the metrics and the audit trail see the 503s of a draining gateway.
     app.add_middleware(DrainMiddleware, drain=app.state.drain)
     app.add_middleware(MetricsMiddleware, metrics=metrics)

@@ -308,6 +308,8 @@ def _log_config(log_format: LogFormat = "json") -> dict[str, Any]:
 
 
 def _uvicorn_config(settings: Settings, app: object) -> uvicorn.Config:
+    from service.connections import connection_options
+
     # One process: the model cache, the batcher and the DB engine live in it (load once).
     return uvicorn.Config(
         app,  # type: ignore[arg-type]
@@ -318,6 +320,9 @@ def _uvicorn_config(settings: Settings, app: object) -> uvicorn.Config:
         # After the drain (or Ctrl-C under `bitserve up`): how long answers in progress may
         # take before uvicorn cancels them.
         timeout_graceful_shutdown=max(1, round(settings.shutdown_grace_seconds)),
+        # The connection cap, header timeout and keep-alive (service.connections); the
+        # open-files limit is raised first so the cap is reached before descriptors run out.
+        **connection_options(settings),
     )
 
 

@@ -17,6 +17,7 @@ one table in the web layer (service.http_errors.STATUS), and nowhere else.
     QuotaExceeded       past a tenant's quota or a key's rate: retry after `retry_after` s
     Unavailable         busy or a dependency is down: retry after `retry_after` seconds
     InsufficientStorage the server's disk is full (or over its disk quota)
+    RequestTimeout      the request's headers or body arrived too slowly
 """
 
 from __future__ import annotations
@@ -113,3 +114,7 @@ def payload_too_large(limit: int, hint: str = "") -> TooLarge:
     return TooLarge(
         "payload_too_large", f"{message}; {hint}" if hint else message, {"limit_bytes": limit}
     )
+
+
+class RequestTimeout(DomainError):
+    """The request did not arrive in time (headers or body too slow): send it again, faster."""

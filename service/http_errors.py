@@ -9,7 +9,9 @@ without a traceback, so internals never reach clients.
 
 from __future__ import annotations
 
+import json
 import logging
+from http import HTTPStatus
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -30,6 +32,7 @@ from service.domain_errors import (
     MalformedRequest,
     NotFound,
     QuotaExceeded,
+    RequestTimeout,
     TooLarge,
     Unauthenticated,
     Unavailable,
@@ -46,6 +49,7 @@ STATUS: dict[type[DomainError], int] = {
     Unauthenticated: 401,
     Forbidden: 403,
     NotFound: 404,
+    RequestTimeout: 408,
     Conflict: 409,
     Gone: 410,
     TooLarge: 413,
@@ -113,6 +117,20 @@ def domain_error_response(error: DomainError) -> JSONResponse:
         invalid = ', error="invalid_token"' if error.code != "missing_api_key" else ""
         headers["WWW-Authenticate"] = f'Bearer realm="bitserve"{invalid}'
     return error_response(status_of(error), error.code, error.message, error.details, headers)
+
+
+def raw_error_response(error: DomainError) -> bytes:
+    """The whole HTTP/1.1 answer for `error`, as bytes, closing the connection: for the
+    protocol layer (service.connections), where no ASGI app runs."""
+    status = status_of(error)
+    body = json.dumps(error_body(error.code, error.message, error.details)).encode()
+    head = (
+        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n"
+        "content-type: application/json\r\n"
+        f"content-length: {len(body)}\r\n"
+        "connection: close\r\n\r\n"
+    )
+    return head.encode("ascii") + body
 
 
 async def _domain_error(_request: Request, exc: Exception) -> JSONResponse:

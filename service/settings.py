@@ -168,6 +168,23 @@ class Settings(BaseSettings):
             return [item.strip() for item in text.split(",") if item.strip()]
         return value
 
+    # Connections (service.connections; docs/security.md "Limits"). Past max_connections open
+    # connections, requests are answered 503 too_many_connections (/healthz still answers).
+    max_connections: int = Field(default=4096, gt=0)
+    # The request line and headers must arrive within this, else 408 and the connection closes.
+    header_timeout_seconds: float = Field(default=10.0, gt=0)
+    # No wait for the body may last longer; past it the body must average the rate below.
+    body_idle_timeout_seconds: float = Field(default=15.0, gt=0)
+    body_min_bytes_per_second: float = Field(default=1024.0, gt=0)
+    # An idle kept-alive connection is closed after this long.
+    keep_alive_seconds: int = Field(default=5, gt=0)
+    # Job event streams (service.job_events): one database read per interval for all of them;
+    # at most max_streams_per_key open per API key (429 too_many_streams), each ended after
+    # stream_max_seconds with a `reconnect` event.
+    events_poll_seconds: float = Field(default=0.5, gt=0)
+    max_streams_per_key: int = Field(default=20, gt=0)
+    stream_max_seconds: float = Field(default=3600.0, gt=0)
+
     @field_validator("home", "checkpoint_dir", "artifact_root")
     @classmethod
     def _absolute(cls, value: Path) -> Path:

@@ -6,24 +6,23 @@ thread pool (sync SQLAlchemy), never on the event loop.
 
 from __future__ import annotations
 
-import json
-from collections.abc import AsyncIterator, Callable
-from dataclasses import asdict
+from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
-import anyio
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
-from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette import EventSourceResponse
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from service import jobs
 from service.api_keys import Scope
 from service.auth import authorize
 from service.db import Database
-from service.deps import BrokerDep, DbDep, SessionDep, SettingsDep, TenantDep
+from service.deps import BrokerDep, DbDep, PrincipalDep, SessionDep, SettingsDep, TenantDep
 from service.http_errors import error_responses
+from service.job_events import JobNotifier, stream_client
 from service.job_states import JobStatus
 from service.names import NameStr
 from service.pagination import DEFAULT_LIMIT, CursorQuery, LimitQuery, page
@@ -37,13 +36,14 @@ router = APIRouter(
 )
 T = TypeVar("T")
 
-EVENTS_POLL_SECONDS = 0.5
 EVENTS_DOC: dict[int | str, dict[str, Any]] = {
     200: {
         "description": (
             "Server-Sent Events until the job ends: `status` (data: a JobPublic) first and on "
             "every state change, `progress` (data: the job's Progress plus its `id`) when it "
-            "changes, and a final `done` (data: the finished JobPublic)."
+            "changes, and a final `done` (data: the finished JobPublic). A stream open for "
+            "BITSERVE_STREAM_MAX_SECONDS ends with `reconnect` instead (data: the job `id`): "
+            "open a new one."
         ),
         "content": {"text/event-stream": {"schema": {"type": "string"}}},
     }
@@ -147,44 +147,27 @@ async def cancel_job(job_id: str, session: SessionDep, tenant: TenantDep) -> Job
     "/{job_id}/events",
     summary="Follow a job (Server-Sent Events)",
     response_class=EventSourceResponse,
-    responses={**EVENTS_DOC, **error_responses(404)},
+    responses={**EVENTS_DOC, **error_responses(404, 429)},
 )
 async def job_events(
-    job_id: str, request: Request, db: DbDep, tenant: TenantDep
+    job_id: str, request: Request, db: DbDep, tenant: TenantDep, principal: PrincipalDep
 ) -> EventSourceResponse:
     """`status` on every state change (and first, with the whole job), `progress` when the
-    progress changes, and a final `done` with the finished job; then the stream ends."""
-
-    def read() -> JobPublic:
-        return _read_job(db, tenant, job_id)
-
-    first = await _call(read)  # 404 before the stream starts, not inside it
-    return EventSourceResponse(_follow(request, read, first), ping=15)
+    progress changes, and a final `done` with the finished job; then the stream ends. A stream
+    open for BITSERVE_STREAM_MAX_SECONDS ends with `reconnect` instead (open a new one)."""
+    notifier: JobNotifier = request.app.state.job_events
+    ticket = notifier.open_stream(stream_client(principal))  # 429 past the key's streams
+    try:
+        first = await _call(_read_job, db, tenant, job_id)  # 404 before the stream starts
+    except BaseException:
+        ticket.release()
+        raise
+    # The generator releases the ticket when it ends; the background task when it never ran.
+    return EventSourceResponse(
+        notifier.events(ticket, first), ping=15, background=BackgroundTask(ticket.release)
+    )
 
 
 def _read_job(db: Database, tenant: str | None, job_id: str) -> JobPublic:
     with db.sessionmaker() as session:
         return JobPublic.from_row(jobs.get_job(session, tenant, job_id))
-
-
-async def _follow(
-    request: Request, read: Callable[[], JobPublic], job: JobPublic
-) -> AsyncIterator[ServerSentEvent]:
-    yield _event("status", job.model_dump(mode="json"))
-    status, progress = job.status, job.progress
-    while not job.status.finished:
-        await anyio.sleep(EVENTS_POLL_SECONDS)
-        if await request.is_disconnected():
-            return
-        job = await _call(read)
-        if job.progress != progress:
-            progress = job.progress
-            yield _event("progress", {"id": job.id, **asdict(progress)})
-        if job.status != status:
-            status = job.status
-            yield _event("status", job.model_dump(mode="json"))
-    yield _event("done", job.model_dump(mode="json"))
-
-
-def _event(name: str, data: dict[str, Any]) -> ServerSentEvent:
-    return ServerSentEvent(data=json.dumps(data), event=name)

@@ -420,9 +420,10 @@ async function followJob(jobId) {
     reader.cancel().catch(() => {});
   } catch (err) {
     if (err.name === "AbortError") return;
-    if (err instanceof ApiError && err.status !== 503) throw err;
+    // 503: busy; 429 too_many_streams: this key's streams are all taken. Either way, poll.
+    if (err instanceof ApiError && err.status !== 503 && err.status !== 429) throw err;
   }
-  // The stream ended early or could not be opened: poll until the job ends.
+  // The stream ended early (or with `reconnect`) or could not be opened: poll until the end.
   while (!finished && !controller.signal.aborted) {
     const job = await api("GET", `/v1/jobs/${seg(jobId)}`);
     showJob(job);

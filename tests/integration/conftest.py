@@ -40,7 +40,9 @@ STARTUP_TIMEOUT_S = 30.0
 class LiveServer:
     """uvicorn in a background thread, on a socket bound before it starts (no port race)."""
 
-    def __init__(self, settings: Settings, *, with_key: bool = True) -> None:
+    def __init__(
+        self, settings: Settings, *, with_key: bool = True, **uvicorn_options: Any
+    ) -> None:
         self.settings = settings
         self.with_key = with_key
         self.key = ""
@@ -51,8 +53,14 @@ class LiveServer:
         self.sock.bind(("127.0.0.1", 0))
         self.port = int(self.sock.getsockname()[1])
         self.url = f"http://127.0.0.1:{self.port}"
+        # uvicorn_options: e.g. service.connections.connection_options(settings), as
+        # `bitserve api` serves (tests/integration/test_connections.py).
         config = uvicorn.Config(
-            self.app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5
+            self.app,
+            log_level="warning",
+            lifespan="on",
+            timeout_graceful_shutdown=5,
+            **uvicorn_options,
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(
@@ -144,8 +152,8 @@ def start_server() -> Iterator[Callable[..., LiveServer]]:
     """Start extra servers with their own settings; all stopped at the end of the test."""
     started: list[LiveServer] = []
 
-    def start(settings: Settings, *, with_key: bool = True) -> LiveServer:
-        server = LiveServer(settings, with_key=with_key).start()
+    def start(settings: Settings, *, with_key: bool = True, **uvicorn_options: Any) -> LiveServer:
+        server = LiveServer(settings, with_key=with_key, **uvicorn_options).start()
         started.append(server)
         return server
 

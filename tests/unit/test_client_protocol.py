@@ -227,6 +227,21 @@ def test_watch_job_reads_the_event_stream() -> None:
     assert seen == [{"id": "job_x", "step": 2, "total_steps": 3, "loss": 0.5}]
 
 
+def test_watch_job_opens_a_new_stream_on_reconnect() -> None:
+    # The server ends a stream past its lifetime with `reconnect`: the client opens a new
+    # stream (not polling), and the new stream's first `status`, unchanged, is not repeated.
+    first = _sse(("status", _job("running", 1)), ("reconnect", {"id": "job_x"}))
+    second = _sse(("status", _job("running", 1)), ("done", _job("succeeded", 3)))
+    script = {
+        ("GET", "/v1/jobs/job_x/events"): [Reply(200, first, STREAM), Reply(200, second, STREAM)],
+    }
+    with Scripted(script) as server, BitserveClient(server.url) as api:
+        events = [(e.event, e.data.get("status")) for e in api.watch_job("job_x")]
+        paths = [seen.path for seen in server.seen]
+    assert events == [("status", "running"), ("done", "succeeded")]
+    assert paths == ["/v1/jobs/job_x/events", "/v1/jobs/job_x/events"]
+
+
 def test_watch_job_polls_when_the_stream_breaks_off() -> None:
     cut = _sse(("status", _job("running", 1)))  # the stream ends without `done`
     polls = [

@@ -60,6 +60,8 @@ WEB_LAYER = (
     "service.openapi",
     "service.auth",
     "service.web_security",
+    "service.connections",
+    "service.job_events",
 )
 # The service's domain modules: plain functions over the database and the store, which the
 # routes and the worker call. They raise service.domain_errors kinds and know no HTTP.
