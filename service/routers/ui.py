@@ -1,5 +1,5 @@
 """The small web page: GET / and its static files under /ui/ (service/static, no build step),
-and the API's reference at /docs: Swagger UI from the installed swagger-ui-bundle package, not
+and the API's reference at /docs: Swagger UI from the installed swagger-ui-py package, not
 from a CDN (FastAPI's own /docs loads it from cdn.jsdelivr.net: an outside host that sees every
 visit and whose script runs with the key typed into "Authorize").
 
@@ -10,10 +10,10 @@ the page loads no external assets and talks only to this server's API.
 
 from __future__ import annotations
 
+import importlib.util
 from functools import cache
 from pathlib import Path
 
-import swagger_ui_bundle
 from fastapi import APIRouter
 from fastapi.responses import Response
 
@@ -41,7 +41,16 @@ SECURITY_HEADERS = {
 }
 
 
-SWAGGER_DIR = Path(str(swagger_ui_bundle.swagger_ui_path))
+def swagger_ui_dir() -> Path:
+    """The static folder of the swagger-ui-py package (Swagger UI 5: it reads OpenAPI 3.1,
+    which FastAPI writes), found without importing the package's own code."""
+    spec = importlib.util.find_spec("swagger_ui")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the swagger-ui-py package is not installed (pip install swagger-ui-py)")
+    return Path(next(iter(spec.submodule_search_locations))) / "static"
+
+
+SWAGGER_DIR = swagger_ui_dir()
 SWAGGER_FILES = {
     "swagger-ui-bundle.js": "text/javascript; charset=utf-8",
     "swagger-ui.css": "text/css; charset=utf-8",
