@@ -76,11 +76,18 @@ class Env:
             f"job {job_id} not finished in {timeout} s\n{self.worker.log()[-3000:]}"
         )
 
-    def upload(self, archive: Path) -> httpx.Response:
-        with archive.open("rb") as handle:
-            return self.http.post(
-                "/v1/datasets", files={"file": (archive.name, handle, "application/zip")}
-            )
+    def upload(self, archive: Path, *, chunked: bool = False) -> httpx.Response:
+        files = {"file": (archive.name, archive.read_bytes(), "application/zip")}
+        if not chunked:
+            return self.http.post("/v1/datasets", files=files)
+        # No Content-Length (chunked): the server learns the size only as the body streams.
+        request = self.http.build_request("POST", "/v1/datasets", files=files)
+        body = request.read()
+        return self.http.post(
+            "/v1/datasets",
+            content=iter([body]),
+            headers={"Content-Type": request.headers["Content-Type"]},
+        )
 
     def stored_bytes(self) -> int:
         admin = {"Authorization": f"Bearer {self.server.key}"}  # quotas are an admin route
@@ -112,6 +119,9 @@ def env(
         artifact_root=store,
         job_stale_after_seconds=60.0,  # a slow step on a loaded machine is not a lost worker
         min_images_per_class=2,
+        # The disk fills while the body is written or unpacked, not at the free-space check
+        # made before reading it (tests/integration/test_abuse_uploads.py tests that one).
+        upload_free_disk_margin_bytes=0,
     )
     server = LiveServer(settings).start()
     tenant = f"res-{uuid.uuid4().hex[:8]}"
@@ -183,13 +193,19 @@ def test_an_upload_to_a_full_disk_is_507_and_leaves_nothing(env: Env, tmp_path: 
     size = archive.stat().st_size
     before = env.stored_bytes()
     baseline = set(_leftovers(env.storage))
-    # 1. No room for the upload itself: refused while it streams.
-    # 2. Room for the upload, not for unpacking it next to it.
-    for where, leave in (("receiving", size // 3), ("unpacking", size + size // 2)):
+    # 1. No room for the upload, its size declared: refused before a byte is read.
+    # 2. No room for the upload, sent chunked (size unknown): refused while it streams.
+    # 3. Room for the upload, not for unpacking it next to it.
+    cases = (
+        ("checking", size // 3, False, "too little free disk"),
+        ("receiving", size // 3, True, "disk is full"),
+        ("unpacking", size + size // 2, False, "disk is full"),
+    )
+    for where, leave, chunked, message in cases:
         filler = _fill(env.storage.root, leave)
         try:
             started = time.perf_counter()
-            response = env.upload(archive)
+            response = env.upload(archive, chunked=chunked)
             took = time.perf_counter() - started
         finally:
             filler.unlink()
@@ -197,7 +213,7 @@ def test_an_upload_to_a_full_disk_is_507_and_leaves_nothing(env: Env, tmp_path: 
         assert response.status_code == 507, response.text
         error = response.json()["error"]
         assert error["code"] == "insufficient_storage"
-        assert "disk is full" in error["message"]
+        assert message in error["message"]
         assert set(_leftovers(env.storage)) == baseline, where
         assert env.http.get("/v1/datasets").json()["items"] == []
         assert env.stored_bytes() == before
