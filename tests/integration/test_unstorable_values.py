@@ -26,7 +26,6 @@ MESSAGE = "a value in the request cannot be stored (e.g. a NUL character)"
         ("GET", "/v1/keys?tenant=z%00", {}),
         ("GET", "/v1/audit?tenant=z%00", {}),
         ("POST", "/v1/jobs", {"json": {"dataset_id": "ds_x\u0000"}}),
-        ("POST", "/v1/keys", {"json": {"scopes": ["predict"], "name": "bad\u0000name"}}),
     ],
 )
 def test_a_nul_character_is_an_invalid_request(
@@ -38,4 +37,15 @@ def test_a_nul_character_is_an_invalid_request(
         "error": {"code": "invalid_request", "message": MESSAGE, "details": {}}
     }
     # The connection is still good: the server answered, it did not fail.
+    assert client.get("/v1/base-models").status_code == 200
+
+
+def test_a_nul_character_in_a_name_is_refused_by_the_name_rule(client: httpx.Client) -> None:
+    # Names refuse every control character (service.names) before the database sees them.
+    body = {"scopes": ["predict"], "name": "bad\u0000name"}
+    response = client.post("/v1/keys", json=body)
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert (error["code"], error["details"]["field"]) == ("invalid_request", "name")
+    assert "U+0000" in error["message"]
     assert client.get("/v1/base-models").status_code == 200
