@@ -21,8 +21,9 @@ from service.deps import DbDep, SessionDep, SettingsDep, StorageDep, TenantDep
 from service.domain_errors import MalformedRequest, UnsupportedMedia
 from service.http_errors import error_responses
 from service.pagination import DEFAULT_LIMIT, CursorQuery, LimitQuery, page
+from service.plan_schemas import DatasetPlan, JobCost, Plan
 from service.request_bodies import QuotaCap, check_declared_length
-from service.schemas import DatasetPlan, DatasetPublic, JobCost, Page, Plan, RejectedFile
+from service.schemas import DatasetPublic, Page, RejectedFile
 from service.settings import Settings
 from service.storage import Storage
 from service.uploads import check_free_disk, receive_upload

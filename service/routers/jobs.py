@@ -26,7 +26,8 @@ from service.job_events import JobNotifier, stream_client
 from service.job_states import JobStatus
 from service.names import NameStr
 from service.pagination import DEFAULT_LIMIT, CursorQuery, LimitQuery, page
-from service.schemas import JobPublic, OverridesRequest, Page
+from service.plan_schemas import OverridesRequest
+from service.schemas import JobPublic, Page
 
 router = APIRouter(
     prefix="/v1/jobs",

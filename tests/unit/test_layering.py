@@ -53,6 +53,8 @@ WEB_LAYER = (
     "service.deps",
     "service.http_errors",
     "service.schemas",
+    "service.schema_base",
+    "service.plan_schemas",
     "service.pagination",
     "service.request_bodies",
     "service.uploads",
