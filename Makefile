@@ -47,10 +47,16 @@ lint: install
 	$(BIN)/ruff format --check .
 
 # Docker has no engine on the CI machines: the image and compose files are checked statically.
+# The Kubernetes manifests against the API's schemas (strict: unknown fields are errors); the
+# kustomization files and KEDA's ScaledObject have no schema there (tests/unit/test_deployment.py
+# checks them).
+K8S_VERSION := 1.30.0
+K8S_MANIFESTS := $(filter-out %/kustomization.yaml,$(wildcard deploy/k8s/base/*.yaml))
 lint-deploy: install
 	$(BIN)/hadolint docker/Dockerfile
 	command -v docker-compose >/dev/null || (apt-get update -qq && apt-get install -y -qq docker-compose)
 	docker-compose -f docker-compose.yml config -q
+	$(BIN)/kubernetes-validate --strict --quiet -k $(K8S_VERSION) $(K8S_MANIFESTS)
 
 typecheck: install
 	$(BIN)/mypy

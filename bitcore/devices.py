@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 
 import torch
 
@@ -11,18 +12,20 @@ ENV_VAR = "BITSERVE_DEVICE"
 
 
 def select_device(preferred: str | None = None) -> torch.device:
-    """`preferred` (or $BITSERVE_DEVICE) wins when given ("cpu", "cuda:1", "mps", "xla")."""
+    """`preferred` (or $BITSERVE_DEVICE) wins when given ("cpu", "cuda:1", "mps", "xla", "xla:1")."""
     choice = preferred or os.environ.get(ENV_VAR) or "auto"
     if choice != "auto":
-        if choice == "xla":
-            return _xla_device()
+        xla = re.fullmatch(r"xla(?::(\d+))?", choice)
+        if xla:
+            return _xla_device(int(xla.group(1)) if xla.group(1) else None)
         try:
             device = torch.device(choice)
         except RuntimeError as exc:
             # Name where the bad value came from: a typo in the environment is the usual cause.
             source = "argument" if preferred else f"${ENV_VAR}"
             raise RuntimeError(
-                f"unknown device {choice!r} (from {source}): use auto, cpu, cuda[:N], mps or xla"
+                f"unknown device {choice!r} (from {source}): use auto, cpu, cuda[:N], mps or"
+                " xla[:N]"
             ) from exc
         if device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError(f"device {choice!r} requested but CUDA is not available")
@@ -34,18 +37,36 @@ def select_device(preferred: str | None = None) -> torch.device:
     if torch.backends.mps.is_available():
         return torch.device("mps")
     if importlib.util.find_spec("torch_xla") is not None:
-        return _xla_device()
+        return _xla_device(None)
     return torch.device("cpu")
 
 
-def _xla_device() -> torch.device:
+# What a TPU VM needs (docs/deployment.md, "TPU"): the torch_xla wheel matching torch's version.
+XLA_INSTALL_HINT = (
+    "install torch_xla for torch {torch} on the TPU VM: pip install 'torch_xla[tpu]=={torch}'"
+    " (https://github.com/pytorch/xla)"
+)
+
+
+def _xla_device(index: int | None) -> torch.device:
+    """The XLA device (a TPU core via torch_xla), imported only when asked for: torch_xla is
+    not a dependency (it exists for TPU VMs only)."""
+    name = "xla" if index is None else f"xla:{index}"
     try:
         import torch_xla.core.xla_model as xm  # type: ignore[import-not-found]
     except ImportError as exc:
-        raise RuntimeError("device 'xla' requested but torch_xla is not installed") from exc
-    return xm.xla_device()  # type: ignore[no-any-return]
+        torch_version = torch.__version__.split("+")[0]
+        raise RuntimeError(
+            f"device {name!r} requested but torch_xla is not installed: "
+            + XLA_INSTALL_HINT.format(torch=torch_version)
+        ) from exc
+    # xla_device(n) is the n-th device of this process's host; None lets torch_xla choose.
+    return xm.xla_device(index) if index is not None else xm.xla_device()  # type: ignore[no-any-return]
 
 
 def uses_bf16_autocast(device: torch.device) -> bool:
-    """bf16 autocast on CUDA GPUs that support it (Ampere+); fp32 elsewhere."""
+    """bf16 autocast on CUDA GPUs that support it (Ampere+) and on XLA (every TPU has bf16
+    matrix units; torch.autocast("xla") is torch_xla's); fp32 elsewhere."""
+    if device.type == "xla":
+        return True
     return device.type == "cuda" and torch.cuda.is_bf16_supported()

@@ -116,7 +116,7 @@ def test_compose_publishes_ports_on_loopback_only() -> None:
     published = {
         name: svc.get("ports", []) for name, svc in COMPOSE["services"].items() if "ports" in svc
     }
-    assert set(published) == {"postgres", "redis", "gateway"}
+    assert set(published) == {"postgres", "redis", "minio", "gateway"}
     for name, ports in published.items():
         for port in ports:
             assert str(port).startswith("127.0.0.1:"), (name, port)
@@ -142,9 +142,21 @@ def test_compose_keeps_no_password_in_plain_text() -> None:
     # Every secret is a git-ignored file, and every container reading one mounts it.
     assert {name: spec["file"] for name, spec in COMPOSE["secrets"].items()} == {
         name: f"./secrets/{name}"
-        for name in ("postgres_password", "redis_password", "api_key_pepper")
+        for name in (
+            "postgres_password",
+            "redis_password",
+            "api_key_pepper",
+            "minio_root_user",
+            "minio_root_password",
+            "s3_credentials",
+        )
     }
     assert "/secrets/" in (ROOT / ".gitignore").read_text().split()
+    minio = COMPOSE["services"]["minio"]["environment"]
+    assert minio == {
+        "MINIO_ROOT_USER_FILE": "/run/secrets/minio_root_user",
+        "MINIO_ROOT_PASSWORD_FILE": "/run/secrets/minio_root_password",
+    }
     for name, svc in COMPOSE["services"].items():
         environment = svc.get("environment") or {}
         wanted = {
@@ -239,3 +251,53 @@ def test_the_image_base_is_pinned_by_digest_and_installs_the_lock() -> None:
     assert "pip install --require-hashes --no-deps -r requirements.lock" in DOCKERFILE
     assert "pip install --no-deps --no-build-isolation . && pip check" in DOCKERFILE
     assert os.path.exists(ROOT / "requirements.lock")
+
+
+# -- issue 12: the S3-compatible service -----------------------------------------------------
+
+
+def test_compose_runs_an_object_store_the_bitserve_containers_wait_for() -> None:
+    services = COMPOSE["services"]
+    image = services["minio"]["image"]
+    # Pinned to a release: a moving tag could change the server under a running deployment.
+    assert re.fullmatch(r"minio/minio:RELEASE\.\d{4}-\d\d-\d\dT\d\d-\d\d-\d\dZ", image)
+    assert services["minio-init"]["image"] == image
+    assert "mc mb --ignore-existing local/bitserve" in services["minio-init"]["entrypoint"][2]
+    env = COMPOSE["x-bitserve-env"]
+    assert urlsplit(env["AWS_ENDPOINT_URL"]).netloc == "minio:9000"
+    assert env["AWS_SHARED_CREDENTIALS_FILE"] == "/run/secrets/s3_credentials"
+    for name in ("gateway", "worker", "worker-gpu"):
+        assert services[name]["depends_on"]["minio-init"] == {
+            "condition": "service_completed_successfully"
+        }
+    # The header's recipe writes the credentials file boto3 reads from the MinIO root secrets.
+    header = (ROOT / "docker-compose.yml").read_text().split("x-bitserve-env")[0]
+    assert "minio_root_user minio_root_password" in header
+    assert "> secrets/s3_credentials" in header
+
+
+def test_the_header_recipe_makes_the_secret_files(tmp_path: Path) -> None:
+    """The commands in docker-compose.yml's header, run: every secret file the compose file
+    names exists, and boto3's credentials file holds MinIO's root user and password."""
+    import configparser
+
+    lines = (ROOT / "docker-compose.yml").read_text().split("x-bitserve-env")[0].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("#   mkdir -p secrets"))
+    recipe = []
+    for line in lines[start:]:
+        recipe.append(line.removeprefix("#   "))
+        if line.rstrip().endswith("chmod 600 secrets/*"):
+            break
+    subprocess.run(["sh", "-ec", "\n".join(recipe)], cwd=tmp_path, check=True, timeout=30)
+    for spec in COMPOSE["secrets"].values():
+        made = tmp_path / spec["file"]
+        assert made.stat().st_size > 0 and made.stat().st_mode & 0o777 == 0o600
+    credentials = configparser.ConfigParser()
+    credentials.read(tmp_path / "secrets" / "s3_credentials")
+    read = (tmp_path / "secrets").joinpath
+    assert (
+        credentials["default"]["aws_access_key_id"] == read("minio_root_user").read_text().strip()
+    )
+    assert credentials["default"]["aws_secret_access_key"] == (
+        read("minio_root_password").read_text().strip()
+    )

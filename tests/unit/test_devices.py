@@ -40,7 +40,7 @@ def test_environment_variable_is_used_and_the_argument_wins(
 def test_unknown_device_string_is_a_clear_error() -> None:
     with pytest.raises(RuntimeError, match=r"unknown device 'gpu' \(from argument\)") as info:
         select_device("gpu")
-    assert "cpu, cuda[:N], mps or xla" in str(info.value)
+    assert "cpu, cuda[:N], mps or xla[:N]" in str(info.value)
     with pytest.raises(RuntimeError, match="unknown device 'cuda:x'"):
         select_device("cuda:x")
 
@@ -77,13 +77,38 @@ def test_mps_requested() -> None:
 def test_xla_requested() -> None:
     if HAS_XLA:
         assert select_device("xla").type == "xla"
+        assert select_device("xla:0").type == "xla"
+        return
+    # No TPU here: the missing-package case, which names what to install for this torch.
+    torch_version = torch.__version__.split("+")[0]
+    for choice in ("xla", "xla:0", "xla:3"):
+        with pytest.raises(RuntimeError) as info:
+            select_device(choice)
+        message = str(info.value)
+        assert message.startswith(f"device {choice!r} requested but torch_xla is not installed")
+        assert f"pip install 'torch_xla[tpu]=={torch_version}'" in message
+        assert isinstance(info.value.__cause__, ImportError)
+
+
+def test_xla_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(ENV_VAR, "xla:1")
+    if HAS_XLA:
+        assert select_device().type == "xla"
     else:
-        with pytest.raises(RuntimeError, match="torch_xla is not installed"):
-            select_device("xla")
+        with pytest.raises(RuntimeError, match=r"'xla:1' requested but torch_xla is not installed"):
+            select_device()
+
+
+def test_malformed_xla_is_an_unknown_device() -> None:
+    for choice in ("xla:", "xla:x", "xla:-1", "xla1"):
+        with pytest.raises(RuntimeError, match=rf"unknown device '{choice}'") as info:
+            select_device(choice)
+        assert "xla[:N]" in str(info.value)
 
 
 def test_bf16_autocast_only_on_capable_cuda() -> None:
     assert uses_bf16_autocast(torch.device("cpu")) is False
     assert uses_bf16_autocast(torch.device("meta")) is False
+    assert uses_bf16_autocast(torch.device("xla")) is True  # TPUs compute in bf16
     cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     assert uses_bf16_autocast(torch.device("cuda")) is cuda_bf16
