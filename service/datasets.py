@@ -185,6 +185,9 @@ def create_dataset(
         with disk_full_as("the dataset"):
             directory.mkdir(parents=True)
             index, rejected = build_dataset_files(archive, kind, directory, settings)
+        # The durable copy (object store), before the row: a dataset that exists can be
+        # fetched by any node. The resized cache/ travels too (rebuilding it costs a decode).
+        storage.publish("datasets", dataset_id)
         height, width = index.median_size
         row = Dataset(
             id=dataset_id,
@@ -207,7 +210,7 @@ def create_dataset(
             session.add(row)
         return row
     except BaseException:
-        storage.remove(directory)
+        storage.discard("datasets", dataset_id)
         raise
 
 
@@ -244,9 +247,8 @@ def delete_dataset(db: Database, storage: Storage, tenant_id: str | None, datase
                 "jobs are using this dataset; cancel them or wait for them to finish",
                 {"jobs": list(active)},
             )
-        directory = storage.path(row.storage_key)
         session.delete(row)
-    storage.remove(directory)
+    storage.discard("datasets", dataset_id)
 
 
 @dataclass(frozen=True)

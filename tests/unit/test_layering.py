@@ -90,6 +90,7 @@ DOMAIN = (
     "tables",
     "supervisor",
     "job_costs",
+    "object_store",
 )
 
 
