@@ -26,6 +26,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
+from bitcore.atomic import make_private_dir
+
 MANIFEST_SUFFIX = ".manifest.json"
 MANIFEST_VERSION = 1
 # boto3 switches to a multipart upload (parts of this size, several at once) above this.
@@ -220,7 +222,7 @@ class S3Store:
         """Download the folder to `local_dir` (which must not exist), verified, atomically."""
         entries = self.manifest(key_prefix)
         client, config = self.client(), self._transfer()
-        local_dir.parent.mkdir(parents=True, exist_ok=True)
+        make_private_dir(local_dir.parent)
         staging = Path(tempfile.mkdtemp(prefix=f".fetch-{local_dir.name}-", dir=local_dir.parent))
         try:
             for entry in entries:
@@ -236,7 +238,6 @@ class S3Store:
                         raise ObjectCorrupt(f"{entry.path} is listed but missing") from exc
                     raise error from exc
                 verify_file(target, entry)
-            os.chmod(staging, 0o700)
             try:
                 os.rename(staging, local_dir)
             except OSError:

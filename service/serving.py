@@ -35,7 +35,6 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -379,9 +378,8 @@ class ModelCache:
         except ModelUnavailable as exc:
             # Logged here, once per damaged file, with the path (clients get no server paths).
             log.error("%s (%s)", exc, exc.__cause__)
-            if isinstance(exc.__cause__, ObjectStoreError):
-                # Nothing local to watch for a change: the next request fetches again.
-                raise
+            if type(exc.__cause__) is ObjectStoreError:
+                raise  # the object store did not answer: the next request fetches again
             # A fresh copy: `exc`'s traceback would keep the half-loaded model's tensors alive.
             self._broken[model_id] = (
                 signature,
@@ -397,48 +395,27 @@ class ModelCache:
             self._insert(model_id, entry)
         return entry
 
-    def _ensure_local(self, model_id: str) -> Path:
-        """The model's folder on this node, fetched from the object store if absent."""
-        try:
-            return self.storage.ensure_local("models", model_id)
-        except ObjectMissing:
-            return self.storage.model_dir(model_id)  # Predictor.load says what is missing
-        except ObjectCorrupt as exc:
-            raise ModelUnavailable(
-                "model_artifact_corrupt",
-                f"model {model_id} cannot be served: its artifact in the server's object store "
-                "is damaged (other models are not affected); train it again",
-                CORRUPT_RETRY_AFTER_S,
-            ) from exc
-        except ObjectStoreError as exc:
-            raise ModelUnavailable(
-                "model_unavailable",
-                f"model {model_id} cannot be served now: the server's object store did not answer",
-                UNAVAILABLE_RETRY_AFTER_S,
-            ) from exc
-
     def _load(self, model_id: str) -> _Entry:
         """In the loader thread: fetch the artifact on a cache miss, read it, fold WS, warm
         up."""
         started = time.perf_counter()
-        path = self._ensure_local(model_id)
         try:
             predictor = Predictor.load(
-                path,
+                self.storage.ensure_local("models", model_id),
                 self.settings.device,
                 max_batch_size=int(self.settings.predict_max_batch_size),
                 # Lower than for datasets: a predict image is decoded on the request path.
                 max_pixels=int(self.settings.predict_max_image_pixels),
             )
             warmup = predictor.warmup()
-        except ArtifactMissing as exc:
+        except (ArtifactMissing, ObjectMissing) as exc:
             raise ModelUnavailable(
                 "model_unavailable",
                 f"model {model_id} cannot be served: a file of its artifact is missing on the "
                 "server",
                 UNAVAILABLE_RETRY_AFTER_S,
             ) from exc
-        except ArtifactError as exc:
+        except (ArtifactError, ObjectCorrupt) as exc:  # on disk, or in the object store
             raise ModelUnavailable(
                 "model_artifact_corrupt",
                 f"model {model_id} cannot be served: its artifact on the server is damaged "

@@ -13,6 +13,7 @@ models/ folders are published to it under the same keys, and this root is the no
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING
 from bitcore.atomic import is_disk_full, make_private_dir
 from service.domain_errors import InsufficientStorage
 from service.ids import is_id
-from service.object_store import LocalStore, ObjectStore, open_store
+from service.object_store import LocalStore, ObjectStore, ObjectStoreError, open_store
 
 if TYPE_CHECKING:
     from service.settings import Settings
@@ -34,6 +35,8 @@ DATASET_FILES = "files"  # the extracted upload
 DATASET_INDEX = "index.json"  # bitcore.data.index.DatasetIndex
 DATASET_CACHE = "cache"  # images resized once to the HyperRule pre-crop size
 
+
+log = logging.getLogger(__name__)
 
 # The folders that travel through the object store, by kind: the id prefix each must have.
 SHARED_KINDS = {"datasets": "ds", "models": "mdl"}
@@ -67,9 +70,14 @@ class Storage:
         self.objects.publish(f"{kind}/{object_id}", self.shared_dir(kind, object_id))
 
     def discard(self, kind: str, object_id: str) -> None:
-        """Delete the folder here and in the object store."""
+        """Delete the folder here and in the object store. Called once its row is gone (or was
+        never written): objects the store fails to delete are orphans nobody can reach, logged
+        rather than raised, so a delete that the database has committed still succeeds."""
         self.remove(self.shared_dir(kind, object_id))
-        self.objects.delete(f"{kind}/{object_id}")
+        try:
+            self.objects.delete(f"{kind}/{object_id}")
+        except ObjectStoreError as exc:
+            log.warning("%s/%s: objects left in the object store: %s", kind, object_id, exc)
 
     def _dir(self, kind: str, prefix: str, object_id: str) -> Path:
         # The id becomes a path part: accept only our own id format (no "..", no "/").

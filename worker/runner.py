@@ -30,7 +30,7 @@ from service import job_runs, jobs, models_store
 from service.broker import Broker
 from service.db import UNAVAILABLE_ERRORS, Database
 from service.ids import new_id, utcnow
-from service.object_store import ObjectCorrupt, ObjectMissing, ObjectStoreError
+from service.object_store import ObjectCorrupt, ObjectMissing
 from service.settings import Settings
 from service.storage import Storage
 from service.tables import Dataset, Job
@@ -329,14 +329,10 @@ class JobRun:
 
     def _drop_model(self) -> None:
         """Remove this attempt's artifact (and its published copy, if it got that far)."""
-        self.storage.remove(self.out_dir)
         if self.published:
-            try:
-                self.storage.discard("models", self.model_id)
-            except ObjectStoreError as exc:  # an orphan in the bucket, not a lost job result
-                log.warning(
-                    "job %s: model %s left in the object store: %s", self.job.id, self.model_id, exc
-                )
+            self.storage.discard("models", self.model_id)  # logs objects it fails to delete
+        else:
+            self.storage.remove(self.out_dir)
 
     def _failed(self, code: str, message: str) -> str:
         self._drop_model()
