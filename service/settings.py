@@ -190,6 +190,9 @@ class Settings(BaseSettings):
     # bucket holds datasets and models, and artifact_root is this node's cache of it; boto3
     # reads AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION.
     storage_url: str | None = None
+    # With an s3:// store: the local cache's cap (least recently used folders go first; one
+    # used within the last 10 minutes stays). Unset: no cap. Ignored for the local store.
+    cache_max_bytes: int | None = Field(default=None, gt=0)
 
     @field_validator("storage_url")
     @classmethod

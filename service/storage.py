@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bitcore.atomic import is_disk_full, make_private_dir
+from service import local_cache
 from service.domain_errors import InsufficientStorage
 from service.ids import is_id
 from service.object_store import LocalStore, ObjectStore, ObjectStoreError, open_store
@@ -43,13 +44,27 @@ SHARED_KINDS = {"datasets": "ds", "models": "mdl"}
 
 
 class Storage:
-    def __init__(self, root: str | Path, objects: ObjectStore | None = None) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        objects: ObjectStore | None = None,
+        *,
+        cache_max_bytes: int | None = None,
+        cache_min_idle_seconds: float = local_cache.MIN_IDLE_SECONDS,
+    ) -> None:
         self.root = Path(root).resolve()
         self.objects: ObjectStore = objects or LocalStore()
+        # With a remote store, the root is a cache of it: held under this many bytes.
+        self.cache_max_bytes = cache_max_bytes
+        self.cache_min_idle_seconds = cache_min_idle_seconds
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Storage:
-        return cls(settings.artifact_root, open_store(settings.storage_url))
+        return cls(
+            settings.artifact_root,
+            open_store(settings.storage_url),
+            cache_max_bytes=settings.cache_max_bytes,
+        )
 
     def shared_dir(self, kind: str, object_id: str) -> Path:
         """The local folder of a dataset or model (kind "datasets" or "models")."""
@@ -63,7 +78,22 @@ class Storage:
         if not directory.is_dir():
             # A fetched folder appears whole (renamed into place), never half-written.
             self.objects.fetch(f"{kind}/{object_id}", directory)
+            if self.cache_max_bytes is not None:
+                local_cache.evict(
+                    self.root,
+                    self.objects,
+                    tuple(SHARED_KINDS),
+                    self.cache_max_bytes,
+                    keep=directory,
+                    min_idle_seconds=self.cache_min_idle_seconds,
+                )
+        local_cache.touch(directory)  # used now: the last to be evicted
         return directory
+
+    def touch(self, kind: str, object_id: str) -> None:
+        """Mark a cached folder as in use (a training job's heartbeat keeps its dataset's
+        folder from being evicted under it)."""
+        local_cache.touch(self.shared_dir(kind, object_id))
 
     def publish(self, kind: str, object_id: str) -> None:
         """Copy the finished folder to the object store (a no-op for the local store)."""

@@ -387,6 +387,8 @@ class JobRun:
                 log.warning("job %s: past its time limit; stopping it", self.job.id)
                 self.timed_out.set()
                 self.cancel.set()  # training stops between steps, as on a cancel request
+            if self.job.dataset_id:  # in use: the local cache must not evict it meanwhile
+                self.storage.touch("datasets", self.job.dataset_id)
             try:
                 with self.db.sessionmaker() as session:
                     state = job_runs.heartbeat(session, self.job.id, self.worker_id)

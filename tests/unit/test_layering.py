@@ -91,6 +91,7 @@ DOMAIN = (
     "supervisor",
     "job_costs",
     "object_store",
+    "local_cache",
 )
 
 

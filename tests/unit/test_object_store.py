@@ -5,6 +5,8 @@ or SHA-256 differs from the manifest, keeping nothing of it."""
 from __future__ import annotations
 
 import json
+import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -200,3 +202,50 @@ def test_local_store_keeps_todays_behaviour(tmp_path: Path) -> None:
     assert not storage.dataset_dir(DATASET).exists()
     with pytest.raises(ObjectMissing):
         storage.ensure_local("datasets", DATASET)
+
+
+def aged(path: Path, seconds_ago: float) -> None:
+    when = time.time() - seconds_ago
+    os.utime(path, (when, when))
+
+
+def test_the_cache_evicts_least_recently_used_published_idle_folders(
+    store: S3Store, tmp_path: Path
+) -> None:
+    writer = Storage(tmp_path / "writer", store)
+    ids = [new_id("mdl") for _ in range(4)]
+    for model_id in ids:
+        make_folder(writer.model_dir(model_id))  # 3018 bytes each
+        writer.publish("models", model_id)
+    # Room for three folders: a fourth must make the least recently used idle one go.
+    node = Storage(tmp_path / "node", store, cache_max_bytes=9100, cache_min_idle_seconds=60)
+    first, second, third, fourth = ids
+    node.ensure_local("models", first)
+    node.ensure_local("models", second)
+    unpublished = new_id("mdl")
+    make_folder(node.model_dir(unpublished))  # e.g. a model being trained here: the only copy
+    aged(node.model_dir(unpublished), 3600)
+    aged(node.model_dir(first), 1800)
+    aged(node.model_dir(second), 900)
+    node.ensure_local("models", third)
+    left = {p.name for p in (node.root / "models").iterdir()}
+    # `unpublished` is the oldest but the only copy: `first` went instead, and that was enough.
+    assert left == {second, third, unpublished}
+    node.touch("models", second)  # in use now (a job's heartbeat does this for its dataset)
+    node.ensure_local("models", fourth)
+    left = {p.name for p in (node.root / "models").iterdir()}
+    assert left == {second, third, fourth, unpublished}  # nothing idle and published to evict
+    aged(node.model_dir(third), 600)
+    node.discard("models", fourth)
+    node.ensure_local("models", first)  # fetched again: evicts the idle, published `third`
+    assert {p.name for p in (node.root / "models").iterdir()} == {first, second, unpublished}
+
+
+def test_the_local_store_never_evicts(tmp_path: Path) -> None:
+    storage = Storage(tmp_path / "root", cache_max_bytes=1, cache_min_idle_seconds=0)
+    ids = [new_id("mdl") for _ in range(2)]
+    for model_id in ids:
+        make_folder(storage.model_dir(model_id))
+        aged(storage.model_dir(model_id), 3600)
+        storage.ensure_local("models", model_id)
+    assert {p.name for p in (storage.root / "models").iterdir()} == set(ids)
