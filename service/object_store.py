@@ -147,9 +147,12 @@ class S3Store:
 
     is_remote = True
 
-    def __init__(self, bucket: str, prefix: str = "") -> None:
+    def __init__(
+        self, bucket: str, prefix: str = "", multipart_bytes: int = MULTIPART_BYTES
+    ) -> None:
         self.bucket = bucket
         self.prefix = prefix.strip("/")
+        self.multipart_bytes = multipart_bytes  # S3's smallest part is 5 MiB
         self._client: Any = None
         self._lock = threading.Lock()
 
@@ -187,7 +190,7 @@ class S3Store:
         from boto3.s3.transfer import TransferConfig
 
         return TransferConfig(
-            multipart_threshold=MULTIPART_BYTES, multipart_chunksize=MULTIPART_BYTES
+            multipart_threshold=self.multipart_bytes, multipart_chunksize=self.multipart_bytes
         )
 
     def publish(self, key_prefix: str, local_dir: Path) -> None:

@@ -249,3 +249,19 @@ def test_the_local_store_never_evicts(tmp_path: Path) -> None:
         aged(storage.model_dir(model_id), 3600)
         storage.ensure_local("models", model_id)
     assert {p.name for p in (storage.root / "models").iterdir()} == set(ids)
+
+
+def test_a_big_file_goes_up_in_parts_and_comes_back_verified(
+    store: S3Store, tmp_path: Path
+) -> None:
+    parted = S3Store(store.bucket, "parts", multipart_bytes=5 * 1024 * 1024)
+    source = tmp_path / "big"
+    source.mkdir()
+    (source / "model.safetensors").write_bytes(os.urandom(11 * 1024 * 1024 + 7))
+    parted.publish("models/big", source)
+    head = s3().head_object(Bucket=store.bucket, Key="parts/models/big/model.safetensors")
+    assert head["ETag"].strip('"').endswith("-3")  # a multipart upload of three parts
+    parted.fetch("models/big", tmp_path / "copy")
+    assert (tmp_path / "copy" / "model.safetensors").read_bytes() == (
+        source / "model.safetensors"
+    ).read_bytes()
