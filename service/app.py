@@ -34,7 +34,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     check_auth_setting(settings)
     db = Database(settings.database_url, settings.db_timeout_seconds)
-    storage = Storage(settings.artifact_root)
+    storage = Storage.from_settings(settings)
     metrics = Metrics()
     metrics.watch_jobs(db)
     model_cache = ModelCache(settings, storage, metrics)

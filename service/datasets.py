@@ -28,10 +28,11 @@ from bitcore.images import sniff_format
 from service import jobs, quotas
 from service.archives import ArchiveKind, Extracted, Limits, extract_archive
 from service.db import Database
-from service.domain_errors import Conflict, InvalidRequest, NotFound
+from service.domain_errors import Conflict, InvalidRequest, NotFound, Unavailable
 from service.ids import new_id
 from service.job_states import ACTIVE
 from service.names import check_name
+from service.object_store import ObjectStoreError
 from service.settings import Settings
 from service.storage import (
     DATASET_CACHE,
@@ -45,6 +46,7 @@ from service.tables import Dataset, Job, tenant_is
 log = logging.getLogger(__name__)
 
 MAX_NAME_LENGTH = 200
+STORAGE_RETRY_AFTER_S = 5
 # Rejected members listed in the dataset itself (GET /v1/datasets pages carry them); the whole
 # list is DATASET_REJECTED in its folder, paged by GET /v1/datasets/{id}/rejected.
 REJECTED_INLINE = 100
@@ -185,6 +187,17 @@ def create_dataset(
         with disk_full_as("the dataset"):
             directory.mkdir(parents=True)
             index, rejected = build_dataset_files(archive, kind, directory, settings)
+        # The durable copy (object store), before the row: a dataset that exists can be
+        # fetched by any node. The resized cache/ travels too (rebuilding it costs a decode).
+        try:
+            storage.publish("datasets", dataset_id)
+        except ObjectStoreError as exc:
+            log.warning("dataset %s: publishing to the object store failed: %s", dataset_id, exc)
+            raise Unavailable(
+                "storage_unavailable",
+                "the server's object store did not answer; upload the dataset again shortly",
+                retry_after=STORAGE_RETRY_AFTER_S,
+            ) from None
         height, width = index.median_size
         row = Dataset(
             id=dataset_id,
@@ -207,7 +220,7 @@ def create_dataset(
             session.add(row)
         return row
     except BaseException:
-        storage.remove(directory)
+        storage.discard("datasets", dataset_id)
         raise
 
 
@@ -244,9 +257,8 @@ def delete_dataset(db: Database, storage: Storage, tenant_id: str | None, datase
                 "jobs are using this dataset; cancel them or wait for them to finish",
                 {"jobs": list(active)},
             )
-        directory = storage.path(row.storage_key)
         session.delete(row)
-    storage.remove(directory)
+    storage.discard("datasets", dataset_id)
 
 
 @dataclass(frozen=True)

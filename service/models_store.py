@@ -10,6 +10,7 @@ exactly like an unknown one.
 from __future__ import annotations
 
 import io
+import logging
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,13 +29,17 @@ from bitcore.artifacts import (
     ArtifactMetadata,
     load_metadata,
 )
-from service.domain_errors import Gone, NotFound
+from service.domain_errors import Gone, NotFound, Unavailable
 from service.ids import new_id
+from service.object_store import ObjectCorrupt, ObjectMissing, ObjectStoreError
 from service.storage import Storage
 from service.tables import Job, Model, tenant_is
 
+log = logging.getLogger(__name__)
+
 ARTIFACT_FILES = (WEIGHTS_FILE, METADATA_FILE)
 ZIP_CHUNK_BYTES = 1 << 20
+STORAGE_RETRY_AFTER_S = 5
 
 
 def new_model_id() -> str:
@@ -122,12 +127,30 @@ def delete_model(session: Session, storage: Storage, tenant_id: str | None, mode
     row = get_model(session, tenant_id, model_id)
     session.delete(row)
     session.commit()
-    storage.remove(storage.model_dir(model_id))
+    storage.discard("models", model_id)
 
 
 def artifact_files(storage: Storage, model_id: str) -> list[Path]:
-    """The files of the model's artifact; Gone if any is missing (the row outlived them)."""
-    directory = storage.model_dir(model_id)
+    """The files of the model's artifact (fetched from the object store on a cache miss);
+    Gone if any is missing (the row outlived them)."""
+    try:
+        directory = storage.ensure_local("models", model_id)
+    except ObjectMissing:
+        directory = storage.model_dir(model_id)
+    except ObjectCorrupt as exc:
+        log.error("model %s: its artifact in the object store is damaged: %s", model_id, exc)
+        raise Gone(
+            "artifact_missing",
+            f"the artifact of model {model_id} is damaged in the server's object store; "
+            "the model cannot be downloaded",
+        ) from None
+    except ObjectStoreError as exc:
+        log.warning("model %s: the object store failed: %s", model_id, exc)
+        raise Unavailable(
+            "storage_unavailable",
+            "the server's object store did not answer; try again shortly",
+            retry_after=STORAGE_RETRY_AFTER_S,
+        ) from None
     files = [directory / name for name in ARTIFACT_FILES]
     for path in files:
         if not path.is_file():

@@ -41,6 +41,7 @@ import torch
 
 from bitcore.artifacts import METADATA_FILE, WEIGHTS_FILE, ArtifactError, ArtifactMissing
 from bitcore.predict import Prediction, Predictor, top_k_labels
+from service.object_store import ObjectCorrupt, ObjectMissing, ObjectStoreError
 
 if TYPE_CHECKING:
     from service.settings import Settings
@@ -377,6 +378,8 @@ class ModelCache:
         except ModelUnavailable as exc:
             # Logged here, once per damaged file, with the path (clients get no server paths).
             log.error("%s (%s)", exc, exc.__cause__)
+            if type(exc.__cause__) is ObjectStoreError:
+                raise  # the object store did not answer: the next request fetches again
             # A fresh copy: `exc`'s traceback would keep the half-loaded model's tensors alive.
             self._broken[model_id] = (
                 signature,
@@ -393,26 +396,26 @@ class ModelCache:
         return entry
 
     def _load(self, model_id: str) -> _Entry:
-        """In the loader thread: read the artifact, fold WS, warm up."""
-        path = self.storage.model_dir(model_id)
+        """In the loader thread: fetch the artifact on a cache miss, read it, fold WS, warm
+        up."""
         started = time.perf_counter()
         try:
             predictor = Predictor.load(
-                path,
+                self.storage.ensure_local("models", model_id),
                 self.settings.device,
                 max_batch_size=int(self.settings.predict_max_batch_size),
                 # Lower than for datasets: a predict image is decoded on the request path.
                 max_pixels=int(self.settings.predict_max_image_pixels),
             )
             warmup = predictor.warmup()
-        except ArtifactMissing as exc:
+        except (ArtifactMissing, ObjectMissing) as exc:
             raise ModelUnavailable(
                 "model_unavailable",
                 f"model {model_id} cannot be served: a file of its artifact is missing on the "
                 "server",
                 UNAVAILABLE_RETRY_AFTER_S,
             ) from exc
-        except ArtifactError as exc:
+        except (ArtifactError, ObjectCorrupt) as exc:  # on disk, or in the object store
             raise ModelUnavailable(
                 "model_artifact_corrupt",
                 f"model {model_id} cannot be served: its artifact on the server is damaged "

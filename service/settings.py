@@ -185,6 +185,37 @@ class Settings(BaseSettings):
     max_streams_per_key: int = Field(default=20, gt=0)
     stream_max_seconds: float = Field(default=3600.0, gt=0)
 
+    # Object storage (issue 12; service.object_store, docs/operations.md "Object storage").
+    # Unset or file:///path: the local artifact root is the store. s3://bucket/prefix: the
+    # bucket holds datasets and models, and artifact_root is this node's cache of it; boto3
+    # reads AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION.
+    storage_url: str | None = None
+    # With an s3:// store: the local cache's cap (least recently used folders go first; one
+    # used within the last 10 minutes stays). Unset: no cap. Ignored for the local store.
+    cache_max_bytes: int | None = Field(default=None, gt=0)
+
+    @field_validator("storage_url")
+    @classmethod
+    def _storage_scheme(cls, value: str | None) -> str | None:
+        if value and not value.startswith(("file://", "s3://")):
+            raise ValueError(f"storage_url {value!r}: use s3://bucket/prefix or file:///path")
+        if value and value.startswith("s3://") and not urlsplit(value).netloc:
+            raise ValueError(f"storage_url {value!r} names no bucket")
+        return value or None
+
+    @model_validator(mode="after")
+    def _file_storage_root(self) -> Settings:
+        # file:///path is the artifact root itself (unless artifact_root was given too).
+        if self.storage_url and self.storage_url.startswith("file://"):
+            path = Path(urlsplit(self.storage_url).path).expanduser().resolve()
+            if "artifact_root" in self.model_fields_set and path != self.artifact_root:
+                raise ValueError(
+                    f"storage_url {self.storage_url!r} and artifact_root {self.artifact_root} "
+                    "name different directories: set one of them"
+                )
+            self.artifact_root = path
+        return self
+
     @field_validator("home", "checkpoint_dir", "artifact_root")
     @classmethod
     def _absolute(cls, value: Path) -> Path:

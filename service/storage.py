@@ -5,20 +5,31 @@ Layout (relative "storage keys" are what the database stores):
   jobs/<job_id>/      the training work dir (checkpoints, caches)
   models/<mdl_id>/    a bitcore artifact (model.safetensors + metadata.json)
   tmp/                uploads in flight
+
+With an object store (BITSERVE_STORAGE_URL=s3://..., service.object_store) datasets/ and
+models/ folders are published to it under the same keys, and this root is the node's cache:
+`ensure_local` fetches a folder that is not here. jobs/ and tmp/ stay local.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bitcore.atomic import is_disk_full, make_private_dir
+from service import local_cache
 from service.domain_errors import InsufficientStorage
 from service.ids import is_id
+from service.object_store import LocalStore, ObjectStore, ObjectStoreError, open_store
+
+if TYPE_CHECKING:
+    from service.settings import Settings
 
 # A dataset's folder (service.datasets writes it, the worker trains from it).
 DATASET_FILES = "files"  # the extracted upload
@@ -26,9 +37,77 @@ DATASET_INDEX = "index.json"  # bitcore.data.index.DatasetIndex
 DATASET_CACHE = "cache"  # images resized once to the HyperRule pre-crop size
 
 
+log = logging.getLogger(__name__)
+
+# The folders that travel through the object store, by kind: the id prefix each must have.
+SHARED_KINDS = {"datasets": "ds", "models": "mdl"}
+
+
 class Storage:
-    def __init__(self, root: str | Path) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        objects: ObjectStore | None = None,
+        *,
+        cache_max_bytes: int | None = None,
+        cache_min_idle_seconds: float = local_cache.MIN_IDLE_SECONDS,
+    ) -> None:
         self.root = Path(root).resolve()
+        self.objects: ObjectStore = objects or LocalStore()
+        # With a remote store, the root is a cache of it: held under this many bytes.
+        self.cache_max_bytes = cache_max_bytes
+        self.cache_min_idle_seconds = cache_min_idle_seconds
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Storage:
+        return cls(
+            settings.artifact_root,
+            open_store(settings.storage_url),
+            cache_max_bytes=settings.cache_max_bytes,
+        )
+
+    def shared_dir(self, kind: str, object_id: str) -> Path:
+        """The local folder of a dataset or model (kind "datasets" or "models")."""
+        return self._dir(kind, SHARED_KINDS[kind], object_id)
+
+    def ensure_local(self, kind: str, object_id: str) -> Path:
+        """The folder, fetched from the object store first if this node has no copy.
+        Raises service.object_store.ObjectMissing (not in the store either), ObjectCorrupt (a
+        file differs from the manifest: nothing is kept) or ObjectStoreError (unreachable)."""
+        directory = self.shared_dir(kind, object_id)
+        if not directory.is_dir():
+            # A fetched folder appears whole (renamed into place), never half-written.
+            self.objects.fetch(f"{kind}/{object_id}", directory)
+            if self.cache_max_bytes is not None:
+                local_cache.evict(
+                    self.root,
+                    self.objects,
+                    tuple(SHARED_KINDS),
+                    self.cache_max_bytes,
+                    keep=directory,
+                    min_idle_seconds=self.cache_min_idle_seconds,
+                )
+        local_cache.touch(directory)  # used now: the last to be evicted
+        return directory
+
+    def touch(self, kind: str, object_id: str) -> None:
+        """Mark a cached folder as in use (a training job's heartbeat keeps its dataset's
+        folder from being evicted under it)."""
+        local_cache.touch(self.shared_dir(kind, object_id))
+
+    def publish(self, kind: str, object_id: str) -> None:
+        """Copy the finished folder to the object store (a no-op for the local store)."""
+        self.objects.publish(f"{kind}/{object_id}", self.shared_dir(kind, object_id))
+
+    def discard(self, kind: str, object_id: str) -> None:
+        """Delete the folder here and in the object store. Called once its row is gone (or was
+        never written): objects the store fails to delete are orphans nobody can reach, logged
+        rather than raised, so a delete that the database has committed still succeeds."""
+        self.remove(self.shared_dir(kind, object_id))
+        try:
+            self.objects.delete(f"{kind}/{object_id}")
+        except ObjectStoreError as exc:
+            log.warning("%s/%s: objects left in the object store: %s", kind, object_id, exc)
 
     def _dir(self, kind: str, prefix: str, object_id: str) -> Path:
         # The id becomes a path part: accept only our own id format (no "..", no "/").
@@ -87,6 +166,7 @@ class Storage:
         finally:
             os.close(fd)
             os.unlink(name)
+        self.objects.check()  # S3: the bucket answers (head_bucket)
 
 
 def disk_full_error(what: str) -> InsufficientStorage:

@@ -30,6 +30,7 @@ from service import job_runs, jobs, models_store
 from service.broker import Broker
 from service.db import UNAVAILABLE_ERRORS, Database
 from service.ids import new_id, utcnow
+from service.object_store import ObjectCorrupt, ObjectMissing
 from service.settings import Settings
 from service.storage import Storage
 from service.tables import Dataset, Job
@@ -77,7 +78,7 @@ def run_job(
     `shutdown` set while training (the worker is stopping): training checkpoints and stops,
     and the job goes back to the queue for the next worker, which resumes it."""
     db = db or process_database(settings.database_url)
-    storage = storage or Storage(settings.artifact_root)
+    storage = storage or Storage.from_settings(settings)
     worker_id = new_worker_id()
     with db.sessionmaker() as session:
         claim = job_runs.claim(session, job_id, worker_id, settings)
@@ -113,13 +114,14 @@ class JobRun:
         self.work_dir = storage.job_dir(job.id)
         self.model_id = models_store.new_model_id()
         self.out_dir = storage.model_dir(self.model_id)
+        self.published = False  # the artifact reached the object store
         self.progress = Throttled(self._write_progress, settings.job_progress_interval_seconds)
 
     def execute(self) -> str:
         try:
             return self._train()
         except TrainingCancelled:
-            self.storage.remove(self.out_dir)
+            self._drop_model()
             if self.timed_out.is_set():
                 return self._failed("time_limit_exceeded", self._time_limit_message())
             if self.shutdown.is_set() and not self.cancel.is_set():
@@ -174,9 +176,12 @@ class JobRun:
         trained = models_store.TrainedModel.from_artifact(
             self.storage, self.model_id, result.metrics
         )
+        # The durable copy first: once the job says succeeded, any node can serve the model.
+        self.published = True
+        self.storage.publish("models", self.model_id)
         if not self._record_success(trained, final):
             # cancel requested after the last step, or the job was taken over
-            self.storage.remove(self.out_dir)
+            self._drop_model()
             return self._cancelled()
         self.storage.remove(self.work_dir)
         log.info("job %s succeeded: model %s", self.job.id, self.model_id)
@@ -224,7 +229,20 @@ class JobRun:
                 raise JobFailure(
                     "dataset_missing", f"dataset {self.job.dataset_id} was deleted or is not ready"
                 )
-            index_path = self.storage.dataset_index(dataset.id)
+        try:  # this node's cache, filled from the object store on a miss
+            self.storage.ensure_local("datasets", dataset.id)
+        except ObjectMissing:
+            raise JobFailure(
+                "dataset_missing", f"dataset {dataset.id} is not in the object store"
+            ) from None
+        except ObjectCorrupt as exc:
+            log.error("job %s: dataset %s: %s", self.job.id, dataset.id, exc)
+            raise JobFailure(
+                "dataset_corrupt",
+                f"dataset {dataset.id} is damaged in the server's object store (a file differs "
+                "from its recorded SHA-256); upload it again",
+            ) from None
+        index_path = self.storage.dataset_index(dataset.id)
         if not index_path.is_file():
             raise JobFailure("dataset_missing", f"dataset {dataset.id} has no index on disk")
         return DatasetIndex.load(index_path)
@@ -309,8 +327,15 @@ class JobRun:
         log.info("job %s handed back to the queue (worker shutting down)", self.job.id)
         return "released"
 
+    def _drop_model(self) -> None:
+        """Remove this attempt's artifact (and its published copy, if it got that far)."""
+        if self.published:
+            self.storage.discard("models", self.model_id)  # logs objects it fails to delete
+        else:
+            self.storage.remove(self.out_dir)
+
     def _failed(self, code: str, message: str) -> str:
-        self.storage.remove(self.out_dir)
+        self._drop_model()
         if self.lost.is_set():
             return "lost"
         with self.db.sessionmaker() as session:
@@ -362,6 +387,8 @@ class JobRun:
                 log.warning("job %s: past its time limit; stopping it", self.job.id)
                 self.timed_out.set()
                 self.cancel.set()  # training stops between steps, as on a cancel request
+            if self.job.dataset_id:  # in use: the local cache must not evict it meanwhile
+                self.storage.touch("datasets", self.job.dataset_id)
             try:
                 with self.db.sessionmaker() as session:
                     state = job_runs.heartbeat(session, self.job.id, self.worker_id)

@@ -133,7 +133,7 @@ async def delete_model(
     "/{model_id}/artifact",
     response_class=StreamingResponse,
     dependencies=TRAIN,
-    responses={**ARTIFACT_DOC, **error_responses(404, 410)},
+    responses={**ARTIFACT_DOC, **error_responses(404, 410, 503)},
 )
 def download_artifact(
     model_id: str, session: SessionDep, storage: StorageDep, tenant: TenantDep

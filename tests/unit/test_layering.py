@@ -90,6 +90,8 @@ DOMAIN = (
     "tables",
     "supervisor",
     "job_costs",
+    "object_store",
+    "local_cache",
 )
 
 

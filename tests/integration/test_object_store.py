@@ -1,0 +1,219 @@
+"""Issue 12: nodes that share nothing but PostgreSQL, Redis and an object store.
+
+One gateway, one Celery worker and a second gateway, each with a private artifact root (no
+path in common), on moto's standalone S3 server: upload on gateway A -> the worker fetches
+the dataset from the bucket, trains, publishes the model -> A predicts (fetching the model
+into its own cache) -> gateway B, with an empty root, serves and downloads the same model ->
+a delete on B removes the objects, and A's cached copy is no longer served.
+"""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import httpx
+import pytest
+
+from tests.e2e.loop import CLASSES, follow_events
+from tests.imagegen import class_image, encode, make_archive, make_image_folder
+from tests.integration.conftest import LiveServer
+from tests.integration.worker_fixtures import FAST_OVERRIDES, WorkerProcess, fast_job_settings
+from tests.moto_s3 import AWS_ENV, moto_server, new_bucket
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+
+@pytest.fixture
+def s3_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """moto's S3 server, and the AWS settings every process of the test reads (boto3's own)."""
+    with moto_server(tmp_path) as endpoint:
+        for name, value in {**AWS_ENV, "AWS_ENDPOINT_URL": endpoint}.items():
+            monkeypatch.setenv(name, value)
+        yield endpoint
+
+
+def bucket_keys(bucket: str) -> list[str]:
+    listing = boto3.session.Session().client("s3").list_objects_v2(Bucket=bucket)
+    return sorted(item["Key"] for item in listing.get("Contents", []))
+
+
+def files_under(root: Path) -> set[str]:
+    return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+
+
+def predict(server: LiveServer, model_id: str) -> httpx.Response:
+    names = sorted(CLASSES)
+    images = [
+        ("files", (f"{name}.png", encode(class_image(label, len(names), (40, 48), seed=500))))
+        for label, name in enumerate(names)
+    ]
+    return httpx.post(
+        f"{server.url}/v1/models/{model_id}/predict",
+        files=images,
+        headers=server.headers,
+        timeout=60,
+    )
+
+
+def test_upload_train_and_serve_across_nodes_with_private_roots(
+    s3_env: str,
+    tmp_path: Path,
+    migrated_db: str,
+    redis_url: str,
+    start_server: Callable[..., LiveServer],
+) -> None:
+    bucket = new_bucket()
+    url = f"s3://{bucket}/bitserve"
+
+    def node(name: str, **overrides: Any) -> Any:
+        return fast_job_settings(
+            tmp_path / name,
+            database_url=migrated_db,
+            broker_url=redis_url,
+            storage_url=url,
+            job_stale_after_seconds=30.0,
+            **overrides,
+        )
+
+    api_a = node("api-a")
+    worker_settings = node("worker", train_queue=api_a.train_queue)
+    roots = [api_a.artifact_root, worker_settings.artifact_root]
+    server_a = start_server(api_a)
+    assert httpx.get(f"{server_a.url}/readyz").status_code == 200
+
+    # Upload on A: the dataset is in the bucket (manifest included) before the 201.
+    folder = make_image_folder(tmp_path / "pets", CLASSES, size=(40, 48), seed=3)
+    response = httpx.post(
+        f"{server_a.url}/v1/datasets",
+        files={"file": ("pets.zip", make_archive(folder).read_bytes(), "application/zip")},
+        data={"name": "pets"},
+        headers=server_a.headers,
+        timeout=60,
+    )
+    assert response.status_code == 201, response.text
+    dataset_id = response.json()["id"]
+    local_dataset = files_under(api_a.artifact_root / "datasets" / dataset_id)
+    prefix = f"bitserve/datasets/{dataset_id}"
+    assert f"{prefix}.manifest.json" in bucket_keys(bucket)
+    assert {k[len(prefix) + 1 :] for k in bucket_keys(bucket) if k.startswith(prefix + "/")} == (
+        local_dataset
+    )
+    assert any(name.startswith("cache/") for name in local_dataset)  # the resized copies too
+
+    with WorkerProcess(worker_settings) as worker:
+        response = httpx.post(
+            f"{server_a.url}/v1/jobs",
+            json={
+                "dataset_id": dataset_id,
+                "base_model": "tiny-R10x0.25",
+                "validation_fraction": 0.2,
+                "seed": 0,
+                "overrides": FAST_OVERRIDES,
+            },
+            headers=server_a.headers,
+            timeout=30,
+        )
+        assert response.status_code == 202, response.text
+        with httpx.Client(base_url=server_a.url, headers=server_a.headers) as client:
+            events = follow_events(client, response.json()["id"], timeout=200)
+        final = events[-1][1]
+        assert final["status"] == "succeeded", (final, worker.log()[-3000:])
+    model_id = final["model_id"]
+
+    # The worker trained from its own copy, fetched from the bucket (plus the training-time
+    # cache files it wrote there itself).
+    assert local_dataset <= files_under(worker_settings.artifact_root / "datasets" / dataset_id)
+    model_prefix = f"bitserve/models/{model_id}"
+    model_keys = [k for k in bucket_keys(bucket) if k.startswith(model_prefix)]
+    assert sorted(model_keys) == [
+        f"{model_prefix}.manifest.json",
+        f"{model_prefix}/metadata.json",
+        f"{model_prefix}/model.safetensors",
+    ]
+    # No node reads another's disk: A has no model files until its first predict fetches them.
+    assert not (api_a.artifact_root / "models" / model_id).exists()
+    response = predict(server_a, model_id)
+    assert response.status_code == 200, response.text
+    assert len(response.json()["predictions"]) == len(CLASSES)
+    assert files_under(api_a.artifact_root / "models" / model_id) == {
+        "metadata.json",
+        "model.safetensors",
+    }
+
+    # Gateway B: yet another empty root, the same model, same answers.
+    api_b = node("api-b", train_queue=api_a.train_queue)
+    assert api_b.artifact_root not in roots
+    server_b = start_server(api_b)
+    response_b = predict(server_b, model_id)
+    assert response_b.status_code == 200, response_b.text
+    assert response_b.json()["predictions"] == response.json()["predictions"]
+    download = httpx.get(
+        f"{server_b.url}/v1/models/{model_id}/artifact", headers=server_b.headers, timeout=60
+    )
+    assert download.status_code == 200
+    weights = worker_settings.artifact_root / "models" / model_id / "model.safetensors"
+    with zipfile.ZipFile(io.BytesIO(download.content)) as archive:
+        assert sorted(archive.namelist()) == ["metadata.json", "model.safetensors"]
+        assert archive.read("model.safetensors") == weights.read_bytes()
+
+    # A tampered object in the bucket: a third gateway (empty root) refuses it, keeps nothing.
+    boto3.session.Session().client("s3").put_object(
+        Bucket=bucket,
+        Key=f"{model_prefix}/model.safetensors",
+        Body=b"\0" * len(weights.read_bytes()),
+    )
+    api_c = node("api-c", train_queue=api_a.train_queue)
+    server_c = start_server(api_c)
+    response = predict(server_c, model_id)
+    assert response.status_code == 503, response.text
+    assert response.json()["error"]["code"] == "model_artifact_corrupt"
+    download = httpx.get(
+        f"{server_c.url}/v1/models/{model_id}/artifact", headers=server_c.headers, timeout=60
+    )
+    assert download.status_code == 410, download.text
+    assert not (api_c.artifact_root / "models").exists() or not any(
+        (api_c.artifact_root / "models").iterdir()
+    )
+
+    # Deleting on B removes the objects; A, whose cache still holds the files, answers 404.
+    response = httpx.delete(f"{server_b.url}/v1/models/{model_id}", headers=server_b.headers)
+    assert response.status_code == 204
+    assert [k for k in bucket_keys(bucket) if k.startswith(model_prefix)] == []
+    assert predict(server_a, model_id).status_code == 404
+    response = httpx.delete(f"{server_a.url}/v1/datasets/{dataset_id}", headers=server_a.headers)
+    assert response.status_code == 204
+    assert [k for k in bucket_keys(bucket) if k.startswith(prefix)] == []
+
+
+def test_without_the_bucket_readiness_fails_and_uploads_keep_nothing(
+    s3_env: str,
+    tmp_path: Path,
+    migrated_db: str,
+    redis_url: str,
+    start_server: Callable[..., LiveServer],
+) -> None:
+    settings = fast_job_settings(
+        tmp_path, database_url=migrated_db, broker_url=redis_url, storage_url="s3://missing-b/p"
+    )
+    server = start_server(settings)
+    response = httpx.get(f"{server.url}/readyz")
+    assert response.status_code == 503
+    assert list(response.json()["error"]["details"]["failing"]) == ["storage"]
+
+    folder = make_image_folder(tmp_path / "pets", CLASSES, size=(40, 48), seed=3)
+    response = httpx.post(
+        f"{server.url}/v1/datasets",
+        files={"file": ("pets.zip", make_archive(folder).read_bytes(), "application/zip")},
+        data={"name": "pets"},
+        headers=server.headers,
+        timeout=60,
+    )
+    assert response.status_code == 503, response.text
+    assert response.json()["error"]["code"] == "storage_unavailable"
+    assert response.headers["Retry-After"] == "5"
+    assert list((settings.artifact_root / "datasets").iterdir()) == []
