@@ -263,3 +263,21 @@ def test_default_num_workers_fits_the_machine() -> None:
     workers = default_num_workers()
     cpus = len(os.sched_getaffinity(0))
     assert workers == (0 if cpus <= 2 else min(4, cpus - 1))
+
+
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_worker_processes_load_the_same_pixels(
+    index: DatasetIndex, tmp_path: Path, context: str
+) -> None:
+    """Decoding moves into the DataLoader workers: each opens the pack itself."""
+    cache = build_cache(index, 44, tmp_path / "c")  # 40 x 48 and 31 x 64: squashed at load
+    assert cache.kinds()["original"] > 0
+    data = CachedImageDataset(cache, index.samples, 40, train=True)
+    keys = [(i, 7 * i) for i in range(7)]
+    loader = torch.utils.data.DataLoader(
+        data, batch_size=7, sampler=keys, num_workers=2, multiprocessing_context=context
+    )
+    (batch, labels), *_ = list(loader)
+    expected = torch.stack([data[key][0] for key in keys])
+    torch.testing.assert_close(batch, expected, rtol=0, atol=0)
+    assert labels.tolist() == [s.label for s in index.samples]
