@@ -28,12 +28,12 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 from PIL import Image
 
-from bitcore.atomic import atomic_write, write_json_atomic
+from bitcore.atomic import atomic_write, reserve, write_json_atomic
 from bitcore.data.index import DatasetError, DatasetIndex, Sample, decode_workers
 from bitcore.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
 from bitcore.transforms import resize_squash
@@ -264,17 +264,49 @@ def _write_pack(
             ) from exc
 
     entries = np.zeros((len(paths), 3), dtype=_INDEX_DTYPE)
-    with atomic_write(data_path) as tmp, open(tmp, "wb") as out:
-        offset = 0
-        for i, (kind, stored) in enumerate(_ordered_map(load, paths, workers or decode_workers())):
-            out.write(stored)
-            entries[i] = (offset, len(stored), kind)
-            offset += len(stored)
-            if progress is not None:
-                progress(i + 1, len(paths))
+    with atomic_write(data_path) as tmp:
+        # No entry is bigger than its file: reserving their sum makes a full disk an error
+        # now, before anything is decoded, and the surplus is cut off at the end.
+        reserve(tmp, _files_bytes(root, paths))
+        with open(tmp, "r+b") as out:
+            offset = _append_entries(out, load, paths, entries, progress, workers)
+            out.truncate(offset)
         # The index before the pack is committed: a manifest is only written after both.
         with atomic_write(_index_path(data_path)) as index_tmp:
             entries.tofile(index_tmp)
+
+
+def _files_bytes(root: Path, paths: list[str]) -> int:
+    total = 0
+    for relpath in paths:
+        try:
+            total += (root / relpath).stat().st_size
+        except OSError as exc:
+            raise DatasetError(
+                "dataset_changed",
+                f"{relpath} is gone ({exc}); index the dataset again",
+                {"path": relpath},
+            ) from exc
+    return total
+
+
+def _append_entries(
+    out: BinaryIO,
+    load: Callable[[str], tuple[int, bytes]],
+    paths: list[str],
+    entries: np.ndarray,
+    progress: Callable[[int, int], None] | None,
+    workers: int | None,
+) -> int:
+    """Write each path's entry in order, fill `entries`; returns the bytes written."""
+    offset = 0
+    for i, (kind, stored) in enumerate(_ordered_map(load, paths, workers or decode_workers())):
+        out.write(stored)
+        entries[i] = (offset, len(stored), kind)
+        offset += len(stored)
+        if progress is not None:
+            progress(i + 1, len(paths))
+    return offset
 
 
 def _ordered_map(
