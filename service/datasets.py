@@ -152,7 +152,8 @@ def build_dataset_files(
     write_json_atomic(directory / DATASET_REJECTED, rejected, indent=None)
     index.save(directory / DATASET_INDEX)
     # The training copy at the HyperRule's pre-crop size: decoding full-size uploads on
-    # every epoch would dominate a CPU fine-tuning run.
+    # every epoch would dominate a CPU fine-tuning run. Images at or under that size are kept
+    # at their own size (squashed up when loaded): the cache is at most the dataset's bytes.
     # The pre-crop size depends on the image size only (BiT sec. 3.3), so jobs on this dataset
     # find this cache unless they override `precrop`.
     plan = hyperrule.plan(index.num_images, index.median_size)

@@ -1,6 +1,7 @@
 """torch Datasets over an ImageCache, with the BiT train/eval transforms.
 
-Train (bit_pytorch/train.py): the cache already holds images squashed to `precrop`; here a
+Train (bit_pytorch/train.py): the cache loads images squashed to `precrop` (decoding and, for
+images stored at their own size, squashing them here, in the DataLoader workers); then a
 random `crop` window and a random horizontal flip, then [-1, 1]. Eval: resize to `crop` only.
 Train keys are `(index, aug_seed)`: the sampler owns all randomness, so the augmentation of
 every example is a pure function of the key, identical on resume and on every DDP rank, and
@@ -63,7 +64,7 @@ class CachedImageDataset(Dataset[tuple[torch.Tensor, int]]):
         cached = self.cache.pixels(sample)
         if self.cache.size != self.crop:
             cached = np.asarray(resize_squash(Image.fromarray(cached), self.crop), dtype=np.uint8)
-        return to_unit_range(np.array(cached)), sample.label
+        return to_unit_range(cached), sample.label
 
     def train_window(self, index: int, aug_seed: int) -> tuple[torch.Tensor, int]:
         """The (3, crop, crop) uint8 training window of sample `index`, and its label.
@@ -71,7 +72,7 @@ class CachedImageDataset(Dataset[tuple[torch.Tensor, int]]):
         A pure function of the key: the generator is seeded by `aug_seed` alone.
         """
         sample = self.samples[index]
-        pixels = torch.from_numpy(np.array(self.cache.pixels(sample)))  # HWC uint8 copy
+        pixels = torch.from_numpy(self.cache.pixels(sample))  # HWC uint8, a fresh array
         generator = torch.Generator().manual_seed(int(aug_seed))
         return random_crop_flip(pixels.permute(2, 0, 1), self.crop, generator), sample.label
 

@@ -105,7 +105,12 @@ def test_upload_creates_a_ready_dataset(
     manifest = json.loads((directory / "cache" / "images-160.json").read_text())
     assert manifest["size"] == 160 and len(manifest["paths"]) == 12  # HyperRule precrop
     data_file = directory / "cache" / manifest["data_file"]
-    assert data_file.stat().st_size == 12 * 160 * 160 * 3
+    # Images under the pre-crop are kept at their own size (squashed up when loaded): the
+    # training copy is the accepted files' bytes, not 12 x 160 x 160 x 3.
+    files = [p for p in (directory / "files").rglob("*") if p.is_file()]
+    assert len(files) == 12
+    assert data_file.stat().st_size == sum(p.stat().st_size for p in files)
+    assert data_file.with_suffix(".idx").stat().st_size == 12 * 3 * 8
     assert _leftovers(settings.artifact_root)[0] == []  # no temp file left behind
 
 

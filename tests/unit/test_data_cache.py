@@ -20,6 +20,7 @@ from bitcore.data import (
     default_num_workers,
     index_directory,
 )
+from bitcore.data.cache import KIND_NAMES
 from bitcore.images import decode_image
 from tests.imagegen import class_image, encode, make_image_folder
 
@@ -39,14 +40,75 @@ def _expected(index: DatasetIndex, path: str, size: int) -> np.ndarray:
 def test_pixels_equal_a_direct_resize(index: DatasetIndex, tmp_path: Path) -> None:
     cache = build_cache(index, 36, tmp_path / "cache", workers=1)  # 7 rows > 4-row window
     assert len(cache) == 7 and cache.size == 36 and not cache.reused
-    assert cache.array.shape == (7, 36, 36, 3) and cache.array.dtype == np.uint8
     for sample in index.samples:
-        np.testing.assert_array_equal(cache.pixels(sample), _expected(index, sample.path, 36))
+        pixels = cache.pixels(sample)
+        assert pixels.shape == (36, 36, 3) and pixels.dtype == np.uint8 and pixels.flags.writeable
+        np.testing.assert_array_equal(pixels, _expected(index, sample.path, 36))
     assert [cache.row(s) for s in index.samples] == list(range(7))  # rows in path order
     files = sorted(p.name for p in (tmp_path / "cache").iterdir())
-    assert files[0] == "images-36-" + files[0][10:26] + ".u8" and files[1] == "images-36.json"
-    assert len(files) == 2  # no temp files left behind
-    assert (tmp_path / "cache" / files[0]).stat().st_size == 7 * 36 * 36 * 3
+    key = files[0][10:26]
+    assert files == [f"images-36-{key}.idx", f"images-36-{key}.pack", "images-36.json"]
+    assert (tmp_path / "cache" / files[0]).stat().st_size == 7 * 3 * 8  # offset, length, kind
+
+
+def _dataset_bytes(index: DatasetIndex) -> int:
+    return sum((index.root / s.path).stat().st_size for s in index.samples)
+
+
+def test_each_form_loads_the_exact_pixels_within_the_files_bytes(tmp_path: Path) -> None:
+    """RAW (shrunk, raw no bigger), PNG (shrunk, smooth), ORIGINAL (upscaled at load time)."""
+    root = tmp_path / "ds"
+    (root / "a").mkdir(parents=True)
+    (root / "b").mkdir()
+    (root / "a" / "noisy.png").write_bytes(encode(class_image(0, 2, (64, 70), noise=40), "PNG"))
+    smooth = class_image(1, 2, (240, 200), noise=0)
+    (root / "a" / "smooth.png").write_bytes(encode(smooth, "PNG"))  # 0.7 kB: raw would be 3 kB
+    (root / "b" / "small.jpg").write_bytes(encode(class_image(1, 2, (20, 24)), "JPEG"))
+    (root / "b" / "wide.jpg").write_bytes(encode(class_image(0, 2, (20, 90)), "JPEG"))
+    index = index_directory(root, min_images_per_class=1)
+    cache = build_cache(index, 32, tmp_path / "c")
+    forms = {s.path: KIND_NAMES[int(cache.entries[cache.row(s), 2])] for s in index.samples}
+    assert forms == {
+        "a/noisy.png": "raw",
+        "a/smooth.png": "png",
+        "b/small.jpg": "original",
+        "b/wide.jpg": "png",  # shrunk in width, stretched in height: one squash, stored
+    }
+    assert cache.kinds() == {"raw": 1, "png": 2, "original": 1}
+    for sample in index.samples:
+        np.testing.assert_array_equal(cache.pixels(sample), _expected(index, sample.path, 32))
+    assert cache.data_path.stat().st_size <= _dataset_bytes(index)  # reserved, then cut
+    assert cache.data_path.stat().st_size == int(cache.entries[:, 1].sum())
+    # Larger than every image: only the files' own bytes, squashed up when loaded.
+    big = build_cache(index, 160, tmp_path / "c")
+    assert big.kinds() == {"raw": 0, "png": 0, "original": 4}
+    assert big.data_path.stat().st_size == _dataset_bytes(index)
+    for sample in index.samples:
+        np.testing.assert_array_equal(big.pixels(sample), _expected(index, sample.path, 160))
+
+
+def test_cache_at_the_pre_crop_is_bounded_by_the_upload(tmp_path: Path) -> None:
+    """The finding of issue 12: 96 px JPEGs cached at 512 px were N x 512 x 512 x 3 bytes."""
+    make_image_folder(tmp_path / "ds", {"a": 20, "b": 20}, size=(96, 96), fmt="JPEG")
+    index = index_directory(tmp_path / "ds")
+    cache = build_cache(index, 512, tmp_path / "c")
+    stored = sum(p.stat().st_size for p in (tmp_path / "c").iterdir())
+    assert stored <= 1.05 * _dataset_bytes(index)  # the pack, its index and the manifest
+    assert 100 * stored < 40 * 512 * 512 * 3  # what version 1 stored (noisy q95 JPEGs: 7 kB)
+    sample = index.samples[7]
+    np.testing.assert_array_equal(cache.pixels(sample), _expected(index, sample.path, 512))
+
+
+def test_a_version_1_cache_is_replaced(index: DatasetIndex, tmp_path: Path) -> None:
+    (tmp_path / "c").mkdir()
+    legacy = tmp_path / "c" / "images-20-0123456789abcdef.u8"
+    legacy.write_bytes(bytes(7 * 20 * 20 * 3))
+    (tmp_path / "c" / "images-20.json").write_text(
+        '{"format": "bitserve-image-cache", "version": 1}'
+    )
+    cache = build_cache(index, 20, tmp_path / "c")
+    assert not cache.reused and not legacy.exists()
+    assert build_cache(index, 20, tmp_path / "c").reused
 
 
 def test_second_build_reuses_without_decoding(index: DatasetIndex, tmp_path: Path) -> None:
@@ -61,7 +123,8 @@ def test_second_build_reuses_without_decoding(index: DatasetIndex, tmp_path: Pat
     assert second.reused and calls == []
     after = second.data_path.stat()
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
-    np.testing.assert_array_equal(second.array, first.array)
+    for sample in index.samples:
+        np.testing.assert_array_equal(second.pixels(sample), first.pixels(sample))
 
 
 def test_rebuilt_when_the_dataset_changes(index: DatasetIndex, tmp_path: Path) -> None:
@@ -103,9 +166,9 @@ def test_vanished_file_is_a_dataset_error(index: DatasetIndex, tmp_path: Path) -
 
 def test_pickles_without_the_pixels(index: DatasetIndex, tmp_path: Path) -> None:
     cache = build_cache(index, 64, tmp_path / "c")
-    cache.pixels(index.samples[0])  # map it
+    cache.pixels(index.samples[0])  # open it
     blob = pickle.dumps(cache)
-    assert len(blob) < 2_000  # the 7 x 64 x 64 x 3 = 86 kB of pixels are not in it
+    assert len(blob) < 2_000  # neither the pixels nor the entry index are in it
     clone: ImageCache = pickle.loads(blob)
     np.testing.assert_array_equal(clone.pixels(index.samples[4]), cache.pixels(index.samples[4]))
 
@@ -201,3 +264,21 @@ def test_default_num_workers_fits_the_machine() -> None:
     workers = default_num_workers()
     cpus = len(os.sched_getaffinity(0))
     assert workers == (0 if cpus <= 2 else min(4, cpus - 1))
+
+
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_worker_processes_load_the_same_pixels(
+    index: DatasetIndex, tmp_path: Path, context: str
+) -> None:
+    """Decoding moves into the DataLoader workers: each opens the pack itself."""
+    cache = build_cache(index, 44, tmp_path / "c")  # 40 x 48 and 31 x 64: squashed at load
+    assert cache.kinds()["original"] > 0
+    data = CachedImageDataset(cache, index.samples, 40, train=True)
+    keys = [(i, 7 * i) for i in range(7)]
+    loader = torch.utils.data.DataLoader(
+        data, batch_size=7, sampler=keys, num_workers=2, multiprocessing_context=context
+    )
+    (batch, labels), *_ = list(loader)
+    expected = torch.stack([data[key][0] for key in keys])
+    torch.testing.assert_close(batch, expected, rtol=0, atol=0)
+    assert labels.tolist() == [s.label for s in index.samples]

@@ -85,7 +85,7 @@ def test_a_dataset_that_fills_the_disk_is_a_507_and_leaves_nothing(
     settings = Settings(home=tmp_path / "home", database_url=url, min_images_per_class=2)
     storage = Storage(settings.artifact_root)
     archive = make_archive(make_image_folder(tmp_path / "images", {"a": 3, "b": 3}))
-    # The image cache is written through a memory map, reserved first: ENOSPC there.
+    # The image cache reserves its upper bound (the images' bytes) first: ENOSPC there.
     monkeypatch.setattr(os, "posix_fallocate", _no_space)
     with pytest.raises(InsufficientStorage) as caught:
         datasets.create_dataset(
