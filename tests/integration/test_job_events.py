@@ -141,7 +141,8 @@ def test_many_streams_cost_one_database_read_per_interval(
     intervals = window / POLL  # 10
     # One read per interval for all 100 streams (before: 100 per interval, 1,000 here).
     assert intervals * 0.5 <= counted <= intervals + 2, counted
-    assert polls == counted
+    # The two counters are read one after the other: a poll may land between the readings.
+    assert polls <= counted <= polls + 1, (polls, counted)
     for events in results:
         assert [name for name, _ in events] == ["status", "status", "done"]
         assert [data["status"] for _, data in events] == ["queued", "cancelled", "cancelled"]
