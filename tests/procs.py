@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 
@@ -44,3 +45,28 @@ def descendants(pid: int) -> set[int]:
 def alive(pid: int) -> bool:
     fields = _stat_fields(Path(f"/proc/{pid}"))
     return fields is not None and fields[0] != "Z"
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def embedded_env(home: Path, port: int, **extra: str) -> dict[str, str]:
+    """This environment for an embedded `bitserve up` under `home` on `port`: every BITSERVE_*
+    and server URL removed (SQLite, the SQLAlchemy broker, the store under home), CPU, this
+    checkout importable, plus `extra` BITSERVE_* settings."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("BITSERVE_")
+        and k not in ("DATABASE_URL", "REDIS_URL", "CELERY_BROKER_URL")
+    }
+    env.update(
+        BITSERVE_HOME=str(home),
+        BITSERVE_PORT=str(port),
+        BITSERVE_DEVICE="cpu",
+        OMP_NUM_THREADS="2",
+        PYTHONUNBUFFERED="1",
+        **extra,
+    )
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    return env

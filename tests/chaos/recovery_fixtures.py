@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.procs import children
+from tests.procs import children, embedded_env
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -50,22 +50,7 @@ class UpProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = home.parent / "bitserve-up.log"
-        env = {
-            k: v
-            for k, v in os.environ.items()
-            if not k.startswith("BITSERVE_")
-            and k not in ("DATABASE_URL", "REDIS_URL", "CELERY_BROKER_URL")
-        }
-        env.update(
-            BITSERVE_HOME=str(home),
-            BITSERVE_PORT=str(self.port),
-            BITSERVE_DEVICE="cpu",
-            BITSERVE_ALLOW_DOWNLOADS="false",
-            OMP_NUM_THREADS="2",
-            PYTHONUNBUFFERED="1",
-            **extra_env,
-        )
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+        env = embedded_env(home, self.port, BITSERVE_ALLOW_DOWNLOADS="false", **extra_env)
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "service.cli", "up"],

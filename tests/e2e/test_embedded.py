@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from tests.e2e.loop import check_loop, run_loop
-from tests.procs import alive, descendants
+from tests.procs import alive, descendants, embedded_env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -37,24 +37,6 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _embedded_env(home: Path, port: int) -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("BITSERVE_")
-        and k not in ("DATABASE_URL", "REDIS_URL", "CELERY_BROKER_URL")
-    }
-    env.update(
-        BITSERVE_HOME=str(home),
-        BITSERVE_PORT=str(port),
-        BITSERVE_DEVICE="cpu",
-        OMP_NUM_THREADS="2",
-        PYTHONUNBUFFERED="1",
-    )
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    return env
-
-
 class Up:
     """`bitserve up` as a child process, its output in a log file."""
 
@@ -67,7 +49,7 @@ class Up:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "service.cli", "up"],
                 cwd=REPO_ROOT,
-                env=_embedded_env(home, self.port),
+                env=embedded_env(home, self.port),
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
