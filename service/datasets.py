@@ -28,7 +28,7 @@ from bitcore.images import sniff_format
 from service import jobs, quotas
 from service.archives import ArchiveKind, Extracted, Limits, extract_archive
 from service.db import Database
-from service.domain_errors import Conflict, InvalidRequest, NotFound, Unavailable
+from service.domain_errors import Conflict, InvalidRequest, NotFound
 from service.ids import new_id
 from service.job_states import ACTIVE
 from service.names import check_name
@@ -40,13 +40,13 @@ from service.storage import (
     DATASET_INDEX,
     Storage,
     disk_full_as,
+    storage_unavailable,
 )
 from service.tables import Dataset, Job, tenant_is
 
 log = logging.getLogger(__name__)
 
 MAX_NAME_LENGTH = 200
-STORAGE_RETRY_AFTER_S = 5
 # Rejected members listed in the dataset itself (GET /v1/datasets pages carry them); the whole
 # list is DATASET_REJECTED in its folder, paged by GET /v1/datasets/{id}/rejected.
 REJECTED_INLINE = 100
@@ -194,11 +194,7 @@ def create_dataset(
             storage.publish("datasets", dataset_id)
         except ObjectStoreError as exc:
             log.warning("dataset %s: publishing to the object store failed: %s", dataset_id, exc)
-            raise Unavailable(
-                "storage_unavailable",
-                "the server's object store did not answer; upload the dataset again shortly",
-                retry_after=STORAGE_RETRY_AFTER_S,
-            ) from None
+            raise storage_unavailable("upload the dataset again shortly") from None
         height, width = index.median_size
         row = Dataset(
             id=dataset_id,

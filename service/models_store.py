@@ -29,17 +29,16 @@ from bitcore.artifacts import (
     ArtifactMetadata,
     load_metadata,
 )
-from service.domain_errors import Gone, NotFound, Unavailable
+from service.domain_errors import Gone, NotFound
 from service.ids import new_id
 from service.object_store import ObjectCorrupt, ObjectMissing, ObjectStoreError
-from service.storage import Storage
+from service.storage import Storage, storage_unavailable
 from service.tables import Job, Model, tenant_is
 
 log = logging.getLogger(__name__)
 
 ARTIFACT_FILES = (WEIGHTS_FILE, METADATA_FILE)
 ZIP_CHUNK_BYTES = 1 << 20
-STORAGE_RETRY_AFTER_S = 5
 
 
 def new_model_id() -> str:
@@ -146,11 +145,7 @@ def artifact_files(storage: Storage, model_id: str) -> list[Path]:
         ) from None
     except ObjectStoreError as exc:
         log.warning("model %s: the object store failed: %s", model_id, exc)
-        raise Unavailable(
-            "storage_unavailable",
-            "the server's object store did not answer; try again shortly",
-            retry_after=STORAGE_RETRY_AFTER_S,
-        ) from None
+        raise storage_unavailable("try again shortly") from None
     files = [directory / name for name in ARTIFACT_FILES]
     for path in files:
         if not path.is_file():

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from bitcore.atomic import is_disk_full, make_private_dir
 from service import local_cache
-from service.domain_errors import InsufficientStorage
+from service.domain_errors import InsufficientStorage, Unavailable
 from service.ids import is_id
 from service.object_store import LocalStore, ObjectStore, ObjectStoreError, open_store
 
@@ -167,6 +167,19 @@ class Storage:
             os.close(fd)
             os.unlink(name)
         self.objects.check()  # S3: the bucket answers (head_bucket)
+
+
+# The object store did not answer (service.object_store): clients retry after this long.
+STORAGE_RETRY_AFTER_S = 5
+
+
+def storage_unavailable(advice: str) -> Unavailable:
+    """The answer when the object store did not answer; `advice` says what to do next."""
+    return Unavailable(
+        "storage_unavailable",
+        f"the server's object store did not answer; {advice}",
+        retry_after=STORAGE_RETRY_AFTER_S,
+    )
 
 
 def disk_full_error(what: str) -> InsufficientStorage:
