@@ -32,19 +32,38 @@ class ImageSize(TypedDict):
     median_width: int
 
 
+DatasetStatus = Literal["processing", "ready", "failed"]
+IngestPhase = Literal["queued", "extracting", "indexing", "storing", "done"]
+
+
+class IngestProgress(TypedDict):
+    phase: IngestPhase
+    done: int | None  # archive members (extracting) or images (indexing)
+    total: int | None
+
+
+class ErrorInfo(TypedDict):
+    code: str
+    message: str
+    details: dict[str, Any]
+
+
 class Dataset(TypedDict):
     id: str
     name: str
-    status: Literal["ready"]
-    num_images: int
+    status: DatasetStatus  # processing (being ingested), then ready or failed
+    progress: IngestProgress | None  # while processing
+    error: ErrorInfo | None  # why ingestion failed
+    num_images: int  # 0 until ready
     num_classes: int
     classes: list[ClassCount]
-    image_size: ImageSize
+    image_size: ImageSize | None  # null until ready
     rejected: list[Rejected]  # the first 100; all: BitserveClient.rejected_files
     rejected_count: int
     rejected_reasons: dict[str, int]
     bytes: int
     created_at: str
+    finished_at: str | None
 
 
 class PlanSource(TypedDict):

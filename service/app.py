@@ -18,7 +18,7 @@ from service.connections import BodyTimeoutMiddleware
 from service.db import Database
 from service.draining import Drain, DrainMiddleware
 from service.http_errors import install_error_handlers
-from service.job_events import JobNotifier
+from service.job_events import DatasetNotifier, JobNotifier
 from service.metrics import Metrics, MetricsMiddleware
 from service.quotas import RateLimiter
 from service.routers import audit, base_models, datasets, health, jobs, keys, models, tenants, ui
@@ -45,6 +45,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     job_events = JobNotifier(
         db, settings.events_poll_seconds, settings.max_streams_per_key, settings.stream_max_seconds
     )
+    # Dataset ingestion streams: the same cadence, and the same per-key cap (shared counts).
+    dataset_events = DatasetNotifier(
+        db,
+        settings.events_poll_seconds,
+        settings.max_streams_per_key,
+        settings.stream_max_seconds,
+        streams=job_events.streams,
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -55,6 +63,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             await job_events.close()
+            await dataset_events.close()
             await model_cache.close()
             broker.close()
             db.dispose()
@@ -78,6 +87,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.principals = PrincipalCache()
     app.state.rate_limiter = rate_limiter
     app.state.job_events = job_events
+    app.state.dataset_events = dataset_events
     # Set by `bitserve api` on SIGTERM (service.draining): new requests are answered 503.
     app.state.drain = Drain()
     install_error_handlers(app)

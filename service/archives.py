@@ -412,11 +412,13 @@ def extract_archive(
     limits: Limits,
     kind: ArchiveKind | None = None,
     skip: SkipRule | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Extracted:
     """Check then extract `path` into the (new or empty) folder `target`.
 
     `skip` keeps members off the disk by their path and first bytes (a dataset writes only
-    images: a non-image member costs no disk at all, whatever its size).
+    images: a non-image member costs no disk at all, whatever its size). `progress(done,
+    total)` is called after each member (total: the members the first pass found).
 
     Raises an ArchiveError: NotAnArchive (not a zip or gzip), ArchiveTooLarge (entries, total
     size), ArchiveUnsafe (traversal, links, devices, compression ratio) or ArchiveInvalid
@@ -445,6 +447,8 @@ def extract_archive(
         handled = 0
         for member, source in files:
             handled += 1
+            if progress is not None:
+                progress(handled - 1, len(members))
             dest = _target_path(target, member.path)
             head = source.read(HEAD_BYTES) if skip is not None else b""
             reason = skip(member.path, head) if skip is not None else None

@@ -18,6 +18,7 @@ from celery import Celery
 from service.settings import Settings
 
 FINETUNE_TASK = "bitserve.finetune"
+INGEST_TASK = "bitserve.ingest"
 # A key the reconciler keeps in Redis next to the queue (one per train queue: deployments that
 # share a Redis each keep their own). Gone means Redis lost its data (restarted without
 # persistence, flushed, a fresh server): the messages of every queued job are gone with it. A
@@ -81,7 +82,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "broker_connection_max_retries": None,
         "broker_channel_error_retry": True,
         "broker_connection_timeout": BROKER_CONNECT_TIMEOUT_SECONDS,
-        "task_routes": {FINETUNE_TASK: {"queue": settings.train_queue}},
+        "task_routes": {
+            FINETUNE_TASK: {"queue": settings.train_queue},
+            INGEST_TASK: {"queue": settings.ingest_queue},
+        },
         "task_default_queue": settings.train_queue,
         "task_serializer": "json",
         "accept_content": ["json"],
@@ -91,7 +95,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 
 
 class Broker:
-    """Sends training tasks by name. The Celery client is built lazily, once per instance."""
+    """Sends training and ingestion tasks by name. The Celery client is built lazily, once per instance."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -113,6 +117,17 @@ class Broker:
             FINETUNE_TASK,
             args=[job_id],
             queue=self.settings.train_queue,
+            retry=True,
+            retry_policy=PUBLISH_RETRY_POLICY,
+        )
+
+    def send_ingest(self, dataset_id: str) -> None:
+        """Publish `bitserve.ingest(dataset_id)` to the ingest queue; raises if the broker is
+        down (the dataset row is committed: the reconciler sends it later)."""
+        self.app.send_task(
+            INGEST_TASK,
+            args=[dataset_id],
+            queue=self.settings.ingest_queue,
             retry=True,
             retry_policy=PUBLISH_RETRY_POLICY,
         )

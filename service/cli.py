@@ -64,7 +64,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = get_settings()
     if args.command == "keys":
         return cmd_keys(settings, args)
-    handler = {"up": cmd_up, "api": cmd_api, "worker": cmd_worker, "migrate": cmd_migrate}
+    if args.command == "worker":
+        return cmd_worker(settings, parse_roles(args.queues))
+    handler = {"up": cmd_up, "api": cmd_api, "migrate": cmd_migrate}
     return int(handler[args.command](settings))
 
 
@@ -73,12 +75,21 @@ def _parser() -> argparse.ArgumentParser:
         prog="bitserve", description="Fine-tune BiT models and serve them over REST."
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    up = commands.add_parser("up", help="migrate, then run the API and a training worker")
+    up = commands.add_parser(
+        "up", help="migrate, then run the API, a training worker and an ingest worker"
+    )
     api = commands.add_parser("api", help="run the API gateway (uvicorn) only")
     for sub in (up, api):
         sub.add_argument("--host", help="listen address (default BITSERVE_HOST or 127.0.0.1)")
         sub.add_argument("--port", type=int, help="listen port (default BITSERVE_PORT or 8000)")
-    commands.add_parser("worker", help="run a Celery training worker only")
+    worker = commands.add_parser("worker", help="run a Celery worker (training and ingestion)")
+    worker.add_argument(
+        "--queues",
+        default=",".join(WORKER_ROLES),
+        help="what this worker takes, comma-separated: train (fine-tuning jobs), ingest "
+        "(uploaded datasets); default both. GPU nodes: --queues train, with ingest workers "
+        "on CPU nodes (the queue names are BITSERVE_TRAIN_QUEUE and BITSERVE_INGEST_QUEUE)",
+    )
     commands.add_parser("migrate", help="bring the database schema up to date")
     add_keys_parser(commands)
     return parser
@@ -96,9 +107,21 @@ def cmd_migrate(settings: Settings) -> int:
     return 0
 
 
-def cmd_worker(settings: Settings) -> int:
+def parse_roles(text: str) -> tuple[str, ...]:
+    """`--queues train,ingest` -> ("train", "ingest"); exits naming the unknown ones."""
+    roles = tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+    unknown = [role for role in roles if role not in WORKER_ROLES]
+    if unknown or not roles:
+        raise SystemExit(
+            f"bitserve worker: --queues takes {' and/or '.join(WORKER_ROLES)} "
+            f"(comma-separated), not {text!r}"
+        )
+    return roles
+
+
+def cmd_worker(settings: Settings, roles: tuple[str, ...] = ("train", "ingest")) -> int:
     make_private_dir(settings.home)
-    command = worker_command(settings)
+    command = worker_command(settings, roles=roles)
     os.execve(command[0], command, child_environment(settings))
     return 0  # not reached
 
@@ -178,7 +201,10 @@ def cmd_up(settings: Settings) -> int:
         _uvicorn_config(settings, app), app.state.drain, settings.shutdown_grace_seconds
     )
     try:
-        supervisor.start("worker", worker_command(settings), child_environment(settings))
+        env = child_environment(settings)
+        # Two workers: an upload is ingested while a long training job runs.
+        supervisor.start("worker", worker_command(settings, roles=("train",)), env)
+        supervisor.start("ingest", worker_command(settings, roles=("ingest",)), env)
         watcher = threading.Thread(
             target=_watch,
             args=(server, supervisor, settings, new_key),
@@ -197,10 +223,18 @@ def cmd_up(settings: Settings) -> int:
 # -- pieces ------------------------------------------------------------------------------
 
 
+WORKER_ROLES = ("train", "ingest")
+
+
 def worker_command(
-    settings: Settings, *, pool: str | None = None, name: str | None = None
+    settings: Settings,
+    *,
+    roles: tuple[str, ...] = WORKER_ROLES,
+    pool: str | None = None,
+    name: str | None = None,
 ) -> list[str]:
-    """The Celery worker for the training queue, one task at a time per process.
+    """The Celery worker for the queues of `roles` ("train", "ingest"), one task at a time
+    per process.
 
     concurrency 1 -> the solo pool (the task runs in the worker process itself); more ->
     prefork children (the parent never touches CUDA: the device is chosen inside the task).
@@ -209,6 +243,7 @@ def worker_command(
     """
     concurrency = int(settings.worker_concurrency)
     pool = pool or ("solo" if concurrency == 1 else "prefork")
+    queues = {"train": settings.train_queue, "ingest": settings.ingest_queue}
     return [
         sys.executable,
         "-m",
@@ -217,7 +252,7 @@ def worker_command(
         "worker.celery_app",
         "worker",
         "-Q",
-        settings.train_queue,
+        ",".join(queues[role] for role in roles),
         "-c",
         str(concurrency),
         f"--pool={pool}",
@@ -229,7 +264,7 @@ def worker_command(
         "--without-heartbeat",
         "--loglevel=INFO",
         "-n",
-        name or f"bitserve-{os.getpid()}@{socket.gethostname()}",
+        name or f"bitserve-{'-'.join(roles)}-{os.getpid()}@{socket.gethostname()}",
     ]
 
 

@@ -1,10 +1,12 @@
-"""Datasets: plain functions the routes (and tests) call.
+"""Datasets: plain functions the routes, the ingest worker (and tests) call.
 
-An upload becomes a dataset in one blocking step (`create_dataset`, run in a worker thread):
-safe extraction, decoding and validating every image (bitcore.data.index), a resized copy at
-the HyperRule's pre-crop size for training (bitcore.data.cache), then the database row. The
-row is written last, so a dataset that exists is always complete; on any failure its folder
-is removed.
+An upload becomes a dataset in two steps. The gateway (`accept_upload`) only stores the
+received archive (uploads/<id>/, published to the object store) and records the dataset as
+`processing` with the limits it applies, then sends an `ingest` message; it decodes nothing.
+An ingest worker (worker.ingest) then extracts it safely, decodes and validates every image
+(`build_dataset_files`: bitcore.data.index), publishes the folder and marks the row ready, or
+failed with the error a synchronous upload would have answered. The training cache is built
+later, by the node that trains (bitcore.data.cache).
 """
 
 from __future__ import annotations
@@ -20,22 +22,26 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from bitcore import hyperrule
 from bitcore.atomic import write_json_atomic
-from bitcore.data.cache import build_cache
-from bitcore.data.index import IGNORED_NAMES, DatasetError, DatasetIndex, index_directory
+from bitcore.data.index import (
+    IGNORED_NAMES,
+    DatasetError,
+    DatasetIndex,
+    Progress,
+    index_directory,
+)
 from bitcore.images import sniff_format
-from service import jobs, quotas
+from service import ingest_runs, jobs, quotas
 from service.archives import ArchiveKind, Extracted, Limits, extract_archive
+from service.broker import Broker
 from service.db import Database
 from service.domain_errors import Conflict, InvalidRequest, NotFound
 from service.ids import new_id
 from service.job_states import ACTIVE
 from service.names import check_name
-from service.object_store import ObjectStoreError
+from service.object_store import ObjectMissing, ObjectStoreError
 from service.settings import Settings
 from service.storage import (
-    DATASET_CACHE,
     DATASET_FILES,
     DATASET_INDEX,
     Storage,
@@ -70,13 +76,17 @@ def dataset_name(given: str | None, filename: str | None, fallback: str) -> str:
     return stem or fallback
 
 
-def _limits(settings: Settings) -> Limits:
-    return Limits(
-        max_entries=settings.max_archive_entries,
-        max_uncompressed_bytes=settings.max_uncompressed_bytes,
-        max_compression_ratio=settings.max_compression_ratio,
-        archive_ratio_min_bytes=settings.archive_ratio_min_bytes,
-    )
+def ingest_options(settings: Settings) -> dict[str, Any]:
+    """The limits this gateway applies to an upload, recorded with the dataset: the worker
+    that ingests it applies these, whatever its own settings say."""
+    return {
+        "max_entries": settings.max_archive_entries,
+        "max_uncompressed_bytes": settings.max_uncompressed_bytes,
+        "max_compression_ratio": settings.max_compression_ratio,
+        "archive_ratio_min_bytes": settings.archive_ratio_min_bytes,
+        "max_image_pixels": settings.max_image_pixels,
+        "min_images_per_class": settings.min_images_per_class,
+    }
 
 
 def rejected_counts(row: Dataset) -> dict[str, int]:
@@ -90,13 +100,20 @@ def rejected_page(
     storage: Storage, row: Dataset, offset: int, limit: int
 ) -> tuple[list[dict[str, str]], int | None]:
     """Rejected members [offset, offset+limit) in path order, and the next offset (None at the
-    end). The list never changes once the dataset exists, so an offset is a stable cursor."""
+    end). The list never changes once the dataset exists, so an offset is a stable cursor.
+    Read from this node's copy, else from the object store (that one file, checked)."""
     path = storage.path(row.storage_key) / DATASET_REJECTED
+    items: list[dict[str, str]]
     try:
-        with open(path, encoding="utf-8") as handle:
-            items: list[dict[str, str]] = json.load(handle)
-    except FileNotFoundError:  # a dataset made before the file: its row holds the whole list
+        if path.is_file():
+            items = json.loads(path.read_bytes())
+        else:
+            items = json.loads(storage.read_shared("datasets", row.id, DATASET_REJECTED))
+    except ObjectMissing:  # a dataset made before the file: its row holds the whole list
         items = list(row.rejected)
+    except ObjectStoreError as exc:
+        log.warning("dataset %s: reading its rejected list failed: %s", row.id, exc)
+        raise storage_unavailable("try again shortly") from None
     end = offset + limit
     return items[offset:end], end if end < len(items) else None
 
@@ -133,17 +150,31 @@ def _delete_rejected(index: DatasetIndex) -> None:
 
 
 def build_dataset_files(
-    archive: Path, kind: ArchiveKind, directory: Path, settings: Settings
+    archive: Path,
+    kind: ArchiveKind,
+    directory: Path,
+    options: dict[str, Any],
+    *,
+    on_extract: Progress | None = None,
+    on_index: Progress | None = None,
 ) -> tuple[DatasetIndex, list[dict[str, str]]]:
-    """Extract, index and cache into `directory`. Blocking: call from a worker thread.
-    Returns the index and every rejected member (also written to DATASET_REJECTED)."""
+    """Extract and index into `directory` under the recorded `options` (ingest_options).
+    Blocking (the ingest worker). Returns the index and every rejected member (also written to
+    DATASET_REJECTED). Raises the kinds of service.domain_errors for a refused archive."""
     files = directory / DATASET_FILES
-    extracted = extract_archive(archive, files, _limits(settings), kind, skip=images_only)
+    limits = Limits(
+        max_entries=options["max_entries"],
+        max_uncompressed_bytes=options["max_uncompressed_bytes"],
+        max_compression_ratio=options["max_compression_ratio"],
+        archive_ratio_min_bytes=options["archive_ratio_min_bytes"],
+    )
+    extracted = extract_archive(archive, files, limits, kind, skip=images_only, progress=on_extract)
     try:
         index = index_directory(
             files,
-            max_pixels=settings.max_image_pixels,
-            min_images_per_class=settings.min_images_per_class,
+            max_pixels=options["max_image_pixels"],
+            min_images_per_class=options["min_images_per_class"],
+            progress=on_index,
         )
     except DatasetError as exc:  # bitcore's error: a plain library knows no API errors
         raise InvalidRequest(exc.code, str(exc), exc.details) from None
@@ -151,21 +182,27 @@ def build_dataset_files(
     rejected = _rejected(index, files, extracted)
     write_json_atomic(directory / DATASET_REJECTED, rejected, indent=None)
     index.save(directory / DATASET_INDEX)
-    # The training copy at the HyperRule's pre-crop size: decoding full-size uploads on
-    # every epoch would dominate a CPU fine-tuning run. Images at or under that size are kept
-    # at their own size (squashed up when loaded): the cache is at most the dataset's bytes.
-    # The pre-crop size depends on the image size only (BiT sec. 3.3), so jobs on this dataset
-    # find this cache unless they override `precrop`.
-    plan = hyperrule.plan(index.num_images, index.median_size)
-    build_cache(
-        index, plan.precrop, directory / DATASET_CACHE, max_pixels=settings.max_image_pixels
-    )
     return index, rejected
 
 
-def create_dataset(
+def ready_values(index: DatasetIndex, rejected: list[dict[str, str]]) -> dict[str, Any]:
+    """The row's figures once ingested (service.ingest_runs.finish_ready writes them)."""
+    height, width = index.median_size
+    return {
+        "num_images": index.num_images,
+        "num_classes": len(index.classes),
+        "classes": [{"name": n, "count": c} for n, c in index.counts().items()],
+        "image_size": {"median_height": height, "median_width": width},
+        # A few inline (every listing carries them), the rest paged from the file.
+        "rejected": rejected[:REJECTED_INLINE],
+        "rejected_counts": dict(Counter(item["reason"] for item in rejected)),
+    }
+
+
+def accept_upload(
     db: Database,
     storage: Storage,
+    broker: Broker,
     settings: Settings,
     archive: Path,
     kind: ArchiveKind,
@@ -174,76 +211,94 @@ def create_dataset(
     size: int,
     tenant_id: str | None,
 ) -> Dataset:
-    """Turn an uploaded archive into a ready dataset (blocking; the upload route runs it in a
-    thread). Raises the kinds of service.domain_errors (InsufficientStorage when the store's disk
-    fills up: nothing is kept); QuotaExceeded when `size` more bytes
-    would pass the tenant's max_stored_bytes (checked with the row's insert, under the
-    tenant's lock: the route's check before the upload races with other uploads). This is the
-    seam where ingestion can move off the request path: the route only hands it a received
-    archive."""
+    """Store a received archive and record its dataset as processing; send it to the ingest
+    queue (blocking: the upload route runs it in a thread). Takes as long as moving (local) or
+    uploading (object store) the archive: nothing is decoded here.
+
+    Raises InsufficientStorage (the disk filled up), Unavailable storage_unavailable (the
+    object store did not answer), QuotaExceeded when `size` more bytes would pass the tenant's
+    max_stored_bytes (checked with the row's insert, under the tenant's lock). Nothing is kept
+    on any of them. A failed send is only logged: the row is committed, the reconciler sends."""
     dataset_id = new_id("ds")
-    directory = storage.dataset_dir(dataset_id)
     try:
-        # A full disk while extracting, indexing or caching: 507, and the folder goes below.
         with disk_full_as("the dataset"):
-            directory.mkdir(parents=True)
-            index, rejected = build_dataset_files(archive, kind, directory, settings)
-        # The durable copy (object store), before the row: a dataset that exists can be
-        # fetched by any node. The resized cache/ travels too (rebuilding it costs a decode).
-        try:
-            storage.publish("datasets", dataset_id)
-        except ObjectStoreError as exc:
-            log.warning("dataset %s: publishing to the object store failed: %s", dataset_id, exc)
-            raise storage_unavailable("upload the dataset again shortly") from None
-        height, width = index.median_size
+            storage.store_upload(dataset_id, archive, kind)
         row = Dataset(
             id=dataset_id,
             tenant_id=tenant_id,
             name=name,
-            status="ready",
-            num_images=index.num_images,
-            num_classes=len(index.classes),
-            classes=[{"name": n, "count": c} for n, c in index.counts().items()],
-            image_size={"median_height": height, "median_width": width},
-            # A few inline (every listing carries them), the rest paged from the file.
-            rejected=rejected[:REJECTED_INLINE],
-            rejected_counts=dict(Counter(item["reason"] for item in rejected)),
+            status=ingest_runs.PROCESSING,
+            num_images=0,
+            num_classes=0,
+            classes=[],
+            image_size={},
+            rejected=[],
+            rejected_counts={},
             bytes=size,
-            storage_key=storage.key(directory),
+            storage_key=storage.key(storage.dataset_dir(dataset_id)),
+            ingest={"kind": kind, "options": ingest_options(settings)},
+            progress={"phase": "queued"},
         )
         with db.session() as session:
             # Under the tenant's lock: concurrent uploads cannot both fit the last bytes.
             quotas.check_stored_bytes(session, tenant_id, settings, size)
             session.add(row)
-        return row
+    except ObjectStoreError as exc:
+        storage.discard("uploads", dataset_id)
+        log.warning("dataset %s: storing the upload failed: %s", dataset_id, exc)
+        raise storage_unavailable("upload the dataset again shortly") from None
     except BaseException:
-        storage.discard("datasets", dataset_id)
+        storage.discard("uploads", dataset_id)
         raise
+    try:
+        broker.send_ingest(dataset_id)
+    except Exception as exc:
+        log.warning("dataset %s: the ingest message was not sent (sent later): %s", dataset_id, exc)
+    else:
+        with db.sessionmaker() as session:
+            ingest_runs.mark_sent(session, dataset_id)
+    return row
 
 
 def get_dataset(session: Session, tenant_id: str | None, dataset_id: str) -> Dataset:
-    """The tenant's dataset; NotFound for unknown ids and other tenants' datasets alike."""
+    """The tenant's dataset, in any status; NotFound for unknown ids and other tenants'."""
     row = session.get(Dataset, dataset_id)
-    if row is None or row.tenant_id != tenant_id or row.status != "ready":
+    if row is None or row.tenant_id != tenant_id:
         raise NotFound("dataset", dataset_id)
     return row
 
 
-def list_datasets(tenant_id: str | None) -> sa.Select[Dataset]:
-    """The tenant's datasets (paginate it with service.pagination)."""
-    return sa.select(Dataset).where(
-        tenant_is(Dataset.tenant_id, tenant_id),
-        Dataset.status == "ready",
+def get_ready_dataset(session: Session, tenant_id: str | None, dataset_id: str) -> Dataset:
+    """The tenant's dataset once ingested; Conflict dataset_not_ready while processing or
+    after a failed ingestion."""
+    row = get_dataset(session, tenant_id, dataset_id)
+    if row.status != ingest_runs.READY:
+        raise not_ready(row)
+    return row
+
+
+def not_ready(row: Dataset) -> Conflict:
+    why = (
+        "is still being ingested; try again when its status is ready"
+        if (row.status == ingest_runs.PROCESSING)
+        else "failed to ingest (see its error); upload the archive again"
     )
+    return Conflict("dataset_not_ready", f"dataset {row.id} {why}", {"status": row.status})
+
+
+def list_datasets(tenant_id: str | None) -> sa.Select[Dataset]:
+    """The tenant's datasets, every status (paginate it with service.pagination)."""
+    return sa.select(Dataset).where(tenant_is(Dataset.tenant_id, tenant_id))
 
 
 def delete_dataset(db: Database, storage: Storage, tenant_id: str | None, dataset_id: str) -> None:
-    """Delete the row, then the files. Conflict while a queued/running/cancelling job uses it."""
+    """Delete the row, then the files (an ingestion in progress finds its row gone and stops).
+    Conflict while a queued/running/cancelling job uses it."""
     with db.session() as session:
         # Row lock (PostgreSQL): a job inserted concurrently waits for this decision in its
         # foreign-key check, and is answered 404 if the dataset goes (service.jobs.create_job).
         row = session.get(Dataset, dataset_id, with_for_update=True)
-        if row is None or row.tenant_id != tenant_id or row.status != "ready":
+        if row is None or row.tenant_id != tenant_id:
             raise NotFound("dataset", dataset_id)
         active = session.scalars(
             sa.select(Job.id).where(Job.dataset_id == dataset_id, Job.status.in_(ACTIVE)).limit(10)
@@ -255,6 +310,7 @@ def delete_dataset(db: Database, storage: Storage, tenant_id: str | None, datase
                 {"jobs": list(active)},
             )
         session.delete(row)
+    storage.discard("uploads", dataset_id)
     storage.discard("datasets", dataset_id)
 
 

@@ -1,4 +1,5 @@
-"""Job event streams (GET /v1/jobs/{id}/events) through one shared notifier.
+"""Event streams (GET /v1/jobs/{id}/events, GET /v1/datasets/{id}/events) through one shared
+notifier per kind of resource.
 
 Each stream used to read its job from the database every 0.5 s through the shared thread
 pool: 1,500 open streams made every other request wait for a thread (GET /v1/datasets went
@@ -20,7 +21,7 @@ import logging
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 import sqlalchemy as sa
 from sse_starlette import ServerSentEvent
@@ -29,8 +30,8 @@ from starlette.concurrency import run_in_threadpool
 from service.api_keys import Principal
 from service.db import Database
 from service.domain_errors import QuotaExceeded
-from service.schemas import JobPublic
-from service.tables import Job
+from service.schemas import DatasetPublic, JobPublic
+from service.tables import Dataset, Job
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +44,8 @@ RECONNECT_RETRY_MS = 1000
 def too_many_streams(limit: int) -> QuotaExceeded:
     return QuotaExceeded(
         "too_many_streams",
-        f"This API key has {limit} job event streams open, the most allowed; close one, or "
-        "poll GET /v1/jobs/{id}.",
+        f"This API key has {limit} event streams open, the most allowed; close one, or "
+        "poll the resource (GET /v1/jobs/{id}, GET /v1/datasets/{id}).",
         {"limit": limit},
         retry_after=STREAM_RETRY_AFTER,
     )
@@ -69,34 +70,62 @@ class StreamTicket:
                 del self._counts[self.client]
 
 
-@dataclass
-class _Watch:
-    """A watched job: its latest state, how many streams follow it, and an event set (and
-    replaced) each time the state changes."""
+class Followed(Protocol):
+    """What a stream follows: a public resource with an id, an end, and a progress."""
 
-    job: JobPublic
+    id: str
+
+    @property
+    def finished(self) -> bool: ...
+
+    def model_dump(self, *, mode: str) -> dict[str, Any]: ...
+
+
+R = TypeVar("R", bound=Followed)
+
+
+@dataclass
+class _Watch(Generic[R]):
+    """A watched resource: its latest state, how many streams follow it, and an event set
+    (and replaced) each time the state changes."""
+
+    item: R
     streams: int = 0
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def update(self, job: JobPublic) -> None:
-        if job != self.job:
-            self.job = job
+    def update(self, item: R) -> None:
+        if item != self.item:
+            self.item = item
             self.changed.set()
             self.changed = asyncio.Event()
 
 
-class JobNotifier:
+class Notifier(Generic[R]):
+    """Streams of one kind of resource; subclasses say how to read them and their progress."""
+
     def __init__(
-        self, db: Database, interval: float, max_streams_per_key: int, max_seconds: float
+        self,
+        db: Database,
+        interval: float,
+        max_streams_per_key: int,
+        max_seconds: float,
+        streams: Counter[str] | None = None,
     ) -> None:
         self.db = db
         self.interval = interval
         self.max_streams_per_key = max_streams_per_key
         self.max_seconds = max_seconds
-        self.streams: Counter[str] = Counter()  # open streams per client
-        self.polls = 0  # database reads made (one per interval while any job is watched)
-        self._watches: dict[str, _Watch] = {}
+        # Open streams per client; shared between notifiers, so the cap covers every kind.
+        self.streams: Counter[str] = streams if streams is not None else Counter()
+        self.polls = 0  # database reads made (one per interval while anything is watched)
+        self._watches: dict[str, _Watch[R]] = {}
         self._task: asyncio.Task[None] | None = None
+
+    def _read(self, ids: list[str]) -> list[R]:
+        raise NotImplementedError
+
+    def _progress(self, item: R) -> dict[str, Any] | None:
+        raise NotImplementedError
 
     def open_stream(self, client: str) -> StreamTicket:
         """A place for one more stream of `client`, or QuotaExceeded too_many_streams."""
@@ -105,39 +134,40 @@ class JobNotifier:
         self.streams[client] += 1
         return StreamTicket(self.streams, client)
 
-    async def events(self, ticket: StreamTicket, job: JobPublic) -> AsyncIterator[ServerSentEvent]:
+    async def events(self, ticket: StreamTicket, first: R) -> AsyncIterator[ServerSentEvent]:
         """`status` first; `progress` and `status` on changes; `done` at the end, or
         `reconnect` after max_seconds. Cancelled by sse_starlette when the client leaves."""
         try:
-            yield _event("status", job.model_dump(mode="json"))
-            if not job.status.finished:
-                async for event in self._follow(job):
+            yield _event("status", first.model_dump(mode="json"))
+            if not first.finished:
+                async for event in self._follow(first):
                     yield event
             else:
-                yield _event("done", job.model_dump(mode="json"))
+                yield _event("done", first.model_dump(mode="json"))
         finally:
             ticket.release()
 
-    async def _follow(self, first: JobPublic) -> AsyncIterator[ServerSentEvent]:
+    async def _follow(self, first: R) -> AsyncIterator[ServerSentEvent]:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.max_seconds
         watch = self._watch(first)
         try:
             sent = first
             while True:
-                changed, job = watch.changed, watch.job
-                if job.progress != sent.progress:
-                    yield _event("progress", {"id": job.id, **asdict(job.progress)})
-                if job.status != sent.status:
-                    yield _event("status", job.model_dump(mode="json"))
-                sent = job
-                if job.status.finished:
-                    yield _event("done", job.model_dump(mode="json"))
+                changed, item = watch.changed, watch.item
+                progress = self._progress(item)
+                if progress is not None and progress != self._progress(sent):
+                    yield _event("progress", {"id": item.id, **progress})
+                if _status(item) != _status(sent):
+                    yield _event("status", item.model_dump(mode="json"))
+                sent = item
+                if item.finished:
+                    yield _event("done", item.model_dump(mode="json"))
                     return
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     yield ServerSentEvent(
-                        data=json.dumps({"id": job.id, "max_stream_seconds": self.max_seconds}),
+                        data=json.dumps({"id": item.id, "max_stream_seconds": self.max_seconds}),
                         event="reconnect",
                         retry=RECONNECT_RETRY_MS,
                     )
@@ -148,24 +178,25 @@ class JobNotifier:
         finally:
             self._unwatch(first.id)
 
-    def _watch(self, job: JobPublic) -> _Watch:
-        watch = self._watches.get(job.id)
+    def _watch(self, item: R) -> _Watch[R]:
+        watch = self._watches.get(item.id)
         if watch is None:
-            watch = self._watches[job.id] = _Watch(job)
+            watch = self._watches[item.id] = _Watch(item)
         watch.streams += 1
         if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._poll(), name="job-events")
+            name = f"{type(self).__name__}-poll"
+            self._task = asyncio.get_running_loop().create_task(self._poll(), name=name)
         return watch
 
-    def _unwatch(self, job_id: str) -> None:
-        watch = self._watches.get(job_id)
+    def _unwatch(self, item_id: str) -> None:
+        watch = self._watches.get(item_id)
         if watch is not None:
             watch.streams -= 1
             if watch.streams <= 0:
-                del self._watches[job_id]
+                del self._watches[item_id]
 
     async def _poll(self) -> None:
-        """Every interval, while any job is watched: one query for all of them."""
+        """Every interval, while anything is watched: one query for all of it."""
         failing = False
         while self._watches:
             await asyncio.sleep(self.interval)
@@ -173,31 +204,52 @@ class JobNotifier:
             if not ids:
                 break
             try:
-                jobs = await run_in_threadpool(self._read, ids)
+                items = await run_in_threadpool(self._read, ids)
             except Exception:  # the database is down: streams wait, the next turn retries
                 if not failing:  # once per outage, not every interval
-                    log.warning("job events: reading %d job(s) failed", len(ids), exc_info=True)
+                    log.warning("events: reading %d item(s) failed", len(ids), exc_info=True)
                 failing = True
                 continue
             if failing:
-                log.info("job events: reading jobs again")
+                log.info("events: reading again")
             failing = False
             self.polls += 1
-            for job in jobs:
-                watch = self._watches.get(job.id)
+            for item in items:
+                watch = self._watches.get(item.id)
                 if watch is not None:
-                    watch.update(job)
-
-    def _read(self, ids: list[str]) -> list[JobPublic]:
-        with self.db.sessionmaker() as session:
-            rows = session.scalars(sa.select(Job).where(Job.id.in_(ids))).all()
-            return [JobPublic.from_row(row) for row in rows]
+                    watch.update(item)
 
     async def close(self) -> None:
         if self._task is not None and not self._task.done():
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+
+
+class JobNotifier(Notifier[JobPublic]):
+    def _read(self, ids: list[str]) -> list[JobPublic]:
+        with self.db.sessionmaker() as session:
+            rows = session.scalars(sa.select(Job).where(Job.id.in_(ids))).all()
+            return [JobPublic.from_row(row) for row in rows]
+
+    def _progress(self, item: JobPublic) -> dict[str, Any] | None:
+        return asdict(item.progress)
+
+
+class DatasetNotifier(Notifier[DatasetPublic]):
+    """A dataset's ingestion: `progress` is its IngestProgress while processing."""
+
+    def _read(self, ids: list[str]) -> list[DatasetPublic]:
+        with self.db.sessionmaker() as session:
+            rows = session.scalars(sa.select(Dataset).where(Dataset.id.in_(ids))).all()
+            return [DatasetPublic.from_row(row) for row in rows]
+
+    def _progress(self, item: DatasetPublic) -> dict[str, Any] | None:
+        return None if item.progress is None else item.progress.model_dump(mode="json")
+
+
+def _status(item: Followed) -> Any:
+    return getattr(item, "status", None)
 
 
 def _event(name: str, data: dict[str, Any]) -> ServerSentEvent:

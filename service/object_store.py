@@ -59,6 +59,7 @@ class ObjectStore(Protocol):
 
     def publish(self, key_prefix: str, local_dir: Path) -> None: ...
     def fetch(self, key_prefix: str, local_dir: Path) -> None: ...
+    def read(self, key_prefix: str, name: str, max_bytes: int) -> bytes: ...
     def exists(self, key_prefix: str) -> bool: ...
     def delete(self, key_prefix: str) -> None: ...
     def check(self) -> None: ...
@@ -76,6 +77,9 @@ class LocalStore:
         # Only called when local_dir is absent: here that means the folder is gone.
         if not local_dir.is_dir():
             raise ObjectMissing(key_prefix)
+
+    def read(self, key_prefix: str, name: str, max_bytes: int) -> bytes:
+        raise ObjectMissing(f"{key_prefix}/{name}")  # the local folder is the only copy
 
     def exists(self, key_prefix: str) -> bool:
         return False  # Storage asks only for remote stores
@@ -251,6 +255,27 @@ class S3Store:
                 # Another thread or process fetched it meanwhile: theirs is as good as ours.
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+
+    def read(self, key_prefix: str, name: str, max_bytes: int) -> bytes:
+        """One file of a published folder, checked against its manifest (a small file: a
+        folder's listing, not its images; ObjectCorrupt past `max_bytes`)."""
+        entry = next((e for e in self.manifest(key_prefix) if e.path == name), None)
+        if entry is None:
+            raise ObjectMissing(f"{key_prefix}/{name}")
+        if entry.bytes > max_bytes:
+            raise ObjectCorrupt(f"{name}: {entry.bytes} bytes, more than {max_bytes} expected")
+        try:
+            answer = self.client().get_object(Bucket=self.bucket, Key=self._key(key_prefix, name))
+            data: bytes = answer["Body"].read(max_bytes + 1)
+        except Exception as exc:
+            error = _store_error(exc, key_prefix)
+            if isinstance(error, ObjectMissing):
+                raise ObjectCorrupt(f"{name} is listed but missing") from exc
+            raise error from exc
+        digest = hashlib.sha256(data).hexdigest()
+        if len(data) != entry.bytes or digest != entry.sha256:
+            raise ObjectCorrupt(f"{name}: {len(data)} bytes, SHA-256 {digest}: not the manifest's")
+        return data
 
     def exists(self, key_prefix: str) -> bool:
         try:

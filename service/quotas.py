@@ -103,9 +103,10 @@ def active_jobs(session: Session, tenant_id: str | None) -> int:
 
 
 def stored_bytes(session: Session, tenant_id: str | None) -> int:
-    """Bytes the tenant stores: its uploaded archives plus its models' artifact files."""
+    """Bytes the tenant stores: its uploaded archives (a failed one is deleted: not counted)
+    plus its models' artifact files."""
     datasets = sa.select(sa.func.coalesce(sa.func.sum(Dataset.bytes), 0)).where(
-        tenant_is(Dataset.tenant_id, tenant_id)
+        tenant_is(Dataset.tenant_id, tenant_id), Dataset.status != "failed"
     )
     models = sa.select(sa.func.coalesce(sa.func.sum(Model.bytes), 0)).where(
         tenant_is(Model.tenant_id, tenant_id)

@@ -123,14 +123,31 @@ class RejectedFile(Schema):
     reason: str
 
 
+DatasetStatus = Literal["processing", "ready", "failed"]
+IngestPhase = Literal["queued", "extracting", "indexing", "storing", "done"]
+
+
+class IngestProgress(Schema):
+    """Where a dataset's ingestion is: `done` of `total` archive members (extracting) or
+    images (indexing); both null while queued or storing."""
+
+    phase: IngestPhase
+    done: int | None = None
+    total: int | None = None
+
+
 class DatasetPublic(Schema):
     id: str
     name: str
-    status: Literal["ready"]
-    num_images: int
-    num_classes: int
+    status: DatasetStatus = Field(
+        description="processing (a worker is ingesting the upload), then ready or failed"
+    )
+    progress: IngestProgress | None = Field(description="while processing; null after")
+    error: ErrorInfo | None = Field(description="why ingestion failed (status failed)")
+    num_images: int = Field(description="0 until ready")
+    num_classes: int = Field(description="0 until ready")
     classes: list[ClassCount]
-    image_size: ImageSize
+    image_size: ImageSize | None = Field(description="null until ready")
     rejected: list[RejectedFile] = Field(
         description="the first members skipped, with why (at most 100, in path order; "
         "all of them: GET /v1/datasets/{id}/rejected)"
@@ -139,23 +156,41 @@ class DatasetPublic(Schema):
     rejected_reasons: dict[str, int] = Field(description="members skipped per reason")
     bytes: int = Field(description="size of the uploaded archive")
     created_at: Timestamp
+    finished_at: Timestamp | None = Field(description="when ingestion ended (null: processing)")
+
+    @property
+    def finished(self) -> bool:
+        return self.status != "processing"
 
     @classmethod
     def from_row(cls, row: Dataset) -> DatasetPublic:
         counts = datasets.rejected_counts(row)
+        status: DatasetStatus = row.status  # type: ignore[assignment]
+        error = None
+        if row.error_code:
+            error = ErrorInfo(
+                code=row.error_code,
+                message=row.error_message or "",
+                details=dict(row.error_details or {}),
+            )
         return cls(
             id=row.id,
             name=row.name,
-            status="ready",
+            status=status,
+            progress=IngestProgress(**(row.progress or {"phase": "queued"}))
+            if status == "processing"
+            else None,
+            error=error,
             num_images=row.num_images,
             num_classes=row.num_classes,
             classes=[ClassCount(**c) for c in row.classes],
-            image_size=ImageSize(**row.image_size),
+            image_size=ImageSize(**row.image_size) if row.image_size else None,
             rejected=[RejectedFile(**r) for r in row.rejected[: datasets.REJECTED_INLINE]],
             rejected_count=sum(counts.values()),
             rejected_reasons=counts,
             bytes=row.bytes,
             created_at=row.created_at,
+            finished_at=row.finished_at or (row.created_at if status == "ready" else None),
         )
 
 
@@ -211,6 +246,10 @@ class JobPublic(Schema):
     created_at: Timestamp
     started_at: Timestamp | None
     finished_at: Timestamp | None
+
+    @property
+    def finished(self) -> bool:
+        return self.status.finished
 
     @classmethod
     def from_row(cls, job: Job) -> JobPublic:

@@ -122,6 +122,9 @@ class Settings(BaseSettings):
 
     device: str | None = None
     train_queue: str = "train"
+    # Dataset ingestion (service.ingest_runs, worker.ingest): `bitserve worker` consumes both
+    # queues unless --queues says otherwise.
+    ingest_queue: str = "ingest"
     worker_concurrency: int = Field(default=1, gt=0)
 
     # Faults (docs/operations.md, "Database loss" and "Stopping and rolling restarts").

@@ -1,13 +1,15 @@
 """Where files live: server-generated paths under one root, never a path a client chose.
 
 Layout (relative "storage keys" are what the database stores):
-  datasets/<ds_id>/   files/ (extracted images), index.json, cache/ (resized copies)
+  uploads/<ds_id>/    archive.zip | archive.tar.gz: an upload waiting for its ingest worker
+  datasets/<ds_id>/   files/ (extracted images), index.json, rejected.json, cache/ (built by
+                      the node that trains)
   jobs/<job_id>/      the training work dir (checkpoints, caches)
   models/<mdl_id>/    a bitcore artifact (model.safetensors + metadata.json)
   tmp/                uploads in flight
 
-With an object store (BITSERVE_STORAGE_URL=s3://..., service.object_store) datasets/ and
-models/ folders are published to it under the same keys, and this root is the node's cache:
+With an object store (BITSERVE_STORAGE_URL=s3://..., service.object_store) uploads/, datasets/
+and models/ folders are published to it under the same keys, and this root is the node's cache:
 `ensure_local` fetches a folder that is not here. jobs/ and tmp/ stay local.
 """
 
@@ -40,7 +42,10 @@ DATASET_CACHE = "cache"  # images resized once to the HyperRule pre-crop size
 log = logging.getLogger(__name__)
 
 # The folders that travel through the object store, by kind: the id prefix each must have.
-SHARED_KINDS = {"datasets": "ds", "models": "mdl"}
+SHARED_KINDS = {"uploads": "ds", "datasets": "ds", "models": "mdl"}
+# The largest file read_shared reads into memory (a rejected list of 1M members is ~80 MB).
+READ_SHARED_MAX_BYTES = 256 << 20
+UPLOAD_NAMES = {"zip": "archive.zip", "tar.gz": "archive.tar.gz"}  # by archive kind
 
 
 class Storage:
@@ -98,6 +103,33 @@ class Storage:
     def publish(self, kind: str, object_id: str) -> None:
         """Copy the finished folder to the object store (a no-op for the local store)."""
         self.objects.publish(f"{kind}/{object_id}", self.shared_dir(kind, object_id))
+
+    @property
+    def remote(self) -> bool:
+        """True when folders live in an object store, this root being only a cache of it."""
+        return self.objects.is_remote
+
+    def store_upload(self, dataset_id: str, archive: Path, kind: str) -> None:
+        """Move a received archive (a file under upload_tmp(): same disk, so a rename) into
+        uploads/<dataset_id>/ and publish it; with an object store the local copy then goes
+        (the gateway keeps nothing: a worker on any node fetches it)."""
+        directory = self.shared_dir("uploads", dataset_id)
+        directory.mkdir(parents=True)
+        os.replace(archive, directory / UPLOAD_NAMES[kind])
+        self.publish("uploads", dataset_id)
+        if self.remote:
+            self.remove(directory)
+
+    def upload_archive(self, dataset_id: str, kind: str) -> Path:
+        """The uploaded archive of a dataset being ingested, fetched here if need be (the
+        errors of ensure_local)."""
+        return self.ensure_local("uploads", dataset_id) / UPLOAD_NAMES[kind]
+
+    def read_shared(self, kind: str, object_id: str, name: str) -> bytes:
+        """One small file of a shared folder straight from the object store (this node need
+        not fetch the whole folder); the errors of ObjectStore.read."""
+        self.shared_dir(kind, object_id)  # the id is checked before it becomes a key
+        return self.objects.read(f"{kind}/{object_id}", name, READ_SHARED_MAX_BYTES)
 
     def discard(self, kind: str, object_id: str) -> None:
         """Delete the folder here and in the object store. Called once its row is gone (or was

@@ -70,8 +70,14 @@ class Base(DeclarativeBase):
 
 
 class Dataset(Base):
+    """An uploaded dataset. `status` is processing (a worker ingests it: service.ingest_runs),
+    then ready or failed; the counts, classes and image size are known once ready."""
+
     __tablename__ = "datasets"
-    __table_args__ = (sa.Index("ix_datasets_tenant_created", "tenant_id", "created_at"),)
+    __table_args__ = (
+        sa.Index("ix_datasets_tenant_created", "tenant_id", "created_at"),
+        sa.Index("ix_datasets_status_heartbeat", "status", "heartbeat_at"),
+    )
 
     id: Mapped[str] = mapped_column(sa.String(40), primary_key=True)
     tenant_id: Mapped[str | None] = mapped_column(sa.String(64))
@@ -87,6 +93,17 @@ class Dataset(Base):
     bytes: Mapped[int] = mapped_column(sa.BigInteger)  # size of the uploaded archive
     storage_key: Mapped[str] = mapped_column(sa.String(200))  # relative to the artifact root
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Ingestion (migration 0004; NULL/0 on datasets made before, which are all ready).
+    ingest: Mapped[dict[str, Any] | None] = mapped_column(default=None)  # {kind, limits}
+    progress: Mapped[dict[str, Any] | None] = mapped_column(default=None)
+    error_code: Mapped[str | None] = mapped_column(sa.String(64), default=None)
+    error_message: Mapped[str | None] = mapped_column(sa.Text, default=None)
+    error_details: Mapped[dict[str, Any] | None] = mapped_column(default=None)
+    worker_id: Mapped[str | None] = mapped_column(sa.String(200), default=None)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(default=None)
+    sent_at: Mapped[datetime | None] = mapped_column(default=None)  # the ingest message
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+    attempts: Mapped[int] = mapped_column(default=0, server_default="0")
 
 
 class Job(Base):

@@ -10,7 +10,8 @@ What it repairs (docs/operations.md, "Long jobs on Celery + Redis"): queued jobs
 lost (Redis restarted without persistence, a send that failed), running jobs whose worker
 stopped beating or whose worker process is known dead (worker.identity; re-queued, or failed
 as "worker_lost" after `job_max_attempts`), and jobs left "cancelling" by a dead worker
-(cancelled). Work dirs of jobs it ends are removed.
+(cancelled). Work dirs of jobs it ends are removed. Datasets being ingested get the same
+repairs (`reconcile_ingestion`).
 
 It runs at once when the worker starts (a worker restarted after a crash takes its dead
 predecessor's job back within seconds), then every `reconcile_interval_seconds`; sooner when the
@@ -26,7 +27,7 @@ import threading
 import time
 from datetime import datetime
 
-from service import job_runs
+from service import ingest_runs, job_runs
 from service.broker import Broker
 from service.db import Database
 from service.settings import Settings
@@ -68,6 +69,8 @@ def reconcile_once(
             holder_is_dead=holder_is_dead,
             messages_lost=lost,
         )
+    # Before the marker is kept: had this died, the next pass would look at datasets again.
+    ingest_send_failed = reconcile_ingestion(settings, db, broker, storage, lost, now)
     if lost:
         log.warning(
             "reconciler: the broker lost its messages (restarted empty?): "
@@ -75,7 +78,7 @@ def reconcile_once(
             report.forgotten,
         )
         broker.keep_marker()  # only now: had this pass died, the next one would look again
-    report.send_failed = report.send_failed or broker_down
+    report.send_failed = report.send_failed or broker_down or ingest_send_failed
     if report:
         log.warning(
             "reconciled jobs: resent %s, requeued %s, failed %s, cancelled %s",
@@ -90,6 +93,34 @@ def reconcile_once(
     return report
 
 
+def reconcile_ingestion(
+    settings: Settings,
+    db: Database,
+    broker: Broker,
+    storage: Storage | None,
+    messages_lost: bool,
+    now: datetime | None = None,
+) -> bool:
+    """The same repairs for datasets being ingested (service.ingest_runs); the files of those
+    it fails go. True when a send failed (the broker is down)."""
+    with db.sessionmaker() as session:
+        repairs = ingest_runs.reconcile(
+            session, settings, broker.send_ingest, now, messages_lost=messages_lost
+        )
+    if repairs:
+        log.warning(
+            "reconciled datasets: resent %s, requeued %s, failed %s",
+            repairs.resent,
+            repairs.requeued,
+            repairs.failed,
+        )
+    if storage is not None:
+        for dataset_id in repairs.failed:
+            storage.discard("uploads", dataset_id)
+            storage.discard("datasets", dataset_id)
+    return repairs.send_failed
+
+
 def run_forever(settings: Settings, stop: threading.Event) -> None:
     """Reconcile now, then every `reconcile_interval_seconds` (or sooner), until `stop` is set.
 
@@ -98,7 +129,7 @@ def run_forever(settings: Settings, stop: threading.Event) -> None:
     interval later."""
     db = Database(settings.database_url)
     broker = Broker(settings)
-    storage = Storage(settings.artifact_root)
+    storage = Storage.from_settings(settings)
     next_pass = time.monotonic()
     try:
         while not stop.is_set():

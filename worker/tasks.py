@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 
-from service.broker import FINETUNE_TASK
+from service.broker import FINETUNE_TASK, INGEST_TASK
 from service.ids import is_id
 from service.settings import get_settings
 from worker.celery_app import SHUTTING_DOWN, app
@@ -32,3 +32,18 @@ def finetune(job_id: object) -> str:
     from worker.runner import run_job
 
     return run_job(job_id, get_settings(), shutdown=SHUTTING_DOWN)
+
+
+@app.task(name=INGEST_TASK, ignore_result=True)
+def ingest(dataset_id: object) -> str:
+    """Ingest dataset `dataset_id` (an uploaded archive) to ready or failed."""
+    if not isinstance(dataset_id, str) or not is_id(dataset_id, "ds"):
+        log.warning(
+            "dropped a %s task whose argument is not a dataset id: %s",
+            INGEST_TASK,
+            repr(dataset_id)[:QUOTED_CHARS],
+        )
+        return "invalid_dataset_id"
+    from worker.ingest import run_ingest
+
+    return run_ingest(dataset_id, get_settings())

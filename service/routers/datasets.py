@@ -8,6 +8,8 @@ import json
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
+from sse_starlette import EventSourceResponse
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from bitcore.hyperrule import MAX_OVERRIDE
@@ -16,10 +18,20 @@ from service.admission import UploadSlots
 from service.api_keys import Scope
 from service.archives import detect_kind
 from service.auth import authorize
+from service.broker import Broker
 from service.db import Database
-from service.deps import DbDep, SessionDep, SettingsDep, StorageDep, TenantDep
+from service.deps import (
+    BrokerDep,
+    DbDep,
+    PrincipalDep,
+    SessionDep,
+    SettingsDep,
+    StorageDep,
+    TenantDep,
+)
 from service.domain_errors import MalformedRequest, UnsupportedMedia
 from service.http_errors import error_responses
+from service.job_events import DatasetNotifier, stream_client
 from service.pagination import DEFAULT_LIMIT, CursorQuery, LimitQuery, page
 from service.plan_schemas import DatasetPlan, JobCost, Plan
 from service.request_bodies import QuotaCap, check_declared_length
@@ -56,25 +68,41 @@ UPLOAD_DOC = {
 
 @router.post(
     "",
-    status_code=201,
+    status_code=202,
     openapi_extra=UPLOAD_DOC,
     response_model=DatasetPublic,
     responses=error_responses(400, 413, 415, 422, 429, 503, 507),
 )
 async def upload_dataset(
-    request: Request, settings: SettingsDep, db: DbDep, storage: StorageDep, tenant: TenantDep
+    request: Request,
+    response: Response,
+    settings: SettingsDep,
+    db: DbDep,
+    storage: StorageDep,
+    broker: BrokerDep,
+    tenant: TenantDep,
 ) -> DatasetPublic:
     """A .zip or .tar.gz of `<class>/<image>` folders (the body is parsed as it streams).
-    A body larger than the tenant's remaining byte quota is refused (429) as soon as its
-    Content-Length or its streamed bytes say so; past the uploads in progress per process,
-    503 `too_many_uploads`; without free disk for the body and a margin, 507."""
+    Answered 202 once the archive is stored: the dataset is `processing` while an ingest
+    worker extracts and validates it (follow GET /v1/datasets/{id} or its /events), then
+    `ready`, or `failed` with the error that refused the archive. A body larger than the
+    tenant's remaining byte quota is refused (429) as soon as its Content-Length or its
+    streamed bytes say so; past the uploads in progress per process, 503 `too_many_uploads`;
+    without free disk for the body and a margin, 507."""
     slots: UploadSlots = request.app.state.upload_slots
     with slots.take():
-        return await _upload(request, settings, db, storage, tenant)
+        dataset = await _upload(request, settings, db, storage, broker, tenant)
+    response.headers["Location"] = f"/v1/datasets/{dataset.id}"
+    return dataset
 
 
 async def _upload(
-    request: Request, settings: Settings, db: Database, storage: Storage, tenant: str
+    request: Request,
+    settings: Settings,
+    db: Database,
+    storage: Storage,
+    broker: Broker,
+    tenant: str,
 ) -> DatasetPublic:
     room = await run_in_threadpool(_byte_room, db, settings, tenant)
     quota = QuotaCap(room.remaining, room.exceeded)
@@ -89,6 +117,7 @@ async def _upload(
         settings.upload_free_disk_margin_bytes,
     )
     async with receive_upload(request, tmp, max_bytes=max_bytes, quota=quota) as upload:
+        # The first bytes only (magic numbers): nothing is decompressed or decoded here.
         kind = await run_in_threadpool(detect_kind, upload.path)
         if kind is None:
             raise UnsupportedMedia(
@@ -97,9 +126,10 @@ async def _upload(
             )
         name = datasets.dataset_name(upload.fields.get("name"), upload.filename, "dataset")
         row = await run_in_threadpool(
-            datasets.create_dataset,
+            datasets.accept_upload,
             db,
             storage,
+            broker,
             settings,
             upload.path,
             kind,
@@ -130,10 +160,52 @@ def get_dataset(dataset_id: str, session: SessionDep, tenant: TenantDep) -> Data
     return DatasetPublic.from_row(datasets.get_dataset(session, tenant, dataset_id))
 
 
+EVENTS_DOC: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": (
+            "Server-Sent Events until the dataset is ready or failed: `status` (data: a "
+            "DatasetPublic) first and on every state change, `progress` (data: its "
+            "IngestProgress plus its `id`) when it changes, and a final `done` (data: the "
+            "finished DatasetPublic). A stream open for BITSERVE_STREAM_MAX_SECONDS ends with "
+            "`reconnect` instead (data: the dataset `id`): open a new one."
+        ),
+        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    }
+}
+
+
+@router.get(
+    "/{dataset_id}/events",
+    summary="Follow a dataset's ingestion (Server-Sent Events)",
+    response_class=EventSourceResponse,
+    responses={**EVENTS_DOC, **error_responses(404, 429)},
+)
+async def dataset_events(
+    dataset_id: str, request: Request, db: DbDep, tenant: TenantDep, principal: PrincipalDep
+) -> EventSourceResponse:
+    """`status` first (the whole dataset), `progress` while it is ingested, and a final
+    `done` once it is ready or failed; then the stream ends."""
+    notifier: DatasetNotifier = request.app.state.dataset_events
+    ticket = notifier.open_stream(stream_client(principal))  # 429 past the key's streams
+    try:
+        first = await run_in_threadpool(_read_dataset, db, tenant, dataset_id)  # 404 first
+    except BaseException:
+        ticket.release()
+        raise
+    return EventSourceResponse(
+        notifier.events(ticket, first), ping=15, background=BackgroundTask(ticket.release)
+    )
+
+
+def _read_dataset(db: Database, tenant: str | None, dataset_id: str) -> DatasetPublic:
+    with db.sessionmaker() as session:
+        return DatasetPublic.from_row(datasets.get_dataset(session, tenant, dataset_id))
+
+
 @router.get(
     "/{dataset_id}/rejected",
     response_model=Page[RejectedFile],
-    responses=error_responses(400, 404),
+    responses=error_responses(400, 404, 409, 503),
 )
 def list_rejected(
     dataset_id: str,
@@ -145,7 +217,7 @@ def list_rejected(
 ) -> Page[RejectedFile]:
     """Every member the upload skipped, with why, in path order (the dataset itself lists only
     the first ones, and the counts per reason)."""
-    row = datasets.get_dataset(session, tenant, dataset_id)
+    row = datasets.get_ready_dataset(session, tenant, dataset_id)
     offset = _decode_offset(cursor) if cursor else 0
     items, following = datasets.rejected_page(storage, row, offset, limit)
     return Page(
@@ -181,7 +253,9 @@ def _override(name: str, ge: int = 1) -> Any:
     return Query(ge=ge, le=MAX_OVERRIDE[name])
 
 
-@router.get("/{dataset_id}/plan", response_model=DatasetPlan, responses=error_responses(404, 422))
+@router.get(
+    "/{dataset_id}/plan", response_model=DatasetPlan, responses=error_responses(404, 409, 422)
+)
 def dataset_plan(
     dataset_id: str,
     session: SessionDep,
@@ -200,7 +274,7 @@ def dataset_plan(
 ) -> DatasetPlan:
     """The plan a job on this dataset would get, its work and its cost; what POST /v1/jobs
     would refuse (bounds, invalid_override, job_too_expensive) is refused here alike."""
-    row = datasets.get_dataset(session, tenant, dataset_id)
+    row = datasets.get_ready_dataset(session, tenant, dataset_id)
     overrides = {
         "steps": steps,
         "warmup_steps": warmup_steps,

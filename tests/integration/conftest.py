@@ -1,10 +1,13 @@
 """Shared integration fixtures: a migrated PostgreSQL, Settings on it, a real HTTP server.
 
 `live_server` is a real uvicorn serving `create_app(settings)` on a free loopback port (in a
-thread of the test process, so tests can also reach `server.app.state`); `client` is an
-httpx.Client on it, sending the server's admin key (API keys are required, as in production:
-each LiveServer makes a global admin key of tenant "default" when it starts). `start_server(settings)` starts more servers with other settings (e.g. a
-small upload limit) and stops them when the test ends.
+thread of the test process, so tests can also reach `server.app.state`), with a real Celery
+ingest worker on the same settings (uploads become ready datasets, as in production);
+`client` is an httpx.Client on it, sending the server's admin key (API keys are required, as
+in production: each LiveServer makes a global admin key of tenant "default" when it starts).
+`start_server(settings)` starts more servers with other settings (e.g. a small upload limit)
+and stops them when the test ends; `ingest=True` gives one its own ingest worker.
+tests/integration/datasets_helpers.py uploads and waits for the dataset to be ingested.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -41,10 +45,17 @@ class LiveServer:
     """uvicorn in a background thread, on a socket bound before it starts (no port race)."""
 
     def __init__(
-        self, settings: Settings, *, with_key: bool = True, **uvicorn_options: Any
+        self,
+        settings: Settings,
+        *,
+        with_key: bool = True,
+        ingest: bool = False,
+        **uvicorn_options: Any,
     ) -> None:
         self.settings = settings
         self.with_key = with_key
+        # A Celery worker on the settings' ingest queue, started and stopped with the server.
+        self.ingest_worker = WorkerProcess(settings, roles=("ingest",)) if ingest else None
         self.key = ""
         self.headers: dict[str, str] = {}
         self.app: FastAPI = create_app(settings)
@@ -68,6 +79,8 @@ class LiveServer:
         )
 
     def start(self) -> LiveServer:
+        if self.ingest_worker is not None:
+            self.ingest_worker.start()
         if self.with_key:
             self.key = make_key(self.app.state.db, self.settings, global_admin=True)
             self.headers = {"Authorization": f"Bearer {self.key}"}
@@ -85,6 +98,8 @@ class LiveServer:
         self.server.should_exit = True
         self.thread.join(timeout=15)
         self.sock.close()
+        if self.ingest_worker is not None:
+            self.ingest_worker.stop()
 
 
 def make_key(
@@ -105,6 +120,8 @@ def make_key(
 def make_settings(home: Path, database_url: str, broker_url: str, **overrides: object) -> Settings:
     values: dict[str, Any] = {
         "auto_migrate": False,  # migrated once per session by `migrated_db`
+        # A queue of its own: only this server's ingest worker (if any) takes its uploads.
+        "ingest_queue": f"ingest-{uuid.uuid4().hex[:8]}",
         "tenant_max_active_jobs": TESTS_MAX_ACTIVE_JOBS,  # test_quotas.py sets its own
         **overrides,
     }
@@ -128,7 +145,7 @@ def settings(
 
 @pytest.fixture(scope="session")
 def live_server_instance(settings: Settings) -> Iterator[LiveServer]:
-    server = LiveServer(settings).start()
+    server = LiveServer(settings, ingest=True).start()
     yield server
     server.stop()
 
@@ -152,9 +169,12 @@ def start_server() -> Iterator[Callable[..., LiveServer]]:
     """Start extra servers with their own settings; all stopped at the end of the test."""
     started: list[LiveServer] = []
 
-    def start(settings: Settings, *, with_key: bool = True, **uvicorn_options: Any) -> LiveServer:
-        server = LiveServer(settings, with_key=with_key, **uvicorn_options).start()
-        started.append(server)
+    def start(
+        settings: Settings, *, with_key: bool = True, ingest: bool = False, **uvicorn_options: Any
+    ) -> LiveServer:
+        server = LiveServer(settings, with_key=with_key, ingest=ingest, **uvicorn_options)
+        started.append(server)  # stopped at the end even if start() fails halfway
+        server.start()
         return server
 
     yield start

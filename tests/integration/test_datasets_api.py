@@ -1,4 +1,5 @@
-"""/v1/datasets over real HTTP (uvicorn) against the real PostgreSQL."""
+"""/v1/datasets over real HTTP (uvicorn) against the real PostgreSQL, with a real Celery
+ingest worker: an upload is answered 202 `processing`, then ingested to ready or failed."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from service.settings import Settings
 from service.tables import Dataset, Job
 from tests.imagegen import make_archive, make_image_folder
 from tests.integration.conftest import LiveServer
+from tests.integration.datasets_helpers import upload_ended, upload_failed, upload_ready
 from tests.model_fixtures import fixture_plan
 
 pytestmark = pytest.mark.integration
@@ -60,10 +62,24 @@ def _small(tmp_path: Path, classes: dict[str, int], kind: str = "zip") -> Path:
     return make_archive(folder, kind)
 
 
+def _ready(client: httpx.Client, archive: Path, **fields: str) -> str:
+    return str(upload_ready(client, archive, filename=archive.name, **fields)["id"])
+
+
+def _refused(client: httpx.Client, archive: Path) -> dict[str, object]:
+    return upload_failed(client, archive, filename=archive.name)
+
+
 def _leftovers(store: Path) -> tuple[list[str], list[str]]:
+    """Files in tmp/, and folders in uploads/ and datasets/ (a refused upload keeps none)."""
     tmp = sorted(p.name for p in (store / "tmp").iterdir()) if (store / "tmp").exists() else []
-    datasets = store / "datasets"
-    return tmp, sorted(p.name for p in datasets.iterdir()) if datasets.exists() else []
+    folders = [
+        f"{kind}/{p.name}"
+        for kind in ("uploads", "datasets")
+        if (store / kind).exists()
+        for p in (store / kind).iterdir()
+    ]
+    return tmp, sorted(folders)
 
 
 @pytest.mark.parametrize("kind", ["zip", "tar.gz"])
@@ -72,11 +88,18 @@ def test_upload_creates_a_ready_dataset(
 ) -> None:
     archive = _dataset_archive(tmp_path, kind)
     response = _upload(client, archive)
-    assert response.status_code == 201, response.text
-    body = response.json()
-    assert body["id"].startswith("ds_") and len(body["id"]) == 23
+    assert response.status_code == 202, response.text
+    accepted = response.json()
+    assert accepted["id"].startswith("ds_") and len(accepted["id"]) == 23
+    assert response.headers["location"] == f"/v1/datasets/{accepted['id']}"
+    # The answer comes once the archive is stored: nothing is known of its images yet.
+    assert accepted["status"] == "processing" and accepted["finished_at"] is None
+    assert accepted["progress"]["phase"] in ("queued", "extracting", "indexing", "storing")
+    assert (accepted["num_images"], accepted["image_size"], accepted["error"]) == (0, None, None)
+
+    body = upload_ended(client, archive, filename=archive.name)  # a second one, to the end
+    assert body["status"] == "ready" and body["progress"] is None and body["error"] is None
     assert body["name"] == "flowers"  # from the file name, suffix removed
-    assert body["status"] == "ready"
     assert body["num_images"] == 12 and body["num_classes"] == 3
     assert body["classes"] == [
         {"name": "cat", "count": 5},
@@ -91,32 +114,30 @@ def test_upload_creates_a_ready_dataset(
         {"path": "flowers/emu/more.zip", "reason": "nested_archive"},
     ]
     assert body["bytes"] == archive.stat().st_size
-    assert body["created_at"].endswith("Z")
+    assert body["created_at"].endswith("Z") and body["finished_at"] >= body["created_at"]
 
     assert client.get(f"/v1/datasets/{body['id']}").json() == body
     with db.session() as session:
         row = session.get(Dataset, body["id"])
         assert row is not None and row.num_images == 12 and row.tenant_id == "default"
+        assert row.attempts == 1 and row.worker_id is None
         key = row.storage_key
     directory = settings.artifact_root / key
     assert key == f"datasets/{body['id']}"
     index = DatasetIndex.load(directory / "index.json")
     assert index.counts() == {"cat": 5, "dog": 4, "emu": 3}
-    manifest = json.loads((directory / "cache" / "images-160.json").read_text())
-    assert manifest["size"] == 160 and len(manifest["paths"]) == 12  # HyperRule precrop
-    data_file = directory / "cache" / manifest["data_file"]
-    # Images under the pre-crop are kept at their own size (squashed up when loaded): the
-    # training copy is the accepted files' bytes, not 12 x 160 x 160 x 3.
     files = [p for p in (directory / "files").rglob("*") if p.is_file()]
-    assert len(files) == 12
-    assert data_file.stat().st_size == sum(p.stat().st_size for p in files)
-    assert data_file.with_suffix(".idx").stat().st_size == 12 * 3 * 8
-    assert _leftovers(settings.artifact_root)[0] == []  # no temp file left behind
+    assert len(files) == 12  # the rejected members are not kept
+    # The training cache is built by the node that trains, not at ingestion.
+    assert not (directory / "cache").exists()
+    # The uploaded archive is gone once ingested; no temp file is left behind.
+    assert not (settings.artifact_root / "uploads" / body["id"]).exists()
+    assert _leftovers(settings.artifact_root)[0] == []
 
 
 def test_name_field_is_used(client: httpx.Client, tmp_path: Path) -> None:
     response = _upload(client, _small(tmp_path, {"a": 2, "b": 2}), name="  my pets ")
-    assert response.status_code == 201 and response.json()["name"] == "my pets"
+    assert response.status_code == 202 and response.json()["name"] == "my pets"
     response = _upload(client, _small(tmp_path, {"a": 2, "b": 2}), name="x" * 201)
     assert response.status_code == 422 and response.json()["error"]["details"] == {"field": "name"}
 
@@ -148,8 +169,13 @@ def small_server(
 ) -> LiveServer:
     return start_server(
         settings.model_copy(
-            update={"max_upload_bytes": SMALL_LIMIT, "artifact_root": tmp_path / "small-store"}
-        )
+            update={
+                "max_upload_bytes": SMALL_LIMIT,
+                "artifact_root": tmp_path / "small-store",
+                "ingest_queue": f"ingest-small-{tmp_path.name}",
+            }
+        ),
+        ingest=True,
     )
 
 
@@ -169,7 +195,7 @@ def test_too_big_with_content_length(small_server: LiveServer, tmp_path: Path) -
         assert error["details"] == {"limit_bytes": SMALL_LIMIT}
         # Just under the limit is accepted as far as size goes (then refused as a dataset).
         fits = _incompressible_zip(tmp_path / "fits.zip", SMALL_LIMIT - 1000)
-        assert _upload(http, fits).json()["error"]["code"] == "too_few_classes"
+        assert _refused(http, fits)["code"] == "too_few_classes"
     assert _leftovers(small_server.settings.artifact_root) == ([], [])
 
 
@@ -264,21 +290,18 @@ def test_too_few_classes_and_images(
     client: httpx.Client, settings: Settings, tmp_path: Path
 ) -> None:
     before = _leftovers(settings.artifact_root)
-    response = _upload(client, _small(tmp_path, {"only": 4}))
-    assert response.status_code == 422
-    error = response.json()["error"]
+    error = _refused(client, _small(tmp_path, {"only": 4}))
     assert error["code"] == "too_few_classes"
     assert error["details"] == {"classes": [{"name": "only", "count": 4}]}
+    assert error["message"] == "need at least 2 class folders, found 1: only"
 
-    response = _upload(client, _small(tmp_path, {"cat": 3, "dog": 1, "emu": 0}, "tar.gz"))
-    assert response.status_code == 422
-    error = response.json()["error"]
+    error = _refused(client, _small(tmp_path, {"cat": 3, "dog": 1, "emu": 0}, "tar.gz"))
     assert error["code"] == "too_few_images"
     assert error["details"] == {
         "classes": [{"name": "dog", "count": 1}, {"name": "emu", "count": 0}],
         "min_images_per_class": 2,
     }
-    assert _leftovers(settings.artifact_root) == before  # dataset folders removed too
+    assert _leftovers(settings.artifact_root) == before  # upload and dataset folders removed
 
 
 def test_unsafe_archive_is_refused(
@@ -289,9 +312,7 @@ def test_unsafe_archive_is_refused(
     with zipfile.ZipFile(archive, "w") as out:
         out.writestr("cat/a.png", b"x")
         out.writestr("../../escape.png", b"x")
-    response = _upload(client, archive)
-    assert response.status_code == 422
-    error = response.json()["error"]
+    error = _refused(client, archive)
     assert error["code"] == "archive_unsafe"
     assert error["details"] == {"path": "../../escape.png", "reason": "path_traversal"}
     assert _leftovers(settings.artifact_root) == before
@@ -313,7 +334,7 @@ def test_list_paginates_newest_first(client: httpx.Client, db: Database, tmp_pat
     ids = []
     for _ in range(3):
         response = _upload(client, _small(tmp_path, {"a": 2, "b": 2}))
-        assert response.status_code == 201
+        assert response.status_code == 202
         ids.append(response.json()["id"])
     first = client.get("/v1/datasets", params={"limit": 2}).json()
     assert [d["id"] for d in first["items"]] == [ids[2], ids[1]]
@@ -335,7 +356,7 @@ def test_list_paginates_newest_first(client: httpx.Client, db: Database, tmp_pat
     with db.session() as session:
         stored = session.scalars(
             sa.select(Dataset.id)
-            .where(Dataset.tenant_id == "default", Dataset.status == "ready")
+            .where(Dataset.tenant_id == "default")
             .order_by(Dataset.created_at.desc(), Dataset.id.desc())
         ).all()
     assert seen == list(stored)  # every dataset exactly once, in order
@@ -344,7 +365,7 @@ def test_list_paginates_newest_first(client: httpx.Client, db: Database, tmp_pat
 def test_delete_refused_while_a_job_uses_it(
     client: httpx.Client, settings: Settings, db: Database, tmp_path: Path
 ) -> None:
-    dataset_id = _upload(client, _small(tmp_path, {"a": 2, "b": 2})).json()["id"]
+    dataset_id = _ready(client, _small(tmp_path, {"a": 2, "b": 2}))
     directory = settings.artifact_root / "datasets" / dataset_id
     assert (directory / "index.json").is_file()
     job_id = new_id("job")
@@ -379,7 +400,7 @@ def test_delete_refused_while_a_job_uses_it(
 
 
 def test_plan_endpoint(client: httpx.Client, tmp_path: Path) -> None:
-    dataset_id = _upload(client, _dataset_archive(tmp_path, "zip")).json()["id"]
+    dataset_id = _ready(client, _dataset_archive(tmp_path, "zip"))
     body = client.get(f"/v1/datasets/{dataset_id}/plan").json()
     assert body["dataset_id"] == dataset_id and body["base_model"] == "BiT-M-R50x1"
     plan = body["plan"]

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from bitcore.data.index import index_directory
-from service.cli import worker_command
+from service.cli import WORKER_ROLES, worker_command
 from service.db import Database
 from service.ids import new_id
 from service.settings import Settings
@@ -55,6 +55,7 @@ def fast_job_settings(
         "allow_downloads": False,
         "device": "cpu",
         "train_queue": f"train-{uuid.uuid4().hex[:8]}",
+        "ingest_queue": f"ingest-{uuid.uuid4().hex[:8]}",
         "job_heartbeat_seconds": 0.5,
         "job_stale_after_seconds": 4.0,
         "job_progress_interval_seconds": 0.2,
@@ -93,18 +94,21 @@ def settings_env(settings: Settings, base: Mapping[str, str] | None = None) -> d
 
 
 class WorkerProcess:
-    """`celery -A worker.celery_app worker -Q <settings.train_queue>` as a child process."""
+    """`celery -A worker.celery_app worker -Q <the queues of roles>` as a child process: by
+    default both the train and the ingest queue of `settings`, as `bitserve worker` runs."""
 
     def __init__(
         self,
         settings: Settings,
         *,
         pool: str = "solo",
+        roles: tuple[str, ...] = WORKER_ROLES,
         log_path: Path | None = None,
         ready_timeout: float = 60.0,
     ) -> None:
         self.settings = settings
         self.pool = pool
+        self.roles = roles
         self.ready_timeout = ready_timeout
         self.log_path = log_path or settings.home / f"worker-{uuid.uuid4().hex[:6]}.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -113,7 +117,10 @@ class WorkerProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         # The product's own launch command (what `bitserve worker` / `bitserve up` run).
         command = worker_command(
-            self.settings, pool=self.pool, name=f"test-{uuid.uuid4().hex[:6]}@%h"
+            self.settings,
+            roles=self.roles,
+            pool=self.pool,
+            name=f"test-{uuid.uuid4().hex[:6]}@%h",
         )
         with open(self.log_path, "ab") as log:
             # A session of its own: kill() takes the prefork children down with the parent.

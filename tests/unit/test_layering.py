@@ -80,6 +80,7 @@ DOMAIN = (
     "log_format",
     "names",
     "job_runs",
+    "ingest_runs",
     "job_states",
     "jobs",
     "models_store",

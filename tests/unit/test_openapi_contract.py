@@ -48,7 +48,7 @@ def resolve(spec: dict[str, Any], ref: str) -> dict[str, Any]:
 
 def test_the_walk_covers_every_v1_route(spec: dict[str, Any]) -> None:
     operations = {(path, method) for path, method, _ in v1_operations(spec)}
-    assert len(operations) == 23
+    assert len(operations) == 24
     assert ("/v1/tenants/{tenant}/quotas", "put") in operations
     assert ("/v1/audit", "get") in operations
     assert ("/v1/models/{model_id}/predict", "post") in operations

@@ -18,12 +18,14 @@ import torch
 
 from bitcore.atomic import DiskFull, atomic_write, is_disk_full, reserve
 from service import datasets
+from service.broker import Broker
 from service.db import Database, migrate
 from service.domain_errors import InsufficientStorage
 from service.settings import Settings
 from service.storage import Storage
 from service.tables import Dataset
 from tests.imagegen import make_archive, make_image_folder
+from worker.ingest import run_ingest
 from worker.failures import is_out_of_memory, out_of_memory_message, resource_failure
 
 SAFETENSORS_ENOSPC = "Error while serializing: I/O error: No space left on device (os error 28)"
@@ -76,7 +78,7 @@ def test_reserve_turns_a_full_disk_into_an_error_instead_of_a_sigbus(
         reserve(tmp_path / "full", 4096)
 
 
-def test_a_dataset_that_fills_the_disk_is_a_507_and_leaves_nothing(
+def test_a_dataset_that_fills_the_disk_fails_insufficient_storage_and_leaves_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     url = f"sqlite:///{tmp_path / 'bitserve.db'}"
@@ -84,23 +86,38 @@ def test_a_dataset_that_fills_the_disk_is_a_507_and_leaves_nothing(
     db = Database(url)
     settings = Settings(home=tmp_path / "home", database_url=url, min_images_per_class=2)
     storage = Storage(settings.artifact_root)
+    broker = Broker(settings)  # the embedded SQLite broker: the message is really sent
     archive = make_archive(make_image_folder(tmp_path / "images", {"a": 3, "b": 3}))
-    # The image cache reserves its upper bound (the images' bytes) first: ENOSPC there.
-    monkeypatch.setattr(os, "posix_fallocate", _no_space)
-    with pytest.raises(InsufficientStorage) as caught:
-        datasets.create_dataset(
-            db, storage, settings, archive, "zip", name="d", size=1, tenant_id=None
+
+    def accepted() -> str:
+        copy = storage.upload_tmp() / "upload.zip"
+        copy.write_bytes(archive.read_bytes())
+        row = datasets.accept_upload(
+            db, storage, broker, settings, copy, "zip", name="d", size=1, tenant_id=None
         )
-    assert caught.value.code == "insufficient_storage"
-    assert "disk is full" in caught.value.message
-    assert not any((storage.root / "datasets").iterdir())  # the extracted files went too
-    with db.sessionmaker() as session:
-        assert session.scalar(sa.select(sa.func.count()).select_from(Dataset)) == 0
+        assert row.status == "processing"
+        return row.id
+
+    first = accepted()
+    # The ingest worker's write of the rejected list hits a full disk (a text write raises
+    # ENOSPC as the operating system reports it).
+    monkeypatch.setattr(Path, "write_text", _no_space)
+    assert run_ingest(first, settings) == "failed"
     monkeypatch.undo()  # space again: the same upload works
-    row = datasets.create_dataset(
-        db, storage, settings, archive, "zip", name="d", size=1, tenant_id=None
-    )
-    assert row.status == "ready"
+    with db.sessionmaker() as session:
+        row = session.get(Dataset, first)
+        assert row is not None and row.status == "failed"
+        assert row.error_code == "insufficient_storage"
+        assert row.error_message is not None and "disk is full" in row.error_message
+    assert not any((storage.root / "datasets").iterdir())  # the extracted files went too
+    assert not any((storage.root / "uploads").iterdir())  # and the refused upload
+
+    second = accepted()
+    assert run_ingest(second, settings) == "ready"
+    with db.sessionmaker() as session:
+        row = session.get(Dataset, second)
+        assert row is not None and (row.status, row.num_images) == ("ready", 6)
+    broker.close()
     db.dispose()
 
 

@@ -49,10 +49,15 @@ def test_no_command_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_worker_command_and_environment(home: Path) -> None:
-    settings = Settings(train_queue="gpu", worker_concurrency=1)
+    settings = Settings(train_queue="gpu", ingest_queue="bulk", worker_concurrency=1)
     command = cli.worker_command(settings)
     assert command[:6] == [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker"]
-    assert command[6:11] == ["-Q", "gpu", "-c", "1", "--pool=solo"]
+    assert command[6:11] == ["-Q", "gpu,bulk", "-c", "1", "--pool=solo"]
+    assert cli.worker_command(settings, roles=("ingest",))[6:8] == ["-Q", "bulk"]
+    assert cli.parse_roles(" ingest, train,ingest") == ("ingest", "train")
+    for wrong in ("", "gpu", "train,cpu"):
+        with pytest.raises(SystemExit, match="--queues takes train and/or ingest"):
+            cli.parse_roles(wrong)
     assert "--pool=prefork" in cli.worker_command(Settings(worker_concurrency=2))
     env = cli.child_environment(settings)
     assert env["BITSERVE_HOME"] == str(home.resolve())  # absolute: children see the same paths
