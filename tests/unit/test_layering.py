@@ -92,6 +92,7 @@ DOMAIN = (
     "job_costs",
     "object_store",
     "local_cache",
+    "sweep",
 )
 
 
