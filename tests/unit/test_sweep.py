@@ -4,17 +4,22 @@ moto's S3 server and the CLI: tests/integration/test_sweep.py)."""
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from pathlib import Path
 
 import pytest
 
 from service.cli import _parser
+from service.db import Database
 from service.ids import new_id
 from service.job_states import JobStatus
 from service.object_store import LocalStore, ObjectStoreError, StoredFolder, folder_of_key
+from service.settings import Settings
 from service.storage import Storage
 from service.sweep import Orphan, SweepReport, dead_uploads, format_report, select_orphans
+from worker.reconciler import sweep_once
 
 NOW = 1_000_000.0
 HOUR = 3600.0
@@ -150,3 +155,25 @@ def test_the_storage_sweep_command_line() -> None:
     assert (args.dry_run, args.min_age) == (True, 90.0)
     with pytest.raises(SystemExit):
         _parser().parse_args(["storage"])  # the action is required
+
+
+def test_the_reconcilers_sweep_removes_old_orphans_and_logs_them(
+    db: Database, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = Settings(home=tmp_path, sweep_interval_seconds=60, sweep_min_age_seconds=HOUR)
+    root = settings.artifact_root
+    orphan, young = new_id("job"), new_id("job")
+    for job_id in (orphan, young):
+        (root / "jobs" / job_id).mkdir(parents=True)
+        (root / "jobs" / job_id / "state.pt").write_bytes(b"s" * 30)
+    old = time.time() - 2 * HOUR
+    for path in (root / "jobs" / orphan, root / "jobs" / orphan / "state.pt"):
+        os.utime(path, (old, old))
+    with caplog.at_level(logging.WARNING, logger="worker.reconciler"):
+        report = sweep_once(settings, db)
+    assert report is not None
+    assert [(o.kind, o.name, o.bytes, o.reason) for o in report.removed] == [
+        ("jobs", orphan, 30, "no row")
+    ]
+    assert sorted(p.name for p in (root / "jobs").iterdir()) == [young]
+    assert "removed 1 orphaned folders and uploads (30 bytes); 0 refused" in caplog.text
