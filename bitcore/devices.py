@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+from collections.abc import Callable
 
 import torch
 
@@ -70,3 +71,16 @@ def uses_bf16_autocast(device: torch.device) -> bool:
     if device.type == "xla":
         return True
     return device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
+def step_marker(device: torch.device) -> Callable[[], None] | None:
+    """What ends a training step on `device`: on XLA, torch_xla's `mark_step()`, which cuts the
+    lazily traced graph and runs it (without it every step appends to one ever-growing graph);
+    None elsewhere (CUDA, MPS and CPU run each operation eagerly).
+
+    torch_xla is imported here, only for an XLA device (which only torch_xla can have made)."""
+    if device.type != "xla":
+        return None
+    import torch_xla.core.xla_model as xm  # type: ignore[import-not-found]
+
+    return xm.mark_step  # type: ignore[no-any-return]

@@ -1,4 +1,5 @@
-"""The `bitserve` command: `up` (everything on one machine), `api`, `worker`, `migrate`.
+"""The `bitserve` command: `up` (everything on one machine), `api`, `worker`, `migrate`,
+`keys` (service.cli_keys) and `storage sweep` (service.sweep).
 
 `bitserve up` is the embedded default: with nothing configured it keeps everything under
 BITSERVE_HOME (SQLite database, kombu's SQLAlchemy transport as the broker, the artifact
@@ -64,6 +65,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = get_settings()
     if args.command == "keys":
         return cmd_keys(settings, args)
+    if args.command == "storage":
+        return cmd_storage_sweep(settings, args.dry_run, args.min_age)
     if args.command == "worker":
         return cmd_worker(settings, parse_roles(args.queues))
     handler = {"up": cmd_up, "api": cmd_api, "migrate": cmd_migrate}
@@ -92,6 +95,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     commands.add_parser("migrate", help="bring the database schema up to date")
     add_keys_parser(commands)
+    storage = commands.add_parser("storage", help="maintain the object store")
+    actions = storage.add_subparsers(dest="storage_command", metavar="ACTION", required=True)
+    sweep = actions.add_parser(
+        "sweep", help="delete stored folders no row points to, and dead uploads"
+    )
+    sweep.add_argument("--dry-run", action="store_true", help="list them, delete nothing")
+    sweep.add_argument(
+        "--min-age",
+        type=float,
+        metavar="SECONDS",
+        help="only what is untouched this long (default BITSERVE_SWEEP_MIN_AGE_SECONDS, 3600)",
+    )
     return parser
 
 
@@ -105,6 +120,30 @@ def cmd_migrate(settings: Settings) -> int:
     migrate(settings.database_url)
     print(f"database is up to date: {_redact(settings.database_url)}", flush=True)
     return 0
+
+
+def cmd_storage_sweep(settings: Settings, dry_run: bool, min_age: float | None) -> int:
+    """Print what was (or would be) removed; exit 1 if the store refused a delete."""
+    from service.db import Database
+    from service.object_store import ObjectStoreError
+    from service.storage import Storage
+    from service.sweep import format_report, sweep
+
+    min_age = settings.sweep_min_age_seconds if min_age is None else min_age
+    if min_age < 0:
+        raise SystemExit("bitserve: --min-age must be >= 0")
+    db = Database(settings.database_url)
+    try:
+        with db.sessionmaker() as session:
+            report = sweep(
+                Storage.from_settings(settings), session, min_age_seconds=min_age, dry_run=dry_run
+            )
+    except ObjectStoreError as exc:
+        raise SystemExit(f"bitserve: the object store could not be listed: {exc}") from None
+    finally:
+        db.dispose()
+    print(format_report(report), flush=True)
+    return 1 if report.failed else 0
 
 
 def parse_roles(text: str) -> tuple[str, ...]:

@@ -54,6 +54,15 @@ class ManifestEntry:
     sha256: str
 
 
+@dataclass(frozen=True)
+class StoredFolder:
+    """A folder of the store, as a listing sees it (service.sweep looks for orphans)."""
+
+    name: str  # under its kind: an id, for every folder bitserve made
+    bytes: int  # all its objects, its manifest included
+    modified: float  # POSIX time of its newest object: a folder being written is young
+
+
 class ObjectStore(Protocol):
     is_remote: bool  # False: the local directory is the only copy (never evicted)
 
@@ -63,12 +72,16 @@ class ObjectStore(Protocol):
     def exists(self, key_prefix: str) -> bool: ...
     def delete(self, key_prefix: str) -> None: ...
     def check(self) -> None: ...
+    def list_folders(self, kind: str) -> list[StoredFolder]: ...
 
 
 class LocalStore:
     """The artifact root is the store: publishing and deleting copy nothing."""
 
     is_remote = False
+
+    def __init__(self, root: Path | None = None) -> None:
+        self.root = root  # only listing needs it (service.storage.Storage passes its own)
 
     def publish(self, key_prefix: str, local_dir: Path) -> None:
         pass
@@ -89,6 +102,38 @@ class LocalStore:
 
     def check(self) -> None:
         pass
+
+    def list_folders(self, kind: str) -> list[StoredFolder]:
+        """The folders under `<root>/<kind>/`, sorted by name; hidden ones (".fetch-...",
+        staging) are not folders of the store."""
+        if self.root is None:
+            raise ObjectStoreError("a local store made without its root cannot be listed")
+        parent = self.root / kind
+        if not parent.is_dir():
+            return []
+        folders = []
+        for path in sorted(parent.iterdir()):
+            if path.name.startswith(".") or path.is_symlink() or not path.is_dir():
+                continue
+            size, modified = tree_size_and_mtime(path)
+            folders.append(StoredFolder(path.name, size, modified))
+        return folders
+
+
+def tree_size_and_mtime(path: Path) -> tuple[int, float]:
+    """Bytes of the regular files under `path`, and the newest mtime of it and anything in it
+    (a file written a second ago makes the folder a second old). Entries removed while walking
+    are skipped."""
+    size, modified = 0, 0.0
+    for item in (path, *path.rglob("*")):
+        try:
+            info = item.lstat()
+        except FileNotFoundError:
+            continue
+        modified = max(modified, info.st_mtime)
+        if item.is_file() and not item.is_symlink():
+            size += info.st_size
+    return size, modified
 
 
 def file_sha256(path: Path) -> str:
@@ -300,12 +345,45 @@ class S3Store:
         except Exception as exc:
             raise _store_error(exc, key_prefix) from exc
 
+    def list_folders(self, kind: str) -> list[StoredFolder]:
+        """Every folder under `<prefix>/<kind>/`, sorted by name, from the keys themselves
+        (list_objects_v2, 1000 keys a page): `<kind>/<name>/...` and the manifest
+        `<kind>/<name>.manifest.json` both belong to `name`, so a folder whose upload died
+        before its manifest is listed too, and so is a manifest whose objects are gone."""
+        base = self._key(kind) + "/"
+        sizes: dict[str, int] = {}
+        newest: dict[str, float] = {}
+        try:
+            paginator = self.client().get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=base):
+                for item in page.get("Contents", []):
+                    name = folder_of_key(item["Key"][len(base) :])
+                    if name is None:
+                        continue
+                    sizes[name] = sizes.get(name, 0) + int(item["Size"])
+                    stamp = item["LastModified"].timestamp()
+                    newest[name] = max(newest.get(name, 0.0), stamp)
+        except Exception as exc:
+            raise _store_error(exc, kind) from exc
+        return [StoredFolder(name, sizes[name], newest[name]) for name in sorted(sizes)]
+
     def check(self) -> None:
         """Raise unless the bucket answers (readiness)."""
         try:
             self.client().head_bucket(Bucket=self.bucket)
         except Exception as exc:
             raise _store_error(exc, self.bucket) from exc
+
+
+def folder_of_key(rest: str) -> str | None:
+    """The folder a key belongs to, from its part after `<prefix>/<kind>/`: "x/a/b" and
+    "x.manifest.json" are folder x's; a bare "x" (no bitserve key looks so) is none."""
+    if "/" in rest:
+        name = rest.split("/", 1)[0]
+        return name or None
+    if rest.endswith(MANIFEST_SUFFIX) and len(rest) > len(MANIFEST_SUFFIX):
+        return rest[: -len(MANIFEST_SUFFIX)]
+    return None
 
 
 def _store_error(exc: Exception, key_prefix: str) -> ObjectStoreError:
@@ -320,10 +398,10 @@ def _store_error(exc: Exception, key_prefix: str) -> ObjectStoreError:
     return ObjectStoreError(f"object store: {type(exc).__name__}: {exc}")
 
 
-def open_store(url: str | None) -> LocalStore | S3Store:
-    """The store BITSERVE_STORAGE_URL names (unset: the local directory)."""
+def open_store(url: str | None, root: Path | None = None) -> LocalStore | S3Store:
+    """The store BITSERVE_STORAGE_URL names (unset: the local directory `root`)."""
     if not url or url.startswith("file://"):
-        return LocalStore()
+        return LocalStore(root)
     if url.startswith("s3://"):
         return S3Store.from_url(url)
     raise ValueError(f"unsupported storage URL {url!r}: use s3://bucket/prefix or file:///path")

@@ -196,6 +196,14 @@ class Settings(BaseSettings):
     # With an s3:// store: the local cache's cap (least recently used folders go first; one
     # used within the last 10 minutes stays). Unset: no cap. Ignored for the local store.
     cache_max_bytes: int | None = Field(default=None, gt=0)
+    # The sweep of orphaned objects (service.sweep): every worker's reconciler runs it this often
+    # (0: never; `bitserve storage sweep` runs it by hand). Off by default: it deletes whatever
+    # the database it is pointed at has no row for, so a worker given the wrong database next to
+    # the right bucket must not empty the bucket unless an operator turned this on.
+    sweep_interval_seconds: float = Field(default=0.0, ge=0)
+    # Only folders (and uploads) untouched this long are swept: longer than any publish or
+    # ingestion takes, since a folder being published has no row yet.
+    sweep_min_age_seconds: float = Field(default=3600.0, gt=0)
 
     @field_validator("storage_url")
     @classmethod

@@ -58,7 +58,9 @@ class Storage:
         cache_min_idle_seconds: float = local_cache.MIN_IDLE_SECONDS,
     ) -> None:
         self.root = Path(root).resolve()
-        self.objects: ObjectStore = objects or LocalStore()
+        if objects is None or (isinstance(objects, LocalStore) and objects.root is None):
+            objects = LocalStore(self.root)  # the local store is this root, whoever made it
+        self.objects: ObjectStore = objects
         # With a remote store, the root is a cache of it: held under this many bytes.
         self.cache_max_bytes = cache_max_bytes
         self.cache_min_idle_seconds = cache_min_idle_seconds
@@ -67,7 +69,7 @@ class Storage:
     def from_settings(cls, settings: Settings) -> Storage:
         return cls(
             settings.artifact_root,
-            open_store(settings.storage_url),
+            open_store(settings.storage_url, settings.artifact_root),
             cache_max_bytes=settings.cache_max_bytes,
         )
 

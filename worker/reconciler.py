@@ -18,6 +18,11 @@ predecessor's job back within seconds), then every `reconcile_interval_seconds`;
 broker lost its messages or is down (watched every BROKER_WATCH_SECONDS; while it is down passes
 run every BROKER_RETRY_SECONDS, so jobs recorded meanwhile are sent soon after it returns), or
 when a dead worker's job or an unsent job is about to become due.
+
+With `sweep_interval_seconds` set (BITSERVE_SWEEP_INTERVAL_SECONDS; off by default) the same
+thread also sweeps the object store's orphans (service.sweep) when the worker starts, then
+every interval. A sweep lists the whole store, so a big one delays the next reconcile pass by
+as long; deleting twice is harmless, so every worker may sweep.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import threading
 import time
 from datetime import datetime
 
-from service import ingest_runs, job_runs
+from service import ingest_runs, job_runs, sweep
 from service.broker import Broker
 from service.db import Database
 from service.settings import Settings
@@ -130,9 +135,12 @@ def run_forever(settings: Settings, stop: threading.Event) -> None:
     db = Database(settings.database_url)
     broker = Broker(settings)
     storage = Storage.from_settings(settings)
-    next_pass = time.monotonic()
+    next_pass = next_sweep = time.monotonic()
     try:
         while not stop.is_set():
+            if settings.sweep_interval_seconds and time.monotonic() >= next_sweep:
+                next_sweep = time.monotonic() + settings.sweep_interval_seconds
+                sweep_once(settings, db)
             if time.monotonic() >= next_pass:
                 wait = settings.reconcile_interval_seconds
                 try:
@@ -147,6 +155,31 @@ def run_forever(settings: Settings, stop: threading.Event) -> None:
     finally:
         broker.close()
         db.dispose()
+
+
+def sweep_once(settings: Settings, db: Database) -> sweep.SweepReport | None:
+    """Delete the store's orphans older than `sweep_min_age_seconds`; None if it failed (the
+    store or the database is down: the next interval tries again)."""
+    try:
+        with db.sessionmaker() as session:
+            report = sweep.sweep(
+                Storage.from_settings(settings),
+                session,
+                min_age_seconds=settings.sweep_min_age_seconds,
+            )
+    except Exception:
+        log.exception("storage sweep failed")
+        return None
+    if report.removed or report.failed:
+        log.warning(
+            "storage sweep: removed %d orphaned folders and uploads (%d bytes); %d refused",
+            len(report.removed),
+            report.bytes_freed,
+            len(report.failed),
+        )
+    for orphan, error in report.failed:
+        log.warning("storage sweep: %s/%s not removed: %s", orphan.kind, orphan.name, error)
+    return report
 
 
 def broker_needs_a_pass(broker: Broker) -> bool:

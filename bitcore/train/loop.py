@@ -23,6 +23,7 @@ from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
+from bitcore.devices import step_marker
 from bitcore.hyperrule import Plan, learning_rate
 from bitcore.train import state
 from bitcore.train.batching import TrainBatches, already_batched
@@ -134,6 +135,7 @@ def _run_loop(
     window: deque[tuple[float, int]] = deque(maxlen=RATE_WINDOW + 1)
     window.append((time.perf_counter(), 0))
     batches = iter(loader)
+    end_step = step_marker(device)  # XLA: mark_step() after each optimizer step
     net.train()
     step, loss_value = start, None
     while (lr := learning_rate(plan, step)) is not None:
@@ -155,6 +157,9 @@ def _run_loop(
                 (loss * scale).backward()
             step_loss += loss.detach() * scale
         optimizer.step()
+        if end_step is not None:
+            # Before the loss is read: the step's graph (forward, backward, update) runs as one.
+            end_step()
         step += 1
         loss_value = ctx.mean_loss(step_loss)
         now = time.perf_counter()

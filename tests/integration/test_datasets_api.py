@@ -3,7 +3,6 @@ ingest worker: an upload is answered 202 `processing`, then ingested to ready or
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import time

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
+import types
 
 import pytest
 import torch
 
-from bitcore.devices import ENV_VAR, select_device, uses_bf16_autocast
+from bitcore.devices import ENV_VAR, select_device, step_marker, uses_bf16_autocast
 
 HAS_XLA = importlib.util.find_spec("torch_xla") is not None
 
@@ -112,3 +114,33 @@ def test_bf16_autocast_only_on_capable_cuda() -> None:
     assert uses_bf16_autocast(torch.device("xla")) is True  # TPUs compute in bf16
     cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     assert uses_bf16_autocast(torch.device("cuda")) is cuda_bf16
+
+
+def test_only_an_xla_device_gets_a_step_marker(monkeypatch: pytest.MonkeyPatch) -> None:
+    # torch_xla is not installed here: stand-in modules show which function is chosen, and
+    # that nothing is imported for the other devices (the stand-ins are absent then).
+    assert step_marker(torch.device("cpu")) is None
+    assert step_marker(torch.device("cuda", 0)) is None
+    assert step_marker(torch.device("mps")) is None
+    calls: list[str] = []
+    xla_model = types.ModuleType("torch_xla.core.xla_model")
+    xla_model.mark_step = lambda: calls.append("mark_step")  # type: ignore[attr-defined]
+    for name, module in {
+        "torch_xla": types.ModuleType("torch_xla"),
+        "torch_xla.core": types.ModuleType("torch_xla.core"),
+        "torch_xla.core.xla_model": xla_model,
+    }.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    sys.modules["torch_xla"].core = sys.modules["torch_xla.core"]  # type: ignore[attr-defined]
+    sys.modules["torch_xla.core"].xla_model = xla_model  # type: ignore[attr-defined]
+    marker = step_marker(torch.device("xla"))
+    assert marker is xla_model.mark_step  # type: ignore[attr-defined]
+    marker()
+    assert calls == ["mark_step"]
+    assert step_marker(torch.device("cpu")) is None  # even with torch_xla importable
+
+
+@pytest.mark.skipif(HAS_XLA, reason="torch_xla is installed")
+def test_step_marker_needs_torch_xla_only_for_xla() -> None:
+    with pytest.raises(ImportError):
+        step_marker(torch.device("xla"))

@@ -93,6 +93,7 @@ DOMAIN = (
     "job_costs",
     "object_store",
     "local_cache",
+    "sweep",
 )
 
 

@@ -13,20 +13,18 @@ import os
 from pathlib import Path
 
 import pytest
-import sqlalchemy as sa
 import torch
 
 from bitcore.atomic import DiskFull, atomic_write, is_disk_full, reserve
 from service import datasets
 from service.broker import Broker
 from service.db import Database, migrate
-from service.domain_errors import InsufficientStorage
 from service.settings import Settings
 from service.storage import Storage
 from service.tables import Dataset
 from tests.imagegen import make_archive, make_image_folder
-from worker.ingest import run_ingest
 from worker.failures import is_out_of_memory, out_of_memory_message, resource_failure
+from worker.ingest import run_ingest
 
 SAFETENSORS_ENOSPC = "Error while serializing: I/O error: No space left on device (os error 28)"
 

@@ -12,7 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 from torch.nn import functional as F
-from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch.optim.optimizer import (
+    register_optimizer_step_post_hook,
+    register_optimizer_step_pre_hook,
+)
 
 from bitcore.hyperrule import Plan, learning_rate
 from bitcore.hyperrule import plan as hyperrule_plan
@@ -240,3 +243,28 @@ def test_cpu_micro_batch_choice() -> None:
     assert choose_micro_batch_size(model, 24, 128, cpu, world_size=2) == 8  # 4 per rank
     with pytest.raises(ValueError, match="world_size"):
         choose_micro_batch_size(model, 9, 128, cpu, world_size=2)
+
+
+def test_each_step_ends_with_the_devices_step_marker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # On XLA the marker is torch_xla's mark_step (bitcore.devices.step_marker; no torch_xla
+    # here): a stand-in on the CPU shows it runs once per step, right after the update.
+    events: list[str] = []
+    asked: list[torch.device] = []
+
+    def marker(device: torch.device) -> object:
+        asked.append(device)
+        return lambda: events.append("mark")
+
+    def after_step(optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
+        events.append("step")
+
+    monkeypatch.setattr("bitcore.train.loop.step_marker", marker)
+    handle = register_optimizer_step_post_hook(after_step)
+    try:
+        train_model(fresh_model(), KeyedTensors(), small_plan(steps=3, batch=2), tmp_path)
+    finally:
+        handle.remove()
+    assert asked == [torch.device("cpu")]
+    assert events == ["step", "mark"] * 3
