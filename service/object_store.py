@@ -21,6 +21,7 @@ import os
 import shutil
 import tempfile
 import threading
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
@@ -61,6 +62,7 @@ class ObjectStore(Protocol):
     def fetch(self, key_prefix: str, local_dir: Path) -> None: ...
     def exists(self, key_prefix: str) -> bool: ...
     def delete(self, key_prefix: str) -> None: ...
+    def prune(self, key_prefix: str, keep: Collection[str]) -> None: ...
     def check(self) -> None: ...
 
 
@@ -81,6 +83,9 @@ class LocalStore:
         return False  # Storage asks only for remote stores
 
     def delete(self, key_prefix: str) -> None:
+        pass
+
+    def prune(self, key_prefix: str, keep: Collection[str]) -> None:
         pass
 
     def check(self) -> None:
@@ -272,6 +277,24 @@ class S3Store:
                 keys = [{"Key": item["Key"]} for item in page.get("Contents", [])]
                 if keys:  # a page holds at most 1000 keys, delete_objects' own limit
                     client.delete_objects(Bucket=self.bucket, Delete={"Objects": keys})
+        except Exception as exc:
+            raise _store_error(exc, key_prefix) from exc
+
+    def prune(self, key_prefix: str, keep: Collection[str]) -> None:
+        """Delete the folder's objects whose paths are not in `keep`: what a republished
+        folder (a job's newer checkpoint, in new step-named files) no longer lists. Called
+        after the new manifest is written, so a reader never loses a file it lists."""
+        client, base = self.client(), self._key(key_prefix) + "/"
+        try:
+            paginator = client.get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=base):
+                stale = [
+                    {"Key": item["Key"]}
+                    for item in page.get("Contents", [])
+                    if item["Key"][len(base) :] not in keep
+                ]
+                if stale:
+                    client.delete_objects(Bucket=self.bucket, Delete={"Objects": stale})
         except Exception as exc:
             raise _store_error(exc, key_prefix) from exc
 
