@@ -21,6 +21,7 @@ import os
 import shutil
 import tempfile
 import threading
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
@@ -71,6 +72,7 @@ class ObjectStore(Protocol):
     def read(self, key_prefix: str, name: str, max_bytes: int) -> bytes: ...
     def exists(self, key_prefix: str) -> bool: ...
     def delete(self, key_prefix: str) -> None: ...
+    def prune(self, key_prefix: str, keep: Collection[str]) -> None: ...
     def check(self) -> None: ...
     def list_folders(self, kind: str) -> list[StoredFolder]: ...
 
@@ -98,6 +100,9 @@ class LocalStore:
         return False  # Storage asks only for remote stores
 
     def delete(self, key_prefix: str) -> None:
+        pass
+
+    def prune(self, key_prefix: str, keep: Collection[str]) -> None:
         pass
 
     def check(self) -> None:
@@ -366,6 +371,24 @@ class S3Store:
         except Exception as exc:
             raise _store_error(exc, kind) from exc
         return [StoredFolder(name, sizes[name], newest[name]) for name in sorted(sizes)]
+
+    def prune(self, key_prefix: str, keep: Collection[str]) -> None:
+        """Delete the folder's objects whose paths are not in `keep`: what a republished
+        folder (a job's newer checkpoint, in new step-named files) no longer lists. Called
+        after the new manifest is written, so a reader never loses a file it lists."""
+        client, base = self.client(), self._key(key_prefix) + "/"
+        try:
+            paginator = client.get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=base):
+                stale = [
+                    {"Key": item["Key"]}
+                    for item in page.get("Contents", [])
+                    if item["Key"][len(base) :] not in keep
+                ]
+                if stale:
+                    client.delete_objects(Bucket=self.bucket, Delete={"Objects": stale})
+        except Exception as exc:
+            raise _store_error(exc, key_prefix) from exc
 
     def check(self) -> None:
         """Raise unless the bucket answers (readiness)."""

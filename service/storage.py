@@ -10,7 +10,9 @@ Layout (relative "storage keys" are what the database stores):
 
 With an object store (BITSERVE_STORAGE_URL=s3://..., service.object_store) uploads/, datasets/
 and models/ folders are published to it under the same keys, and this root is the node's cache:
-`ensure_local` fetches a folder that is not here. jobs/ and tmp/ stay local.
+`ensure_local` fetches a folder that is not here. Of jobs/<job_id>/ only the latest training
+checkpoint travels (`jobs/<job_id>` in the store: its step-NNNNNNNN/ folder, see
+worker.checkpoints), so a job resumes on any node; tmp/ stays local.
 """
 
 from __future__ import annotations
@@ -142,6 +144,36 @@ class Storage:
             self.objects.delete(f"{kind}/{object_id}")
         except ObjectStoreError as exc:
             log.warning("%s/%s: objects left in the object store: %s", kind, object_id, exc)
+
+    def publish_checkpoint(self, job_id: str, folder: Path) -> None:
+        """Make `folder` (a job's latest step-NNNNNNNN/ checkpoint folder, nothing else) the
+        job's checkpoint in the object store, then delete the objects of the one it replaces
+        (their step-named paths differ, so the old manifest stays whole until the new one is
+        written). A no-op for the local store."""
+        key = self._job_key(job_id)
+        self.objects.publish(key, folder)
+        keep = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+        self.objects.prune(key, keep)
+
+    def fetch_checkpoint(self, job_id: str, target: Path) -> None:
+        """Download the job's published checkpoint into `target` (which must not exist),
+        verified. Raises ObjectMissing (none published), ObjectCorrupt or ObjectStoreError."""
+        self.objects.fetch(self._job_key(job_id), target)
+
+    def discard_job(self, job_id: str) -> None:
+        """A job ended: delete its work dir here and its checkpoint in the object store. A
+        delete the store refuses leaves orphans, logged, never raised (the job has ended)."""
+        self.remove(self.job_dir(job_id))
+        if not self.objects.is_remote:
+            return
+        try:
+            self.objects.delete(self._job_key(job_id))
+        except ObjectStoreError as exc:
+            log.warning("jobs/%s: checkpoint objects left in the object store: %s", job_id, exc)
+
+    def _job_key(self, job_id: str) -> str:
+        self.job_dir(job_id)  # refuses anything but our own job id format
+        return f"jobs/{job_id}"
 
     def _dir(self, kind: str, prefix: str, object_id: str) -> Path:
         # The id becomes a path part: accept only our own id format (no "..", no "/").

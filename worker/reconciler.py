@@ -10,8 +10,8 @@ What it repairs (docs/operations.md, "Long jobs on Celery + Redis"): queued jobs
 lost (Redis restarted without persistence, a send that failed), running jobs whose worker
 stopped beating or whose worker process is known dead (worker.identity; re-queued, or failed
 as "worker_lost" after `job_max_attempts`), and jobs left "cancelling" by a dead worker
-(cancelled). Work dirs of jobs it ends are removed. Datasets being ingested get the same
-repairs (`reconcile_ingestion`).
+(cancelled). Work dirs of jobs it ends are removed, and their checkpoints in the object store.
+Datasets being ingested get the same repairs (`reconcile_ingestion`).
 
 It runs at once when the worker starts (a worker restarted after a crash takes its dead
 predecessor's job back within seconds), then every `reconcile_interval_seconds`; sooner when the
@@ -58,7 +58,7 @@ def reconcile_once(
     storage: Storage | None = None,
     now: datetime | None = None,
 ) -> job_runs.Reconciled:
-    """One pass; removes the work dirs of the jobs it ended."""
+    """One pass; removes the work dirs (and stored checkpoints) of the jobs it ended."""
     try:
         lost = broker.messages_lost()
         broker_down = False
@@ -94,7 +94,7 @@ def reconcile_once(
         )
     if storage is not None:
         for job_id in (*report.failed, *report.cancelled):
-            storage.remove(storage.job_dir(job_id))
+            storage.discard_job(job_id)  # work dir here, checkpoint in the store
     return report
 
 
@@ -134,7 +134,7 @@ def run_forever(settings: Settings, stop: threading.Event) -> None:
     interval later."""
     db = Database(settings.database_url)
     broker = Broker(settings)
-    storage = Storage.from_settings(settings)
+    storage = Storage.from_settings(settings)  # with the object store: checkpoints too
     next_pass = next_sweep = time.monotonic()
     try:
         while not stop.is_set():

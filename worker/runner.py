@@ -34,6 +34,7 @@ from service.object_store import ObjectCorrupt, ObjectMissing
 from service.settings import Settings
 from service.storage import Storage
 from service.tables import Dataset, Job
+from worker.checkpoints import CheckpointPublisher, restore
 from worker.failures import release_memory, resource_failure
 from worker.identity import new_worker_id
 
@@ -115,6 +116,7 @@ class JobRun:
         self.model_id = models_store.new_model_id()
         self.out_dir = storage.model_dir(self.model_id)
         self.published = False  # the artifact reached the object store
+        self.checkpoints = CheckpointPublisher(storage, job.id, self.work_dir)
         self.progress = Throttled(self._write_progress, settings.job_progress_interval_seconds)
 
     def execute(self) -> str:
@@ -149,26 +151,28 @@ class JobRun:
         spec = MODEL_SPECS[self.job.base_model]
         from_scratch = not spec.published
         checkpoint = None if from_scratch else self._base_checkpoint()
-        result = finetune(
-            index,
-            self.job.base_model,
-            plan,
-            self.out_dir,
-            device=self.settings.device,
-            checkpoint=checkpoint,
-            from_scratch=from_scratch,
-            validation_fraction=self.job.validation_fraction,
-            seed=self.job.seed,
-            callbacks=_Callbacks(self),
-            resume=True,
-            checkpoint_every=checkpoint_every(plan.total_steps),
-            work_dir=self.work_dir,
-            # The images resized once at upload (service.datasets), shared by the dataset's jobs.
-            cache_dir=self.storage.dataset_cache(self.job.dataset_id)
-            if self.job.dataset_id
-            else None,
-            num_workers=0 if _daemonic() else None,
-        )
+        restore(self.storage, self.job.id, self.work_dir)  # another node's, from the store
+        with self.checkpoints:  # joins the last upload: it ends before the job is handed on
+            result = finetune(
+                index,
+                self.job.base_model,
+                plan,
+                self.out_dir,
+                device=self.settings.device,
+                checkpoint=checkpoint,
+                from_scratch=from_scratch,
+                validation_fraction=self.job.validation_fraction,
+                seed=self.job.seed,
+                callbacks=_Callbacks(self),
+                resume=True,
+                checkpoint_every=checkpoint_every(plan.total_steps),
+                work_dir=self.work_dir,
+                # The images resized at upload (service.datasets), shared by the dataset's jobs.
+                cache_dir=self.storage.dataset_cache(self.job.dataset_id)
+                if self.job.dataset_id
+                else None,
+                num_workers=0 if _daemonic() else None,
+            )
         last = self.progress.latest or Progress(step=0, total_steps=plan.total_steps)
         final = replace(
             last, step=result.steps, total_steps=plan.total_steps, phase="done", eta_seconds=0
@@ -183,7 +187,7 @@ class JobRun:
             # cancel requested after the last step, or the job was taken over
             self._drop_model()
             return self._cancelled()
-        self.storage.remove(self.work_dir)
+        self.storage.discard_job(self.job.id)  # the work dir, and its published checkpoint
         log.info("job %s succeeded: model %s", self.job.id, self.model_id)
         return "succeeded"
 
@@ -309,7 +313,7 @@ class JobRun:
             ended = job_runs.finish_cancelled(session, self.job.id, self.worker_id)
         if not ended:
             return self._not_ours()
-        self.storage.remove(self.work_dir)
+        self.storage.discard_job(self.job.id)  # the work dir, and its published checkpoint
         log.info("job %s cancelled", self.job.id)
         return "cancelled"
 
@@ -342,7 +346,7 @@ class JobRun:
             ended = job_runs.finish_failed(session, self.job.id, self.worker_id, code, message)
         if not ended:
             return self._not_ours()
-        self.storage.remove(self.work_dir)
+        self.storage.discard_job(self.job.id)  # the work dir, and its published checkpoint
         log.warning("job %s failed: %s: %s", self.job.id, code, message)
         return "failed"
 
@@ -410,6 +414,9 @@ class _Callbacks(TrainCallbacks):
 
     def should_cancel(self) -> bool:
         return self.run.cancel.is_set() or self.run.shutdown.is_set()
+
+    def on_checkpoint(self, step: int) -> None:
+        self.run.checkpoints.submit(step)
 
 
 class Throttled:

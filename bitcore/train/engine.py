@@ -32,6 +32,10 @@ from bitcore.train.prepare import (
     resolve_checkpoint,
 )
 
+# finetune's checkpoints live in <work_dir>/state (bitcore.train.state's layout); a service
+# that moves them between machines (worker.checkpoints) finds them there.
+STATE_DIR = "state"
+
 
 @dataclass(frozen=True)
 class FinetuneResult:
@@ -183,7 +187,7 @@ def finetune(
         model,
         data.train_set,
         plan,
-        work / "state",
+        work / STATE_DIR,
         seed=seed,
         device=device,
         callbacks=callbacks,
@@ -228,7 +232,7 @@ def finetune(
         extra=extra,
     )
     save_artifact(out, model, meta)  # it stores contiguous CPU copies
-    state.clear(work / "state")
+    state.clear(work / STATE_DIR)
     return FinetuneResult(
         out, metrics, outcome.steps, time.perf_counter() - t0, outcome.resumed_from
     )
