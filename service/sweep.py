@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 DEFAULT_MIN_AGE_SECONDS = 3600.0
 # The kinds of folder in the store: the id prefix of each, and the table of its rows.
 SWEPT_KINDS: dict[str, tuple[str, type[Dataset] | type[Model] | type[Job]]] = {
+    "uploads": ("ds", Dataset),  # archives waiting for ingestion: kept while processing
     "datasets": ("ds", Dataset),
     "models": ("mdl", Model),
     "jobs": ("job", Job),
@@ -73,13 +74,13 @@ class SweepReport:
 def select_orphans(
     kind: str,
     folders: Iterable[StoredFolder],
-    rows: dict[str, JobStatus | None],
+    rows: dict[str, str | None],
     now: float,
     min_age_seconds: float,
 ) -> list[Orphan]:
-    """The folders of `kind` to delete. `rows` maps each id that has a row to its job status
-    (None for datasets and models): a row keeps its folder, unless it is a job's row in an end
-    state. Folders younger than `min_age_seconds`, or not named as an id of `kind`, are kept."""
+    """The folders of `kind` to delete. `rows` maps each id that has a row to its status (None
+    for models): a row keeps its folder while it may still be read (`_still_needed`). Folders
+    younger than `min_age_seconds`, or not named as an id of `kind`, are kept."""
     prefix = SWEPT_KINDS[kind][0]
     orphans = []
     for folder in folders:
@@ -90,24 +91,36 @@ def select_orphans(
             reason = "no row"
         else:
             status = rows[folder.name]
-            if status is None or not status.finished:
+            if _still_needed(kind, status):
                 continue
-            reason = f"job {status.value}"
+            reason = f"{'job' if kind == 'jobs' else 'dataset'} {status}"
         orphans.append(Orphan(kind, folder.name, folder.bytes, age, reason))
     return orphans
 
 
-def rows_of(session: Session, kind: str, ids: list[str]) -> dict[str, JobStatus | None]:
-    """The ids among `ids` that have a row of `kind`: their job status (None: not a job)."""
+def _still_needed(kind: str, status: str | None) -> bool:
+    """A job's checkpoints until it ends; an upload while its dataset is processing; a
+    dataset's files unless its ingestion failed; a model's files always."""
+    if kind == "jobs":
+        return status is not None and not JobStatus(status).finished
+    if kind == "uploads":
+        return status == "processing"
+    if kind == "datasets":
+        return status != "failed"
+    return True
+
+
+def rows_of(session: Session, kind: str, ids: list[str]) -> dict[str, str | None]:
+    """The ids among `ids` that have a row of `kind`: their status (None for models)."""
     table = SWEPT_KINDS[kind][1]
-    found: dict[str, JobStatus | None] = {}
+    found: dict[str, str | None] = {}
     for start in range(0, len(ids), QUERY_CHUNK):
         chunk = ids[start : start + QUERY_CHUNK]
-        if table is Job:
-            for job_id, status in session.execute(
-                sa.select(Job.id, Job.status).where(Job.id.in_(chunk))
+        if table is Job or table is Dataset:
+            for object_id, status in session.execute(
+                sa.select(table.id, table.status).where(table.id.in_(chunk))
             ):
-                found[job_id] = status
+                found[object_id] = str(getattr(status, "value", status))
         else:
             for (object_id,) in session.execute(sa.select(table.id).where(table.id.in_(chunk))):
                 found[object_id] = None

@@ -22,7 +22,7 @@ import sqlalchemy as sa
 import yaml
 
 from service.app import create_app
-from service.cli import _parser
+from service.cli import _parser, parse_roles
 from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -51,6 +51,16 @@ def test_the_deployment_runs_gateway_worker_and_migrations() -> None:
 def test_command_parses_with_the_real_cli(where: str, command: list[str]) -> None:
     args = _parser().parse_args(command[1:])
     assert args.command == command[1], where
+
+
+def test_compose_trains_and_ingests_in_separate_workers() -> None:
+    # A worker takes one task at a time: an upload must not wait behind a training job.
+    services = COMPOSE["services"]
+    queues = {
+        name: parse_roles(_parser().parse_args(services[name]["command"][1:]).queues)
+        for name in ("worker", "worker-gpu", "ingest-worker")
+    }
+    assert queues == {"worker": ("train",), "worker-gpu": ("train",), "ingest-worker": ("ingest",)}
 
 
 def test_healthcheck_route_exists(tmp_path: Path) -> None:
@@ -266,7 +276,7 @@ def test_compose_runs_an_object_store_the_bitserve_containers_wait_for() -> None
     env = COMPOSE["x-bitserve-env"]
     assert urlsplit(env["AWS_ENDPOINT_URL"]).netloc == "minio:9000"
     assert env["AWS_SHARED_CREDENTIALS_FILE"] == "/run/secrets/s3_credentials"
-    for name in ("gateway", "worker", "worker-gpu"):
+    for name in ("gateway", "worker", "worker-gpu", "ingest-worker"):
         assert services[name]["depends_on"]["minio-init"] == {
             "condition": "service_completed_successfully"
         }

@@ -25,7 +25,7 @@ import yaml
 
 from service.app import create_app
 from service.broker import Broker
-from service.cli import _parser
+from service.cli import _parser, parse_roles
 from service.settings import Settings
 from tests.unit.test_deployment import _free_port
 
@@ -100,14 +100,16 @@ def test_the_kustomization_lists_every_manifest_but_the_secret_template() -> Non
 def test_the_manifests_run_gateway_workers_and_migrations_with_the_real_cli() -> None:
     commands = {name: c["command"] for name, c in containers()}
     assert commands["bitserve-gateway"][:2] == ["bitserve", "api"]
-    assert commands["bitserve-worker"] == ["bitserve", "worker"]
+    # GPU nodes train only; uploads are ingested on CPU nodes.
+    assert commands["bitserve-worker"] == ["bitserve", "worker", "--queues", "train"]
     assert commands["bitserve-migrate"] == ["bitserve", "migrate"]
-    # Until `--queues ingest` exists (issue 12, later) the ingest worker runs at 0 replicas.
-    assert commands["bitserve-ingest-worker"] == ["bitserve", "worker"]
-    assert RESOURCES[("Deployment", "bitserve-ingest-worker")]["spec"]["replicas"] == 0
+    assert commands["bitserve-ingest-worker"] == ["bitserve", "worker", "--queues", "ingest"]
+    assert RESOURCES[("Deployment", "bitserve-ingest-worker")]["spec"]["replicas"] == 1
     for name, command in commands.items():
         args = _parser().parse_args(command[1:])
         assert args.command == command[1], name
+        if args.command == "worker":
+            assert parse_roles(args.queues) == (command[3],), name
     gateway = _parser().parse_args(commands["bitserve-gateway"][1:])
     port = WORKLOADS["bitserve-gateway"]["containers"][0]["ports"][0]["containerPort"]
     assert (gateway.host, gateway.port) == ("0.0.0.0", port)

@@ -99,7 +99,10 @@ def test_a_dataset_that_fills_the_disk_fails_insufficient_storage_and_leaves_not
     first = accepted()
     # The ingest worker's write of the rejected list hits a full disk (a text write raises
     # ENOSPC as the operating system reports it).
-    monkeypatch.setattr(Path, "write_text", _no_space)
+    def disk_full(*_: object, **__: object) -> None:
+        _no_space()
+
+    monkeypatch.setattr(Path, "write_text", disk_full)
     assert run_ingest(first, settings) == "failed"
     monkeypatch.undo()  # space again: the same upload works
     with db.sessionmaker() as session:

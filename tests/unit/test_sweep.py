@@ -59,6 +59,24 @@ def test_a_jobs_folder_is_an_orphan_once_its_job_ended_or_its_row_is_gone() -> N
     ]
 
 
+def test_an_upload_is_kept_while_its_dataset_is_processing_and_a_failed_dataset_goes() -> None:
+    ids = {status: new_id("ds") for status in ("processing", "ready", "failed")}
+    gone = new_id("ds")
+    folders = [folder(dataset_id, 2 * HOUR) for dataset_id in (*ids.values(), gone)]
+    rows: dict[str, str | None] = {dataset_id: status for status, dataset_id in ids.items()}
+    uploads = select_orphans("uploads", folders, rows, NOW, HOUR)
+    assert [(o.kind, o.name, o.reason) for o in uploads] == [
+        ("uploads", ids["ready"], "dataset ready"),  # ingested: its archive is no longer read
+        ("uploads", ids["failed"], "dataset failed"),
+        ("uploads", gone, "no row"),
+    ]
+    found = select_orphans("datasets", folders, rows, NOW, HOUR)
+    assert [(o.name, o.reason) for o in found] == [
+        (ids["failed"], "dataset failed"),
+        (gone, "no row"),
+    ]
+
+
 @pytest.mark.parametrize(
     ("rest", "name"),
     [
