@@ -4,7 +4,8 @@ The finding of issue 12: such a dataset (a 52 MB zip) cached at the HyperRule pr
 took 23 GB, every image upscaled on disk, and the building process peaked at 19 GB resident.
 This generates the dataset (JPEG quality 75, ~2.5 kB an image), indexes it, then builds, in a
 fresh process each (so its peak RSS is the build's own), the cache at the pre-crop, as the
-upload does, and at the crop, as a job's validation split does. It reports the cache bytes
+upload does, and at the crop, as a job's validation split does (in the same directory: its
+rows of original bytes point into the first cache's pack). It reports the cache bytes
 against the dataset's bytes, the build time and throughput, the builder's peak RSS, and the
 load rate of one DataLoader worker (decode + squash to the pre-crop, one thread).
 
@@ -114,7 +115,7 @@ def main() -> None:
         cache_dir = Path(tmp) / "cache"  # one directory per dataset, as the service keeps it
         print(
             "| cache | size | bytes | / dataset bytes | v1 bytes (N x S x S x 3) | build s "
-            "| images/s | builder peak RSS MB (idle child) | stored raw/png/original "
+            "| images/s | builder peak RSS MB (idle child) | stored raw/png/original/shared "
             "| load img/s (1 thread) |"
         )
         print("|---|---|---|---|---|---|---|---|---|---|", flush=True)
@@ -129,7 +130,7 @@ def main() -> None:
                 f"| {index.num_images * size * size * 3 / 1e9:.1f} GB | {result['seconds']:.1f} "
                 f"| {index.num_images / result['seconds']:.0f} | {result['rss_peak_mb']:.0f} "
                 f"({result['rss_before_mb']:.0f}) | {result['raw']}/{result['png']}/"
-                f"{result['original']} | {rate:.0f} |",
+                f"{result['original']}/{result['shared']} | {rate:.0f} |",
                 flush=True,
             )
         print(

@@ -25,6 +25,11 @@ FLOAT_BYTES = 4
 # Weights, their gradients and SGD momentum, all float32.
 STATE_COPIES = 3
 CACHE_CHANNELS = 3  # the decode-once cache stores uint8 RGB (bitcore.data.cache)
+# Each cached image takes at most min(its file's bytes, precrop^2 x 3) (bitcore.data.cache),
+# so the cache is at most the dataset's files. What a caller knows is the uploaded archive's
+# bytes: JPEG, PNG, WebP and GIF barely deflate (the archive is about the files), BMP does;
+# this factor covers a BMP archive deflated to half and the index/manifest (~50 B an image).
+CACHE_DATASET_FACTOR = 2
 
 
 @dataclass(frozen=True)
@@ -33,7 +38,7 @@ class TrainingCost:
 
     memory_bytes: int  # model state + saved activations of one micro-batch
     micro_batch_size: int  # the micro-batch the memory figure is for
-    cache_bytes: int  # the dataset's images at precrop x precrop x 3 bytes
+    cache_bytes: int  # the cache at precrop: min(images x precrop^2 x 3, 2 x dataset bytes)
     images_processed: int  # total_steps x batch_size
 
     def to_dict(self) -> dict[str, Any]:
@@ -64,11 +69,14 @@ def _saved_bytes(model: str, crop: int) -> int:
     return total
 
 
-def estimate(model: str, plan: Plan, num_images: int) -> TrainingCost:
+def estimate(
+    model: str, plan: Plan, num_images: int, dataset_bytes: int | None = None
+) -> TrainingCost:
     """The cost of training `model` with `plan` on a dataset of `num_images` images.
 
     With no micro-batch in the plan the trainer picks one that fits at run time: the least it
-    can pick is one image, so that is what must fit.
+    can pick is one image, so that is what must fit. `dataset_bytes` (the uploaded archive's
+    size), when known, bounds the cache as well: see `cache_estimate`.
     """
     micro = plan.micro_batch_size or 1
     state = count_parameters(model) * FLOAT_BYTES * STATE_COPIES
@@ -76,9 +84,29 @@ def estimate(model: str, plan: Plan, num_images: int) -> TrainingCost:
     return TrainingCost(
         memory_bytes=int(state + activations),
         micro_batch_size=micro,
-        cache_bytes=num_images * plan.precrop * plan.precrop * CACHE_CHANNELS,
+        cache_bytes=cache_estimate(num_images, plan.precrop, dataset_bytes),
         images_processed=plan.total_steps * plan.batch_size,
     )
 
 
-__all__ = ["TrainingCost", "activation_bytes_per_pixel", "estimate"]
+def pixels_bytes(num_images: int, size: int) -> int:
+    """Every image squashed to size x size x 3: what a cache at `size` holds at most."""
+    return num_images * size * size * CACHE_CHANNELS
+
+
+def cache_estimate(num_images: int, precrop: int, dataset_bytes: int | None = None) -> int:
+    """The bytes of the image cache at `precrop`: at most every image's pixels at that size,
+    and at most about the dataset's own bytes (CACHE_DATASET_FACTOR x `dataset_bytes`)."""
+    pixels = pixels_bytes(num_images, precrop)
+    if dataset_bytes is None:
+        return pixels
+    return min(pixels, CACHE_DATASET_FACTOR * dataset_bytes)
+
+
+__all__ = [
+    "TrainingCost",
+    "activation_bytes_per_pixel",
+    "cache_estimate",
+    "estimate",
+    "pixels_bytes",
+]

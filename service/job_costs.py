@@ -1,7 +1,8 @@
 """The cost check a job passes before it is accepted (POST /v1/jobs, and the plan preview).
 
 bitcore.costs estimates what a plan will take (one micro-batch's training memory, the bytes
-of the dataset's image cache at the plan's precrop, the images the run processes); each figure
+of the dataset's image cache at the plan's precrop: the images' pixels at that size, at most
+about twice the uploaded archive's bytes; the images the run processes); each figure
 is compared with its setting, and a job past any of them is refused (422 job_too_expensive,
 details: which figure, the estimate, the limit and the setting that raises it) before a row is
 written or a worker is held. The override bounds (bitcore.hyperrule.MAX_OVERRIDE) cap each
@@ -26,11 +27,22 @@ HINTS = {
 
 
 def check_cost(
-    plan: Mapping[str, Any], base_model: str, num_images: int, settings: Settings
+    plan: Mapping[str, Any],
+    base_model: str,
+    num_images: int,
+    settings: Settings,
+    *,
+    dataset_bytes: int | None = None,
 ) -> costs.TrainingCost:
-    """The estimate of `plan` (REST shape) on a dataset of `num_images` images, or
-    InvalidRequest("job_too_expensive") naming the first figure past its limit."""
-    cost = costs.estimate(base_model, Plan.from_dict(plan), num_images)
+    """The estimate of `plan` (REST shape) on a dataset of `num_images` images whose archive
+    has `dataset_bytes` (the dataset row's `bytes`), or InvalidRequest("job_too_expensive")
+    naming the first figure past its limit."""
+    parsed = Plan.from_dict(plan)
+    cost = costs.estimate(base_model, parsed, num_images, dataset_bytes)
+    hints = dict(HINTS)
+    if cost.cache_bytes < costs.pixels_bytes(num_images, parsed.precrop):
+        # Bound by the dataset's bytes: a smaller precrop only helps once its pixels are less.
+        hints["cache_bytes"] = "a smaller dataset (its images are cached in about their bytes)"
     limits = (
         ("memory_bytes", cost.memory_bytes, settings.job_max_memory_bytes),
         ("cache_bytes", cost.cache_bytes, settings.job_max_cache_bytes),
@@ -42,7 +54,7 @@ def check_cost(
             raise InvalidRequest(
                 "job_too_expensive",
                 f"this job's estimated {name.replace('_', ' ')} ({value:,}) is over this "
-                f"server's limit ({limit:,}); ask for {HINTS[name]}",
+                f"server's limit ({limit:,}); ask for {hints[name]}",
                 {"resource": name, "estimate": value, "limit": limit, "setting": setting},
             )
     return cost

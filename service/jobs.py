@@ -140,7 +140,9 @@ def create_job(
     plan = plan_for_dataset(
         dataset, request.base_model, request.validation_fraction, request.overrides
     )
-    job_costs.check_cost(plan, request.base_model, dataset.num_images, settings)
+    job_costs.check_cost(
+        plan, request.base_model, dataset.num_images, settings, dataset_bytes=dataset.bytes
+    )
     try:
         quotas.check_active_jobs(session, tenant_id, settings)
     except QuotaExceeded:

@@ -93,7 +93,10 @@ class JobCost(Schema):
     micro_batch_size: int = Field(
         description="the micro-batch memory_bytes is for: the plan's, or 1 if chosen at run time"
     )
-    cache_bytes: int = Field(description="the dataset's images at precrop x precrop x 3 bytes")
+    cache_bytes: int = Field(
+        description="the image cache at precrop: the images at precrop x precrop x 3 bytes, "
+        "at most twice the dataset's bytes"
+    )
     images_processed: int = Field(description="total_steps x batch_size")
 
 

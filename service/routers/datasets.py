@@ -286,7 +286,7 @@ def dataset_plan(
         "mixup_alpha": mixup_alpha,
     }
     plan, estimate = datasets.plan_estimate(row, base_model, validation_fraction, overrides)
-    cost = job_costs.check_cost(plan, base_model, row.num_images, settings)
+    cost = job_costs.check_cost(plan, base_model, row.num_images, settings, dataset_bytes=row.bytes)
     return DatasetPlan(
         dataset_id=row.id,
         base_model=base_model,

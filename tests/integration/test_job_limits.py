@@ -174,9 +174,13 @@ def test_overrides_at_their_bounds_are_accepted(http: httpx.Client, dataset_id: 
 def test_plan_shows_the_estimated_cost(http: httpx.Client, dataset_id: str) -> None:
     body = http.get(f"/v1/datasets/{dataset_id}/plan").json()  # BiT-M-R50x1, the rule's plan
     plan = hyperrule.Plan.from_dict(body["plan"])
-    expected = costs.estimate("BiT-M-R50x1", plan, NUM_IMAGES)
+    archive_bytes = http.get(f"/v1/datasets/{dataset_id}").json()["bytes"]
+    expected = costs.estimate("BiT-M-R50x1", plan, NUM_IMAGES, archive_bytes)
     assert body["cost"] == expected.to_dict()
-    assert body["cost"]["cache_bytes"] == NUM_IMAGES * 160 * 160 * 3
+    # 12 images of 40 x 48 at precrop 160 are 0.9 MB of pixels, but each is cached in at most
+    # its own file's bytes: the bound is twice the ~57 kB archive.
+    assert 2 * archive_bytes < NUM_IMAGES * 160 * 160 * 3
+    assert body["cost"]["cache_bytes"] == 2 * archive_bytes
     assert body["cost"]["images_processed"] == 500 * 512
     assert body["cost"]["micro_batch_size"] == 1  # chosen at run time: one image must fit
     # R50x1 at 128 px: ~25M float32 parameters x 3 plus ~39 MB of activations per image.
@@ -207,30 +211,46 @@ def test_a_job_past_the_memory_limit_is_refused(http: httpx.Client, dataset_id: 
 def test_cache_and_images_limits_are_settings(
     migrated_db: str, redis_url: str, tmp_path: Path, start_server: Any
 ) -> None:
+    archive = make_archive(make_image_folder(tmp_path / "pets", CLASSES, size=(40, 48)), "zip")
+    archive_bytes = archive.stat().st_size  # ~57 kB
+    # 12 images at 48 x 48 x 3; at 50 px their pixels are over it and under the archive bound.
+    limit = NUM_IMAGES * 48 * 48 * 3
+    assert limit < NUM_IMAGES * 50 * 50 * 3 < 2 * archive_bytes
     settings = make_settings(
         tmp_path,
         migrated_db,
         redis_url,
         train_queue=f"train-limits-{uuid.uuid4().hex[:8]}",
-        job_max_cache_bytes=NUM_IMAGES * 200 * 200 * 3,
+        job_max_cache_bytes=limit,
         job_max_images=1000,
     )
     live = start_server(settings)
     with httpx.Client(base_url=live.url, timeout=60, headers=live.headers) as client:
-        archive = make_archive(make_image_folder(tmp_path / "pets", CLASSES, size=(40, 48)), "zip")
         with archive.open("rb") as handle:
             dataset = client.post("/v1/datasets", files={"file": ("pets.zip", handle)}).json()
+        assert dataset["bytes"] == archive_bytes
         base = {"dataset_id": dataset["id"], "base_model": "tiny-R10x0.25"}
-        # precrop 3000 on a 12-image dataset: a 324 MB cache file.
+        # precrop 1000 on a 12-image dataset: 36 MB of pixels, but each image is cached in at
+        # most its own file's bytes, so the estimate is the archive's bound.
         big_cache = {**base, "overrides": {"precrop": 1000, "steps": 10, "batch_size": 4}}
         error = _error(client.post("/v1/jobs", json=big_cache), 422, "job_too_expensive")
         assert error["details"] == {
             "resource": "cache_bytes",
-            "estimate": NUM_IMAGES * 1000 * 1000 * 3,
-            "limit": NUM_IMAGES * 200 * 200 * 3,
+            "estimate": 2 * archive_bytes,
+            "limit": limit,
             "setting": "BITSERVE_JOB_MAX_CACHE_BYTES",
         }
-        long_run = {**base, "overrides": {"steps": 101, "batch_size": 10}}
+        assert error["message"].endswith(
+            "ask for a smaller dataset (its images are cached in about their bytes)"
+        )
+        small = {"precrop": 50, "crop": 48, "steps": 10, "batch_size": 4}
+        error = _error(
+            client.post("/v1/jobs", json={**base, "overrides": small}), 422, "job_too_expensive"
+        )
+        assert error["details"]["estimate"] == NUM_IMAGES * 50 * 50 * 3
+        assert error["message"].endswith("ask for a smaller precrop")
+        fits = {"precrop": 48, "crop": 48}  # the cache within its limit
+        long_run = {**base, "overrides": {"steps": 101, "batch_size": 10, **fits}}
         error = _error(client.post("/v1/jobs", json=long_run), 422, "job_too_expensive")
         assert error["details"] == {
             "resource": "images_processed",
@@ -238,7 +258,7 @@ def test_cache_and_images_limits_are_settings(
             "limit": 1000,
             "setting": "BITSERVE_JOB_MAX_IMAGES",
         }
-        within = {**base, "overrides": {"steps": 100, "batch_size": 10, "precrop": 200}}
+        within = {**base, "overrides": {"steps": 100, "batch_size": 10, **fits}}
         assert client.post("/v1/jobs", json=within).status_code == 202
         assert client.get("/healthz").status_code == 200
 

@@ -74,17 +74,24 @@ def test_each_form_loads_the_exact_pixels_within_the_files_bytes(tmp_path: Path)
         "b/small.jpg": "original",
         "b/wide.jpg": "png",  # shrunk in width, stretched in height: one squash, stored
     }
-    assert cache.kinds() == {"raw": 1, "png": 2, "original": 1}
+    assert cache.kinds() == {"raw": 1, "png": 2, "original": 1, "shared": 0}
     for sample in index.samples:
         np.testing.assert_array_equal(cache.pixels(sample), _expected(index, sample.path, 32))
     assert cache.data_path.stat().st_size <= _dataset_bytes(index)  # reserved, then cut
     assert cache.data_path.stat().st_size == int(cache.entries[:, 1].sum())
-    # Larger than every image: only the files' own bytes, squashed up when loaded.
+    # Larger than every image: only the files' own bytes, squashed up when loaded; small.jpg's
+    # are in the 32 px cache's pack already, and read from there.
     big = build_cache(index, 160, tmp_path / "c")
-    assert big.kinds() == {"raw": 0, "png": 0, "original": 4}
-    assert big.data_path.stat().st_size == _dataset_bytes(index)
+    assert big.kinds() == {"raw": 0, "png": 0, "original": 3, "shared": 1}
+    assert big.donor_path == cache.data_path
+    small = index.root / "b" / "small.jpg"
+    assert big.data_path.stat().st_size == _dataset_bytes(index) - small.stat().st_size
     for sample in index.samples:
         np.testing.assert_array_equal(big.pixels(sample), _expected(index, sample.path, 160))
+    # Alone in a directory, the 160 px cache keeps all four files' bytes.
+    alone = build_cache(index, 160, tmp_path / "alone")
+    assert alone.kinds() == {"raw": 0, "png": 0, "original": 4, "shared": 0}
+    assert alone.data_path.stat().st_size == _dataset_bytes(index) and alone.donor_path is None
 
 
 def test_cache_at_the_pre_crop_is_bounded_by_the_upload(tmp_path: Path) -> None:

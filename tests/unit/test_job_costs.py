@@ -84,3 +84,38 @@ def test_a_plan_past_a_limit_names_it(tmp_path: Path) -> None:
         "limit": 99_999,
         "setting": "BITSERVE_JOB_MAX_IMAGES",
     }
+
+
+def test_the_cache_estimate_is_bounded_by_the_dataset_bytes(tmp_path: Path) -> None:
+    """Issue 12: 30,000 96 px JPEGs (a 70 MB archive) at precrop 512 are not 23.6 GB of pixels:
+    each image is cached in at most its own file's bytes."""
+    plan = hyperrule.plan(30_000, (96, 96))
+    assert plan.precrop == 512
+    pixels = 30_000 * 512 * 512 * 3
+    assert costs.estimate("tiny-R10x0.25", plan, 30_000).cache_bytes == pixels  # size unknown
+    bounded = costs.estimate("tiny-R10x0.25", plan, 30_000, dataset_bytes=70_000_000)
+    assert bounded.cache_bytes == 140_000_000  # CACHE_DATASET_FACTOR x the archive
+    # Big images on a small precrop: their pixels are the smaller figure.
+    assert costs.cache_estimate(1000, 128, 10**10) == 1000 * 128 * 128 * 3
+    assert costs.cache_estimate(1000, 128, 24_000_000) == 48_000_000
+
+    # Past the limit because of the dataset's bytes: a smaller precrop is not the remedy.
+    settings = Settings(home=tmp_path, job_max_cache_bytes=100_000_000)
+    with pytest.raises(InvalidRequest) as caught:
+        check_cost(plan.to_dict(), "tiny-R10x0.25", 30_000, settings, dataset_bytes=70_000_000)
+    assert caught.value.details == {
+        "resource": "cache_bytes",
+        "estimate": 140_000_000,
+        "limit": 100_000_000,
+        "setting": "BITSERVE_JOB_MAX_CACHE_BYTES",
+    }
+    assert str(caught.value).endswith(
+        "ask for a smaller dataset (its images are cached in about their bytes)"
+    )
+    # Past it because of the pixels: a smaller precrop is.
+    small = hyperrule.plan(100, (96, 96))
+    with pytest.raises(InvalidRequest, match=r"ask for a smaller precrop$") as caught:
+        check_cost(
+            small.to_dict(), "tiny-R10x0.25", 100, Settings(home=tmp_path, job_max_cache_bytes=10)
+        )
+    assert caught.value.details["estimate"] == 100 * small.precrop**2 * 3
