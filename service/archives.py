@@ -153,7 +153,7 @@ def safe_relpath(name: str) -> str | None:
     return "/".join(parts) or None
 
 
-def _is_nested_archive(path: str) -> bool:
+def is_nested_archive(path: str) -> bool:
     lower = path.lower()
     return lower.endswith(NESTED_SUFFIXES)
 
@@ -247,7 +247,7 @@ def _scan_zip(archive: zipfile.ZipFile, budget: _Budget, out: Extracted) -> list
             raise ArchiveInvalid("encrypted zip members are not supported", path=path)
         budget.size(path, info.file_size)
         budget.ratio(path, info.file_size, info.compress_size)
-        if _is_nested_archive(path):
+        if is_nested_archive(path):
             out.skipped.append(Skipped(path, "nested_archive"))
             continue
         members.append(_Member(path, info.file_size, info))
@@ -330,7 +330,7 @@ def _scan_tar(path: Path, limits: Limits, budget: _Budget, out: Extracted) -> li
                     out.folders.append(rel)
                     continue
                 budget.size(rel, info.size)
-                if _is_nested_archive(rel):
+                if is_nested_archive(rel):
                     out.skipped.append(Skipped(rel, "nested_archive"))
                     continue
                 members.append(_Member(rel, info.size, info.name))

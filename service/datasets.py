@@ -15,6 +15,7 @@ import json
 import logging
 import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,8 +33,9 @@ from bitcore.data.index import (
 )
 from bitcore.images import sniff_format
 from service import ingest_runs, jobs, quotas
-from service.archives import ArchiveKind, Extracted, Limits, extract_archive
+from service.archives import ArchiveKind, Extracted, Limits, SkipRule, extract_archive
 from service.broker import Broker
+from service.dataset_sources import Source
 from service.db import Database
 from service.domain_errors import Conflict, InvalidRequest, NotFound
 from service.ids import new_id
@@ -149,18 +151,30 @@ def _delete_rejected(index: DatasetIndex) -> None:
             path.unlink()
 
 
+# Fills a dataset's files/ folder: (target, limits, skip rule, progress) -> what it skipped.
+Filler = Callable[[Path, Limits, SkipRule, Progress | None], Extracted]
+
+
+def archive_filler(archive: Path, kind: ArchiveKind) -> Filler:
+    """Files from an uploaded archive, extracted safely (service.archives)."""
+
+    def fill(target: Path, limits: Limits, skip: SkipRule, progress: Progress | None) -> Extracted:
+        return extract_archive(archive, target, limits, kind, skip=skip, progress=progress)
+
+    return fill
+
+
 def build_dataset_files(
-    archive: Path,
-    kind: ArchiveKind,
+    fill: Filler,
     directory: Path,
     options: dict[str, Any],
     *,
     on_extract: Progress | None = None,
     on_index: Progress | None = None,
 ) -> tuple[DatasetIndex, list[dict[str, str]]]:
-    """Extract and index into `directory` under the recorded `options` (ingest_options).
-    Blocking (the ingest worker). Returns the index and every rejected member (also written to
-    DATASET_REJECTED). Raises the kinds of service.domain_errors for a refused archive."""
+    """Fill and index `directory` under the recorded `options` (ingest_options). Blocking
+    (the ingest worker). Returns the index and every rejected member (also written to
+    DATASET_REJECTED). Raises the kinds of service.domain_errors for refused data."""
     files = directory / DATASET_FILES
     limits = Limits(
         max_entries=options["max_entries"],
@@ -168,7 +182,7 @@ def build_dataset_files(
         max_compression_ratio=options["max_compression_ratio"],
         archive_ratio_min_bytes=options["archive_ratio_min_bytes"],
     )
-    extracted = extract_archive(archive, files, limits, kind, skip=images_only, progress=on_extract)
+    extracted = fill(files, limits, images_only, on_extract)
     try:
         index = index_directory(
             files,
@@ -183,6 +197,12 @@ def build_dataset_files(
     write_json_atomic(directory / DATASET_REJECTED, rejected, indent=None)
     index.save(directory / DATASET_INDEX)
     return index, rejected
+
+
+def files_bytes(directory: Path) -> int:
+    """Bytes of the images a dataset keeps (what a source dataset counts against quotas)."""
+    files = directory / DATASET_FILES
+    return sum(p.stat().st_size for p in files.rglob("*") if p.is_file() and not p.is_symlink())
 
 
 def ready_values(index: DatasetIndex, rejected: list[dict[str, str]]) -> dict[str, Any]:
@@ -250,6 +270,48 @@ def accept_upload(
     except BaseException:
         storage.discard("uploads", dataset_id)
         raise
+    _send(db, broker, dataset_id)
+    return row
+
+
+def register_source(
+    db: Database,
+    broker: Broker,
+    settings: Settings,
+    source: Source,
+    *,
+    name: str,
+    tenant_id: str | None,
+) -> Dataset:
+    """Record a dataset whose images an ingest worker copies from `source` (checked by
+    service.dataset_sources.parse_source) and send it to the ingest queue. Its bytes are
+    known once ingested (then counted against the tenant's max_stored_bytes); a tenant
+    already past that quota is refused now (QuotaExceeded)."""
+    dataset_id = new_id("ds")
+    row = Dataset(
+        id=dataset_id,
+        tenant_id=tenant_id,
+        name=name,
+        status=ingest_runs.PROCESSING,
+        num_images=0,
+        num_classes=0,
+        classes=[],
+        image_size={},
+        rejected=[],
+        rejected_counts={},
+        bytes=0,
+        storage_key=f"datasets/{dataset_id}",
+        ingest={"source": source.to_dict(), "options": ingest_options(settings)},
+        progress={"phase": "queued"},
+    )
+    with db.session() as session:
+        quotas.check_stored_bytes(session, tenant_id, settings, 0)
+        session.add(row)
+    _send(db, broker, dataset_id)
+    return row
+
+
+def _send(db: Database, broker: Broker, dataset_id: str) -> None:
     try:
         broker.send_ingest(dataset_id)
     except Exception as exc:
@@ -257,7 +319,6 @@ def accept_upload(
     else:
         with db.sessionmaker() as session:
             ingest_runs.mark_sent(session, dataset_id)
-    return row
 
 
 def get_dataset(session: Session, tenant_id: str | None, dataset_id: str) -> Dataset:

@@ -125,6 +125,9 @@ class Settings(BaseSettings):
     # Dataset ingestion (service.ingest_runs, worker.ingest): `bitserve worker` consumes both
     # queues unless --queues says otherwise.
     ingest_queue: str = "ingest"
+    # Buckets (or bucket/prefix) a dataset may be registered from with {"source": "s3://..."}
+    # (service.dataset_sources); empty: none, uploads only. JSON list in the environment.
+    dataset_source_buckets: list[str] = Field(default_factory=list)
     worker_concurrency: int = Field(default=1, gt=0)
 
     # Faults (docs/operations.md, "Database loss" and "Stopping and rolling restarts").

@@ -1,4 +1,4 @@
-"""Ingest one uploaded dataset: claim it, fetch its archive, extract and index, publish.
+"""Ingest one dataset: claim it, fetch its archive (or copy its source), extract and index, publish.
 
 What a synchronous upload used to do inside the HTTP request, moved to the `ingest` queue: the
 gateway only stored the archive (service.datasets.accept_upload). Here, on any node:
@@ -24,9 +24,11 @@ from contextlib import contextmanager
 from typing import Any
 
 from service import ingest_runs
-from service.datasets import build_dataset_files, ready_values
+from service.dataset_sources import Source, copy_source
+from service.datasets import Filler, archive_filler, build_dataset_files, files_bytes, ready_values
 from service.db import Database
 from service.domain_errors import DomainError
+from service.object_store import S3Store
 from service.settings import Settings
 from service.storage import Storage, disk_full_as
 from service.tables import Dataset
@@ -86,18 +88,20 @@ def _ingest(
     directory = storage.dataset_dir(dataset_id)
     with _heartbeat(db, settings, dataset_id, worker_id, beat):
         try:
-            archive = storage.upload_archive(dataset_id, ingest["kind"])
+            fill = _filler(storage, dataset_id, ingest)
             storage.remove(directory)  # what a crashed attempt left
             with disk_full_as("the dataset"):
                 directory.mkdir(parents=True)
                 index, rejected = build_dataset_files(
-                    archive,
-                    ingest["kind"],
+                    fill,
                     directory,
                     ingest["options"],
                     on_extract=beat.phase("extracting"),
                     on_index=beat.phase("indexing"),
                 )
+                values = ready_values(index, rejected)
+                if "source" in ingest:  # no upload: the copied images are what it stores
+                    values["bytes"] = files_bytes(directory)
             beat.progress = {"phase": "storing"}
             if beat.lost.is_set():
                 raise IngestLost
@@ -109,9 +113,7 @@ def _ingest(
             storage.remove(directory)
             raise
         with db.sessionmaker() as session:
-            ready = ingest_runs.finish_ready(
-                session, dataset_id, worker_id, ready_values(index, rejected)
-            )
+            ready = ingest_runs.finish_ready(session, dataset_id, worker_id, values)
     if not ready:
         return _abandon(db, storage, dataset_id)
     storage.discard("uploads", dataset_id)
@@ -123,6 +125,18 @@ def _ingest(
         time.monotonic() - started,
     )
     return "ready"
+
+
+def _filler(storage: Storage, dataset_id: str, ingest: dict[str, Any]) -> Filler:
+    """Where the images come from: the uploaded archive (fetched here first), or the bucket
+    prefix the dataset was registered from (service.dataset_sources)."""
+    if "source" in ingest:
+        source = Source(**ingest["source"])
+        client = S3Store(source.bucket).client()
+        return lambda target, limits, skip, progress: copy_source(
+            client, source, target, limits, skip, progress
+        )
+    return archive_filler(storage.upload_archive(dataset_id, ingest["kind"]), ingest["kind"])
 
 
 def _fail(db: Database, storage: Storage, dataset_id: str, worker_id: str, exc: DomainError) -> str:

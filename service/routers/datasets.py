@@ -8,12 +8,14 @@ import json
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sse_starlette import EventSourceResponse
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from bitcore.hyperrule import MAX_OVERRIDE
-from service import datasets, job_costs, quotas
+from service import dataset_sources, datasets, job_costs, quotas
 from service.admission import UploadSlots
 from service.api_keys import Scope
 from service.archives import detect_kind
@@ -60,10 +62,35 @@ UPLOAD_DOC = {
                         "name": {"type": "string", "maxLength": datasets.MAX_NAME_LENGTH},
                     },
                 }
-            }
+            },
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["source"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "source": {
+                            "type": "string",
+                            "maxLength": dataset_sources.MAX_SOURCE_CHARS,
+                            "description": "s3://bucket/prefix/ holding <class>/<image> "
+                            "folders, under a bucket the operator allowed",
+                        },
+                        "name": {"type": "string", "maxLength": datasets.MAX_NAME_LENGTH},
+                    },
+                }
+            },
         },
     }
 }
+
+
+class SourceRequest(BaseModel):
+    """POST /v1/datasets as JSON: register data that already lives in a bucket."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = Field(min_length=1, max_length=dataset_sources.MAX_SOURCE_CHARS)
+    name: str | None = Field(default=None, max_length=datasets.MAX_NAME_LENGTH)
 
 
 @router.post(
@@ -88,10 +115,17 @@ async def upload_dataset(
     `ready`, or `failed` with the error that refused the archive. A body larger than the
     tenant's remaining byte quota is refused (429) as soon as its Content-Length or its
     streamed bytes say so; past the uploads in progress per process, 503 `too_many_uploads`;
-    without free disk for the body and a margin, 507."""
-    slots: UploadSlots = request.app.state.upload_slots
-    with slots.take():
-        dataset = await _upload(request, settings, db, storage, broker, tenant)
+    without free disk for the body and a margin, 507.
+
+    As JSON, `{"source": "s3://bucket/prefix/", "name": ...}` registers data already in a
+    bucket the operator allowed (BITSERVE_DATASET_SOURCE_BUCKETS): the ingest worker copies
+    it; any other source is 422 `source_not_allowed`."""
+    if _is_json(request):
+        dataset = await _register(request, settings, db, broker, tenant)
+    else:
+        slots: UploadSlots = request.app.state.upload_slots
+        with slots.take():
+            dataset = await _upload(request, settings, db, storage, broker, tenant)
     response.headers["Location"] = f"/v1/datasets/{dataset.id}"
     return dataset
 
@@ -137,6 +171,28 @@ async def _upload(
             size=upload.size,
             tenant_id=tenant,
         )
+    return DatasetPublic.from_row(row)
+
+
+def _is_json(request: Request) -> bool:
+    kind = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    return kind == "application/json"
+
+
+async def _register(
+    request: Request, settings: Settings, db: Database, broker: Broker, tenant: str
+) -> DatasetPublic:
+    try:
+        body = SourceRequest.model_validate_json(await request.body())
+    except ValidationError as exc:  # answered as any body's errors (400 or 422, the field)
+        errors = [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]
+        raise RequestValidationError(errors) from None
+    source = dataset_sources.parse_source(body.source, settings.dataset_source_buckets)
+    fallback = source.prefix.rstrip("/").rsplit("/", 1)[-1] or source.bucket
+    name = datasets.dataset_name(body.name, None, fallback)
+    row = await run_in_threadpool(
+        datasets.register_source, db, broker, settings, source, name=name, tenant_id=tenant
+    )
     return DatasetPublic.from_row(row)
 
 

@@ -81,6 +81,7 @@ DOMAIN = (
     "names",
     "job_runs",
     "ingest_runs",
+    "dataset_sources",
     "job_states",
     "jobs",
     "models_store",

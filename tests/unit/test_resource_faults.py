@@ -97,6 +97,7 @@ def test_a_dataset_that_fills_the_disk_fails_insufficient_storage_and_leaves_not
         return row.id
 
     first = accepted()
+
     # The ingest worker's write of the rejected list hits a full disk (a text write raises
     # ENOSPC as the operating system reports it).
     def disk_full(*_: object, **__: object) -> None:
