@@ -8,13 +8,12 @@
         print(api.predict(job["model_id"], ["cat.jpg"], top_k=3))
 
 Retries (bounded by `max_retries` and `max_retry_wait`, docs/api.md "Retries"): a 429 answer,
-and a 503 `shutting_down` (refused before any work), are retried after their Retry-After for
-every call; other 503 answers and lost connections (refused, reset, closed without an answer:
+and a 503 `shutting_down` or `too_many_uploads` (refused before any work), are retried after
+their Retry-After for every call; other 503 answers and lost connections (refused, reset, closed without an answer:
 a gateway restarting) only for idempotent calls: GET, DELETE, predict (a pure function) and job
 creation (sent with an Idempotency-Key, a fresh one per call unless given, so a retry never
-starts a second job). An upload is a POST that creates a dataset: it is retried only when the
-server says it did nothing (429, 503 `shutting_down` or `too_many_uploads`, a connection that
-failed before the request was sent), never after a lost answer. Not retried: the streamed
+starts a second job). An upload (a POST that creates a dataset) is thus sent again only when
+the server did nothing with it, never after a lost answer or another 503. Not retried: the streamed
 artifact download, and the event streams of jobs and datasets (they fall back to polling
 instead). Every other error answer raises ApiError with the server's code, message and
 details; a dataset whose ingestion failed raises DatasetFailed, an ApiError with the code,
