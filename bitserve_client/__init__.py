@@ -2,11 +2,20 @@
 service imports)."""
 
 from bitserve_client.client import BitserveClient
-from bitserve_client.errors import ApiError, BitserveError, JobFailed, JobTimeout
+from bitserve_client.errors import (
+    ApiError,
+    BitserveError,
+    DatasetFailed,
+    DatasetTimeout,
+    JobFailed,
+    JobTimeout,
+)
 from bitserve_client.files import zip_folder
 from bitserve_client.schema import (
     BaseModel,
     Dataset,
+    IngestProgress,
+    IngestProgressEvent,
     Job,
     JobEvent,
     Label,
@@ -25,6 +34,10 @@ __all__ = [
     "BitserveClient",
     "BitserveError",
     "Dataset",
+    "DatasetFailed",
+    "DatasetTimeout",
+    "IngestProgress",
+    "IngestProgressEvent",
     "Job",
     "JobEvent",
     "JobFailed",

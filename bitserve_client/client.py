@@ -1,24 +1,27 @@
 """BitserveClient: the REST API v1 (docs/api.md) from Python, on a synchronous httpx client.
 
     with BitserveClient("http://127.0.0.1:8000") as api:
-        dataset = api.upload_dataset("photos/")            # a folder is zipped on the fly
+        dataset = api.upload_dataset("photos/")            # a folder is zipped on the fly;
+                                                           # returns once the dataset is ready
         job = api.create_job(dataset["id"], "BiT-M-R50x1")
         job = api.wait_for_job(job["id"], on_progress=print)
         print(api.predict(job["model_id"], ["cat.jpg"], top_k=3))
 
 Retries (bounded by `max_retries` and `max_retry_wait`, docs/api.md "Retries"): a 429 answer,
-and a 503 `shutting_down` (refused before any work), are retried after their Retry-After for
-every call; other 503 answers and lost connections (refused, reset, closed without an answer:
+and a 503 `shutting_down` or `too_many_uploads` (refused before any work), are retried after
+their Retry-After for every call; other 503 answers and lost connections (refused, reset, closed without an answer:
 a gateway restarting) only for idempotent calls: GET, DELETE, predict (a pure function) and job
 creation (sent with an Idempotency-Key, a fresh one per call unless given, so a retry never
-starts a second job). Not retried: the streamed artifact download, and a job's event stream
-(it falls back to polling instead). Every other error answer raises ApiError with the server's
-code, message and details.
+starts a second job). An upload (a POST that creates a dataset) is thus sent again only when
+the server did nothing with it, never after a lost answer or another 503. Not retried: the streamed
+artifact download, and the event streams of jobs and datasets (they fall back to polling
+instead). Every other error answer raises ApiError with the server's code, message and
+details; a dataset whose ingestion failed raises DatasetFailed, an ApiError with the code,
+message and details the failed dataset carries.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import time
@@ -30,15 +33,22 @@ from typing import IO, Any, cast
 from urllib.parse import quote
 
 import httpx
-from httpx_sse import EventSource
 
-from bitserve_client.errors import ApiError, JobFailed, JobTimeout
+from bitserve_client.errors import (
+    ApiError,
+    DatasetFailed,
+    DatasetTimeout,
+    JobFailed,
+    JobTimeout,
+)
 from bitserve_client.files import ImageInput, image_part, is_pil, zip_folder
+from bitserve_client.follow import Target, follow
 from bitserve_client.retries import IDEMPOTENT_METHODS, RetryPolicy
 from bitserve_client.schema import (
     AuditEvent,
     BaseModel,
     Dataset,
+    IngestProgressEvent,
     Job,
     JobEvent,
     Label,
@@ -52,9 +62,8 @@ FilesFactory = Callable[[ExitStack], list[tuple[str, tuple[str, IO[bytes] | byte
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 FINISHED = frozenset({"succeeded", "failed", "cancelled"})
+DATASET_ENDED = frozenset({"ready", "failed"})
 ARCHIVE_TYPES = {".zip": "application/zip", ".tgz": "application/gzip", ".gz": "application/gzip"}
-# Longer than the server's SSE keep-alive (15 s): a silent stream this long is a dead one.
-SSE_READ_TIMEOUT_S = 45.0
 PAGE_SIZE = 100
 
 
@@ -103,10 +112,24 @@ class BitserveClient:
     # -- datasets ----------------------------------------------------------------------------
 
     def upload_dataset(
-        self, path_or_folder: str | os.PathLike[str], name: str | None = None
+        self,
+        path_or_folder: str | os.PathLike[str],
+        name: str | None = None,
+        *,
+        wait: bool = True,
+        timeout: float | None = None,
+        on_progress: Callable[[IngestProgressEvent], object] | None = None,
+        poll_interval: float = 1.0,
     ) -> Dataset:
         """Upload a .zip / .tar.gz of `<class>/<image>` folders, or a folder (zipped first, into
-        a temp file that is removed afterwards). The server judges the archive by its content."""
+        a temp file that is removed afterwards). The server judges the archive by its content.
+
+        The server answers as soon as the archive is stored (202, status `processing`); an
+        ingest worker then extracts and checks every image. By default this waits for that
+        (wait_for_dataset: `timeout`, `on_progress`, `poll_interval`) and returns the ready
+        dataset, or raises DatasetFailed with the error that refused the archive (e.g.
+        `too_few_classes`, `archive_unsafe`). wait=False returns the processing dataset at once.
+        """
         path = Path(path_or_folder)
         if not path.exists():
             raise FileNotFoundError(f"no such file or folder: {path}")
@@ -114,8 +137,14 @@ class BitserveClient:
         if path.is_dir():
             with tempfile.TemporaryDirectory(prefix="bitserve-upload-") as tmp:
                 archive = zip_folder(path, Path(tmp) / f"{path.name or 'dataset'}.zip")
-                return self._upload(archive, data)
-        return self._upload(path, data)
+                dataset = self._upload(archive, data)
+        else:
+            dataset = self._upload(path, data)
+        if not wait or dataset.get("status") != "processing":
+            return dataset
+        return self.wait_for_dataset(
+            dataset["id"], timeout=timeout, on_progress=on_progress, poll_interval=poll_interval
+        )
 
     def _upload(self, archive: Path, data: dict[str, str] | None) -> Dataset:
         suffix = archive.suffix.lower()
@@ -127,13 +156,65 @@ class BitserveClient:
             handle = stack.enter_context(archive.open("rb"))
             return [("file", (archive.name, handle, content_type))]
 
-        # No read timeout: the server decodes and checks every image before it answers.
+        # No read timeout: the server stores the whole archive (the object store included)
+        # before it answers, which takes a while for a large one.
         wait = httpx.Timeout(self.timeout, read=None)
         response = self._request("POST", "/v1/datasets", files=files, data=data, timeout=wait)
         return cast(Dataset, response.json())
 
     def get_dataset(self, dataset_id: str) -> Dataset:
         return cast(Dataset, self._get(f"/v1/datasets/{_seg(dataset_id)}"))
+
+    def watch_dataset(
+        self, dataset_id: str, *, timeout: float | None = None, poll_interval: float = 1.0
+    ) -> Iterator[JobEvent]:
+        """A dataset's ingestion events until it is ready or failed, ending with `done` (data:
+        the dataset): `status` (data: the Dataset), `progress` (data: an IngestProgressEvent).
+
+        Reads GET /v1/datasets/{id}/events, else polls GET /v1/datasets/{id} (as watch_job).
+        Raises DatasetTimeout once `timeout` seconds have passed without the end.
+        """
+
+        def timed_out(after: float, last: dict[str, Any] | None) -> Exception:
+            return DatasetTimeout(dataset_id, after, last)
+
+        target = Target(
+            f"/v1/datasets/{_seg(dataset_id)}/events",
+            lambda: dict(self.get_dataset(dataset_id)),
+            DATASET_ENDED,
+            timed_out,
+        )
+        return follow(
+            self._stream,
+            target,
+            connect_timeout=self.timeout,
+            timeout=timeout,
+            poll_interval=poll_interval,
+        )
+
+    def wait_for_dataset(
+        self,
+        dataset_id: str,
+        timeout: float | None = None,
+        on_progress: Callable[[IngestProgressEvent], object] | None = None,
+        *,
+        poll_interval: float = 1.0,
+    ) -> Dataset:
+        """Block until the dataset's ingestion ends; return it if ready, else raise
+        DatasetFailed (an ApiError with the dataset's error code, message and details).
+        `on_progress` gets each progress update (phase, done, total); a dataset that has
+        already ended is returned (or raised) at once."""
+        for event in self.watch_dataset(dataset_id, timeout=timeout, poll_interval=poll_interval):
+            if event.event == "progress" and on_progress is not None:
+                on_progress(cast(IngestProgressEvent, event.data))
+            elif event.event == "done":
+                dataset = cast(Dataset, event.data)
+                if dataset.get("status") != "ready":
+                    raise DatasetFailed(dict(dataset))
+                return dataset
+        raise AssertionError(
+            "unreachable: watch_dataset ends with done or raises"
+        )  # pragma: no cover
 
     def list_datasets(self, *, page_size: int = PAGE_SIZE) -> Iterator[Dataset]:
         """Every dataset, newest first, fetching the pages as they are consumed."""
@@ -204,32 +285,26 @@ class BitserveClient:
         Reads the Server-Sent Events stream, opening a new one when the server ends it with
         `reconnect` (its maximum lifetime); if it cannot be opened (e.g. 429 too_many_streams)
         or breaks off, polls GET /v1/jobs/{id} instead and makes the same events from the
-        changes it sees.
+        changes it sees (bitserve_client.follow).
         Raises JobTimeout once `timeout` seconds have passed without the end.
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        last: dict[str, Any] | None = None
-        try:
-            reconnect = True
-            while reconnect:  # a stream past the server's lifetime ends with `reconnect`
-                reconnect = False
-                for event in self._sse(job_id, deadline, timeout):
-                    if event.event == "reconnect":
-                        reconnect = True
-                        break
-                    if event.event == "status" and _same_status(last, event.data):
-                        continue  # a new stream's first event: nothing changed
-                    if event.event in ("status", "done"):
-                        last = event.data
-                    yield event
-                    if event.event == "done":
-                        return
-        except ApiError as exc:
-            if exc.status in (401, 403):
-                raise
-        except (httpx.TransportError, json.JSONDecodeError):
-            pass  # a proxy that buffers or cuts streams, a restart: polling still works
-        yield from self._poll(job_id, deadline, timeout, poll_interval, last)
+
+        def timed_out(after: float, last: dict[str, Any] | None) -> Exception:
+            return JobTimeout(job_id, after, last)
+
+        target = Target(
+            f"/v1/jobs/{_seg(job_id)}/events",
+            lambda: dict(self.get_job(job_id)),
+            FINISHED,
+            timed_out,
+        )
+        return follow(
+            self._stream,
+            target,
+            connect_timeout=self.timeout,
+            timeout=timeout,
+            poll_interval=poll_interval,
+        )
 
     def wait_for_job(
         self,
@@ -250,56 +325,6 @@ class BitserveClient:
                     raise JobFailed(dict(job))
                 return job
         raise AssertionError("unreachable: watch_job ends with done or raises")  # pragma: no cover
-
-    def _sse(
-        self, job_id: str, deadline: float | None, timeout: float | None
-    ) -> Iterator[JobEvent]:
-        read = SSE_READ_TIMEOUT_S
-        if deadline is not None:
-            read = max(0.05, min(read, deadline - time.monotonic()))
-        limits = httpx.Timeout(self.timeout, read=read)
-        path = f"/v1/jobs/{_seg(job_id)}/events"
-        headers = {"Accept": "text/event-stream"}
-        try:
-            with self._stream("GET", path, headers=headers, timeout=limits) as response:
-                if not response.headers.get("content-type", "").startswith("text/event-stream"):
-                    return
-
-                def check() -> None:
-                    _check_deadline(job_id, deadline, timeout, None)
-
-                for message in EventSource(_Checked(response, check)).iter_sse():  # type: ignore[arg-type]
-                    check()
-                    yield JobEvent(message.event, json.loads(message.data))
-        except httpx.ReadTimeout:
-            _check_deadline(job_id, deadline, timeout, None)
-            raise
-
-    def _poll(
-        self,
-        job_id: str,
-        deadline: float | None,
-        timeout: float | None,
-        interval: float,
-        last: dict[str, Any] | None,
-    ) -> Iterator[JobEvent]:
-        status = last.get("status") if last else None
-        progress = last.get("progress") if last else None
-        while True:
-            job: dict[str, Any] = dict(self.get_job(job_id))
-            if job.get("progress") != progress:
-                progress = job.get("progress")
-                yield JobEvent("progress", {"id": job_id, **(progress or {})})
-            if job.get("status") != status:
-                status = job.get("status")
-                yield JobEvent("status", job)
-            if status in FINISHED:
-                yield JobEvent("done", job)
-                return
-            _check_deadline(job_id, deadline, timeout, job)
-            pause = interval if deadline is None else min(interval, deadline - time.monotonic())
-            time.sleep(max(0.0, pause))
-            _check_deadline(job_id, deadline, timeout, job)
 
     # -- models ------------------------------------------------------------------------------
 
@@ -463,30 +488,3 @@ def default_api_key() -> str | None:
 def _seg(value: str) -> str:
     """An id as one path segment: "../x" can never reach another route."""
     return quote(value, safe="")
-
-
-class _Checked:
-    """The parts of a streamed response that httpx-sse's EventSource reads (headers, text
-    chunks), calling `check` before each chunk: the server's keep-alive pings arrive as chunks
-    but are no events, and a wait_for_job deadline must still be noticed while only pings
-    come (a job waiting in the queue)."""
-
-    def __init__(self, response: httpx.Response, check: Callable[[], None]) -> None:
-        self.headers = response.headers
-        self._response, self._check = response, check
-
-    def iter_text(self) -> Iterator[str]:
-        for chunk in self._response.iter_text():
-            self._check()
-            yield chunk
-
-
-def _check_deadline(
-    job_id: str, deadline: float | None, timeout: float | None, last: dict[str, Any] | None
-) -> None:
-    if deadline is not None and time.monotonic() >= deadline:
-        raise JobTimeout(job_id, timeout or 0.0, last)
-
-
-def _same_status(last: dict[str, Any] | None, job: dict[str, Any]) -> bool:
-    return last is not None and last.get("status") == job.get("status")

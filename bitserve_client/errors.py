@@ -1,4 +1,5 @@
-"""Errors the client raises: the API's error shape as an exception, and a job's unhappy end."""
+"""Errors the client raises: the API's error shape as an exception, a job's unhappy end, and a
+dataset whose ingestion failed."""
 
 from __future__ import annotations
 
@@ -52,6 +53,46 @@ class ApiError(BitserveError):
             text = response.text.strip()
             message = text[:500] if text else response.reason_phrase or "no message"
         return cls(status, code, message, details, retry_after=retry_after_seconds(response))
+
+
+# The status the synchronous upload answered each ingestion error with, before ingestion moved
+# to a worker (docs/api.md): a failed dataset carries no HTTP status of its own, and callers
+# that checked `status == 422` on an upload keep working. Codes not listed were 422.
+INGEST_ERROR_STATUS = {"archive_too_large": 413, "insufficient_storage": 507}
+
+
+class DatasetFailed(ApiError):
+    """A dataset whose ingestion ended `failed`: an ApiError with the dataset's error code,
+    message and details (what the upload itself used to answer), and `status` the HTTP status
+    that upload answered (INGEST_ERROR_STATUS, else 422). `dataset` is the failed dataset."""
+
+    def __init__(self, dataset: dict[str, Any]) -> None:
+        error = dataset.get("error") or {}
+        code = str(error.get("code") or "ingest_failed")
+        details = error.get("details")
+        super().__init__(
+            INGEST_ERROR_STATUS.get(code, 422),
+            code,
+            str(error.get("message") or "the dataset could not be ingested"),
+            details if isinstance(details, dict) else None,
+        )
+        self.dataset = dataset
+        self.dataset_id: str = dataset.get("id", "")
+
+
+class DatasetTimeout(BitserveError, TimeoutError):
+    """wait_for_dataset's timeout passed while the dataset was still processing (its
+    ingestion goes on)."""
+
+    def __init__(self, dataset_id: str, timeout: float, last: dict[str, Any] | None) -> None:
+        self.dataset_id = dataset_id
+        self.timeout = timeout
+        self.last = last
+        progress = (last or {}).get("progress") or {}
+        phase = progress.get("phase", "unknown")
+        super().__init__(
+            f"dataset {dataset_id} still processing after {timeout} s (last phase {phase})"
+        )
 
 
 class JobFailed(BitserveError):

@@ -1,7 +1,7 @@
 """When the client sends a request again (docs/api.md, "Retries").
 
-A 429, and a 503 `shutting_down` (refused before any work), are retried after their
-Retry-After for every call. Other 503 answers and lost connections are retried only for
+A 429, and a 503 `shutting_down` or `too_many_uploads` (refused before any work), are retried
+after their Retry-After for every call, an upload (a POST that creates a dataset) included. Other 503 answers and lost connections are retried only for
 idempotent calls, since the server may have acted on the first try. A connection that failed
 before the request was sent is retried for every call. Timeouts are not retried: the server is
 slow, not gone.
@@ -17,8 +17,9 @@ RETRY_STATUSES = frozenset({429, 503})
 # Safe to send again whatever happened to the first try (RFC 9110 9.2.2); predict and job
 # creation are marked idempotent where they are sent.
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
-# A 503 that says the request was refused before any work: safe to retry for every call.
-REFUSED_UNDONE = frozenset({"shutting_down"})
+# A 503 that says the request was refused before any work (too_many_uploads: before the
+# body was read): safe to retry for every call, an upload included.
+REFUSED_UNDONE = frozenset({"shutting_down", "too_many_uploads"})
 # The connection failed before the request could be sent: safe to retry for every call.
 NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout)
 # The connection broke with no answer (reset, closed): the server may have acted on it.

@@ -42,6 +42,12 @@ class IngestProgress(TypedDict):
     total: int | None
 
 
+class IngestProgressEvent(IngestProgress):
+    """The data of a dataset's `progress` event: its ingestion progress and its id."""
+
+    id: str
+
+
 class ErrorInfo(TypedDict):
     code: str
     message: str
@@ -284,7 +290,8 @@ class AuditEvent(TypedDict):
 @dataclass(frozen=True)
 class JobEvent:
     """One event of a job's stream: `status` (data: the Job), `progress` (data: a
-    ProgressEvent) or the final `done` (data: the finished Job)."""
+    ProgressEvent) or the final `done` (data: the finished Job); of a dataset's ingestion
+    stream alike, with a Dataset and an IngestProgressEvent."""
 
     event: str
     data: dict[str, Any]

@@ -111,6 +111,20 @@ function describeError(err) {
   return lines.join("\n");
 }
 
+// A dataset's ingestion progress in words: "queued", "extracting 3 / 10", "storing".
+function describeIngest(progress) {
+  if (!progress) return "processing";
+  const counted = Number.isFinite(progress.done) && Number.isFinite(progress.total) && progress.total > 0;
+  return counted ? `${progress.phase} ${progress.done} / ${progress.total}` : progress.phase;
+}
+
+// A dataset's status for the list: "ready", "processing (indexing 4 / 10)", "failed: too_few_classes".
+function datasetStatus(ds) {
+  if (ds.status === "processing") return `processing (${describeIngest(ds.progress)})`;
+  if (ds.status === "failed") return `failed: ${ds.error ? ds.error.code : "unknown"}`;
+  return ds.status;
+}
+
 // The key handed over in a URL fragment, "#key=bsk_...", as in the link `bitserve up` prints:
 // {key, rest} where rest is the fragment without it ("" when nothing else was in it); null when
 // the fragment holds no key.
@@ -133,6 +147,7 @@ const KEY_HELP =
 if (typeof module !== "undefined" && module.exports) {
   module.exports = {
     ApiError, SseParser, formatDuration, formatBytes, formatNumber, describeError, keyFromFragment, KEY_HELP,
+    describeIngest, datasetStatus,
   };
 }
 
@@ -223,7 +238,7 @@ async function apiStream(method, path, signal) {
 
 // -- page state and rendering --------------------------------------------------------------------
 
-const state = { follow: null, jobId: null, baseModels: [] };
+const state = { follow: null, jobId: null, baseModels: [], ingest: null };
 
 function showError(err) {
   const box = $("error");
@@ -433,6 +448,73 @@ async function followJob(jobId) {
   if (finished && !controller.signal.aborted) await jobFinished(finished);
 }
 
+// Follow a dataset's ingestion (its event stream, else polling) until it is ready or failed;
+// onUpdate(dataset) on every change. Resolves to the ended dataset, or null once aborted.
+async function followDataset(datasetId, onUpdate) {
+  if (state.ingest) state.ingest.abort();
+  const controller = new AbortController();
+  state.ingest = controller;
+  let current = null;
+  let finished = null;
+  try {
+    const response = await apiStream("GET", `/v1/datasets/${seg(datasetId)}/events`, controller.signal);
+    const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+    const parser = new SseParser((name, text) => {
+      const data = JSON.parse(text);
+      if (name === "status") current = data;
+      else if (name === "progress" && current) current = { ...current, progress: data };
+      else if (name === "done") current = finished = data;
+      else return;
+      onUpdate(current);
+    });
+    while (!finished) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      parser.push(value);
+    }
+    reader.cancel().catch(() => {});
+  } catch (err) {
+    if (err.name === "AbortError") return null;
+    // 503: busy; 429 too_many_streams: this key's streams are all taken. Either way, poll.
+    if (err instanceof ApiError && err.status !== 503 && err.status !== 429) throw err;
+  }
+  // The stream ended early (or with `reconnect`) or could not be opened: poll until the end.
+  while (!finished && !controller.signal.aborted) {
+    const ds = await api("GET", `/v1/datasets/${seg(datasetId)}`);
+    onUpdate(ds);
+    if (ds.status !== "processing") finished = ds;
+    else await new Promise((r) => setTimeout(r, 1000));
+  }
+  if (state.ingest === controller) state.ingest = null;
+  return controller.signal.aborted ? null : finished;
+}
+
+// Upload, then wait for the ingest worker: "processing" with its phase, then the summary of the
+// ready dataset, or its error (what refused the archive) for a failed one.
+async function uploadDataset(file, name) {
+  const form = new FormData();
+  form.append("file", file, file.name);
+  if (name) form.append("name", name);
+  const status = $("upload-status");
+  status.textContent = `Uploading ${file.name} (${formatBytes(file.size)})…`;
+  const accepted = await api("POST", `/v1/datasets`, { form });
+  const processing = (ds) => { status.textContent = `Processing ${ds.name}: ${describeIngest(ds.progress)}…`; };
+  processing(accepted);
+  await refreshLists();
+  const ds = await followDataset(accepted.id, (d) => { if (d.status === "processing") processing(d); });
+  if (!ds) return; // another upload took over
+  if (ds.status === "ready") {
+    showDataset(ds);
+    await refreshLists({ dataset: ds.id });
+    status.textContent = `Uploaded: ${ds.num_images} images in ${ds.num_classes} classes.`;
+    return;
+  }
+  status.textContent = `Failed: ${ds.name} could not be used.`;
+  await refreshLists();
+  const e = ds.error || { code: "ingest_failed", message: "the dataset could not be ingested", details: {} };
+  throw new ApiError(0, e.code, `Dataset ${ds.name} failed: ${e.message} (${e.code})`, e.details);
+}
+
 async function startJob() {
   const datasetId = $("dataset-select").value;
   if (!datasetId) throw new ApiError(0, "no_dataset", "Upload or pick a dataset first.", {});
@@ -504,14 +586,20 @@ async function refreshLists(select = {}) {
   ]);
   const when = (t) => (t ? new Date(t).toLocaleString() : "–");
 
-  setOptions($("dataset-select"), datasets.items, (d) => `${d.name} (${d.num_images} images, ${d.num_classes} classes)`, select.dataset);
+  // Only ready datasets can be planned and trained on; the list below shows every status.
+  const ready = datasets.items.filter((d) => d.status === "ready");
+  setOptions($("dataset-select"), ready, (d) => `${d.name} (${d.num_images} images, ${d.num_classes} classes)`, select.dataset);
   let body = $("datasets-list").tBodies[0];
   body.replaceChildren();
   for (const d of datasets.items) {
     const row = body.insertRow();
-    [d.name, d.id, String(d.num_images), String(d.num_classes), when(d.created_at)].forEach((t) => cell(row, t));
-    cell(row, "").append(
-      button("Use", async () => { $("dataset-select").value = d.id; showDataset(d); }, `Use dataset ${d.name}`),
+    [d.name, d.id, datasetStatus(d), String(d.num_images), String(d.num_classes), when(d.created_at)].forEach((t) => cell(row, t));
+    if (d.status === "failed" && d.error) row.cells[2].title = d.error.message;
+    const actions = cell(row, "");
+    if (d.status === "ready") {
+      actions.append(button("Use", async () => { $("dataset-select").value = d.id; showDataset(d); }, `Use dataset ${d.name}`));
+    }
+    actions.append(
       button("Delete", async () => {
         if (!window.confirm(`Delete dataset ${d.name}?`)) return;
         await api("DELETE", `/v1/datasets/${seg(d.id)}`);
@@ -588,17 +676,9 @@ function init() {
     guarded(async () => {
       const file = $("upload-file").files[0];
       if (!file) throw new ApiError(0, "no_file", "Choose a .zip or .tar.gz archive first.", {});
-      const form = new FormData();
-      form.append("file", file, file.name);
-      const name = $("upload-name").value.trim();
-      if (name) form.append("name", name);
       $("upload-button").disabled = true;
-      $("upload-status").textContent = `Uploading ${file.name} (${formatBytes(file.size)}) and checking every image…`;
       try {
-        const ds = await api("POST", `/v1/datasets`, { form });
-        showDataset(ds);
-        await refreshLists({ dataset: ds.id });
-        $("upload-status").textContent = `Uploaded: ${ds.num_images} images in ${ds.num_classes} classes.`;
+        await uploadDataset(file, $("upload-name").value.trim());
       } finally {
         $("upload-button").disabled = false;
         if ($("upload-status").textContent.startsWith("Uploading")) $("upload-status").textContent = "";

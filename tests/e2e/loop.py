@@ -1,7 +1,8 @@
 """The whole user loop over HTTP, shared by the e2e tests (external servers or embedded).
 
-upload a generated dataset -> start a tiny-R10x0.25 job -> follow it over Server-Sent Events ->
-succeeded -> read the model and its metrics -> classify fresh images of known classes.
+upload a generated dataset (202 `processing`) -> follow its ingestion over Server-Sent Events ->
+ready -> start a tiny-R10x0.25 job -> follow it over Server-Sent Events -> succeeded -> read the
+model and its metrics -> classify fresh images of known classes.
 """
 
 from __future__ import annotations
@@ -23,18 +24,26 @@ FRESH_PER_CLASS = 3
 
 @dataclass
 class LoopResult:
-    dataset: dict[str, Any]
+    dataset: dict[str, Any]  # the ready dataset
     job: dict[str, Any]
     events: list[tuple[str, dict[str, Any]]]
     model: dict[str, Any]
     predictions: list[dict[str, Any]]
     expected_labels: list[str] = field(default_factory=list)
+    accepted: dict[str, Any] = field(default_factory=dict)  # the upload's 202 answer
+    dataset_events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
     def names(self) -> list[str]:
         return [name for name, _ in self.events]
 
 
-def run_loop(client: httpx.Client, tmp_path: Path, *, job_timeout: float = 180.0) -> LoopResult:
+def run_loop(
+    client: httpx.Client,
+    tmp_path: Path,
+    *,
+    job_timeout: float = 180.0,
+    ingest_timeout: float = 120.0,
+) -> LoopResult:
     folder = make_image_folder(tmp_path / "pets", CLASSES, size=(40, 48), seed=3)
     archive = make_archive(folder)
     response = client.post(
@@ -42,8 +51,16 @@ def run_loop(client: httpx.Client, tmp_path: Path, *, job_timeout: float = 180.0
         files={"file": ("pets.zip", archive.read_bytes(), "application/zip")},
         data={"name": "pets"},
     )
-    assert response.status_code == 201, response.text
-    dataset = response.json()
+    assert response.status_code == 202, response.text
+    accepted = response.json()
+    assert response.headers["location"] == f"/v1/datasets/{accepted['id']}"
+    # An ingest worker makes it ready: follow that as a client would, over its event stream.
+    dataset_events = follow_stream(
+        client, f"/v1/datasets/{accepted['id']}/events", timeout=ingest_timeout
+    )
+    assert dataset_events[-1][0] == "done", dataset_events[-3:]
+    dataset = dataset_events[-1][1]
+    assert dataset["status"] == "ready", dataset
 
     response = client.post(
         "/v1/jobs",
@@ -85,6 +102,8 @@ def run_loop(client: httpx.Client, tmp_path: Path, *, job_timeout: float = 180.0
         model=model,
         predictions=response.json()["predictions"],
         expected_labels=[name for name, _ in fresh],
+        accepted=accepted,
+        dataset_events=dataset_events,
     )
 
 
@@ -92,11 +111,17 @@ def follow_events(
     client: httpx.Client, job_id: str, *, timeout: float
 ) -> list[tuple[str, dict[str, Any]]]:
     """Read GET /v1/jobs/{id}/events to its end: [(event name, data)], ending with "done"."""
+    return follow_stream(client, f"/v1/jobs/{job_id}/events", timeout=timeout)
+
+
+def follow_stream(
+    client: httpx.Client, path: str, *, timeout: float
+) -> list[tuple[str, dict[str, Any]]]:
+    """Read an event stream (a job's or a dataset's /events) to its end: [(event name,
+    data)], ending with "done"."""
     events: list[tuple[str, dict[str, Any]]] = []
     name, data = "message", []
-    with client.stream(
-        "GET", f"/v1/jobs/{job_id}/events", timeout=httpx.Timeout(10.0, read=timeout)
-    ) as stream:
+    with client.stream("GET", path, timeout=httpx.Timeout(10.0, read=timeout)) as stream:
         assert stream.status_code == 200, stream.read()
         assert stream.headers["content-type"].startswith("text/event-stream")
         for line in stream.iter_lines():
@@ -116,6 +141,24 @@ def follow_events(
 
 def check_loop(result: LoopResult) -> None:
     """What every run of the loop must show."""
+    accepted = result.accepted
+    assert (accepted["status"], accepted["name"], accepted["num_images"]) == (
+        "processing",
+        "pets",
+        0,
+    )
+    assert accepted["id"] == result.dataset["id"]
+    names = [name for name, _ in result.dataset_events]
+    assert names[0] == "status" and names[-1] == "done", names
+    assert set(names) <= {"status", "progress", "done"}, names
+    statuses = [data["status"] for name, data in result.dataset_events if name == "status"]
+    assert statuses[-1] == "ready" and set(statuses) <= {"processing", "ready"}, statuses
+    phases = [data["phase"] for name, data in result.dataset_events if name == "progress"]
+    order = ["queued", "extracting", "indexing", "storing", "done"]
+    assert [order.index(p) for p in phases] == sorted(order.index(p) for p in phases), phases
+    assert (result.dataset["progress"], result.dataset["error"]) == (None, None)
+    assert result.dataset["image_size"] == {"median_height": 40, "median_width": 48}
+
     assert result.dataset["num_images"] == sum(CLASSES.values())
     assert result.dataset["classes"] == [
         {"name": k, "count": v} for k, v in sorted(CLASSES.items())

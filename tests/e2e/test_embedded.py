@@ -2,8 +2,10 @@
 
 `bitserve up` runs as a subprocess with BITSERVE_HOME in a temp dir, a free port, and NO
 database/broker URLs in its environment: SQLite, kombu's SQLAlchemy transport and the local
-artifact store under BITSERVE_HOME. Then Ctrl-C (SIGINT) must stop the API and the worker
-cleanly (exit 0, within seconds) and leave no process behind.
+artifact store under BITSERVE_HOME. It supervises two Celery workers: "worker" on the train
+queue and "ingest" on the ingest queue (an upload is ingested while a job trains). Then Ctrl-C
+(SIGINT) must stop the API and both workers cleanly (exit 0, within seconds) and leave no
+process behind.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import httpx
 import pytest
 
 from tests.e2e.loop import check_loop, run_loop
-from tests.procs import alive, descendants, embedded_env
+from tests.procs import alive, children, descendants, embedded_env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -82,6 +84,19 @@ class Up:
             self.proc.wait(10)
 
 
+def worker_queues(pid: int) -> dict[int, str]:
+    """The Celery workers among `pid`'s direct children: child pid -> its `-Q` queues."""
+    found: dict[int, str] = {}
+    for child in children(pid):
+        try:
+            argv = Path(f"/proc/{child}/cmdline").read_bytes().decode().split("\0")
+        except OSError:
+            continue  # it exited meanwhile
+        if "celery" in argv and "-Q" in argv:
+            found[child] = argv[argv.index("-Q") + 1]
+    return found
+
+
 @pytest.fixture
 def up(tmp_path: Path) -> Iterator[Up]:
     home = tmp_path / "home"
@@ -111,10 +126,14 @@ def test_bitserve_up_runs_the_loop_and_stops_cleanly(up: Up, tmp_path: Path) -> 
         assert response.status_code == 401
         assert response.headers["www-authenticate"].startswith("Bearer")
 
+    # Two supervised workers: the training one and the ingest one, each on its own queue.
+    workers = worker_queues(up.proc.pid)
+    assert sorted(workers.values()) == ["ingest", "train"], workers
+
     headers = {"Authorization": f"Bearer {key}"}
     with httpx.Client(base_url=up.url, timeout=60, headers=headers) as client:
         assert client.get("/docs").status_code == 200
-        result = run_loop(client, tmp_path)
+        result = run_loop(client, tmp_path)  # the upload is ingested: it waits for ready
     try:
         check_loop(result)
     except AssertionError:
@@ -126,9 +145,14 @@ def test_bitserve_up_runs_the_loop_and_stops_cleanly(up: Up, tmp_path: Path) -> 
     assert (up.home / "broker.db").is_file()
     model_dir = up.home / "store" / "models" / result.model["id"]
     assert sorted(p.name for p in model_dir.iterdir()) == ["metadata.json", "model.safetensors"]
+    # Ingested: the dataset's files are published, the uploaded archive is gone.
+    assert (up.home / "store" / "datasets" / result.dataset["id"]).is_dir()
+    assert not (up.home / "store" / "uploads" / result.dataset["id"]).exists()
 
+    # The same two workers ran the whole loop: neither died and was restarted.
+    assert worker_queues(up.proc.pid) == workers
     children = descendants(up.proc.pid)
-    assert children, "bitserve up started no worker process"
+    assert set(workers) <= children
     started = time.monotonic()
     up.proc.send_signal(signal.SIGINT)
     try:

@@ -2,6 +2,9 @@
 What a healthy server never does (503 then 200, a cut event stream) is in
 tests/unit/test_client_protocol.py, against a scripted loopback server.
 
+Uploads are ingested by the session server's own ingest worker: upload_dataset waits for the
+dataset to be ready (or raises DatasetFailed) unless told wait=False.
+
 The full loop (upload -> job on a real Celery worker -> wait -> predict) uses tiny-R10x0.25 from
 scratch with 12 steps at 32 px; its predictions are checked against bitcore's Predictor on the
 downloaded artifact.
@@ -19,6 +22,8 @@ from bitcore.predict import Predictor
 from bitserve_client import (
     ApiError,
     BitserveClient,
+    DatasetFailed,
+    IngestProgressEvent,
     JobFailed,
     JobTimeout,
     Progress,
@@ -55,6 +60,8 @@ def test_upload_a_folder_zips_it_and_reports_classes_and_rejected(
     assert dataset["classes"] == [{"name": "cat", "count": 3}, {"name": "dog", "count": 4}]
     assert dataset["image_size"] == {"median_height": 40, "median_width": 48}
     assert dataset["rejected"] == [{"path": "cat/broken.png", "reason": "unsupported_format"}]
+    assert (dataset["progress"], dataset["error"]) == (None, None)
+    assert dataset["finished_at"] is not None
     assert api.get_dataset(dataset["id"]) == dataset
     assert not list(tmp_path.glob("*.zip"))  # the temp zip lived elsewhere and is gone
 
@@ -72,6 +79,36 @@ def test_upload_an_archive_streams_it_as_is(api: BitserveClient, tmp_path: Path,
         {"name": "c", "count": 3},
     ]
     assert dataset["rejected"] == []
+
+
+def test_upload_without_waiting_then_follow_the_ingestion(
+    api: BitserveClient, tmp_path: Path
+) -> None:
+    archive = make_archive(make_image_folder(tmp_path / "w", {"a": 3, "b": 2}))
+    accepted = api.upload_dataset(archive, name="later", wait=False)
+    assert (accepted["status"], accepted["name"], accepted["num_images"]) == (
+        "processing",
+        "later",
+        0,
+    )
+    assert accepted["progress"] is not None and accepted["image_size"] is None
+    progress: list[IngestProgressEvent] = []
+    ready = api.wait_for_dataset(accepted["id"], timeout=90, on_progress=progress.append)
+    assert (ready["id"], ready["status"], ready["num_images"], ready["progress"]) == (
+        accepted["id"],
+        "ready",
+        5,
+        None,
+    )
+    assert ready["classes"] == [{"name": "a", "count": 3}, {"name": "b", "count": 2}]
+    # The phases it went through (those the stream saw) never go back.
+    order = ["queued", "extracting", "indexing", "storing", "done"]
+    ranks = [order.index(p["phase"]) for p in progress]
+    assert ranks == sorted(ranks), progress
+    assert all(p["id"] == accepted["id"] for p in progress)
+    # Watching an ended dataset: its status, then done.
+    events = list(api.watch_dataset(accepted["id"], timeout=10))
+    assert [(e.event, e.data["status"]) for e in events] == [("status", "ready"), ("done", "ready")]
 
 
 def test_list_iterates_every_page_and_delete_removes(api: BitserveClient, tmp_path: Path) -> None:
@@ -127,11 +164,27 @@ def test_errors_carry_the_servers_code_message_and_details(
         api.upload_dataset(text)
     assert (caught.value.status, caught.value.code) == (415, "unsupported_media_type")
 
+    # Found by the ingest worker now: the failed dataset's error, raised as the ApiError the
+    # synchronous upload used to answer (same status, code and details).
     one_class = make_archive(make_image_folder(tmp_path / "one", {"solo": 3}))
     with pytest.raises(ApiError) as caught:
         api.upload_dataset(one_class)
+    assert isinstance(caught.value, DatasetFailed)
     assert (caught.value.status, caught.value.code) == (422, "too_few_classes")
     assert caught.value.details["classes"] == [{"name": "solo", "count": 3}]
+    failed = api.get_dataset(caught.value.dataset_id)
+    assert (failed["status"], failed["error"], failed["num_images"]) == (
+        "failed",
+        {
+            "code": "too_few_classes",
+            "message": caught.value.message,
+            "details": caught.value.details,
+        },
+        0,
+    )
+    with pytest.raises(DatasetFailed) as again:  # an ended dataset: raised at once
+        api.wait_for_dataset(failed["id"], timeout=5)
+    assert again.value.dataset == failed
 
     dataset = api.upload_dataset(make_image_folder(tmp_path / "ok", {"a": 2, "b": 2}))
     with pytest.raises(ApiError) as caught:

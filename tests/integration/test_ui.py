@@ -2,10 +2,11 @@
 routes the app really has (each api("METHOD", `path`) against /openapi.json).
 
 The script's pure parts (the Server-Sent Events parser, the formatters, the error text, the
-URL fragment's key) are run with node when it is installed; no browser is needed. So are the
-page's flows, against the real server (ui_smoke.js): signed in through the `#key=` link that
-`bitserve up` prints, asked for a key on a 401, told which scope a 403 lacks, and without keys
-where BITSERVE_AUTH=off.
+URL fragment's key, the ingestion phase) are run with node when it is installed; no browser is
+needed. So are the page's flows, against the real server and its ingest worker (ui_smoke.js):
+an upload shown processing with its phase until the dataset is ready (or failed, with the error
+that refused it), signed in through the `#key=` link that `bitserve up` prints, asked for a key
+on a 401, told which scope a 403 lacks, and without keys where BITSERVE_AUTH=off.
 """
 
 from __future__ import annotations
@@ -165,6 +166,8 @@ def test_the_script_calls_only_routes_in_the_openapi(client: httpx.Client) -> No
     assert {
         ("GET", "/v1/base-models"),
         ("POST", "/v1/datasets"),
+        ("GET", "/v1/datasets/{}"),
+        ("GET", "/v1/datasets/{}/events"),
         ("GET", "/v1/datasets/{}/plan"),
         ("POST", "/v1/jobs"),
         ("GET", "/v1/jobs/{}/events"),
@@ -211,6 +214,13 @@ out.notAdmin = m.describeError(new m.ApiError(403, "insufficient_scope", "lacks 
   {needed: ["admin"], scopes: []}));
 out.fragments = ["#key=bsk_a_b", "#key=bsk_a_b&tab=jobs", "#tab=jobs", "", "#key="].map(m.keyFromFragment);
 out.keyHelp = m.KEY_HELP;
+out.ingest = [null, {phase: "queued", done: null, total: null}, {phase: "extracting", done: 3, total: 10},
+  {phase: "storing", done: null, total: null}].map(m.describeIngest);
+out.datasetStatus = [
+  {status: "ready", progress: null},
+  {status: "processing", progress: {phase: "indexing", done: 4, total: 10}},
+  {status: "failed", progress: null, error: {code: "archive_unsafe", message: "m"}},
+].map(m.datasetStatus);
 console.log(JSON.stringify(out));
 """
 
@@ -255,6 +265,12 @@ def test_the_scripts_pure_parts_with_node() -> None:
         {"key": "", "rest": ""},
     ]
     assert "$BITSERVE_HOME/admin.key" in out["keyHelp"] and "bitserve keys create" in out["keyHelp"]
+    assert out["ingest"] == ["processing", "queued", "extracting 3 / 10", "storing"]
+    assert out["datasetStatus"] == [
+        "ready",
+        "processing (indexing 4 / 10)",
+        "failed: archive_unsafe",
+    ]
 
 
 # -- the page's flows, run by node against the real server -------------------------------------
@@ -314,6 +330,7 @@ def test_the_page_uploads_plans_follows_cancels_and_predicts(
     client: httpx.Client, live_server_instance: LiveServer, tmp_path: Path
 ) -> None:
     key = live_server_instance.key
+    solo = make_archive(make_image_folder(tmp_path / "solo", {"solo": 3}))
     out = _run_page(
         live_server_instance.url,
         tmp_path,
@@ -322,6 +339,7 @@ def test_the_page_uploads_plans_follows_cancels_and_predicts(
         hash=f"#key={key}",
         overrides={"steps": "5", "batch_size": "2", "crop": "32", "precrop": "40"},
         modelId=_known_model(live_server_instance),
+        badZip=str(solo),
     )
     _signed_in(out, key)
 
@@ -339,6 +357,15 @@ def test_the_page_uploads_plans_follows_cancels_and_predicts(
     )
     assert out["classes"] == [["cat", "3"], ["dog", "2"]]
     assert out["rejected"] == ["dog/x.jpg: empty"]
+    # The upload answered `processing` at once; the page said so, with the ingestion's phase,
+    # until the ingest worker made the dataset ready.
+    history = out["uploadHistory"]
+    assert history[0] == f"Uploading pets.zip ({dataset['bytes'] / 1000:.1f} KB)…"
+    assert history[1] == "Processing page pets: queued…"
+    phase = r"Processing page pets: (queued|(extracting|indexing|storing|done)( \d+ / \d+)?)…"
+    assert all(re.fullmatch(phase, h) for h in history[1:-1]), history
+    assert history[-1] == "Uploaded: 5 images in 2 classes."
+    assert out["datasetRow"][:5] == ["page pets", dataset["id"], "ready", "5", "2"]
 
     assert out["planCaption"] == "Plan for tiny-R10x0.25"
     plan = dict(map(tuple, out["plan"]))
@@ -361,6 +388,17 @@ def test_the_page_uploads_plans_follows_cancels_and_predicts(
 
     assert out["prediction"] == "leaf.pngant 70.0% bee 20.0% cat 10.0% "
     assert out["error"] is None
+
+    # An archive ingestion refuses: the page shows the failed dataset's error, lists the
+    # dataset as failed, and offers it for no plan or job.
+    failed = out["failed"]
+    assert failed["status"] == "Failed: page solo could not be used."
+    assert failed["error"] == (
+        "Dataset page solo failed: need at least 2 class folders, found 1: solo "
+        "(too_few_classes)\nClasses: solo (3)"
+    )
+    assert failed["row"][2:4] == ["failed: too_few_classes", "0"]
+    assert (failed["selectable"], failed["buttonDisabled"]) == (False, False)
 
 
 def test_the_page_follows_a_real_job_to_its_model_and_predicts(

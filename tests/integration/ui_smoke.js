@@ -1,9 +1,11 @@
 // Drives service/static/app.js in node against a REAL bitserve server, through the page's own
-// event handlers: init, upload, plan, start + follow (SSE) + cancel a job, predict.
+// event handlers: init, upload + follow its ingestion (SSE), plan, start + follow (SSE) + cancel a
+// job, predict; with badZip, an upload that ingestion refuses.
 // The browser is replaced by the smallest DOM app.js needs: elements are plain objects, and only
 // the ids index.html really has exist (getElementById throws for any other).
 // argv: app.js path, JSON {base, tags: {id: tagName}, hash (the URL fragment the page opens
-// with, e.g. "#key=bsk_..."), zip, png, overrides, scenario: "cancel" (needs modelId: a model
+// with, e.g. "#key=bsk_..."), zip, png, badZip (optional: an archive ingestion refuses),
+// overrides, scenario: "cancel" (needs modelId: a model
 // to predict with), "train" (needs a worker), "key" (a server that needs a key, opened without
 // one: needs predictKey and adminKey) or "open" (a server without API keys)}. Prints JSON.
 "use strict";
@@ -54,6 +56,19 @@ const text = (node) =>
 const rows = (id) => document.getElementById(id).tBodies[0].children.map((r) => r.children.map(text));
 
 const elements = new Map(Object.entries(args.tags).map(([id, tag]) => [id, new El(tag, id)]));
+// Every text the upload status line showed, in order (a phase may last less than a poll of
+// waitFor): "Uploading ...", "Processing ...", then the outcome.
+const uploadHistory = [];
+if (elements.has("upload-status")) {
+  let current = "";
+  Object.defineProperty(elements.get("upload-status"), "textContent", {
+    get: () => current,
+    set: (v) => {
+      current = String(v);
+      if (uploadHistory[uploadHistory.length - 1] !== current) uploadHistory.push(current);
+    },
+  });
+}
 let ready = null;
 let focused = null;
 const stored = new Map();
@@ -171,12 +186,15 @@ async function main() {
   $("upload-file").files = [new File([fs.readFileSync(args.zip)], "pets.zip", { type: "application/zip" })];
   $("upload-name").value = "page pets";
   $("upload-form").fire("submit");
-  await waitFor("upload", () => $("upload-status").textContent.startsWith("Uploaded"));
+  await waitFor("upload", () => $("upload-status").textContent.startsWith("Uploaded"), 90000);
   const uploaded = /\((ds_\w+)\)/.exec($("dataset-title").textContent)[1];
   if ($("dataset-select").value !== uploaded) {
     throw new Error(`the upload selected ${$("dataset-select").value}, not ${uploaded}`);
   }
+  await settled();
   out.uploadStatus = $("upload-status").textContent;
+  out.uploadHistory = [...uploadHistory];
+  out.datasetRow = rows("datasets-list").find((r) => r[1] === uploaded);
   out.datasetTitle = $("dataset-title").textContent;
   out.classes = rows("dataset-classes");
   out.rejected = $("dataset-rejected").children.map(text);
@@ -230,6 +248,20 @@ async function main() {
   await waitFor("prediction", () => $("predict-results").children.length === 1);
   out.prediction = text($("predict-results").children[0]);
   out.error = $("error").hidden ? null : $("error").textContent;
+  if (args.badZip) {
+    $("upload-file").files = [new File([fs.readFileSync(args.badZip)], "solo.zip", { type: "application/zip" })];
+    $("upload-name").value = "page solo";
+    $("upload-form").fire("submit");
+    await waitFor("failed upload", () => !$("error").hidden, 90000, true);
+    await settled();
+    out.failed = {
+      status: $("upload-status").textContent,
+      error: $("error").textContent,
+      row: rows("datasets-list").find((r) => r[0] === "page solo"),
+      selectable: $("dataset-select").children.some((o) => o.textContent.startsWith("page solo")),
+      buttonDisabled: $("upload-button").disabled,
+    };
+  }
   console.log(JSON.stringify(out));
 }
 

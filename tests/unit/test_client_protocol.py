@@ -18,7 +18,16 @@ from typing import Any
 import httpx
 import pytest
 
-from bitserve_client import ApiError, BitserveClient, JobEvent, JobFailed, JobTimeout, zip_folder
+from bitserve_client import (
+    ApiError,
+    BitserveClient,
+    DatasetFailed,
+    DatasetTimeout,
+    JobEvent,
+    JobFailed,
+    JobTimeout,
+    zip_folder,
+)
 from bitserve_client.errors import retry_after_seconds
 from tests.imagegen import make_image_folder
 
@@ -120,6 +129,8 @@ def _error(code: str, message: str = "busy", details: dict[str, Any] | None = No
 
 
 DATASET = {"id": "ds_x", "name": "x", "status": "ready"}
+QUEUED = {"phase": "queued", "done": None, "total": None}
+PROCESSING = {"id": "ds_x", "name": "x", "status": "processing", "progress": QUEUED}
 
 
 def test_503_is_retried_after_retry_after_then_succeeds() -> None:
@@ -158,10 +169,10 @@ def test_retries_are_bounded_and_the_last_error_is_raised() -> None:
 def test_a_retried_upload_sends_the_whole_archive_again(tmp_path: Path) -> None:
     archive = zip_folder(make_image_folder(tmp_path / "f", {"a": 2, "b": 2}), tmp_path / "f.zip")
     limited = Reply(429, _error("too_many_requests"), {"Retry-After": "0"})
-    created = Reply(201, json.dumps(DATASET).encode())
-    script = {("POST", "/v1/datasets"): [limited, created]}
+    accepted = Reply(202, json.dumps(PROCESSING).encode())
+    script = {("POST", "/v1/datasets"): [limited, accepted]}
     with Scripted(script) as server, BitserveClient(server.url) as api:
-        assert api.upload_dataset(archive, name="f") == DATASET
+        assert api.upload_dataset(archive, name="f", wait=False) == PROCESSING
     first, second = server.seen
     data = archive.read_bytes()
     assert len(first.body) == len(second.body)
@@ -169,6 +180,128 @@ def test_a_retried_upload_sends_the_whole_archive_again(tmp_path: Path) -> None:
     assert b'name="name"\r\n\r\nf\r\n' in second.body
     with zipfile.ZipFile(archive) as zf:
         assert sorted(zf.namelist()) == [f"{c}/{c}_{i:03d}.png" for c in "ab" for i in range(2)]
+
+
+def test_an_upload_is_retried_only_when_the_server_did_nothing(tmp_path: Path) -> None:
+    # 503 too_many_uploads is answered before the body is read: safe to send again. Any
+    # other 503 may come after the archive was stored: a second POST could make a second
+    # dataset, so it is raised.
+    archive = zip_folder(make_image_folder(tmp_path / "f", {"a": 2, "b": 2}), tmp_path / "f.zip")
+    busy = Reply(503, _error("too_many_uploads"), {"Retry-After": "0"})
+    down = Reply(503, _error("storage_unavailable"), {"Retry-After": "0"})
+    accepted = Reply(202, json.dumps(PROCESSING).encode())
+    script = {("POST", "/v1/datasets"): [busy, accepted]}
+    with Scripted(script) as server, BitserveClient(server.url) as api:
+        assert api.upload_dataset(archive, wait=False) == PROCESSING
+        assert [s.method for s in server.seen] == ["POST", "POST"]
+    script = {("POST", "/v1/datasets"): [down, accepted]}
+    with Scripted(script) as server, BitserveClient(server.url) as api:
+        with pytest.raises(ApiError) as caught:
+            api.upload_dataset(archive, wait=False)
+        assert (caught.value.status, caught.value.code) == (503, "storage_unavailable")
+        assert len(server.seen) == 1
+
+
+def _dataset(status: str, progress: dict[str, Any] | None, **extra: Any) -> dict[str, Any]:
+    return {"id": "ds_x", "name": "x", "status": status, "progress": progress, **extra}
+
+
+def test_an_upload_waits_for_ingestion_over_the_event_stream(tmp_path: Path) -> None:
+    archive = zip_folder(make_image_folder(tmp_path / "f", {"a": 2, "b": 2}), tmp_path / "f.zip")
+    extracting = {"phase": "extracting", "done": 1, "total": 4}
+    indexing = {"phase": "indexing", "done": 4, "total": 4}
+    ready = _dataset("ready", None, num_images=4)
+    body = _sse(
+        ("status", _dataset("processing", QUEUED)),
+        ("progress", {"id": "ds_x", **extracting}),
+        ("progress", {"id": "ds_x", **indexing}),
+        ("status", ready),
+        ("done", ready),
+    )
+    script = {
+        ("POST", "/v1/datasets"): [Reply(202, json.dumps(PROCESSING).encode())],
+        ("GET", "/v1/datasets/ds_x/events"): [Reply(200, body, STREAM)],
+    }
+    seen: list[Any] = []
+    with Scripted(script) as server, BitserveClient(server.url) as api:
+        assert api.upload_dataset(archive, on_progress=seen.append) == ready
+        # wait=False: the processing dataset as the server answered it, nothing else asked.
+        assert api.upload_dataset(archive, wait=False) == PROCESSING
+    assert seen == [{"id": "ds_x", **extracting}, {"id": "ds_x", **indexing}]
+    assert [(s.method, s.path) for s in server.seen] == [
+        ("POST", "/v1/datasets"),
+        ("GET", "/v1/datasets/ds_x/events"),
+        ("POST", "/v1/datasets"),
+    ]
+    assert server.seen[1].headers["accept"] == "text/event-stream"
+
+
+def test_a_failed_ingestion_raises_the_datasets_error_as_an_api_error() -> None:
+    classes = [{"name": "solo", "count": 3}]
+    error = {"code": "too_few_classes", "message": "1 class", "details": {"classes": classes}}
+    failed = _dataset("failed", None, error=error, num_images=0)
+    script = {("GET", "/v1/datasets/ds_x/events"): [Reply(200, _sse(("done", failed)), STREAM)]}
+    with (
+        Scripted(script) as server,
+        BitserveClient(server.url) as api,
+        pytest.raises(ApiError) as caught,  # what a caller of the old 422 caught
+    ):
+        api.wait_for_dataset("ds_x")
+    assert isinstance(caught.value, DatasetFailed)
+    assert (caught.value.status, caught.value.code, caught.value.message) == (
+        422,
+        "too_few_classes",
+        "1 class",
+    )
+    assert caught.value.details == {"classes": classes}
+    assert (caught.value.dataset_id, caught.value.dataset) == ("ds_x", failed)
+    # The status the synchronous upload answered: 413 for an archive too large, 507 disk full.
+    too_large = _dataset("failed", None, error={"code": "archive_too_large", "message": "m"})
+    assert DatasetFailed(too_large).status == 413
+    full = _dataset("failed", None, error={"code": "insufficient_storage", "message": "m"})
+    assert DatasetFailed(full).status == 507
+
+
+def test_wait_for_dataset_polls_when_streams_are_refused_and_times_out() -> None:
+    # 429 too_many_streams: this key's streams are all taken; poll GET /v1/datasets/{id}.
+    refused = Reply(429, _error("too_many_streams"), {"Retry-After": "5"})
+    extracting = {"phase": "extracting", "done": 2, "total": 9}
+    polls = [
+        Reply(200, json.dumps(_dataset("processing", QUEUED)).encode()),
+        Reply(200, json.dumps(_dataset("processing", extracting)).encode()),
+        Reply(200, json.dumps(_dataset("ready", None, num_images=9)).encode()),
+    ]
+    script = {
+        ("GET", "/v1/datasets/ds_x/events"): [refused],
+        ("GET", "/v1/datasets/ds_x"): polls,
+    }
+    with Scripted(script) as server, BitserveClient(server.url, max_retries=0) as api:
+        events = [
+            (e.event, e.data.get("status"), e.data.get("phase"))
+            for e in api.watch_dataset("ds_x", poll_interval=0.01)
+        ]
+    assert events == [
+        ("progress", None, "queued"),
+        ("status", "processing", None),
+        ("progress", None, "extracting"),
+        ("status", "ready", None),  # the ready dataset's null progress makes no event
+        ("done", "ready", None),
+    ]
+    script = {
+        ("GET", "/v1/datasets/ds_x/events"): [refused],
+        ("GET", "/v1/datasets/ds_x"): [
+            Reply(200, json.dumps(_dataset("processing", extracting)).encode())
+        ],
+    }
+    with Scripted(script) as server, BitserveClient(server.url, max_retries=0) as api:
+        started = time.monotonic()
+        with pytest.raises(DatasetTimeout) as caught:
+            api.wait_for_dataset("ds_x", timeout=0.3, poll_interval=0.05)
+        elapsed = time.monotonic() - started
+    assert 0.3 <= elapsed < 1.5
+    assert (caught.value.dataset_id, caught.value.timeout) == ("ds_x", 0.3)
+    assert caught.value.last is not None and caught.value.last["progress"] == extracting
+    assert str(caught.value) == "dataset ds_x still processing after 0.3 s (last phase extracting)"
 
 
 def test_an_error_that_is_not_json_still_becomes_api_error() -> None:
