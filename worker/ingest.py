@@ -28,7 +28,7 @@ from service.dataset_sources import Source, copy_source
 from service.datasets import Filler, archive_filler, build_dataset_files, files_bytes, ready_values
 from service.db import Database
 from service.domain_errors import DomainError
-from service.object_store import S3Store
+from service.object_store import ObjectCorrupt, ObjectMissing, S3Store
 from service.settings import Settings
 from service.storage import Storage, disk_full_as
 from service.tables import Dataset
@@ -136,7 +136,15 @@ def _filler(storage: Storage, dataset_id: str, ingest: dict[str, Any]) -> Filler
         return lambda target, limits, skip, progress: copy_source(
             client, source, target, limits, skip, progress
         )
-    return archive_filler(storage.upload_archive(dataset_id, ingest["kind"]), ingest["kind"])
+    try:
+        archive = storage.upload_archive(dataset_id, ingest["kind"])
+    except (ObjectMissing, ObjectCorrupt) as exc:  # trying again would not bring it back
+        raise DomainError(
+            "ingest_failed",
+            "the uploaded archive is missing or damaged in the server's store; upload it again",
+            {"reason": type(exc).__name__},
+        ) from None
+    return archive_filler(archive, ingest["kind"])
 
 
 def _fail(db: Database, storage: Storage, dataset_id: str, worker_id: str, exc: DomainError) -> str:
