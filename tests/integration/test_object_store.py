@@ -93,7 +93,7 @@ def test_upload_train_and_serve_across_nodes_with_private_roots(
     # included, before the 202; A decodes nothing and keeps no copy of it.
     folder = make_image_folder(tmp_path / "pets", CLASSES, size=(40, 48), seed=3)
     (folder / "cat" / "notes.txt").write_text("not an image")  # rejected: unsupported_format
-    (folder / "dog" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 64)  # corrupt
+    (folder / "dog" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 64)  # undecodable
     response = httpx.post(
         f"{server_a.url}/v1/datasets",
         files={"file": ("pets.zip", make_archive(folder).read_bytes(), "application/zip")},
@@ -180,15 +180,15 @@ def test_upload_train_and_serve_across_nodes_with_private_roots(
     assert api_b.artifact_root not in roots
     server_b = start_server(api_b)
     # B has no copy of the dataset: its whole rejected list is read from the bucket.
-    response = httpx.get(
+    rejected = httpx.get(
         f"{server_b.url}/v1/datasets/{dataset_id}/rejected", headers=server_b.headers, timeout=30
     )
-    assert response.status_code == 200, response.text
-    assert response.json()["items"] == [
+    assert rejected.status_code == 200, rejected.text
+    assert rejected.json()["items"] == [
         {"path": "cat/notes.txt", "reason": "unsupported_format"},
-        {"path": "dog/broken.png", "reason": "corrupt"},
+        {"path": "dog/broken.png", "reason": "undecodable"},
     ]
-    assert response.json()["items"] == dataset["rejected"]
+    assert rejected.json()["items"] == dataset["rejected"]
     assert not (api_b.artifact_root / "datasets" / dataset_id).exists()
     response_b = predict(server_b, model_id)
     assert response_b.status_code == 200, response_b.text
@@ -257,6 +257,8 @@ def test_without_the_bucket_readiness_fails_and_uploads_keep_nothing(
     assert response.status_code == 503, response.text
     assert response.json()["error"]["code"] == "storage_unavailable"
     assert response.headers["Retry-After"] == "5"
-    assert list((settings.artifact_root / "datasets").iterdir()) == []
-    uploads = settings.artifact_root / "uploads"
-    assert not uploads.exists() or list(uploads.iterdir()) == []
+    # Nothing kept: no stored upload, no dataset (the gateway makes either folder only when
+    # it first writes there).
+    for kind in ("uploads", "datasets"):
+        folder = settings.artifact_root / kind
+        assert not folder.exists() or list(folder.iterdir()) == [], kind
