@@ -76,9 +76,18 @@ class UpProcess:
 
         wait_until(ready, timeout, "bitserve up ready", self.log)
 
-    def worker_pid(self) -> int | None:
-        pids = children(self.proc.pid)
-        return pids[0] if len(pids) == 1 else None
+    def worker_pid(self, role: str = "train") -> int | None:
+        """The pid of the Celery worker of `role` ("train" or "ingest": `bitserve up` runs
+        one of each), known by the name service.cli.worker_command gives it."""
+        found = []
+        for pid in children(self.proc.pid):
+            try:
+                command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:  # it exited meanwhile
+                continue
+            if any(part.startswith(f"bitserve-{role}-".encode()) for part in command):
+                found.append(pid)
+        return found[0] if len(found) == 1 else None
 
     def kill_all(self) -> None:
         for pid in children(self.proc.pid):

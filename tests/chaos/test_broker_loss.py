@@ -2,8 +2,8 @@
 every message is lost. The database is the source of truth, so nothing may be lost with it:
 the running job carries on, the queued jobs are sent again by the reconciler (it finds its
 marker key gone: Redis lost its data), the worker reconnects and consumes again, and every
-job succeeds exactly once. While Redis is down a new job is still recorded (quickly) and
-/readyz names the broker.
+job succeeds exactly once. While Redis is down a new job and a new upload are still recorded
+(quickly; the upload is ingested once Redis is back) and /readyz names the broker.
 
 The reconciler runs at its production interval (30 s) and jobs go stale only after 30 s, so
 the recovery measured here comes from the broker-loss path, not from short test timeouts.
@@ -23,9 +23,11 @@ import sqlalchemy as sa
 
 from service.broker import Broker
 from service.ids import utcnow
-from service.tables import Job, Model
+from service.tables import Dataset, Job, Model
 from tests.chaos.recovery_fixtures import PrivateRedis, wait_until
+from tests.imagegen import make_archive, make_image_folder
 from tests.integration.conftest import LiveServer, start_server  # noqa: F401
+from tests.integration.datasets_helpers import post_archive, wait_dataset
 from tests.integration.worker_fixtures import (
     FAST_OVERRIDES,
     WorkerProcess,
@@ -66,6 +68,7 @@ def test_redis_restarted_empty_loses_no_job(
     server = start_server(settings)
     db, storage = server.app.state.db, server.app.state.storage
     dataset_id = add_dataset(db, storage, tenant_id="default")
+    archive = make_archive(make_image_folder(tmp_path / "pets", {"cat": 4, "dog": 4}))
     http = httpx.Client(base_url=server.url, headers=server.headers, timeout=30)
 
     def post_job() -> tuple[dict[str, Any], float]:
@@ -81,6 +84,12 @@ def test_redis_restarted_empty_loses_no_job(
         took = time.monotonic() - started
         assert response.status_code == 202, response.text
         return dict(response.json()), took
+
+    def dataset_row(dataset_id: str) -> Dataset:
+        with db.sessionmaker() as session:
+            found = session.get(Dataset, dataset_id)
+            assert found is not None
+            return found
 
     def rows(ids: list[str]) -> dict[str, Job]:
         with db.sessionmaker() as session:
@@ -117,6 +126,15 @@ def test_redis_restarted_empty_loses_no_job(
         assert readyz_took < DOWN_REQUEST_LIMIT_S and post_took < DOWN_REQUEST_LIMIT_S
         assert http.get(f"/v1/jobs/{during['id']}").json()["status"] == "queued"
         assert rows([during["id"]])[during["id"]].enqueued_at is None  # not sent: recorded
+        # An upload is stored and recorded as processing too; its ingest message waits.
+        started = time.monotonic()
+        upload = post_archive(http, archive, filename="pets.zip", name="during")
+        upload_took = time.monotonic() - started
+        assert upload.status_code == 202, upload.text
+        assert upload.json()["status"] == "processing"
+        uploaded = upload.json()["id"]
+        assert upload_took < DOWN_REQUEST_LIMIT_S
+        assert dataset_row(uploaded).sent_at is None
         # The running job finishes while Redis is away (its worker writes to the database
         # only); the worker then loses its broker connection and must reconnect by itself.
         wait_until(
@@ -167,6 +185,11 @@ def test_redis_restarted_empty_loses_no_job(
             worker.log,
         )
         done_s = time.monotonic() - returned
+        # The upload made while Redis was down was sent by the reconciler and ingested once.
+        ingested = wait_dataset(http, uploaded, timeout=BACK_WITHIN_S)
+        assert ingested["status"] == "ready", (ingested, worker.log()[-4000:])
+        assert ingested["num_images"] == 8
+        assert dataset_row(uploaded).attempts == 1
 
         # Again with the worker idle, waiting on the queue (a Celery worker has been known to
         # stop consuming after such a restart): it must reconnect and take the next job.
@@ -201,7 +224,7 @@ def test_redis_restarted_empty_loses_no_job(
     assert "the broker lost its messages" in log
     print(
         f"\nRedis down {down_for:.1f} s: /readyz 503 (broker) in {readyz_took:.2f} s, POST /v1/jobs "
-        f"202 queued in {post_took:.2f} s. After Redis returned empty: the 3 queued jobs were "
+        f"202 queued in {post_took:.2f} s, POST /v1/datasets 202 in {upload_took:.2f} s. After Redis returned empty: the 3 queued jobs were "
         f"in the broker again after {resent_s:.1f} s, the worker consumed again after "
         f"{claimed_s:.1f} s, all 3 had run (one worker, one job at a time) after "
         f"{running_s:.1f} s, all {len(ids) - 1} jobs succeeded after {done_s:.1f} s. Idle worker, "

@@ -34,6 +34,7 @@ from service.db import Database
 from service.storage import Storage
 from tests.imagegen import make_archive
 from tests.integration.conftest import LiveServer, make_key
+from tests.integration.datasets_helpers import upload_ready, wait_dataset
 from tests.integration.worker_fixtures import FAST_OVERRIDES, WorkerProcess, fast_job_settings
 from tests.model_fixtures import publish_model
 
@@ -167,9 +168,10 @@ def _fill(store: Path, leave_bytes: int) -> Path:
 
 
 def _leftovers(storage: Storage) -> list[str]:
-    """Files the store should not hold after a failure: temp uploads, half datasets/models."""
+    """Files the store should not hold after a failure: temp and stored uploads, half
+    datasets/models."""
     found = []
-    for kind in ("tmp", "datasets", "models", "jobs"):
+    for kind in ("tmp", "uploads", "datasets", "models", "jobs"):
         folder = storage.root / kind
         if folder.is_dir():
             found += [p.relative_to(storage.root).as_posix() for p in folder.iterdir()]
@@ -193,13 +195,12 @@ def test_an_upload_to_a_full_disk_is_507_and_leaves_nothing(env: Env, tmp_path: 
     size = archive.stat().st_size
     before = env.stored_bytes()
     baseline = set(_leftovers(env.storage))
+    # The gateway, receiving the body, answers these itself:
     # 1. No room for the upload, its size declared: refused before a byte is read.
     # 2. No room for the upload, sent chunked (size unknown): refused while it streams.
-    # 3. Room for the upload, not for unpacking it next to it.
     cases = (
         ("checking", size // 3, False, "too little free disk"),
         ("receiving", size // 3, True, "disk is full"),
-        ("unpacking", size + size // 2, False, "disk is full"),
     )
     for where, leave, chunked, message in cases:
         filler = _fill(env.storage.root, leave)
@@ -217,17 +218,39 @@ def test_an_upload_to_a_full_disk_is_507_and_leaves_nothing(env: Env, tmp_path: 
         assert set(_leftovers(env.storage)) == baseline, where
         assert env.http.get("/v1/datasets").json()["items"] == []
         assert env.stored_bytes() == before
+    # 3. Room for the upload (stored by a rename on the same disk), not for unpacking it next
+    # to it: the gateway answers 202, the ingest worker meets the full disk, and the dataset
+    # ends failed with the same error the synchronous upload answered; nothing of it is kept.
+    filler = _fill(env.storage.root, size + size // 2)
+    try:
+        started = time.perf_counter()
+        response = env.upload(archive)
+        assert response.status_code == 202, response.text
+        failed = wait_dataset(env.http, response.json()["id"])
+        took = time.perf_counter() - started
+    finally:
+        filler.unlink()
+    print(f"[resources] full disk while unpacking an upload: failed in {took:.2f} s after POST")
+    assert failed["status"] == "failed", failed
+    assert failed["error"]["code"] == "insufficient_storage", failed["error"]
+    assert "disk is full" in failed["error"]["message"]
+    assert failed["error"]["details"] == {}
+    assert failed["progress"] is None and failed["num_images"] == 0
+    assert set(_leftovers(env.storage)) == baseline, "unpacking"
+    assert not (env.storage.root / "uploads" / failed["id"]).exists()
+    assert [d["id"] for d in env.http.get("/v1/datasets").json()["items"]] == [failed["id"]]
+    assert env.stored_bytes() == before  # a failed dataset stores nothing
+    assert env.http.delete(f"/v1/datasets/{failed['id']}").status_code == 204
     # Space again: the same upload works at once.
-    response = env.upload(archive)
-    assert response.status_code == 201, response.text
+    ready = upload_ready(env.http, archive, filename=archive.name)
     assert env.stored_bytes() == before + size
-    assert env.http.delete(f"/v1/datasets/{response.json()['id']}").status_code == 204
+    assert env.http.delete(f"/v1/datasets/{ready['id']}").status_code == 204
+    assert set(_leftovers(env.storage)) == baseline
 
 
 def _dataset(env: Env, tmp_path: Path) -> str:
-    response = env.upload(_noise_archive(tmp_path / "small", images_per_class=4, side=48))
-    assert response.status_code == 201, response.text
-    dataset_id: str = response.json()["id"]
+    archive = _noise_archive(tmp_path / "small", images_per_class=4, side=48)
+    dataset_id: str = upload_ready(env.http, archive, filename=archive.name)["id"]
     return dataset_id
 
 

@@ -1,6 +1,7 @@
 """The training worker of `bitserve up` is SIGKILLed mid-job (as the kernel's OOM killer does):
-serving must not notice, the supervisor restarts the worker, and the job resumes from its last
-checkpoint as attempt 2 and succeeds once. Then Ctrl-C still stops everything with exit 0.
+serving must not notice (nor its ingest worker, a process of its own), the supervisor restarts
+the worker, and the job resumes from its last checkpoint as attempt 2 and succeeds once. Then
+Ctrl-C still stops everything with exit 0.
 
 The job settings stay at their defaults where recovery could lean on them: a job is stale only
 after 60 s without a heartbeat and the reconciler's interval is 30 s, so a recovery in seconds
@@ -28,6 +29,7 @@ from service.settings import Settings
 from service.storage import Storage
 from tests.chaos.recovery_fixtures import Poller, UpProcess, wait_until
 from tests.imagegen import class_image, encode, make_archive, make_image_folder
+from tests.integration.datasets_helpers import upload_ready
 from tests.model_fixtures import publish_model
 from tests.procs import alive
 
@@ -73,16 +75,12 @@ def test_a_killed_worker_is_restarted_and_its_job_resumes(up: UpProcess, tmp_pat
     png = encode(class_image(0, 2, (40, 48), seed=1), "PNG")
 
     folder = make_image_folder(tmp_path / "pets", {"cat": 10, "dog": 10}, size=(40, 48), seed=3)
-    upload = http.post(
-        "/v1/datasets",
-        files={"file": ("pets.zip", make_archive(folder).read_bytes(), "application/zip")},
-        data={"name": "pets"},
-    )
-    assert upload.status_code == 201, upload.text
+    # Ingested by the worker of `bitserve up` (it consumes the ingest queue too).
+    dataset = upload_ready(http, make_archive(folder), filename="pets.zip", name="pets")
     created = http.post(
         "/v1/jobs",
         json={
-            "dataset_id": upload.json()["id"],
+            "dataset_id": dataset["id"],
             "base_model": "tiny-R10x0.25",
             "overrides": OVERRIDES,
         },
@@ -133,8 +131,8 @@ def test_a_killed_worker_is_restarted_and_its_job_resumes(up: UpProcess, tmp_pat
             return bool(saved) and state["status"] == "running"
 
         wait_until(past_a_checkpoint, JOB_TIMEOUT_S, "the job wrote a checkpoint", up.log)
-        worker = up.worker_pid()
-        assert worker is not None, up.log()
+        worker, ingest_worker = up.worker_pid("train"), up.worker_pid("ingest")
+        assert worker is not None and ingest_worker is not None, up.log()
         checkpoint_at_kill, step_at_kill = seen[-1], step()
         killed = time.monotonic()
         os.kill(worker, signal.SIGKILL)
@@ -166,6 +164,7 @@ def test_a_killed_worker_is_restarted_and_its_job_resumes(up: UpProcess, tmp_pat
         " between the kill and the job's restart)"
     )
     assert not alive(worker)
+    assert up.worker_pid("ingest") == ingest_worker  # the other worker did not notice
     assert len(during) >= 3, "too few predict calls during the outage to show anything"
     assert health_poll.failures() == [] and predict_poll.failures() == []
 
@@ -193,7 +192,7 @@ def test_a_killed_worker_is_restarted_and_its_job_resumes(up: UpProcess, tmp_pat
     assert "crash-looping" not in log
     assert http.get("/readyz").status_code == 200
 
-    stopping = up.worker_pid()
+    stopping, ingest_stopping = up.worker_pid("train"), up.worker_pid("ingest")
     up.proc.send_signal(signal.SIGINT)
     try:
         code = up.proc.wait(STOP_TIMEOUT_S)
@@ -201,5 +200,6 @@ def test_a_killed_worker_is_restarted_and_its_job_resumes(up: UpProcess, tmp_pat
         pytest.fail(f"bitserve up still running {STOP_TIMEOUT_S} s after SIGINT:\n{up.log()}")
     assert code == 0, up.log()[-4000:]
     assert "bitserve: stopped" in up.log()
-    assert stopping is not None
+    assert stopping is not None and ingest_stopping is not None
     wait_until(lambda: not alive(stopping), 5, "the worker stopped with bitserve up")
+    wait_until(lambda: not alive(ingest_stopping), 5, "the ingest worker stopped with it")

@@ -3,11 +3,11 @@
 - Every error (4xx, 5xx) has the documented body: application/json
   {"error": {"code", "message", "details"?}}, a `code` that docs/api.md lists, Retry-After on
   429/503 and WWW-Authenticate on 401 (docs/api.md, "Errors").
-- The job event stream is checked event by event. Its OpenAPI 3.1 entry documents the body as a
-  string, while schemathesis reads a 3.1 `text/event-stream` schema as the schema of each
-  event, so the events are checked against what the route documents in words instead:
-  `status` and `done` carry a JobPublic, `progress` the job's Progress plus its `id`, and the
-  stream ends with `done`.
+- The job and dataset event streams are checked event by event. Their OpenAPI 3.1 entries
+  document the body as a string, while schemathesis reads a 3.1 `text/event-stream` schema as
+  the schema of each event, so the events are checked against what the routes document in
+  words instead: `status` and `done` carry a JobPublic (a DatasetPublic), `progress` the job's
+  Progress (the dataset's IngestProgress) plus its `id`, and the stream ends with `done`.
 """
 
 from __future__ import annotations
@@ -35,6 +35,9 @@ DOCUMENTED_CODES = frozenset(
 )
 JOB_PUBLIC = jsonschema_rs.validator_for(
     {"$ref": "#/components/schemas/JobPublic", "components": SPEC["components"]}
+)
+DATASET_PUBLIC = jsonschema_rs.validator_for(
+    {"$ref": "#/components/schemas/DatasetPublic", "components": SPEC["components"]}
 )
 
 
@@ -84,13 +87,16 @@ def body_matches_the_schema(
     ):
         return response_schema_conformance(ctx, response, case)
     stream = events(response.text)
-    job_id = (case.path_parameters or {}).get("job_id")
+    params = case.path_parameters or {}
+    # /v1/jobs/{job_id}/events or /v1/datasets/{dataset_id}/events
+    kind = "job_id" if "job_id" in params else "dataset_id"
+    public = JOB_PUBLIC if kind == "job_id" else DATASET_PUBLIC
     assert stream and stream[-1][0] == "done", stream
     for name, data in stream:
         assert name in ("status", "progress", "done"), name
-        assert data["id"] == job_id, data
+        assert data["id"] == params[kind], data
         if name != "progress":
-            JOB_PUBLIC.validate(data)
+            public.validate(data)
     return True
 
 

@@ -23,7 +23,8 @@ from tests.fuzz.world import World
 def real_ids(world: World, method: str, path: str) -> dict[str, list[str]]:
     """Real ids per path parameter of this operation; destroying routes get their own."""
     if path.endswith("/events"):
-        return {"job_id": [world.finished_job]}  # a queued job's stream would never end
+        # Streams that end at once: a queued job's would never end, a ready dataset's does.
+        return {"job_id": [world.finished_job], "dataset_id": [world.dataset]}
     if method == "DELETE":
         return {
             "dataset_id": [world.dataset, *world.doomed_datasets],

@@ -3,7 +3,9 @@
 Random ids only ever reach 404, so the hooks in test_api_fuzz.py swap in the ids of real
 objects made here: a dataset, a model, a finished and a queued job, keys and a tenant. Routes
 that destroy (DELETE, cancel) get objects of their own, so one deletion does not turn every
-later GET of the run into a 404.
+later GET of the run into a 404. The server has its own ingest worker, and every dataset made
+here is ready before the fuzzing starts (/plan, /rejected and POST /v1/jobs need one; its
+event stream ends at once); the datasets the fuzzer uploads are ingested as in production.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from service.db import migrate
 from service.settings import Settings
 from tests.imagegen import class_image, encode
 from tests.integration.conftest import LiveServer
+from tests.integration.datasets_helpers import wait_dataset
 from tests.integration.worker_fixtures import FAST_OVERRIDES, fast_job_settings
 from tests.model_fixtures import publish_model
 from tests.services import create_database, drop_database
@@ -54,7 +57,7 @@ class World:
     """Ids of real objects on the fuzz server (see the module docstring)."""
 
     server: LiveServer
-    dataset: str  # used by the queued job: DELETE answers 409
+    dataset: str  # ready, used by the queued job: DELETE answers 409
     doomed_datasets: list[str]
     model: str
     doomed_models: list[str]
@@ -77,6 +80,15 @@ def _upload(http: httpx.Client, name: str) -> str:
     return _post(http, "/v1/datasets", files=files, data={"name": name})["id"]
 
 
+def _ready_datasets(http: httpx.Client, names: list[str]) -> list[str]:
+    """Upload them all, then wait until every one is ready (ingested one after another)."""
+    ids = [_upload(http, name) for name in names]
+    for dataset_id in ids:
+        body = wait_dataset(http, dataset_id)
+        assert body["status"] == "ready", body
+    return ids
+
+
 def _publish(server: LiveServer, seed: int) -> tuple[str, str]:
     torch.manual_seed(seed)
     model = create_model(BASE_MODEL, len(CLASSES))
@@ -85,7 +97,7 @@ def _publish(server: LiveServer, seed: int) -> tuple[str, str]:
 
 
 def populate(server: LiveServer, http: httpx.Client) -> World:
-    dataset = _upload(http, "kept")
+    dataset, *doomed_datasets = _ready_datasets(http, ["kept", "doomed-0", "doomed-1"])
     model, finished_job = _publish(server, seed=0)
     job_body = {"dataset_id": dataset, "base_model": BASE_MODEL, "overrides": FAST_OVERRIDES}
     queued_job = _post(http, "/v1/jobs", json=job_body)["id"]
@@ -97,7 +109,7 @@ def populate(server: LiveServer, http: httpx.Client) -> World:
     return World(
         server=server,
         dataset=dataset,
-        doomed_datasets=[_upload(http, f"doomed-{i}") for i in range(2)],
+        doomed_datasets=doomed_datasets,
         model=model,
         doomed_models=[_publish(server, seed=i + 1)[0] for i in range(2)],
         finished_job=finished_job,
@@ -126,7 +138,8 @@ def fuzz_world(home: Path, postgres_admin_url: str, redis_url: str) -> Iterator[
             predict_burst=1_000_000,
             predict_rate_per_second=1_000_000.0,
         )
-        server = LiveServer(settings).start()
+        # Its own ingest worker (ingest queue only: the queued job stays queued).
+        server = LiveServer(settings, ingest=True).start()
         try:
             with httpx.Client(
                 base_url=server.url, headers=server.headers, timeout=HTTP_TIMEOUT_S
@@ -135,9 +148,9 @@ def fuzz_world(home: Path, postgres_admin_url: str, redis_url: str) -> Iterator[
         finally:
             server.stop()
             # The jobs the fuzzer started wait in the shared Redis for a worker that never
-            # comes: their private queue goes with the run.
+            # comes: their private queues go with the run.
             broker = redis.Redis.from_url(redis_url)
-            broker.delete(settings.train_queue)
+            broker.delete(settings.train_queue, settings.ingest_queue)
             broker.close()
     finally:
         drop_database(postgres_admin_url, name)

@@ -24,6 +24,7 @@ from service.object_store import parse_manifest
 from service.tables import Job
 from tests.imagegen import make_archive, make_image_folder
 from tests.integration.conftest import LiveServer
+from tests.integration.datasets_helpers import upload_ready
 from tests.integration.worker_fixtures import (
     FAST_OVERRIDES,
     WorkerProcess,
@@ -52,17 +53,16 @@ def s3_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
 
 def ready_dataset(server: LiveServer, folder: Path, name: str = "pets") -> str:
     """Upload `folder` (class sub-folders of images) through the API; the id of the dataset,
-    once it is ready. The one place this test knows how the upload API answers."""
-    response = httpx.post(
-        f"{server.url}/v1/datasets",
-        files={"file": (f"{name}.zip", make_archive(folder).read_bytes(), "application/zip")},
-        data={"name": name},
-        headers=server.headers,
-        timeout=60,
-    )
-    assert response.status_code == 201, response.text
-    body = response.json()
-    assert body["status"] == "ready", body
+    once it is ready. The one place this test knows how the upload API answers: 202, then an
+    ingest worker on a node of its own (a private root, only the bucket in common; stopped
+    once the dataset is ready) makes it ready."""
+    home = folder.parent / f"ingest-{name}"
+    node = server.settings.model_copy(update={"home": home, "artifact_root": home / "store"})
+    with (
+        WorkerProcess(node, roles=("ingest",)),
+        httpx.Client(base_url=server.url, headers=server.headers, timeout=60) as http,
+    ):
+        body = upload_ready(http, make_archive(folder), filename=f"{name}.zip", name=name)
     return str(body["id"])
 
 

@@ -1,10 +1,11 @@
 """Issue 12: nodes that share nothing but PostgreSQL, Redis and an object store.
 
 One gateway, one Celery worker and a second gateway, each with a private artifact root (no
-path in common), on moto's standalone S3 server: upload on gateway A -> the worker fetches
-the dataset from the bucket, trains, publishes the model -> A predicts (fetching the model
-into its own cache) -> gateway B, with an empty root, serves and downloads the same model ->
-a delete on B removes the objects, and A's cached copy is no longer served.
+path in common), on moto's standalone S3 server: upload on gateway A (the archive goes to the
+bucket's uploads/) -> the worker ingests it from the bucket into datasets/ (uploads/ goes),
+trains, publishes the model -> A predicts (fetching the model into its own cache) -> gateway
+B, with an empty root, serves the dataset's rejected list and the same model -> a delete on B
+removes the objects, and A's cached copy is no longer served.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import pytest
 from tests.e2e.loop import CLASSES, follow_events
 from tests.imagegen import class_image, encode, make_archive, make_image_folder
 from tests.integration.conftest import LiveServer
+from tests.integration.datasets_helpers import wait_dataset
 from tests.integration.worker_fixtures import FAST_OVERRIDES, WorkerProcess, fast_job_settings
 from tests.moto_s3 import AWS_ENV, moto_server, new_bucket
 
@@ -81,13 +83,17 @@ def test_upload_train_and_serve_across_nodes_with_private_roots(
         )
 
     api_a = node("api-a")
-    worker_settings = node("worker", train_queue=api_a.train_queue)
+    # The worker consumes both of A's queues: it ingests the upload and trains.
+    worker_settings = node("worker", train_queue=api_a.train_queue, ingest_queue=api_a.ingest_queue)
     roots = [api_a.artifact_root, worker_settings.artifact_root]
     server_a = start_server(api_a)
     assert httpx.get(f"{server_a.url}/readyz").status_code == 200
 
-    # Upload on A: the dataset is in the bucket (manifest included) before the 201.
+    # Upload on A (no worker yet): the archive is in the bucket under uploads/<id>, manifest
+    # included, before the 202; A decodes nothing and keeps no copy of it.
     folder = make_image_folder(tmp_path / "pets", CLASSES, size=(40, 48), seed=3)
+    (folder / "cat" / "notes.txt").write_text("not an image")  # rejected: unsupported_format
+    (folder / "dog" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 64)  # undecodable
     response = httpx.post(
         f"{server_a.url}/v1/datasets",
         files={"file": ("pets.zip", make_archive(folder).read_bytes(), "application/zip")},
@@ -95,17 +101,41 @@ def test_upload_train_and_serve_across_nodes_with_private_roots(
         headers=server_a.headers,
         timeout=60,
     )
-    assert response.status_code == 201, response.text
+    assert response.status_code == 202, response.text
+    assert response.json()["status"] == "processing"
     dataset_id = response.json()["id"]
-    local_dataset = files_under(api_a.artifact_root / "datasets" / dataset_id)
+    upload_prefix = f"bitserve/uploads/{dataset_id}"
     prefix = f"bitserve/datasets/{dataset_id}"
-    assert f"{prefix}.manifest.json" in bucket_keys(bucket)
-    assert {k[len(prefix) + 1 :] for k in bucket_keys(bucket) if k.startswith(prefix + "/")} == (
-        local_dataset
-    )
-    assert any(name.startswith("cache/") for name in local_dataset)  # the resized copies too
+    assert [k for k in bucket_keys(bucket) if k.startswith((upload_prefix, prefix))] == [
+        f"{upload_prefix}.manifest.json",
+        f"{upload_prefix}/archive.zip",
+    ]
+
+    def gateway_copies() -> list[str]:
+        found = []
+        for kind in ("uploads", "datasets"):
+            where = api_a.artifact_root / kind
+            if where.is_dir():
+                found += [f"{kind}/{p.name}" for p in where.iterdir()]
+        return found
+
+    assert gateway_copies() == []
 
     with WorkerProcess(worker_settings) as worker:
+        # Ingested on the worker's node, from the bucket: uploads/<id> goes, datasets/<id> comes.
+        with httpx.Client(base_url=server_a.url, headers=server_a.headers, timeout=30) as client:
+            dataset = wait_dataset(client, dataset_id)
+        assert dataset["status"] == "ready", (dataset, worker.log()[-3000:])
+        assert dataset["num_images"] == sum(CLASSES.values())
+        assert [k for k in bucket_keys(bucket) if k.startswith(upload_prefix)] == []
+        assert not (worker_settings.artifact_root / "uploads" / dataset_id).exists()
+        stored = {k[len(prefix) + 1 :] for k in bucket_keys(bucket) if k.startswith(prefix + "/")}
+        assert f"{prefix}.manifest.json" in bucket_keys(bucket)
+        assert {"index.json", "rejected.json"} <= stored
+        # The training cache is built by the node that trains, not at ingestion.
+        assert not any(name.startswith("cache/") for name in stored)
+        assert gateway_copies() == []  # the gateway decodes nothing
+
         response = httpx.post(
             f"{server_a.url}/v1/jobs",
             json={
@@ -125,9 +155,9 @@ def test_upload_train_and_serve_across_nodes_with_private_roots(
         assert final["status"] == "succeeded", (final, worker.log()[-3000:])
     model_id = final["model_id"]
 
-    # The worker trained from its own copy, fetched from the bucket (plus the training-time
-    # cache files it wrote there itself).
-    assert local_dataset <= files_under(worker_settings.artifact_root / "datasets" / dataset_id)
+    # The worker trained from its copy of what is in the bucket (plus the training-time cache
+    # files it wrote there itself).
+    assert stored <= files_under(worker_settings.artifact_root / "datasets" / dataset_id)
     model_prefix = f"bitserve/models/{model_id}"
     model_keys = [k for k in bucket_keys(bucket) if k.startswith(model_prefix)]
     assert sorted(model_keys) == [
@@ -149,6 +179,17 @@ def test_upload_train_and_serve_across_nodes_with_private_roots(
     api_b = node("api-b", train_queue=api_a.train_queue)
     assert api_b.artifact_root not in roots
     server_b = start_server(api_b)
+    # B has no copy of the dataset: its whole rejected list is read from the bucket.
+    rejected = httpx.get(
+        f"{server_b.url}/v1/datasets/{dataset_id}/rejected", headers=server_b.headers, timeout=30
+    )
+    assert rejected.status_code == 200, rejected.text
+    assert rejected.json()["items"] == [
+        {"path": "cat/notes.txt", "reason": "unsupported_format"},
+        {"path": "dog/broken.png", "reason": "undecodable"},
+    ]
+    assert rejected.json()["items"] == dataset["rejected"]
+    assert not (api_b.artifact_root / "datasets" / dataset_id).exists()
     response_b = predict(server_b, model_id)
     assert response_b.status_code == 200, response_b.text
     assert response_b.json()["predictions"] == response.json()["predictions"]
@@ -216,4 +257,8 @@ def test_without_the_bucket_readiness_fails_and_uploads_keep_nothing(
     assert response.status_code == 503, response.text
     assert response.json()["error"]["code"] == "storage_unavailable"
     assert response.headers["Retry-After"] == "5"
-    assert list((settings.artifact_root / "datasets").iterdir()) == []
+    # Nothing kept: no stored upload, no dataset (the gateway makes either folder only when
+    # it first writes there).
+    for kind in ("uploads", "datasets"):
+        folder = settings.artifact_root / kind
+        assert not folder.exists() or list(folder.iterdir()) == [], kind
