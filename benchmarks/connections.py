@@ -11,8 +11,9 @@ timeout and shared job-events notifier) in a child process, on the embedded SQLi
 broker under a fresh temporary BITSERVE_HOME unless URLs are given, with BITSERVE_AUTH=off
 (loopback), BITSERVE_MAX_STREAMS_PER_KEY raised to the number of streams (this measures the
 load, not the per-key cap, which would refuse past 20) and BITSERVE_TENANT_MAX_ACTIVE_JOBS to
---jobs. One dataset (6 small PNGs) and
---jobs queued jobs (no worker: they stay queued) are made first.
+--jobs. One dataset (6 small PNGs, ingested by a `bitserve worker --queues ingest` child that is
+stopped once it is ready) and --jobs queued jobs (no train worker: they stay queued) are made
+first.
 
 Then, in this process (asyncio, raw sockets):
   idle     --idle connections that send nothing. The server closes each after its header
@@ -87,7 +88,7 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start_api(args: argparse.Namespace, home: Path, port: int) -> subprocess.Popen[bytes]:
+def bench_env(args: argparse.Namespace, home: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
         BITSERVE_HOME=str(home),
@@ -100,6 +101,11 @@ def start_api(args: argparse.Namespace, home: Path, port: int) -> subprocess.Pop
         env["BITSERVE_DATABASE_URL"] = args.database_url
     if args.broker_url:
         env["BITSERVE_BROKER_URL"] = args.broker_url
+    return env
+
+
+def start_api(args: argparse.Namespace, home: Path, port: int) -> subprocess.Popen[bytes]:
+    env = bench_env(args, home)
     command = [sys.executable, "-m", "service.cli", "api", "--port", str(port)]
     log = open(home / "api.log", "wb")  # noqa: SIM115 (the child holds it)
     cwd = Path(args.source).resolve() if args.source else REPO
@@ -132,11 +138,36 @@ def tiny_dataset() -> bytes:
     return out.getvalue()
 
 
-def make_jobs(base: str, count: int) -> list[str]:
+def ingested_dataset(args: argparse.Namespace, home: Path, http: httpx.Client) -> str:
+    """Upload the tiny dataset and wait until an ingest worker (`bitserve worker --queues
+    ingest`, stopped after) made it ready: jobs are only taken on a ready dataset."""
+    answer = http.post("/v1/datasets", files={"file": ("d.zip", tiny_dataset())})
+    answer.raise_for_status()  # 202: stored, processing
+    dataset_id = str(answer.json()["id"])
+    command = [sys.executable, "-m", "service.cli", "worker", "--queues", "ingest"]
+    log = open(home / "ingest.log", "wb")  # noqa: SIM115 (the child holds it)
+    cwd = Path(args.source).resolve() if args.source else REPO
+    worker = subprocess.Popen(command, cwd=cwd, env=bench_env(args, home), stdout=log, stderr=log)
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while True:
+            dataset = http.get(f"/v1/datasets/{dataset_id}").json()
+            if dataset["status"] == "ready":
+                return dataset_id
+            if dataset["status"] != "processing" or time.monotonic() > deadline:
+                raise SystemExit(f"dataset not ingested ({dataset}): see {home / 'ingest.log'}")
+            time.sleep(0.2)
+    finally:
+        worker.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            worker.wait(30)
+        if worker.poll() is None:
+            worker.kill()
+
+
+def make_jobs(args: argparse.Namespace, home: Path, base: str, count: int) -> list[str]:
     with httpx.Client(base_url=base, timeout=60) as http:
-        answer = http.post("/v1/datasets", files={"file": ("d.zip", tiny_dataset())})
-        answer.raise_for_status()
-        dataset_id = answer.json()["id"]
+        dataset_id = ingested_dataset(args, home, http)
         body = {"dataset_id": dataset_id, "base_model": "tiny-R10x0.25"}
         jobs = []
         for _ in range(count):
@@ -293,7 +324,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         api = start_api(args, home, port)
         try:
             base = f"http://127.0.0.1:{port}"
-            jobs = make_jobs(base, args.jobs)
+            jobs = make_jobs(args, home, base, args.jobs)
             baseline = probe(base, args.probes, args.max_probe_seconds)
             baseline_server = proc_reading(api.pid)
             args.server_pid = api.pid

@@ -136,7 +136,13 @@ def create_job(
     if dataset is None or dataset.tenant_id != tenant_id:
         raise NotFound("dataset", request.dataset_id)
     if dataset.status != "ready":
-        raise Conflict("dataset_not_ready", f"dataset {dataset.id} is {dataset.status}, not ready")
+        # The same details as /plan and /rejected give (service.datasets.not_ready, which
+        # this module cannot import: service.datasets imports it).
+        raise Conflict(
+            "dataset_not_ready",
+            f"dataset {dataset.id} is {dataset.status}, not ready",
+            {"status": dataset.status},
+        )
     plan = plan_for_dataset(
         dataset, request.base_model, request.validation_fraction, request.overrides
     )

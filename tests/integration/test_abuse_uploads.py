@@ -18,6 +18,7 @@ import pytest
 from service.settings import Settings
 from tests.imagegen import class_image, encode
 from tests.integration.conftest import LiveServer, make_key, make_settings
+from tests.integration.datasets_helpers import upload_failed, upload_ready
 
 pytestmark = pytest.mark.integration
 
@@ -69,8 +70,14 @@ def _datasets_dir(server: LiveServer) -> Path:
 
 
 def _dataset_names(server: LiveServer) -> set[str]:
-    folder = _datasets_dir(server)
-    return {p.name for p in folder.iterdir()} if folder.exists() else set()
+    """The folders in datasets/ and uploads/ (the stored archives waiting for ingestion)."""
+    store = Path(server.settings.artifact_root)
+    return {
+        f"{kind}/{p.name}"
+        for kind in ("datasets", "uploads")
+        if (store / kind).exists()
+        for p in (store / kind).iterdir()
+    }
 
 
 @pytest.fixture
@@ -88,15 +95,17 @@ def test_uploads_multiply_on_disk_the_original_zip_is_refused_as_a_whole(
 ) -> None:
     # The original: 4 PNGs + 500 zero-filled 1 MiB `.bin` (~0.5 MB zipped, 500 MiB unpacked),
     # stored as 501 MB and answered 201. Every member is under the per-member ratio floor.
+    # Refused by the ingest worker: the dataset ends failed with the old 422's error.
     members = _pngs() | {f"ant/junk{i}.bin": bytes(MIB) for i in range(500)}
     archive = _zip(members)
     assert len(archive) < 600_000
     before = _dataset_names(live_server_instance)
-    body = _error(_upload(http, archive), 422, "archive_unsafe")
+    body = upload_failed(http, archive)
+    assert body["code"] == "archive_unsafe" and body["message"]
     assert body["details"]["reason"] == "compression_ratio"
     assert body["details"]["scope"] == "archive"
     assert body["details"]["ratio"] > 200
-    assert _dataset_names(live_server_instance) == before  # nothing kept
+    assert _dataset_names(live_server_instance) == before  # nothing kept, archive included
     _healthy(http)
 
 
@@ -109,9 +118,7 @@ def test_uploads_multiply_on_disk_rejected_members_are_never_stored(
     members = pngs | {f"bee/junk{i}.bin": bytes(MIB) for i in range(40)}
     members["bee/broken.png"] = b"\x89PNG\r\n\x1a\n" + bytes(MIB - 8)  # an image by magic only
     members[".hidden/big.bin"] = bytes(MIB)
-    response = _upload(http, _zip(members))
-    assert response.status_code == 201, response.text
-    dataset = response.json()
+    dataset = upload_ready(http, _zip(members))
     assert dataset["num_images"] == 4
     assert dataset["rejected_count"] == 41
     assert dataset["rejected_reasons"] == {"unsupported_format": 40, "undecodable": 1}
@@ -121,10 +128,13 @@ def test_uploads_multiply_on_disk_rejected_members_are_never_stored(
         sorted(pngs)
     )
     # 42 MiB uploaded (unpacked): the folder holds the 4 images, the index and the rejected
-    # list (a few KB), and the training copy: 4 images of 160x160 RGB (the HyperRule precrop).
-    cache = _stored_bytes(folder / "cache")
-    assert cache <= 4 * 160 * 160 * 3 + 4096
-    assert _stored_bytes(folder) - cache < 32_000
+    # list (a few KB). The training copy is built by the node that trains, not here, and the
+    # uploaded archive is deleted once ingested.
+    assert not (folder / "cache").exists()
+    assert _stored_bytes(folder) < 32_000
+    assert not (
+        Path(live_server_instance.settings.artifact_root) / "uploads" / dataset["id"]
+    ).exists()
     _healthy(http)
 
 
@@ -136,9 +146,7 @@ def test_rejection_list_is_capped_inline_and_paged_on_its_own_route(
 ) -> None:
     # The original: 20k rejects made every GET /v1/datasets page 5.6 MB. Scaled: 2,000.
     junk = {f"ant/note{i:04d}.txt": b"not an image" for i in range(2000)}
-    response = _upload(http, _zip(_pngs() | junk))
-    assert response.status_code == 201, response.text
-    dataset = response.json()
+    dataset = upload_ready(http, _zip(_pngs() | junk))
     expected = [{"path": name, "reason": "unsupported_format"} for name in sorted(junk)]
     assert dataset["rejected"] == expected[:100]
     assert dataset["rejected_count"] == 2000
@@ -253,7 +261,10 @@ def test_concurrent_upload_cap_answers_503_with_retry_after(
             assert body["details"] == {"limit": 1}
             stalled.close()
             _wait_for(lambda: slots.active == 0)
-            assert _upload(http, _zip(_pngs())).status_code == 201
+            # The slot is free again: the next upload is taken (stored, left to be ingested).
+            taken = _upload(http, _zip(_pngs()))
+            assert taken.status_code == 202, taken.text
+            assert taken.json()["status"] == "processing"
             _healthy(http)
     finally:
         stalled.close()

@@ -29,6 +29,7 @@ from service.api_keys import Scope
 from service.ids import utcnow
 from tests.imagegen import class_image, encode
 from tests.integration.conftest import LiveServer, make_key
+from tests.integration.datasets_helpers import upload_ready
 from tests.model_fixtures import publish_model
 
 pytestmark = pytest.mark.integration
@@ -95,9 +96,8 @@ def objects(live_server_instance: LiveServer, tmp_path_factory: pytest.TempPathF
                 image = encode(class_image(label == "bee", 2, (40, 48), seed=index), "PNG")
                 out.writestr(f"{label}/{index}.png", image)
     with httpx.Client(base_url=server.url, headers=server.headers, timeout=60) as http:
-        upload = http.post("/v1/datasets", files={"file": ("pets.zip", archive.getvalue())})
-        assert upload.status_code == 201, upload.text
-        dataset_id = upload.json()["id"]
+        # Ready (ingested by the session's worker): a job can be created on it.
+        dataset_id = upload_ready(http, archive.getvalue(), filename="pets.zip")["id"]
         job = http.post(
             "/v1/jobs",
             json={
@@ -195,7 +195,7 @@ def _assert_error(response: httpx.Response, status: int, code: str, route: Route
 
 
 def test_the_walk_sees_every_route(routes: list[Route]) -> None:
-    assert len(routes) == 23
+    assert len(routes) == 24  # 23, and GET /v1/datasets/{dataset_id}/events
     assert {str(r) for r in routes if r.scopes == {"admin"}} >= {
         "POST /v1/keys",
         "GET /v1/keys",

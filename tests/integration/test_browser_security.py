@@ -24,6 +24,7 @@ import pytest
 from service.settings import Settings
 from tests.imagegen import make_archive, make_image_folder
 from tests.integration.conftest import LiveServer
+from tests.integration.datasets_helpers import upload_ready
 
 pytestmark = pytest.mark.integration
 
@@ -45,8 +46,14 @@ def _upload(
 
 
 def _stored(settings: Settings) -> list[str]:
-    datasets = settings.artifact_root / "datasets"
-    return sorted(p.name for p in datasets.iterdir()) if datasets.exists() else []
+    """The folders in datasets/ and uploads/ (archives stored, waiting for ingestion)."""
+    store = settings.artifact_root
+    return sorted(
+        f"{kind}/{p.name}"
+        for kind in ("datasets", "uploads")
+        if (store / kind).exists()
+        for p in (store / kind).iterdir()
+    )
 
 
 def _dataset_ids(client: httpx.Client) -> set[str]:
@@ -133,9 +140,8 @@ def test_same_origin_pages_and_plain_clients_may_still_upload(
         {"Origin": own_origin, "Sec-Fetch-Site": "same-origin"},  # the web page's fetch
         {},  # the CLI, the Python client, curl: no browser headers at all
     ):
-        response = _upload(client, archive, headers)
-        assert response.status_code == 201, (headers, response.text)
-        assert client.delete(f"/v1/datasets/{response.json()['id']}").status_code == 204
+        dataset = upload_ready(client, archive, filename="pets.zip", headers=headers)
+        assert client.delete(f"/v1/datasets/{dataset['id']}").status_code == 204
 
 
 def test_allowed_origins_setting_lets_a_listed_page_write(
@@ -145,9 +151,9 @@ def test_allowed_origins_setting_lets_a_listed_page_write(
     server = start(settings.model_copy(update={"allowed_origins": ["https://ui.example.com"]}))
     with httpx.Client(base_url=server.url, headers=server.headers, timeout=60) as http:
         listed = {"Origin": "https://ui.example.com", "Sec-Fetch-Site": "cross-site"}
-        response = _upload(http, archive, listed)
-        assert response.status_code == 201, response.text
-        assert http.delete(f"/v1/datasets/{response.json()['id']}").status_code == 204
+        # Ingested by the session's worker: this server has the same store and ingest queue.
+        dataset = upload_ready(http, archive, filename="pets.zip", headers=listed)
+        assert http.delete(f"/v1/datasets/{dataset['id']}").status_code == 204
         assert _upload(http, archive, {"Origin": EVIL}).status_code == 403
 
 

@@ -1,7 +1,8 @@
 """Issue 11, "Every SSE stream polls the database every 0.5 s through the shared thread pool"
 (1,500 streams from one client took GET /v1/datasets from 4 ms to 9.2 s): job event streams
 through one shared notifier (service.job_events), a per-key stream cap and a stream lifetime,
-over real HTTP on PostgreSQL (no worker: jobs stay queued unless a test cancels them).
+over real HTTP on PostgreSQL (no train worker: jobs stay queued unless a test cancels them;
+an ingest worker makes the upload a ready dataset).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from bitserve_client import BitserveClient
 from service.settings import Settings
 from tests.imagegen import make_archive, make_image_folder
 from tests.integration.conftest import LiveServer, make_key, make_settings
+from tests.integration.datasets_helpers import upload_ready
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -45,7 +47,8 @@ def server(
     migrated_db: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LiveServer]:
     home = tmp_path_factory.mktemp("events")
-    live = LiveServer(_settings(home, migrated_db, redis_url, max_streams_per_key=500)).start()
+    settings = _settings(home, migrated_db, redis_url, max_streams_per_key=500)
+    live = LiveServer(settings, ingest=True).start()  # its upload becomes a ready dataset
     yield live
     live.stop()
 
@@ -59,10 +62,7 @@ def http(server: LiveServer) -> Iterator[httpx.Client]:
 @pytest.fixture(scope="module")
 def dataset_id(http: httpx.Client, tmp_path_factory: pytest.TempPathFactory) -> str:
     folder = make_image_folder(tmp_path_factory.mktemp("events-data") / "d", {"a": 3, "b": 3})
-    with make_archive(folder, "zip").open("rb") as handle:
-        response = http.post("/v1/datasets", files={"file": ("d.zip", handle)})
-    assert response.status_code == 201, response.text
-    return str(response.json()["id"])
+    return str(upload_ready(http, make_archive(folder, "zip"), filename="d.zip")["id"])
 
 
 @pytest.fixture

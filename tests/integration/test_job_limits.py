@@ -21,6 +21,7 @@ from bitcore import costs, hyperrule
 from bitcore.models import create_model
 from tests.imagegen import make_archive, make_image_folder
 from tests.integration.conftest import LiveServer, make_settings
+from tests.integration.datasets_helpers import upload_ready
 from tests.integration.worker_fixtures import (
     WorkerProcess,
     fast_job_settings,
@@ -48,7 +49,7 @@ def server(
         redis_url,
         train_queue=f"train-limits-{uuid.uuid4().hex[:8]}",  # no worker: jobs stay queued
     )
-    live = LiveServer(settings).start()
+    live = LiveServer(settings, ingest=True).start()  # uploads become ready datasets
     yield live
     live.stop()
 
@@ -63,10 +64,7 @@ def http(server: LiveServer) -> Iterator[httpx.Client]:
 def dataset_id(http: httpx.Client, tmp_path_factory: pytest.TempPathFactory) -> str:
     tmp = tmp_path_factory.mktemp("job-limits-data")
     archive = make_archive(make_image_folder(tmp / "pets", CLASSES, size=(40, 48)), "zip")
-    with archive.open("rb") as handle:
-        response = http.post("/v1/datasets", files={"file": ("pets.zip", handle)})
-    assert response.status_code == 201, response.text
-    return str(response.json()["id"])
+    return str(upload_ready(http, archive, filename="pets.zip")["id"])
 
 
 def _job_ids(http: httpx.Client) -> set[str]:
@@ -224,10 +222,9 @@ def test_cache_and_images_limits_are_settings(
         job_max_cache_bytes=limit,
         job_max_images=1000,
     )
-    live = start_server(settings)
+    live = start_server(settings, ingest=True)
     with httpx.Client(base_url=live.url, timeout=60, headers=live.headers) as client:
-        with archive.open("rb") as handle:
-            dataset = client.post("/v1/datasets", files={"file": ("pets.zip", handle)}).json()
+        dataset = upload_ready(client, archive, filename="pets.zip")
         assert dataset["bytes"] == archive_bytes
         base = {"dataset_id": dataset["id"], "base_model": "tiny-R10x0.25"}
         # precrop 1000 on a 12-image dataset: 36 MB of pixels, but each image is cached in at
@@ -316,8 +313,7 @@ def test_a_job_past_its_time_limit_is_stopped_and_failed(
         WorkerProcess(settings, pool="solo") as worker,
     ):
         archive = make_archive(make_image_folder(tmp_path / "pets", CLASSES, size=(40, 48)), "zip")
-        with archive.open("rb") as handle:
-            dataset = client.post("/v1/datasets", files={"file": ("pets.zip", handle)}).json()
+        dataset = upload_ready(client, archive, filename="pets.zip")  # the worker ingests too
         overrides = {"steps": 100_000, "batch_size": 4, "crop": 32, "precrop": 40}
         body = {"dataset_id": dataset["id"], "base_model": "tiny-R10x0.25", "overrides": overrides}
         response = client.post("/v1/jobs", json=body)

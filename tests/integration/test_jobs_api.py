@@ -1,6 +1,7 @@
 """/v1/jobs over real HTTP (uvicorn) on PostgreSQL, with the messages checked in real Redis.
 
-No worker listens on this module's train queue, so jobs stay queued unless a test moves them
+No worker listens on this module's train queue (only an ingest worker, for the upload), so jobs
+stay queued unless a test moves them
 through the real state machine (service.jobs) itself.
 """
 
@@ -25,6 +26,7 @@ from service.db import Database
 from service.settings import Settings
 from tests.imagegen import make_archive, make_image_folder
 from tests.integration.conftest import LiveServer, make_settings
+from tests.integration.datasets_helpers import upload_ready
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -44,7 +46,7 @@ def server(
         redis_url,
         train_queue=f"train-api-{uuid.uuid4().hex[:8]}",
     )
-    live = LiveServer(settings).start()
+    live = LiveServer(settings, ingest=True).start()  # uploads become ready datasets
     yield live
     live.stop()
 
@@ -66,11 +68,7 @@ def queue(server: LiveServer, redis_url: str) -> Iterator[Queue]:
 def dataset(http: httpx.Client, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     tmp = tmp_path_factory.mktemp("jobs-api-data")
     archive = make_archive(make_image_folder(tmp / "pets", CLASSES, size=(40, 48)), "zip")
-    with archive.open("rb") as handle:
-        response = http.post("/v1/datasets", files={"file": ("pets.zip", handle)})
-    assert response.status_code == 201, response.text
-    body: dict[str, Any] = response.json()
-    return body
+    return upload_ready(http, archive, filename="pets.zip")
 
 
 class Queue:

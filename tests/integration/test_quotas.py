@@ -27,6 +27,7 @@ from service.api_keys import Scope
 from service.tables import Dataset, Job, Model
 from tests.imagegen import class_image, encode, make_archive, make_image_folder
 from tests.integration.conftest import LiveServer, make_key, make_settings
+from tests.integration.datasets_helpers import upload_failed, upload_ready
 from tests.model_fixtures import publish_model
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
@@ -55,7 +56,7 @@ def server(
         predict_burst=BURST,
         max_upload_bytes=MAX_UPLOAD,
     )
-    live = LiveServer(settings).start()
+    live = LiveServer(settings, ingest=True).start()  # uploads become ready datasets
     yield live
     live.stop()
 
@@ -87,10 +88,8 @@ def _upload(http: httpx.Client, archive: Path) -> httpx.Response:
 
 
 def _dataset(http: httpx.Client, tmp_path: Path) -> dict[str, Any]:
-    response = _upload(http, _archive(tmp_path))
-    assert response.status_code == 201, response.text
-    body: dict[str, Any] = response.json()
-    return body
+    archive = _archive(tmp_path)
+    return upload_ready(http, archive, filename=archive.name)
 
 
 def _job(http: httpx.Client, dataset: dict[str, Any], seed: int, key: str | None = None) -> Any:
@@ -116,10 +115,16 @@ def _rows(server: LiveServer, table: Any, tenant: str) -> list[str]:
 
 
 def _store_listing(server: LiveServer) -> tuple[list[str], list[str]]:
+    """Files in tmp/, and the folders in datasets/ and uploads/ (stored archives)."""
     store = server.settings.artifact_root
     tmp = sorted(p.name for p in (store / "tmp").iterdir()) if (store / "tmp").exists() else []
-    datasets = store / "datasets"
-    return tmp, sorted(p.name for p in datasets.iterdir()) if datasets.exists() else []
+    folders = [
+        f"{kind}/{p.name}"
+        for kind in ("datasets", "uploads")
+        if (store / kind).exists()
+        for p in (store / kind).iterdir()
+    ]
+    return tmp, sorted(folders)
 
 
 # -- active jobs ----------------------------------------------------------------------------
@@ -223,12 +228,14 @@ def test_the_upload_past_the_byte_quota_gets_429_and_nothing_is_written(
         )
         assert (_rows(server, Dataset, tenant), _store_listing(server)) == (rows, listing)
 
-        # What fits still fits (and is then judged as a dataset).
+        # What fits still fits (and is then judged as a dataset, by the ingest worker).
         fits = _incompressible_zip(tmp_path / "fits.zip", 15_000)
-        assert _upload(http, fits).json()["error"]["code"] == "too_few_classes"
+        assert upload_failed(http, fits, filename=fits.name)["code"] == "too_few_classes"
+        assert _store_listing(server) == listing  # the failed one's files are removed
         usage = http.get(f"/v1/tenants/{tenant}/quotas")
         assert usage.status_code == 403  # a train key: not an admin
     usage = admin.get(f"/v1/tenants/{tenant}/quotas").json()["usage"]
+    # The failed dataset does not count toward the stored bytes.
     assert usage == {"active_jobs": 0, "stored_bytes": dataset["bytes"]}
 
 
