@@ -92,12 +92,21 @@ class _Watch(Generic[R]):
     item: R
     streams: int = 0
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    gone: bool = False  # its row was deleted: the streams end
 
     def update(self, item: R) -> None:
         if item != self.item:
             self.item = item
-            self.changed.set()
-            self.changed = asyncio.Event()
+            self._wake()
+
+    def vanish(self) -> None:
+        if not self.gone:
+            self.gone = True
+            self._wake()
+
+    def _wake(self) -> None:
+        self.changed.set()
+        self.changed = asyncio.Event()
 
 
 class Notifier(Generic[R]):
@@ -136,7 +145,8 @@ class Notifier(Generic[R]):
 
     async def events(self, ticket: StreamTicket, first: R) -> AsyncIterator[ServerSentEvent]:
         """`status` first; `progress` and `status` on changes; `done` at the end, or
-        `reconnect` after max_seconds. Cancelled by sse_starlette when the client leaves."""
+        `reconnect` after max_seconds, or `deleted` when the row goes meanwhile. Cancelled by
+        sse_starlette when the client leaves."""
         try:
             yield _event("status", first.model_dump(mode="json"))
             if not first.finished:
@@ -155,6 +165,9 @@ class Notifier(Generic[R]):
             sent = first
             while True:
                 changed, item = watch.changed, watch.item
+                if watch.gone:  # deleted (a dataset while it was being ingested)
+                    yield _event("deleted", {"id": item.id})
+                    return
                 progress = self._progress(item)
                 if progress is not None and progress != self._progress(sent):
                     yield _event("progress", {"id": item.id, **progress})
@@ -218,6 +231,10 @@ class Notifier(Generic[R]):
                 watch = self._watches.get(item.id)
                 if watch is not None:
                     watch.update(item)
+            for missing in set(ids) - {item.id for item in items}:
+                watch = self._watches.get(missing)
+                if watch is not None:
+                    watch.vanish()
 
     async def close(self) -> None:
         if self._task is not None and not self._task.done():

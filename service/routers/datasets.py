@@ -223,7 +223,8 @@ EVENTS_DOC: dict[int | str, dict[str, Any]] = {
             "DatasetPublic) first and on every state change, `progress` (data: its "
             "IngestProgress plus its `id`) when it changes, and a final `done` (data: the "
             "finished DatasetPublic). A stream open for BITSERVE_STREAM_MAX_SECONDS ends with "
-            "`reconnect` instead (data: the dataset `id`): open a new one."
+            "`reconnect` instead (data: the dataset `id`): open a new one; a dataset deleted "
+            "meanwhile ends it with `deleted` (data: its `id`)."
         ),
         "content": {"text/event-stream": {"schema": {"type": "string"}}},
     }

@@ -252,8 +252,14 @@ def test_dataset_and_job_streams_share_the_per_key_cap(
             assert time.monotonic() < deadline, "the ended stream's place was not given back"
             time.sleep(0.05)
         assert http.delete(f"/v1/datasets/{processing}").status_code == 204
-    # `first` is still open: a dataset deleted under its stream does not end it (the notifier
-    # never reads the row again); it ends when the server stops, at the end of the test.
+        # A dataset deleted under its stream ends it: `deleted`, and its place is given back.
+        events = first.ended(30)
+        assert [name for name, _ in events] == ["status", "deleted"]
+        assert events[-1][1] == {"id": processing}
+        deadline = time.monotonic() + 10
+        while state.dataset_events.streams:
+            assert time.monotonic() < deadline, state.dataset_events.streams
+            time.sleep(0.05)
 
 
 def _assert_not_ready(http: httpx.Client, dataset_id: str, status: str) -> None:
