@@ -45,7 +45,10 @@ def valid_body(world: World, method: str, path: str, body: Any) -> Any:
     if (method, path) == ("POST", "/v1/jobs"):
         return bodies["job"]
     if (method, path) == ("POST", "/v1/datasets"):
-        return bodies["dataset"]
+        # Multipart (an archive) or JSON (a source): a JSON case cannot carry the archive's
+        # bytes; a source under no allowed bucket still reaches the route's checks.
+        multipart = isinstance(body, dict) and "file" in body and "source" not in body
+        return bodies["dataset"] if multipart else bodies["dataset_source"]
     if path.endswith("/predict"):
         multipart = isinstance(body, dict) and "files" in body
         return bodies["predict_files"] if multipart else bodies["predict_json"]

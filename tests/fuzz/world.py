@@ -120,6 +120,7 @@ def populate(server: LiveServer, http: httpx.Client) -> World:
             "predict_json": {"instances": [{"image_b64": image}]},
             "predict_files": {"files": [png(1), png(2)]},
             "dataset": {"file": dataset_zip(), "name": "fuzzed"},
+            "dataset_source": {"source": "s3://fuzz-bucket/images/", "name": "fuzzed"},
         },
     )
 

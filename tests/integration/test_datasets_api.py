@@ -149,9 +149,16 @@ def test_wrong_type_is_judged_by_content(client: httpx.Client, tmp_path: Path) -
     )
     assert response.status_code == 415
     assert response.json()["error"]["code"] == "unsupported_media_type"
-    # Not multipart at all.
-    response = client.post("/v1/datasets", json={"file": "x"})
+    # Neither multipart nor JSON (JSON is a dataset source: tests/integration/
+    # test_dataset_sources.py).
+    response = client.post(
+        "/v1/datasets", content=b"file=x", headers={"content-type": "text/plain"}
+    )
     assert response.status_code == 415
+    # JSON without a source: the body's checks name the field.
+    response = client.post("/v1/datasets", json={"file": "x"})
+    assert response.status_code == 422
+    assert response.json()["error"]["code"] == "invalid_request"
     # Multipart without the file part.
     response = client.post("/v1/datasets", files=[("name", (None, b"x"))])  # type: ignore[list-item]
     assert response.status_code == 422

@@ -137,7 +137,8 @@ def test_a_job_resumes_on_another_node_from_the_published_checkpoint(
         assert sorted(paths) == [f"{step_dir}/state.json", f"{step_dir}/state.safetensors"]
         published = int(step_dir.removeprefix("step-"))
         assert published > 0 and published % EVERY == 0 and published < STEPS, (published, log_a)
-        assert f"checkpoint of step {published} published in" in log_a
+        # (A's "checkpoint of step N published" log line may not be written: the SIGKILL can
+        # land between the manifest's write, which the loop above waits for, and the line.)
         # Only the latest checkpoint is kept: no objects of an earlier step remain.
         assert job_keys(bucket, job_id) == sorted(
             [f"bitserve/jobs/{job_id}.manifest.json"]
