@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import threading
 import time
 from collections.abc import Sequence
@@ -29,7 +30,7 @@ from PIL import Image
 from torch import nn
 
 from bitcore.artifacts import load_model
-from bitcore.export import ensure_onnx, export_onnx_bytes
+from bitcore.export import ExportError, ensure_onnx, export_onnx_bytes
 from bitcore.devices import select_device, uses_bf16_autocast
 from bitcore.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
 from bitcore.layers import fold_weight_standardization
@@ -42,6 +43,7 @@ from bitcore.runtimes import (
 )
 from bitcore.transforms import eval_preprocess
 
+log = logging.getLogger(__name__)
 ImageInput = Image.Image | bytes | bytearray
 Prediction = list[tuple[str, float]]
 
@@ -127,7 +129,10 @@ class Predictor:
         prepared = _prepare(model, target, fold_ws=fold_ws)
         onnx_model = None
         if runtime == ONNXRUNTIME:
-            onnx_model = ensure_onnx(artifact_dir, model=prepared, meta=meta)
+            try:
+                onnx_model = ensure_onnx(artifact_dir, model=prepared, meta=meta)
+            except ExportError as exc:  # over ONNX's 2 GiB: still served, by eager
+                log.warning("%s is served by PyTorch eager: %s", meta.model_name, exc)
         return cls(
             prepared,
             meta.classes,
