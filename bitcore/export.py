@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bitcore.artifacts import INPUT_MEAN, INPUT_STD, ArtifactMetadata, load_model
+from bitcore.artifacts import INPUT_MEAN, INPUT_RESIZE, INPUT_STD, ArtifactMetadata, load_model
 from bitcore.atomic import atomic_write
 from bitcore.layers import StdConv2d, fold_weight_standardization
 
@@ -43,7 +43,7 @@ FORMAT = "bitserve-onnx"
 EXPORT_VERSION = "1"
 # protobuf's hard limit for one message, less room for the graph itself.
 MAX_WEIGHT_BYTES = (2 << 30) - (64 << 20)
-RESIZE = "bilinear, whole image squashed to crop x crop (aspect ratio not kept, nothing cut off)"
+RESIZE = INPUT_RESIZE
 
 
 class ExportError(ValueError):
@@ -97,7 +97,7 @@ def export_onnx_bytes(
         torch.onnx.export(
             module,
             (example,),
-            buffer,
+            buffer,  # type: ignore[arg-type]  # the TorchScript exporter takes a binary stream
             dynamo=False,
             opset_version=opset,
             input_names=[INPUT_NAME],

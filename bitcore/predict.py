@@ -30,8 +30,8 @@ from PIL import Image
 from torch import nn
 
 from bitcore.artifacts import load_model
-from bitcore.export import ExportError, ensure_onnx, export_onnx_bytes
 from bitcore.devices import select_device, uses_bf16_autocast
+from bitcore.export import ExportError, ensure_onnx, export_onnx_bytes
 from bitcore.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
 from bitcore.layers import fold_weight_standardization
 from bitcore.runtimes import (

@@ -74,6 +74,10 @@ class OnnxRuntimeForward:
         # ORT's logging goes to stderr by default; errors only (warnings are about node
         # placement on the CPU provider, expected for shape ops).
         options.log_severity_level = 3
+        # No busy-waiting between runs: ORT's idle pool threads otherwise spin on the cores
+        # and starve what runs next there (image decoding, another model's eager forward;
+        # measured: eager beside a spinning session ran up to 50x slower on 2 cores).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.providers = _providers(device, ort.get_available_providers())
         source = str(model) if isinstance(model, Path) else model
         self.session = ort.InferenceSession(source, options, providers=self.providers)

@@ -34,10 +34,9 @@ CROP = 32
 def _model(seed: int = 0, name: str = MODEL, classes: int = len(CLASSES)) -> ResNetV2:
     torch.manual_seed(seed)
     model = create_model(name, classes).eval()
-    # A non-zero head (create_model zero-initialises it): otherwise every logit is 0 and any
-    # graph, right or wrong, would agree. Small enough for logits of a few units (a random
-    # R50's features are large: std 0.5 gives logits ~20, where float32's own rounding in
-    # eager, measured against float64, is already 4e-4).
+    # A head of a set scale: logits of a few units, so that scores clearly differ between
+    # images and a wrong graph cannot hide in near-uniform scores; not ~20 (std 0.5 on a random
+    # R50), where float32's own rounding in eager, against float64, is already 4e-4.
     torch.nn.init.normal_(model.head.conv.weight, std=0.1)
     return model
 

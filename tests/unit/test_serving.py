@@ -58,7 +58,9 @@ def _sample(metrics: Metrics, name: str) -> float:
 
 
 def test_concurrent_requests_are_batched_split_and_exact(tmp_path: Path) -> None:
-    settings = _settings(tmp_path)
+    # Eager, to the reference's 1e-6: batching itself changes no score. (The onnxruntime
+    # default differs from eager by ~1e-6 here: compared in its own test below, at 1e-5.)
+    settings = _settings(tmp_path, predict_runtime="torch")
     storage = Storage(settings.artifact_root)
     model_id = _save_model(storage)
     images = _images(10)
@@ -248,8 +250,7 @@ def test_a_damaged_artifact_fails_that_model_only_is_logged_once_and_not_cached(
 
 
 def _save_model_with_head(storage: Storage) -> str:
-    """A model whose head is not zero (create_model's is): with all logits 0, every graph,
-    right or wrong, gives the same uniform scores."""
+    """A model with a head of a set scale: scores far from uniform, so a wrong graph shows."""
     model_id = new_id("mdl")
     torch.manual_seed(0)
     model = create_model("tiny-R10x0.25", len(CLASSES))
