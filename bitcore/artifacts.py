@@ -33,6 +33,11 @@ METADATA_FILE = "metadata.json"
 # The BiT input convention: RGB in [-1, 1] = (x/255 - 0.5) / 0.5.
 INPUT_MEAN = (0.5, 0.5, 0.5)
 INPUT_STD = (0.5, 0.5, 0.5)
+# How an image becomes the crop (bitcore.transforms.eval_preprocess): recorded with the model so
+# that its downloaded artifact (.zip or .onnx) can be used without bitserve.
+INPUT_RESIZE = (
+    "bilinear, whole image squashed to crop x crop (aspect ratio not kept, nothing cut off)"
+)
 
 
 HASH_CHUNK_BYTES = 1 << 20
@@ -66,7 +71,12 @@ class ArtifactMetadata:
             "model_name": self.model_name,
             "base_model": self.base_model,
             "classes": list(self.classes),
-            "input": {"crop": self.crop, "mean": list(INPUT_MEAN), "std": list(INPUT_STD)},
+            "input": {
+                "crop": self.crop,
+                "mean": list(INPUT_MEAN),
+                "std": list(INPUT_STD),
+                "resize": INPUT_RESIZE,
+            },
             "plan": self.plan,
             "metrics": self.metrics,
             "extra": without_host_paths(self.extra),

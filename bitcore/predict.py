@@ -9,12 +9,17 @@ image exactly the answer it would get alone: the service may batch freely.
 
 Decoding/preprocessing (`preprocess`) is separate from the forward pass (`predict_tensor`) so
 the service can decode in a thread pool and send many requests' tensors through one forward.
+
+The forward runs on a runtime (bitcore.runtimes): "torch" (eager) or "onnxruntime" (the graph
+bitcore.export writes, cached as model.onnx in the artifact's folder). A runtime other than
+eager is checked against eager at load and refused (RuntimeMismatch) if they disagree.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import threading
 import time
 from collections.abc import Sequence
@@ -26,10 +31,19 @@ from torch import nn
 
 from bitcore.artifacts import load_model
 from bitcore.devices import select_device, uses_bf16_autocast
+from bitcore.export import ExportError, ensure_onnx, export_onnx_bytes
 from bitcore.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
 from bitcore.layers import fold_weight_standardization
+from bitcore.runtimes import (
+    ONNXRUNTIME,
+    TORCH,
+    OnnxRuntimeForward,
+    check_against_eager,
+    validate_runtime,
+)
 from bitcore.transforms import eval_preprocess
 
+log = logging.getLogger(__name__)
 ImageInput = Image.Image | bytes | bytearray
 Prediction = list[tuple[str, float]]
 
@@ -61,8 +75,13 @@ class Predictor:
         model_name: str,
         max_batch_size: int | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        onnx_model: str | Path | bytes | None = None,
     ) -> None:
-        """Wrap an already prepared model; use `load` or `from_model` to build one."""
+        """Wrap an already prepared model; use `load` or `from_model` to build one.
+
+        With `onnx_model` (a path or the bytes of its export) the forward runs on ONNX Runtime,
+        after a check against `model` (eager) that raises RuntimeMismatch if they disagree.
+        """
         if not classes:
             raise ValueError("a predictor needs at least one class")
         if crop < 1:
@@ -80,6 +99,13 @@ class Predictor:
         self.autocast = uses_bf16_autocast(device)
         self.channels_last = device.type == "cuda"
         self._lock = threading.Lock()
+        self.runtime = TORCH
+        self.runtime_max_diff: float | None = None  # the load check's figure (None: eager)
+        self._onnx: OnnxRuntimeForward | None = None
+        if onnx_model is not None:
+            onnx = OnnxRuntimeForward(onnx_model, device)
+            self.runtime_max_diff = check_against_eager(model, onnx, self.crop)
+            self._onnx, self.runtime = onnx, ONNXRUNTIME
 
     @classmethod
     def load(
@@ -90,11 +116,23 @@ class Predictor:
         fold_ws: bool = True,
         max_batch_size: int | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        runtime: str = TORCH,
     ) -> Predictor:
-        """Load a saved artifact (safetensors + metadata.json) for inference."""
+        """Load a saved artifact (safetensors + metadata.json) for inference.
+
+        runtime="onnxruntime" exports the model to the artifact's model.onnx first unless a
+        current export is already there (bitcore.export.ensure_onnx).
+        """
+        validate_runtime(runtime)
         target = select_device(str(device) if device is not None else None)
         model, meta = load_model(artifact_dir, device="cpu")
         prepared = _prepare(model, target, fold_ws=fold_ws)
+        onnx_model = None
+        if runtime == ONNXRUNTIME:
+            try:
+                onnx_model = ensure_onnx(artifact_dir, model=prepared, meta=meta)
+            except ExportError as exc:  # over ONNX's 2 GiB: still served, by eager
+                log.warning("%s is served by PyTorch eager: %s", meta.model_name, exc)
         return cls(
             prepared,
             meta.classes,
@@ -103,6 +141,7 @@ class Predictor:
             model_name=meta.model_name,
             max_batch_size=max_batch_size,
             max_pixels=max_pixels,
+            onnx_model=onnx_model,
         )
 
     @classmethod
@@ -117,21 +156,30 @@ class Predictor:
         model_name: str | None = None,
         max_batch_size: int | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        runtime: str = TORCH,
     ) -> Predictor:
-        """A predictor for an in-memory model. The caller's model is copied, never modified."""
+        """A predictor for an in-memory model. The caller's model is copied, never modified.
+
+        runtime="onnxruntime" exports it in memory (nothing is written)."""
+        validate_runtime(runtime)
         num_outputs = getattr(model, "num_classes", None)
         if isinstance(num_outputs, int) and num_outputs != len(classes):
             raise ValueError(f"model has {num_outputs} outputs but {len(classes)} classes given")
         target = select_device(str(device) if device is not None else None)
         prepared = _prepare(copy.deepcopy(model), target, fold_ws=fold_ws)
+        name = model_name or type(model).__name__
+        onnx_model = None
+        if runtime == ONNXRUNTIME:
+            onnx_model = export_onnx_bytes(prepared, crop=crop, classes=classes, model_name=name)
         return cls(
             prepared,
             classes,
             crop,
             target,
-            model_name=model_name or type(model).__name__,
+            model_name=name,
             max_batch_size=max_batch_size,
             max_pixels=max_pixels,
+            onnx_model=onnx_model,
         )
 
     @property
@@ -190,6 +238,18 @@ class Predictor:
         return time.perf_counter() - start
 
     def _forward(self, chunk: torch.Tensor) -> torch.Tensor:
+        if self._onnx is not None:
+            with self._lock:
+                probs = self._onnx(chunk).softmax(dim=1)
+        else:
+            probs = self._forward_eager(chunk)
+        if probs.shape[1] != self.num_classes:
+            raise RuntimeError(
+                f"model gave {probs.shape[1]} outputs for {self.num_classes} classes"
+            )
+        return probs
+
+    def _forward_eager(self, chunk: torch.Tensor) -> torch.Tensor:
         memory_format = torch.channels_last if self.channels_last else torch.preserve_format
         with self._lock, torch.inference_mode():
             x = chunk.to(self.device, memory_format=memory_format, non_blocking=True)
@@ -201,12 +261,7 @@ class Predictor:
             with autocast:
                 logits = self.model(x)
             # Softmax in float32 even under bf16 autocast: scores are reported to clients.
-            probs = logits.float().softmax(dim=1).cpu()
-        if probs.shape[1] != self.num_classes:
-            raise RuntimeError(
-                f"model gave {probs.shape[1]} outputs for {self.num_classes} classes"
-            )
-        return probs
+            return logits.float().softmax(dim=1).cpu()
 
 
 def top_k_labels(probs: torch.Tensor, classes: Sequence[str], top_k: int) -> list[Prediction]:

@@ -338,14 +338,21 @@ class BitserveClient:
     def delete_model(self, model_id: str) -> None:
         self._request("DELETE", f"/v1/models/{_seg(model_id)}")
 
-    def download_artifact(self, model_id: str, dest: str | os.PathLike[str]) -> Path:
-        """Save the model's artifact (.zip: safetensors weights + metadata.json) to `dest` (a
-        file, or a folder to put `<model_id>.zip` in); the file appears only once complete."""
+    def download_artifact(
+        self, model_id: str, dest: str | os.PathLike[str], *, format: str = "safetensors"
+    ) -> Path:
+        """Save the model's artifact to `dest` (a file, or a folder to put `<model_id>.zip` or
+        `<model_id>.onnx` in); the file appears only once complete. format="safetensors": a
+        .zip of the weights and metadata.json; format="onnx": the ONNX graph (exported by the
+        server on first request; input and preprocessing in its metadata_props)."""
+        if format not in ("safetensors", "onnx"):
+            raise ValueError(f"format must be 'safetensors' or 'onnx', got {format!r}")
         target = Path(dest)
         if target.is_dir():
-            target = target / f"{model_id}.zip"
+            target = target / f"{model_id}.{'onnx' if format == 'onnx' else 'zip'}"
         partial = target.with_name(target.name + ".part")
-        with self._stream("GET", f"/v1/models/{_seg(model_id)}/artifact") as response:
+        path = f"/v1/models/{_seg(model_id)}/artifact"
+        with self._stream("GET", path, params={"format": format}) as response:
             try:
                 with partial.open("wb") as out:
                     for chunk in response.iter_bytes(1 << 20):
@@ -461,9 +468,12 @@ class BitserveClient:
         *,
         headers: dict[str, str] | None = None,
         timeout: httpx.Timeout | None = None,
+        params: dict[str, str] | None = None,
     ) -> Iterator[httpx.Response]:
         wait = timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT
-        with self._http.stream(method, path, headers=headers, timeout=wait) as response:
+        with self._http.stream(
+            method, path, headers=headers, timeout=wait, params=params
+        ) as response:
             if response.status_code >= 400:
                 response.read()
                 raise ApiError.from_response(response)

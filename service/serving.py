@@ -40,7 +40,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from bitcore.artifacts import METADATA_FILE, WEIGHTS_FILE, ArtifactError, ArtifactMissing
+from bitcore.export import ONNX_FILE
 from bitcore.predict import Prediction, Predictor, top_k_labels
+from bitcore.runtimes import RuntimeMismatch
 from service.object_store import ObjectCorrupt, ObjectMissing, ObjectStoreError
 
 if TYPE_CHECKING:
@@ -49,6 +51,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 ARTIFACT_FILES = (WEIGHTS_FILE, METADATA_FILE)
+# A refused export (RuntimeMismatch) is tried again once any of these files changes.
+SIGNATURE_FILES = (*ARTIFACT_FILES, ONNX_FILE)
 
 
 class Overloaded(Exception):
@@ -361,7 +365,7 @@ class ModelCache:
         """(size, mtime, inode) of each artifact file: changes when a file is replaced."""
         directory = self.storage.model_dir(model_id)
         signature: list[tuple[int, int, int] | None] = []
-        for name in ARTIFACT_FILES:
+        for name in SIGNATURE_FILES:
             try:
                 stat = (directory / name).stat()
             except OSError:
@@ -406,6 +410,7 @@ class ModelCache:
                 max_batch_size=int(self.settings.predict_max_batch_size),
                 # Lower than for datasets: a predict image is decoded on the request path.
                 max_pixels=int(self.settings.predict_max_image_pixels),
+                runtime=self.settings.predict_runtime,
             )
             warmup = predictor.warmup()
         except (ArtifactMissing, ObjectMissing) as exc:
@@ -422,6 +427,12 @@ class ModelCache:
                 "(other models are not affected); restore the file, or train it again",
                 CORRUPT_RETRY_AFTER_S,
             ) from exc
+        except RuntimeMismatch as exc:  # the runtime's answers are not eager's: never serve them
+            raise ModelUnavailable(
+                "model_unavailable",
+                f"model {model_id} cannot be served: {exc}",
+                CORRUPT_RETRY_AFTER_S,
+            ) from exc
         except Exception as exc:  # unreadable file, an error in the warm-up: never a 500
             raise ModelUnavailable(
                 "model_unavailable",
@@ -429,10 +440,11 @@ class ModelCache:
                 UNAVAILABLE_RETRY_AFTER_S,
             ) from exc
         log.info(
-            "loaded model %s (%s, %d classes) in %.2f s, warm-up %.3f s",
+            "loaded model %s (%s, %d classes, %s) in %.2f s, warm-up %.3f s",
             model_id,
             predictor.model_name,
             predictor.num_classes,
+            predictor.runtime,
             time.perf_counter() - started,
             warmup,
         )

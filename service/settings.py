@@ -91,6 +91,10 @@ class Settings(BaseSettings):
     # better under load and 15% worse at one request in flight.
     predict_max_queue_delay_ms: float = Field(default=0.0, ge=0)
     model_cache_size: int = Field(default=4, gt=0)
+    # Where the forward runs (bitcore.runtimes): PyTorch eager, or ONNX Runtime on the exported
+    # graph, checked against eager at load. Default from benchmarks/RESULTS.md, "Inference
+    # runtimes (issue 13)".
+    predict_runtime: Literal["torch", "onnxruntime"] = "onnxruntime"
     predict_max_images_per_request: int = Field(default=64, gt=0)
     # A predict request body (all its images, multipart or base64 JSON): 413 past it.
     predict_max_request_bytes: int = Field(default=64 * 1024 * 1024, gt=0)

@@ -7,12 +7,15 @@ enforced while it streams (FastAPI's own form parsing would accept any size).
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from pathlib import Path
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import StreamingResponse
+from fastapi.responses import FileResponse, StreamingResponse
 
+from bitcore.artifacts import ArtifactError
+from bitcore.export import ExportError, ensure_onnx
 from bitcore.predict import InputImageError
 from service import models_store as store
 from service import quotas
@@ -97,10 +100,16 @@ PREDICT_BODY_DOC: dict[str, Any] = {
 
 ARTIFACT_DOC: dict[int | str, dict[str, Any]] = {
     200: {
-        "description": "the model's weights (safetensors) and metadata.json, as a .zip",
-        "content": {"application/zip": {"schema": {"type": "string", "format": "binary"}}},
+        "description": "format=safetensors: the model's weights (safetensors) and "
+        "metadata.json, as a .zip; format=onnx: the ONNX graph (WS folded, dynamic batch, "
+        "input and preprocessing in its metadata_props)",
+        "content": {
+            "application/zip": {"schema": {"type": "string", "format": "binary"}},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        },
     }
 }
+ArtifactFormat = Literal["safetensors", "onnx"]
 
 
 @router.get("", response_model=Page[ModelPublic], dependencies=READ, responses=error_responses(400))
@@ -133,18 +142,46 @@ async def delete_model(
     "/{model_id}/artifact",
     response_class=StreamingResponse,
     dependencies=TRAIN,
-    responses={**ARTIFACT_DOC, **error_responses(404, 410, 503)},
+    responses={**ARTIFACT_DOC, **error_responses(404, 410, 422, 503)},
 )
 def download_artifact(
-    model_id: str, session: SessionDep, storage: StorageDep, tenant: TenantDep
-) -> StreamingResponse:
+    model_id: str,
+    session: SessionDep,
+    storage: StorageDep,
+    tenant: TenantDep,
+    format: Annotated[
+        ArtifactFormat, Query(description="safetensors (.zip, the default) or onnx (.onnx)")
+    ] = "safetensors",
+) -> Response:
     store.get_model(session, tenant, model_id)
     files = store.artifact_files(storage, model_id)
+    if format == "onnx":
+        return FileResponse(
+            _onnx_file(files[0].parent, model_id),
+            media_type="application/octet-stream",
+            filename=f"{model_id}.onnx",
+        )
     return StreamingResponse(
         store.iter_artifact_zip(files),
         media_type="application/zip",
         headers={"Content-Disposition": f'attachment; filename="{model_id}.zip"'},
     )
+
+
+def _onnx_file(directory: Path, model_id: str) -> Path:
+    """The model's export, made on the first request and kept in its local folder (a sync
+    route: this runs in the thread pool, not on the event loop)."""
+    try:
+        return ensure_onnx(directory)
+    except ExportError as exc:  # over ONNX's 2 GiB
+        raise InvalidRequest("onnx_unsupported", str(exc), {"model_id": model_id}) from exc
+    except ArtifactError as exc:  # the weights fail their checksum: nothing to export
+        raise Unavailable(
+            "model_artifact_corrupt",
+            f"the artifact of model {model_id} on the server is damaged: it cannot be exported",
+            {"model_id": model_id},
+            retry_after=60,
+        ) from exc
 
 
 @router.post(

@@ -178,7 +178,12 @@ def check_loop(result: LoopResult) -> None:
     assert model["job_id"] == result.job["id"]
     assert model["base_model"] == "tiny-R10x0.25"
     assert model["classes"] == sorted(CLASSES)
-    assert model["input"] == {"crop": 32, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
+    assert {k: model["input"][k] for k in ("crop", "mean", "std")} == {
+        "crop": 32,
+        "mean": [0.5, 0.5, 0.5],
+        "std": [0.5, 0.5, 0.5],
+    }
+    assert model["input"]["resize"].startswith("bilinear, whole image squashed")
     assert model["plan"]["total_steps"] == OVERRIDES["steps"]
     metrics = model["metrics"]
     assert [c["label"] for c in metrics["per_class"]] == sorted(CLASSES)

@@ -277,6 +277,16 @@ def test_full_loop_create_wait_predict_download(job_server: JobServer, tmp_path:
             assert [g["score"] for g in got] == pytest.approx([s for _, s in want], abs=1e-5)
             assert sum(g["score"] for g in got) == pytest.approx(1.0, abs=1e-5)
 
+        # The ONNX export: its own file name, a graph with the model's classes.
+        onnx_file = api.download_artifact(model_id, tmp_path, format="onnx")
+        assert onnx_file == tmp_path / f"{model_id}.onnx"
+        import onnx
+
+        props = {p.key: p.value for p in onnx.load(str(onnx_file)).metadata_props}
+        assert props["model_name"] == "tiny-R10x0.25" and props["output.name"] == "logits"
+        with pytest.raises(ValueError, match="format must be"):
+            api.download_artifact(model_id, tmp_path, format="pt")
+
         api.delete_model(model_id)
         with pytest.raises(ApiError) as caught:
             api.get_model(model_id)

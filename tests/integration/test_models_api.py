@@ -305,6 +305,49 @@ def test_artifact_zip_holds_weights_and_metadata(
             assert archive.read(name) == (directory / name).read_bytes()
 
 
+def test_artifact_onnx_is_exported_once_and_matches_eager(
+    client: httpx.Client, live_server_instance: LiveServer, random_model: str
+) -> None:
+    import json
+
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    from bitcore.runtimes import check_inputs
+
+    directory = live_server_instance.app.state.storage.model_dir(random_model)
+    response = client.get(f"/v1/models/{random_model}/artifact", params={"format": "onnx"})
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "application/octet-stream"
+    assert f'filename="{random_model}.onnx"' in response.headers["content-disposition"]
+    cached = directory / "model.onnx"
+    assert response.content == cached.read_bytes()  # exported into the model's folder
+    stamp = cached.stat().st_mtime_ns, cached.stat().st_ino
+    again = client.get(f"/v1/models/{random_model}/artifact", params={"format": "onnx"})
+    assert again.content == response.content
+    assert (cached.stat().st_mtime_ns, cached.stat().st_ino) == stamp  # not exported again
+
+    proto = onnx.load_from_string(response.content)
+    props = {p.key: p.value for p in proto.metadata_props}
+    assert json.loads(props["classes"]) == CLASSES and props["input.crop"] == "32"
+    session = ort.InferenceSession(response.content, providers=["CPUExecutionProvider"])
+    inputs = check_inputs(32, count=3)
+    (logits,) = session.run(None, {"input": inputs.numpy()})
+    eager = Predictor.load(directory, "cpu", runtime="torch")
+    expected = eager.predict_tensor(inputs).numpy()
+    got = torch.from_numpy(logits).softmax(dim=1).numpy()
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+    # The default is still the .zip; an unknown format is a 422.
+    plain = client.get(f"/v1/models/{random_model}/artifact")
+    assert plain.headers["content-type"] == "application/zip"
+    assert_error(
+        client.get(f"/v1/models/{random_model}/artifact", params={"format": "pt"}),
+        422,
+        "invalid_request",
+    )
+
+
 def test_delete_removes_row_files_and_cached_model(
     client: httpx.Client, live_server_instance: LiveServer
 ) -> None:

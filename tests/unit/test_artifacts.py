@@ -79,7 +79,13 @@ def test_metadata_file_is_plain_json(artifact):
     path, _ = artifact
     data = json.loads((path / METADATA_FILE).read_text())
     assert data["format"] == "bitserve-artifact" and data["format_version"] == 1
-    assert data["input"] == {"crop": 64, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
+    assert data["input"] == {
+        "crop": 64,
+        "mean": [0.5, 0.5, 0.5],
+        "std": [0.5, 0.5, 0.5],
+        "resize": "bilinear, whole image squashed to crop x crop (aspect ratio not kept, "
+        "nothing cut off)",
+    }
     assert data["classes"] == CLASSES
     assert data["weights_sha256"] == hashlib.sha256((path / WEIGHTS_FILE).read_bytes()).hexdigest()
     assert replace(load_metadata(path), weights_sha256=None) == metadata()

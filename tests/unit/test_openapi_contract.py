@@ -19,7 +19,11 @@ from service.settings import Settings
 
 METHODS = ("get", "post", "put", "patch", "delete")
 # Answers that are not JSON: the artifact download and the job event stream.
-NON_JSON = {"application/zip": "binary", "text/event-stream": None}
+NON_JSON = {
+    "application/zip": "binary",
+    "application/octet-stream": "binary",  # the .onnx export
+    "text/event-stream": None,
+}
 
 
 @pytest.fixture(scope="module")

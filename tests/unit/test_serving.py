@@ -58,7 +58,9 @@ def _sample(metrics: Metrics, name: str) -> float:
 
 
 def test_concurrent_requests_are_batched_split_and_exact(tmp_path: Path) -> None:
-    settings = _settings(tmp_path)
+    # Eager, to the reference's 1e-6: batching itself changes no score. (The onnxruntime
+    # default differs from eager by ~1e-6 here: compared in its own test below, at 1e-5.)
+    settings = _settings(tmp_path, predict_runtime="torch")
     storage = Storage(settings.artifact_root)
     model_id = _save_model(storage)
     images = _images(10)
@@ -241,6 +243,63 @@ def test_a_damaged_artifact_fails_that_model_only_is_logged_once_and_not_cached(
         assert len(errors) == 1 and str(weights) in errors[0].getMessage()
         weights.write_bytes(intact)  # restored by the operator: loaded on the next request
         assert len(await cache.predict(bad, _images(1), top_k=1)) == 1
+        assert sorted(cache.loaded) == sorted([good, bad])
+        await cache.close()
+
+    asyncio.run(scenario())
+
+
+def _save_model_with_head(storage: Storage) -> str:
+    """A model with a head of a set scale: scores far from uniform, so a wrong graph shows."""
+    model_id = new_id("mdl")
+    torch.manual_seed(0)
+    model = create_model("tiny-R10x0.25", len(CLASSES))
+    torch.nn.init.normal_(model.head.conv.weight, std=0.1)
+    save_artifact(
+        storage.model_dir(model_id), model, ArtifactMetadata("tiny-R10x0.25", CLASSES, 32)
+    )
+    return model_id
+
+
+def test_onnxruntime_serves_eager_answers_and_a_broken_export_is_refused(tmp_path: Path) -> None:
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from bitcore.export import ONNX_FILE
+
+    settings = _settings(tmp_path, predict_runtime="onnxruntime")
+    storage = Storage(settings.artifact_root)
+    good, bad = _save_model_with_head(storage), _save_model_with_head(storage)
+    images = _images(3)
+    expected = Predictor.load(storage.model_dir(good), "cpu").predict(images, top_k=3)
+    # `bad`: exported, then one kernel altered in the file (its metadata still claims to be
+    # the current export of these weights, so it is not re-exported).
+    onnx_path = storage.model_dir(bad) / ONNX_FILE
+    Predictor.load(storage.model_dir(bad), "cpu", runtime="onnxruntime")
+    proto = onnx.load(str(onnx_path))
+    kernel = max(proto.graph.initializer, key=lambda t: int(np.prod(t.dims)))
+    array = numpy_helper.to_array(kernel)
+    noise = np.random.default_rng(0).standard_normal(array.shape) * array.std() * 0.2
+    kernel.CopyFrom(numpy_helper.from_array((array + noise).astype(np.float32), kernel.name))
+    onnx.save(proto, str(onnx_path))
+
+    async def scenario() -> None:
+        cache = ModelCache(settings, storage)
+        got = await cache.predict(good, images, top_k=3)
+        assert (await cache.get(good)).runtime == "onnxruntime"
+        assert (storage.model_dir(good) / ONNX_FILE).is_file()  # exported at first load
+        for mine, reference in zip(got, expected, strict=True):
+            assert [label for label, _ in mine] == [label for label, _ in reference]
+            for (_, a), (_, b) in zip(mine, reference, strict=True):
+                assert a == pytest.approx(b, abs=1e-5)
+        with pytest.raises(ModelUnavailable) as caught:
+            await cache.predict(bad, images, top_k=1)
+        assert caught.value.code == "model_unavailable" and caught.value.retry_after == 60
+        assert "onnxruntime runtime disagrees with PyTorch eager" in str(caught.value)
+        assert cache.loaded == [good]
+        onnx_path.unlink()  # the operator removes the bad file: exported afresh, served
+        assert len(await cache.predict(bad, images, top_k=1)) == 3
         assert sorted(cache.loaded) == sorted([good, bad])
         await cache.close()
 
