@@ -209,6 +209,7 @@ class InputSpec(TypedDict):
     crop: int
     mean: list[float]
     std: list[float]
+    resize: str  # e.g. "bilinear, whole image squashed to crop x crop (...)"
 
 
 class Model(TypedDict):

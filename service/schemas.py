@@ -14,6 +14,7 @@ from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import Field
 
+from bitcore.artifacts import INPUT_RESIZE
 from bitcore.train.callbacks import Progress
 from service import datasets
 from service.api_keys import Scope
@@ -291,6 +292,8 @@ class InputSpec(Schema):
     crop: int
     mean: list[float]
     std: list[float]
+    # Models made before the field was recorded were preprocessed the same way.
+    resize: str = Field(default=INPUT_RESIZE, description="how the image becomes crop x crop")
 
 
 class ModelPublic(Schema):

@@ -144,7 +144,12 @@ def test_bitserve_up_runs_the_loop_and_stops_cleanly(up: Up, tmp_path: Path) -> 
     assert (up.home / "bitserve.db").is_file()
     assert (up.home / "broker.db").is_file()
     model_dir = up.home / "store" / "models" / result.model["id"]
-    assert sorted(p.name for p in model_dir.iterdir()) == ["metadata.json", "model.safetensors"]
+    # The artifact, and the ONNX graph the gateway exported to serve it (the default runtime).
+    assert sorted(p.name for p in model_dir.iterdir()) == [
+        "metadata.json",
+        "model.onnx",
+        "model.safetensors",
+    ]
     # Ingested: the dataset's files are published, the uploaded archive is gone.
     assert (up.home / "store" / "datasets" / result.dataset["id"]).is_dir()
     assert not (up.home / "store" / "uploads" / result.dataset["id"]).exists()

@@ -170,8 +170,11 @@ def test_upload_train_and_serve_across_nodes_with_private_roots(
     response = predict(server_a, model_id)
     assert response.status_code == 200, response.text
     assert len(response.json()["predictions"]) == len(CLASSES)
+    # The fetched artifact, and the ONNX graph this gateway exported from it to serve it
+    # (BITSERVE_PREDICT_RUNTIME=onnxruntime, the default): a local derivative, never published.
     assert files_under(api_a.artifact_root / "models" / model_id) == {
         "metadata.json",
+        "model.onnx",
         "model.safetensors",
     }
 
