@@ -243,22 +243,8 @@ def accept_upload(
     try:
         with disk_full_as("the dataset"):
             storage.store_upload(dataset_id, archive, kind)
-        row = Dataset(
-            id=dataset_id,
-            tenant_id=tenant_id,
-            name=name,
-            status=ingest_runs.PROCESSING,
-            num_images=0,
-            num_classes=0,
-            classes=[],
-            image_size={},
-            rejected=[],
-            rejected_counts={},
-            bytes=size,
-            storage_key=storage.key(storage.dataset_dir(dataset_id)),
-            ingest={"kind": kind, "options": ingest_options(settings)},
-            progress={"phase": "queued"},
-        )
+        ingest = {"kind": kind, "options": ingest_options(settings)}
+        row = _processing_row(dataset_id, tenant_id, name, size, ingest)
         with db.session() as session:
             # Under the tenant's lock: concurrent uploads cannot both fit the last bytes.
             quotas.check_stored_bytes(session, tenant_id, settings, size)
@@ -288,7 +274,20 @@ def register_source(
     known once ingested (then counted against the tenant's max_stored_bytes); a tenant
     already past that quota is refused now (QuotaExceeded)."""
     dataset_id = new_id("ds")
-    row = Dataset(
+    ingest = {"source": source.to_dict(), "options": ingest_options(settings)}
+    row = _processing_row(dataset_id, tenant_id, name, 0, ingest)
+    with db.session() as session:
+        quotas.check_stored_bytes(session, tenant_id, settings, 0)
+        session.add(row)
+    _send(db, broker, dataset_id)
+    return row
+
+
+def _processing_row(
+    dataset_id: str, tenant_id: str | None, name: str, size: int, ingest: dict[str, Any]
+) -> Dataset:
+    """A dataset waiting for its ingest worker: nothing known of its images yet."""
+    return Dataset(
         id=dataset_id,
         tenant_id=tenant_id,
         name=name,
@@ -299,16 +298,11 @@ def register_source(
         image_size={},
         rejected=[],
         rejected_counts={},
-        bytes=0,
-        storage_key=f"datasets/{dataset_id}",
-        ingest={"source": source.to_dict(), "options": ingest_options(settings)},
+        bytes=size,
+        storage_key=f"datasets/{dataset_id}",  # Storage.dataset_dir's key
+        ingest=ingest,
         progress={"phase": "queued"},
     )
-    with db.session() as session:
-        quotas.check_stored_bytes(session, tenant_id, settings, 0)
-        session.add(row)
-    _send(db, broker, dataset_id)
-    return row
 
 
 def _send(db: Database, broker: Broker, dataset_id: str) -> None:

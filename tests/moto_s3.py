@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import pytest
 
 STARTUP_TIMEOUT_S = 30.0
 # Dummy credentials: moto accepts any; boto3 refuses to sign without some.
@@ -68,3 +69,10 @@ def new_bucket() -> str:
     name = f"bitserve-{uuid.uuid4().hex[:12]}"
     boto3.session.Session().client("s3").create_bucket(Bucket=name)
     return name
+
+
+def use_endpoint(monkeypatch: pytest.MonkeyPatch, endpoint: str) -> None:
+    """boto3's standard settings, for this process and every child it starts, point at
+    `endpoint` with the dummy credentials."""
+    for name, value in {**AWS_ENV, "AWS_ENDPOINT_URL": endpoint}.items():
+        monkeypatch.setenv(name, value)

@@ -37,6 +37,7 @@ from tests.integration.worker_fixtures import (
     WorkerProcess,
     fast_job_settings,
 )
+from tests.moto_s3 import moto_server, use_endpoint
 
 STARTUP_TIMEOUT_S = 30.0
 
@@ -126,6 +127,14 @@ def make_settings(home: Path, database_url: str, broker_url: str, **overrides: o
         **overrides,
     }
     return Settings(home=home, database_url=database_url, broker_url=broker_url, **values)
+
+
+@pytest.fixture
+def s3_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """moto's S3 server, and the AWS settings every process of the test reads (boto3's own)."""
+    with moto_server(tmp_path) as endpoint:
+        use_endpoint(monkeypatch, endpoint)
+        yield endpoint
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,7 @@ allowed are taken, and the worker copies the class folders as it would extract a
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,6 @@ import pytest
 from tests.imagegen import make_image_folder
 from tests.integration.conftest import LiveServer, make_settings
 from tests.integration.datasets_helpers import wait_dataset
-from tests.moto_s3 import AWS_ENV, moto_server
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -24,14 +23,11 @@ ALLOWED = [f"{BUCKET}/shared"]  # the operator's list: one prefix of one bucket
 
 
 @pytest.fixture
-def s3(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    """moto's S3 server, the AWS settings every process of the test reads, and a client."""
-    with moto_server(tmp_path) as endpoint:
-        for name, value in {**AWS_ENV, "AWS_ENDPOINT_URL": endpoint}.items():
-            monkeypatch.setenv(name, value)
-        client = boto3.session.Session().client("s3")
-        client.create_bucket(Bucket=BUCKET)
-        yield client
+def s3(s3_env: str) -> Any:
+    """A client of moto's S3 server (tests/integration/conftest.py), with the source bucket."""
+    client = boto3.session.Session().client("s3")
+    client.create_bucket(Bucket=BUCKET)
+    return client
 
 
 def put_folder(client: Any, folder: Path, prefix: str) -> int:

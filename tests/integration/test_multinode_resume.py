@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from tests.integration.worker_fixtures import (
     finished,
     wait_for_job,
 )
-from tests.moto_s3 import AWS_ENV, moto_server, new_bucket
+from tests.moto_s3 import new_bucket
 from worker.runner import checkpoint_every
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -40,15 +40,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 STEPS = 120  # a checkpoint every 12 steps: A is killed after one, long before its last
 EVERY = checkpoint_every(STEPS)
 CLASSES = {"cat": 6, "dog": 6}
-
-
-@pytest.fixture
-def s3_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """moto's S3 server, and the AWS settings every process of the test reads (boto3's own)."""
-    with moto_server(tmp_path) as endpoint:
-        for name, value in {**AWS_ENV, "AWS_ENDPOINT_URL": endpoint}.items():
-            monkeypatch.setenv(name, value)
-        yield endpoint
 
 
 def ready_dataset(server: LiveServer, folder: Path, name: str = "pets") -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import io
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,18 +25,9 @@ from tests.imagegen import class_image, encode, make_archive, make_image_folder
 from tests.integration.conftest import LiveServer
 from tests.integration.datasets_helpers import wait_dataset
 from tests.integration.worker_fixtures import FAST_OVERRIDES, WorkerProcess, fast_job_settings
-from tests.moto_s3 import AWS_ENV, moto_server, new_bucket
+from tests.moto_s3 import new_bucket
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
-
-
-@pytest.fixture
-def s3_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """moto's S3 server, and the AWS settings every process of the test reads (boto3's own)."""
-    with moto_server(tmp_path) as endpoint:
-        for name, value in {**AWS_ENV, "AWS_ENDPOINT_URL": endpoint}.items():
-            monkeypatch.setenv(name, value)
-        yield endpoint
 
 
 def bucket_keys(bucket: str) -> list[str]:

@@ -19,7 +19,7 @@ from bitcore.train.engine import STATE_DIR
 from service.ids import new_id
 from service.object_store import LocalStore, S3Store
 from service.storage import Storage
-from tests.moto_s3 import AWS_ENV, moto_server, new_bucket
+from tests.moto_s3 import moto_server, new_bucket, use_endpoint
 from worker.checkpoints import CheckpointPublisher, restore
 
 FINGERPRINT = {"run": "test"}
@@ -33,8 +33,7 @@ def endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture
 def store(endpoint: str, monkeypatch: pytest.MonkeyPatch) -> S3Store:
-    for name, value in {**AWS_ENV, "AWS_ENDPOINT_URL": endpoint}.items():
-        monkeypatch.setenv(name, value)
+    use_endpoint(monkeypatch, endpoint)
     return S3Store(new_bucket(), "bitserve")
 
 
@@ -145,8 +144,7 @@ def test_no_remote_checkpoint_starts_at_step_0(store: S3Store, tmp_path: Path) -
 def test_a_failed_upload_is_logged_and_training_goes_on(
     endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    for name, value in {**AWS_ENV, "AWS_ENDPOINT_URL": endpoint}.items():
-        monkeypatch.setenv(name, value)
+    use_endpoint(monkeypatch, endpoint)
     storage = Storage(tmp_path, S3Store("no-such-bucket"))
     job_id = new_id("job")
     work = storage.job_dir(job_id)

@@ -26,7 +26,7 @@ from service.object_store import (
 )
 from service.settings import Settings
 from service.storage import Storage
-from tests.moto_s3 import AWS_ENV, moto_server, new_bucket
+from tests.moto_s3 import moto_server, new_bucket, use_endpoint
 
 MODEL = new_id("mdl")
 DATASET = new_id("ds")
@@ -40,8 +40,7 @@ def endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture
 def store(endpoint: str, monkeypatch: pytest.MonkeyPatch) -> S3Store:
-    for name, value in {**AWS_ENV, "AWS_ENDPOINT_URL": endpoint}.items():
-        monkeypatch.setenv(name, value)
+    use_endpoint(monkeypatch, endpoint)
     return S3Store(new_bucket(), "prefix/x")
 
 
