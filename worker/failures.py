@@ -15,12 +15,15 @@ Both fail the job with a code the user can act on (docs/api.md, "Jobs"), instead
 from __future__ import annotations
 
 import gc
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from bitcore import catalog
 from bitcore.atomic import is_disk_full
 from bitcore.train.microbatch import CPU_MICRO_BATCH, power_of_two_divisors
+from service.settings import Settings
 
 _OOM_WORDS = ("can't allocate memory", "cannot allocate memory", "out of memory")
 
@@ -80,3 +83,19 @@ def release_memory() -> None:
     gc.collect()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.empty_cache()
+
+
+def internal_error_message(error_id: str) -> str:
+    return (
+        f"training stopped on an internal error (error id {error_id}); the worker's log has "
+        "its details under that id. Submit the job again, or report the id to the operator."
+    )
+
+
+def checkpoint_missing_message(name: str, path: Path, settings: Settings, why: str) -> str:
+    """What a user (and their operator) can do, naming no directory of the server's."""
+    url = catalog.get_entry(name).url(settings.checkpoint_base_url)
+    return (
+        f"the {name} checkpoint is not on the server ({why}). An operator downloads {url} and "
+        f"saves it as {path.name} in the server's checkpoint directory (BITSERVE_CHECKPOINT_DIR)."
+    )

@@ -35,7 +35,12 @@ from service.settings import Settings
 from service.storage import Storage
 from service.tables import Dataset, Job
 from worker.checkpoints import CheckpointPublisher, restore
-from worker.failures import release_memory, resource_failure
+from worker.failures import (
+    checkpoint_missing_message,
+    internal_error_message,
+    release_memory,
+    resource_failure,
+)
 from worker.identity import new_worker_id
 
 log = logging.getLogger(__name__)
@@ -442,22 +447,6 @@ class Throttled:
         if due or phase_changed or last_step:
             self._last_write = now
             self.write(progress)
-
-
-def internal_error_message(error_id: str) -> str:
-    return (
-        f"training stopped on an internal error (error id {error_id}); the worker's log has "
-        "its details under that id. Submit the job again, or report the id to the operator."
-    )
-
-
-def checkpoint_missing_message(name: str, path: Path, settings: Settings, why: str) -> str:
-    """What a user (and their operator) can do, naming no directory of the server's."""
-    url = catalog.get_entry(name).url(settings.checkpoint_base_url)
-    return (
-        f"the {name} checkpoint is not on the server ({why}). An operator downloads {url} and "
-        f"saves it as {path.name} in the server's checkpoint directory (BITSERVE_CHECKPOINT_DIR)."
-    )
 
 
 def corrupt_checkpoint(job_id: str, name: str, exc: Exception) -> JobFailure:

@@ -23,6 +23,7 @@ import httpx
 import pytest
 import torch
 
+from bitcore.artifacts import INPUT_RESIZE
 from bitcore.models import create_model
 from bitcore.predict import Predictor
 from service.ids import new_id
@@ -128,7 +129,12 @@ def test_get_model_has_the_documented_shape(
         "classes": CLASSES,
         "plan": fixture_plan(32),
         "metrics": {**METRICS, "macro_f1": None, "num_examples": None, "loss": None},
-        "input": {"crop": 32, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]},
+        "input": {
+            "crop": 32,
+            "mean": [0.5, 0.5, 0.5],
+            "std": [0.5, 0.5, 0.5],
+            "resize": INPUT_RESIZE,  # a fixture model without the field: the same preprocessing
+        },
         "created_at": "2099-12-31T00:00:00Z",
     }
 

@@ -87,6 +87,7 @@ DOMAIN = (
     "models_store",
     "quotas",
     "serving",
+    "batching",
     "settings",
     "storage",
     "tables",
