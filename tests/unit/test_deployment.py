@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -197,10 +198,13 @@ def test_compose_redis_refuses_clients_without_the_password(
 
     assert service["command"][:2] == ["sh", "-c"]
     port = _free_port()
+    # A session of its own: `sh -c` may fork redis-server rather than exec it, and the whole
+    # group is stopped at the end (a terminated shell alone left redis-server running).
     server = subprocess.Popen(
         ["sh", "-c", local(service["command"][2]) + f" --port {port} --dir {tmp_path}"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     try:
         anonymous = redis.Redis(port=port, socket_timeout=5)
@@ -227,7 +231,7 @@ def test_compose_redis_refuses_clients_without_the_password(
         assert wrong != check
         assert subprocess.run(["sh", "-c", wrong], timeout=10).returncode != 0
     finally:
-        server.terminate()
+        os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=10)
 
 
