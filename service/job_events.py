@@ -19,12 +19,13 @@ import contextlib
 import json
 import logging
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
 import sqlalchemy as sa
-from sse_starlette import ServerSentEvent
+from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from service.api_keys import Principal
@@ -129,6 +130,23 @@ class Notifier(Generic[R]):
         self.polls = 0  # database reads made (one per interval while anything is watched)
         self._watches: dict[str, _Watch[R]] = {}
         self._task: asyncio.Task[None] | None = None
+
+    async def response(
+        self, principal: Principal, read_first: Callable[[], R]
+    ) -> EventSourceResponse:
+        """The SSE answer for one resource: a place under the key's cap first (429
+        too_many_streams), then `read_first()` in a thread (its NotFound answers 404 before
+        the stream starts, giving the place back)."""
+        ticket = self.open_stream(stream_client(principal))
+        try:
+            first = await run_in_threadpool(read_first)
+        except BaseException:
+            ticket.release()
+            raise
+        # The generator releases the ticket when it ends; the background task when it never ran.
+        return EventSourceResponse(
+            self.events(ticket, first), ping=15, background=BackgroundTask(ticket.release)
+        )
 
     def _read(self, ids: list[str]) -> list[R]:
         raise NotImplementedError

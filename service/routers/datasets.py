@@ -11,7 +11,6 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sse_starlette import EventSourceResponse
-from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from bitcore.hyperrule import MAX_OVERRIDE
@@ -33,7 +32,7 @@ from service.deps import (
 )
 from service.domain_errors import MalformedRequest, UnsupportedMedia
 from service.http_errors import error_responses
-from service.job_events import DatasetNotifier, stream_client
+from service.job_events import DatasetNotifier
 from service.pagination import DEFAULT_LIMIT, CursorQuery, LimitQuery, page
 from service.plan_schemas import DatasetPlan, JobCost, Plan
 from service.request_bodies import QuotaCap, check_declared_length
@@ -243,15 +242,7 @@ async def dataset_events(
     """`status` first (the whole dataset), `progress` while it is ingested, and a final
     `done` once it is ready or failed; then the stream ends."""
     notifier: DatasetNotifier = request.app.state.dataset_events
-    ticket = notifier.open_stream(stream_client(principal))  # 429 past the key's streams
-    try:
-        first = await run_in_threadpool(_read_dataset, db, tenant, dataset_id)  # 404 first
-    except BaseException:
-        ticket.release()
-        raise
-    return EventSourceResponse(
-        notifier.events(ticket, first), ping=15, background=BackgroundTask(ticket.release)
-    )
+    return await notifier.response(principal, lambda: _read_dataset(db, tenant, dataset_id))
 
 
 def _read_dataset(db: Database, tenant: str | None, dataset_id: str) -> DatasetPublic:

@@ -13,7 +13,6 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette import EventSourceResponse
-from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from service import jobs
@@ -22,7 +21,7 @@ from service.auth import authorize
 from service.db import Database
 from service.deps import BrokerDep, DbDep, PrincipalDep, SessionDep, SettingsDep, TenantDep
 from service.http_errors import error_responses
-from service.job_events import JobNotifier, stream_client
+from service.job_events import JobNotifier
 from service.job_states import JobStatus
 from service.names import NameStr
 from service.pagination import DEFAULT_LIMIT, CursorQuery, LimitQuery, page
@@ -157,16 +156,7 @@ async def job_events(
     progress changes, and a final `done` with the finished job; then the stream ends. A stream
     open for BITSERVE_STREAM_MAX_SECONDS ends with `reconnect` instead (open a new one)."""
     notifier: JobNotifier = request.app.state.job_events
-    ticket = notifier.open_stream(stream_client(principal))  # 429 past the key's streams
-    try:
-        first = await _call(_read_job, db, tenant, job_id)  # 404 before the stream starts
-    except BaseException:
-        ticket.release()
-        raise
-    # The generator releases the ticket when it ends; the background task when it never ran.
-    return EventSourceResponse(
-        notifier.events(ticket, first), ping=15, background=BackgroundTask(ticket.release)
-    )
+    return await notifier.response(principal, lambda: _read_job(db, tenant, job_id))
 
 
 def _read_job(db: Database, tenant: str | None, job_id: str) -> JobPublic:
