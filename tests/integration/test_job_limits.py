@@ -304,8 +304,13 @@ def test_a_job_past_its_time_limit_is_stopped_and_failed(
     migrated_db: str, redis_url: str, tmp_path: Path, start_server: Any
 ) -> None:
     # steps 1e12 held the only worker for ever; within bounds a long run still must end.
+    # 10 s: the training node now builds the dataset's cache inside the limit too (it is no
+    # longer built at upload), and some steps must run before the limit stops the job.
     settings = fast_job_settings(
-        tmp_path, database_url=migrated_db, broker_url=redis_url, job_max_seconds=3.0
+        tmp_path,
+        database_url=migrated_db,
+        broker_url=redis_url,
+        job_max_seconds=10.0,
     )
     live = start_server(settings)
     with (
@@ -322,10 +327,10 @@ def test_a_job_past_its_time_limit_is_stopped_and_failed(
         db = live.app.state.db
         job = wait_for_job(db, job_id, finished, timeout=120, what="the end", worker=worker)
         assert (job.status, job.error_code) == ("failed", "time_limit_exceeded"), job.error_message
-        assert job.error_message is not None and "3 s" in job.error_message
+        assert job.error_message is not None and "10 s" in job.error_message
         assert job.started_at is not None and job.finished_at is not None
         ran = (job.finished_at - job.started_at).total_seconds()
-        assert 3.0 <= ran < 60.0  # stopped soon after the limit, long before 100k steps
+        assert 10.0 <= ran < 60.0  # stopped soon after the limit, long before 100k steps
         assert job.progress is not None and 0 < job.progress["step"] < 100_000
         public = client.get(f"/v1/jobs/{job_id}").json()
         assert public["error"]["code"] == "time_limit_exceeded"
