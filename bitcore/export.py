@@ -87,7 +87,7 @@ def export_onnx_bytes(
             f"{model_name} has {weight_bytes / 2**30:.1f} GiB of weights: an ONNX file holds at "
             "most 2 GiB (external-data export is not supported yet)"
         )
-    module = _serving_form(model)
+    module = serving_form(model)
     example = torch.zeros((1, 3, int(crop), int(crop)))
     buffer = io.BytesIO()
     with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
@@ -182,7 +182,7 @@ def _is_current(path: Path, meta: ArtifactMetadata) -> bool:
     )
 
 
-def _serving_form(model: nn.Module) -> nn.Module:
+def serving_form(model: nn.Module) -> nn.Module:
     """`model` itself when it is already in the serving form on the CPU, else a folded,
     eval-mode CPU copy (the caller's module, e.g. a predictor's on a GPU, is never moved)."""
     on_cpu = all(p.device.type == "cpu" for p in model.parameters())

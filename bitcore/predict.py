@@ -34,6 +34,7 @@ from bitcore.devices import select_device, uses_bf16_autocast
 from bitcore.export import ExportError, ensure_onnx, export_onnx_bytes
 from bitcore.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
 from bitcore.layers import fold_weight_standardization
+from bitcore.quantize import FP32, INT8, load_int8, recorded_check
 from bitcore.runtimes import (
     ONNXRUNTIME,
     TORCH,
@@ -101,6 +102,7 @@ class Predictor:
         self._lock = threading.Lock()
         self.runtime = TORCH
         self.runtime_max_diff: float | None = None  # the load check's figure (None: eager)
+        self.precision = FP32  # INT8 once `load` switched to a guarded int8 graph
         self._onnx: OnnxRuntimeForward | None = None
         if onnx_model is not None:
             onnx = OnnxRuntimeForward(onnx_model, device)
@@ -117,11 +119,14 @@ class Predictor:
         max_batch_size: int | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         runtime: str = TORCH,
+        int8: bool = True,
     ) -> Predictor:
         """Load a saved artifact (safetensors + metadata.json) for inference.
 
         runtime="onnxruntime" exports the model to the artifact's model.onnx first unless a
-        current export is already there (bitcore.export.ensure_onnx).
+        current export is already there (bitcore.export.ensure_onnx). A model whose int8 guard
+        passed (bitcore.quantize) is served by its int8 graph on ONNX Runtime, unless
+        runtime="torch" or int8=False.
         """
         validate_runtime(runtime)
         target = select_device(str(device) if device is not None else None)
@@ -133,7 +138,7 @@ class Predictor:
                 onnx_model = ensure_onnx(artifact_dir, model=prepared, meta=meta)
             except ExportError as exc:  # over ONNX's 2 GiB: still served, by eager
                 log.warning("%s is served by PyTorch eager: %s", meta.model_name, exc)
-        return cls(
+        predictor = cls(
             prepared,
             meta.classes,
             meta.crop,
@@ -143,6 +148,13 @@ class Predictor:
             max_pixels=max_pixels,
             onnx_model=onnx_model,
         )
+        check = recorded_check(meta.metrics)
+        if int8 and runtime != TORCH and check is not None and check.served == INT8:
+            predictor._onnx, predictor.runtime_max_diff = load_int8(
+                artifact_dir, check, prepared, target, meta.crop
+            )
+            predictor.runtime, predictor.precision = ONNXRUNTIME, INT8
+        return predictor
 
     @classmethod
     def from_model(

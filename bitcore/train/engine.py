@@ -19,6 +19,7 @@ from bitcore.artifacts import ArtifactMetadata, save_artifact, software_versions
 from bitcore.data import DatasetIndex, default_num_workers
 from bitcore.devices import select_device, uses_bf16_autocast
 from bitcore.hyperrule import Plan
+from bitcore.quantize import FP32, INT8, validate_precision
 from bitcore.train import state
 from bitcore.train.callbacks import Progress, TrainCallbacks
 from bitcore.train.distributed import RankJob, free_tcp_init_method, run_distributed
@@ -31,6 +32,7 @@ from bitcore.train.prepare import (
     prepare_data,
     resolve_checkpoint,
 )
+from bitcore.train.serving_precision import int8_precision
 
 # finetune's checkpoints live in <work_dir>/state (bitcore.train.state's layout); a service
 # that moves them between machines (worker.checkpoints) finds them there.
@@ -142,6 +144,7 @@ def finetune(
     cache_dir: str | Path | None = None,
     num_workers: int | None = None,
     world_size: int = 1,
+    serving_precision: str = FP32,
 ) -> FinetuneResult:
     """Fine-tune `base_model` on `dataset` following `plan` and write the artifact to `out_dir`.
 
@@ -154,7 +157,11 @@ def finetune(
     removed once the artifact is written. `cache_dir` points at a shared, dataset-level image
     cache instead (the service builds one at upload): it then caches whole-dataset copies, so
     every job on the dataset, whatever its seed or split, reuses them.
+    `serving_precision="int8"` runs the int8 guard after evaluation (bitcore.quantize): the
+    int8 graph is written beside the weights only if it agrees with float32 on the validation
+    split; metrics["precision"] records what was measured and decided.
     """
+    validate_precision(serving_precision)
     t0 = time.perf_counter()
     callbacks = callbacks or TrainCallbacks()
     out = Path(out_dir)
@@ -203,6 +210,10 @@ def finetune(
     )
     dev = next(model.parameters()).device
     metrics = evaluate(model, data.val_set, classes, dev, num_workers=workers)
+    if serving_precision == INT8:
+        metrics["precision"] = int8_precision(
+            model, data, plan.crop, out, model_name=architecture_of(base_model)
+        )
     t3 = time.perf_counter()
     extra = {
         "seed": seed,
