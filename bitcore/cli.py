@@ -78,6 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint", type=Path, help="official .npz to start from (default: the catalog copy)"
     )
     tune.add_argument("--device", help="cpu, cuda, cuda:1, mps, xla (default: best available)")
+    tune.add_argument(
+        "--serving-precision",
+        choices=["fp32", "int8"],
+        default="fp32",
+        help="int8: also write model.int8.onnx if it agrees with fp32 on >= 99.5%% of the "
+        "validation split (recorded in metadata.json's metrics.precision)",
+    )
     tune.set_defaults(command=cmd_finetune)
 
     pred = commands.add_parser("predict", help="classify images with a fine-tuned artifact")
@@ -263,6 +270,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             validation_fraction=args.validation_fraction,
             seed=args.seed,
             callbacks=_progress_bar_callbacks(bar),
+            serving_precision=args.serving_precision,
         )
     print(_describe_result(result))
     return 0
@@ -304,6 +312,9 @@ def _describe_result(result: FinetuneResult) -> str:
     accuracy = result.metrics.get("accuracy")
     if accuracy is not None:
         line += f"; validation accuracy {accuracy:.4f}"
+    precision = result.metrics.get("precision")
+    if precision is not None:
+        line += f"; serving {precision['served']}: {precision['reason']}"
     return line
 
 

@@ -248,9 +248,11 @@ class BitserveClient:
         seed: int = 0,
         name: str | None = None,
         idempotency_key: str | None = None,
+        serving_precision: str = "fp32",
     ) -> Job:
         """Queue a fine-tuning job. The Idempotency-Key (given, or a fresh one) makes a retried
-        request return the same job instead of starting another."""
+        request return the same job instead of starting another. serving_precision="int8":
+        serve in int8 if it agrees with float32 on the validation split (metrics.precision)."""
         body: dict[str, Any] = {
             "dataset_id": dataset_id,
             "base_model": base_model,
@@ -258,6 +260,8 @@ class BitserveClient:
             "seed": seed,
             "overrides": overrides or {},
         }
+        if serving_precision != "fp32":  # sent only when asked: older servers refuse the field
+            body["serving_precision"] = serving_precision
         if name is not None:
             body["name"] = name
         key = idempotency_key or f"bitserve-client-{uuid.uuid4().hex}"

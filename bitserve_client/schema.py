@@ -176,6 +176,19 @@ class ClassMetrics(TypedDict):
     support: int
 
 
+class PrecisionCheck(TypedDict):
+    requested: Literal["int8"]
+    served: Literal["fp32", "int8"]
+    agreement: float | None
+    agreeing: int
+    validation_images: int
+    threshold: float
+    calibration_images: int
+    check_max_diff: float | None
+    int8_sha256: str | None
+    reason: str
+
+
 class Metrics(TypedDict):
     accuracy: float | None
     macro_f1: float | None
@@ -183,6 +196,7 @@ class Metrics(TypedDict):
     loss: float | None
     per_class: list[ClassMetrics]
     confusion_matrix: list[list[int]]
+    precision: PrecisionCheck | None
 
 
 class Job(TypedDict):
@@ -193,6 +207,7 @@ class Job(TypedDict):
     base_model: str
     validation_fraction: float
     seed: int
+    serving_precision: Literal["fp32", "int8"]
     overrides: Overrides
     plan: Plan
     progress: Progress

@@ -50,11 +50,16 @@ class JobRequest:
     base_model: str
     validation_fraction: float = 0.1
     seed: int = 0
+    serving_precision: str = "fp32"
     overrides: dict[str, Any] = field(default_factory=dict)
     name: str | None = None
 
     def fingerprint(self) -> str:
-        canonical = json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+        fields = asdict(self)
+        if fields["serving_precision"] == "fp32":
+            # Absent when default: requests recorded before the field existed replay as before.
+            del fields["serving_precision"]
+        canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -172,6 +177,7 @@ def create_job(
         plan=plan,
         validation_fraction=request.validation_fraction,
         seed=request.seed,
+        serving_precision=request.serving_precision,
         overrides=dict(request.overrides),
         idempotency_key=idempotency_key,
         request_hash=digest,

@@ -29,6 +29,7 @@ from bitcore.artifacts import (
     ArtifactMetadata,
     load_metadata,
 )
+from bitcore.quantize import INT8_FILE
 from service.domain_errors import Gone, NotFound
 from service.ids import new_id
 from service.object_store import ObjectCorrupt, ObjectMissing, ObjectStoreError
@@ -153,7 +154,10 @@ def artifact_files(storage: Storage, model_id: str) -> list[Path]:
                 "artifact_missing",
                 f"{path.name} of model {model_id} is missing; the model cannot be downloaded",
             )
-    return files
+    # The int8 graph the model is served with (bitcore.quantize), when its guard passed: the
+    # download is the model as served, and bitcore's Predictor.load serves it the same way.
+    int8 = directory / INT8_FILE
+    return [*files, int8] if int8.is_file() else files
 
 
 def iter_artifact_zip(files: list[Path], chunk_size: int = ZIP_CHUNK_BYTES) -> Iterator[bytes]:

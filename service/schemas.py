@@ -206,6 +206,24 @@ class ClassMetrics(Stored):
     support: int
 
 
+class PrecisionCheck(Stored):
+    """The int8 guard's outcome (a job with serving_precision "int8"): top-1 agreement of the
+    int8 model with float32 on the validation split, and which one is served."""
+
+    requested: Literal["int8"]
+    served: Literal["fp32", "int8"]
+    agreement: float | None = Field(description="share of validation images, null: none")
+    agreeing: int
+    validation_images: int
+    threshold: float = Field(description="the least agreement for int8 to be served")
+    calibration_images: int = Field(description="training images the int8 ranges came from")
+    check_max_diff: float | None = Field(
+        description="largest probability difference from float32 on the load check's inputs"
+    )
+    int8_sha256: str | None
+    reason: str
+
+
 class Metrics(Stored):
     """Validation metrics of a fine-tuned model (null accuracy: no validation images)."""
 
@@ -216,6 +234,9 @@ class Metrics(Stored):
     per_class: list[ClassMetrics] = Field(default_factory=list)
     confusion_matrix: list[list[int]] = Field(
         default_factory=list, description="counts[true][predicted], in class order"
+    )
+    precision: PrecisionCheck | None = Field(
+        None, description="the int8 guard's outcome; null: float32 was asked for"
     )
 
 
@@ -237,6 +258,9 @@ class JobPublic(Schema):
     base_model: str
     validation_fraction: float
     seed: int
+    serving_precision: Literal["fp32", "int8"] = Field(
+        description="asked for: int8 is served only if the model's int8 guard passed"
+    )
     overrides: Overrides
     plan: Plan
     progress: Progress
@@ -269,6 +293,7 @@ class JobPublic(Schema):
             base_model=job.base_model,
             validation_fraction=job.validation_fraction,
             seed=job.seed,
+            serving_precision="int8" if job.serving_precision == "int8" else "fp32",
             overrides=Overrides(**(job.overrides or {})),
             plan=Plan.model_validate(job.plan),
             progress=progress,

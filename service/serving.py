@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 from bitcore.artifacts import METADATA_FILE, WEIGHTS_FILE, ArtifactError, ArtifactMissing
 from bitcore.export import ONNX_FILE
 from bitcore.predict import Prediction, Predictor, top_k_labels
+from bitcore.quantize import INT8_FILE
 from bitcore.runtimes import RuntimeMismatch
 from service.batching import Batcher, Overloaded
 from service.object_store import ObjectCorrupt, ObjectMissing, ObjectStoreError
@@ -50,7 +51,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 ARTIFACT_FILES = (WEIGHTS_FILE, METADATA_FILE)
 # A refused export (RuntimeMismatch) is tried again once any of these files changes.
-SIGNATURE_FILES = (*ARTIFACT_FILES, ONNX_FILE)
+SIGNATURE_FILES = (*ARTIFACT_FILES, ONNX_FILE, INT8_FILE)
 
 
 class ModelUnavailable(Exception):
@@ -237,6 +238,7 @@ class ModelCache:
                 # Lower than for datasets: a predict image is decoded on the request path.
                 max_pixels=int(self.settings.predict_max_image_pixels),
                 runtime=self.settings.predict_runtime,
+                int8=bool(self.settings.predict_int8),
             )
             warmup = predictor.warmup()
         except (ArtifactMissing, ObjectMissing) as exc:
@@ -266,11 +268,12 @@ class ModelCache:
                 UNAVAILABLE_RETRY_AFTER_S,
             ) from exc
         log.info(
-            "loaded model %s (%s, %d classes, %s) in %.2f s, warm-up %.3f s",
+            "loaded model %s (%s, %d classes, %s, %s) in %.2f s, warm-up %.3f s",
             model_id,
             predictor.model_name,
             predictor.num_classes,
             predictor.runtime,
+            predictor.precision,
             time.perf_counter() - started,
             warmup,
         )

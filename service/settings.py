@@ -95,6 +95,9 @@ class Settings(BaseSettings):
     # graph, checked against eager at load. Default from benchmarks/RESULTS.md, "Inference
     # runtimes (issue 13)".
     predict_runtime: Literal["torch", "onnxruntime"] = "onnxruntime"
+    # Serve a model's int8 graph where its job asked for int8 and the guard passed
+    # (bitcore.quantize); False serves every model in float32. Never with runtime "torch".
+    predict_int8: bool = True
     predict_max_images_per_request: int = Field(default=64, gt=0)
     # A predict request body (all its images, multipart or base64 JSON): 413 past it.
     predict_max_request_bytes: int = Field(default=64 * 1024 * 1024, gt=0)

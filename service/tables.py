@@ -133,6 +133,10 @@ class Job(Base):
     plan: Mapped[dict[str, Any]]
     validation_fraction: Mapped[float] = mapped_column(sa.Float, default=0.1)
     seed: Mapped[int] = mapped_column(default=0)
+    # "fp32" or "int8" (bitcore.quantize): int8 is served only if the guard passes.
+    serving_precision: Mapped[str] = mapped_column(
+        sa.String(8), default="fp32", server_default="fp32"
+    )
     overrides: Mapped[dict[str, Any]] = mapped_column(default=dict)
     idempotency_key: Mapped[str | None] = mapped_column(sa.String(200))
     request_hash: Mapped[str | None] = mapped_column(sa.String(64))

@@ -168,6 +168,7 @@ class JobRun:
                 from_scratch=from_scratch,
                 validation_fraction=self.job.validation_fraction,
                 seed=self.job.seed,
+                serving_precision=self.job.serving_precision,
                 callbacks=_Callbacks(self),
                 resume=True,
                 checkpoint_every=checkpoint_every(plan.total_steps),

@@ -7,7 +7,7 @@ thread pool (sync SQLAlchemy), never on the event loop.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse
@@ -62,6 +62,14 @@ class JobCreate(BaseModel):
     # strict: `false` is not a fraction of 0, nor `true` seed 1 (found by tests/fuzz).
     validation_fraction: float = Field(default=0.1, ge=0.0, lt=1.0, strict=True)
     seed: int = Field(default=0, ge=0, le=2**31 - 1, strict=True)
+    serving_precision: Literal["fp32", "int8"] = Field(
+        default="fp32",
+        description=(
+            "int8: after training, quantize the model and serve it in int8 only if its top-1 "
+            "answers agree with float32 on at least 99.5% of the validation split "
+            "(metrics.precision of the model says what was measured); otherwise float32"
+        ),
+    )
     overrides: OverridesRequest = Field(default_factory=lambda: OverridesRequest.model_validate({}))
     name: NameStr | None = Field(default=None, max_length=200)
 

@@ -101,7 +101,8 @@ PREDICT_BODY_DOC: dict[str, Any] = {
 ARTIFACT_DOC: dict[int | str, dict[str, Any]] = {
     200: {
         "description": "format=safetensors: the model's weights (safetensors) and "
-        "metadata.json, as a .zip; format=onnx: the ONNX graph (WS folded, dynamic batch, "
+        "metadata.json, as a .zip (plus model.int8.onnx when the model is served in int8); "
+        "format=onnx: the ONNX graph (WS folded, dynamic batch, "
         "input and preprocessing in its metadata_props)",
         "content": {
             "application/zip": {"schema": {"type": "string", "format": "binary"}},

@@ -291,3 +291,58 @@ def test_full_loop_create_wait_predict_download(job_server: JobServer, tmp_path:
         with pytest.raises(ApiError) as caught:
             api.get_model(model_id)
         assert caught.value.code == "not_found"
+
+
+def test_an_int8_job_records_its_guard_and_serves_what_it_decided(
+    job_server: JobServer, tmp_path: Path
+) -> None:
+    """serving_precision="int8" end to end: the worker runs the guard on the validation split,
+    the model's metrics say what it measured, the gateway serves the int8 graph, and the
+    downloaded artifact (which carries it) gives the same answers through bitcore."""
+    with BitserveClient(job_server.server.url, api_key=job_server.server.key) as api:
+        folder = make_image_folder(tmp_path / "colours", {"a": 8, "b": 8, "c": 8})
+        dataset = api.upload_dataset(folder)
+        job = api.create_job(
+            dataset["id"],
+            "tiny-R10x0.25",
+            {**FAST_OVERRIDES, "steps": 20, "batch_size": 8},
+            validation_fraction=0.25,
+            serving_precision="int8",
+        )
+        assert job["serving_precision"] == "int8"
+        done = api.wait_for_job(job["id"], timeout=150)
+        assert done["status"] == "succeeded", job_server.worker.log()[-4000:]
+        assert done["model_id"] is not None
+        model = api.get_model(done["model_id"])
+        check = model["metrics"]["precision"]
+        assert check is not None
+        # 2 of each class's 8 held out, the other 18 calibrate
+        assert (check["requested"], check["validation_images"], check["calibration_images"]) == (
+            "int8",
+            6,
+            18,
+        )
+        assert check["agreement"] == check["agreeing"] / 6
+        assert check["served"] == ("int8" if check["agreeing"] == 6 else "fp32")
+        print(f"int8 guard: {check['reason']}")
+
+        images = [encode(class_image(i % 3, 3, (40, 48), seed=300 + i)) for i in range(6)]
+        ranked = api.predict(model["id"], images, top_k=3)
+        archive = api.download_artifact(model["id"], tmp_path)
+        with zipfile.ZipFile(archive) as zf:
+            names = sorted(zf.namelist())
+            zf.extractall(tmp_path / "artifact")
+        served_int8 = check["served"] == "int8"
+        expected_names = ["metadata.json", "model.safetensors"]
+        assert names == sorted(
+            [*expected_names, "model.int8.onnx"] if served_int8 else expected_names
+        )
+        predictor = Predictor.load(tmp_path / "artifact", runtime="onnxruntime")
+        assert predictor.precision == check["served"]
+        expected = predictor.predict(images, top_k=3)
+        for got, want in zip(ranked, expected, strict=True):
+            assert [g["label"] for g in got] == [label for label, _ in want]
+            assert [g["score"] for g in got] == pytest.approx([s for _, s in want], abs=1e-5)
+        # the job shows the same record
+        job_metrics = api.get_job(job["id"])["metrics"]
+        assert job_metrics is not None and job_metrics["precision"] == check

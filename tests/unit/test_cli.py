@@ -237,6 +237,31 @@ def test_finetune_then_predict(tmp_path: Path, capsys: pytest.CaptureFixture[str
     )
 
 
+def test_finetune_with_int8_serving_reports_the_guard(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    make_image_folder(tmp_path / "ds", {"red": 6, "teal": 6}, size=(32, 32))
+    out = tmp_path / "model"
+    argv = ["finetune", str(tmp_path / "ds"), "--base-model", "tiny-R10x0.25", "--from-scratch"]
+    argv += ["--out", str(out), "--device", "cpu", "--seed", "3", "--serving-precision", "int8"]
+    argv += ["--validation-fraction", "0.34"]
+    for setting in ("steps=12", "batch_size=6", "precrop=36", "crop=32", "base_lr=0.01"):
+        argv += ["--set", setting]
+    code, stdout, err = _run(argv, capsys)
+    assert code == 0, err
+    check = json.loads((out / "metadata.json").read_text())["metrics"]["precision"]
+    assert (check["requested"], check["validation_images"], check["calibration_images"]) == (
+        "int8",
+        4,
+        8,
+    )
+    assert stdout.rstrip().endswith(f"; serving {check['served']}: {check['reason']}")
+    files = sorted(p.name for p in out.iterdir())
+    assert ("model.int8.onnx" in files) == (check["served"] == "int8")
+    code, _, err = _run([*argv[:-2], "--serving-precision", "bf16"], capsys)
+    assert code == 2 and "invalid choice: 'bf16'" in err
+
+
 def test_checkpoints_list_and_pull_errors(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

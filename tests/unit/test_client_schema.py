@@ -31,6 +31,7 @@ SAME_SHAPE = {
     "JobErrorBody": "JobErrorInfo",
     "ClassMetrics": "ClassMetrics",
     "Metrics": "Metrics",
+    "PrecisionCheck": "PrecisionCheck",
     "Job": "JobPublic",
     "InputSpec": "InputSpec",
     "Model": "ModelPublic",
