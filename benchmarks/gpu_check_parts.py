@@ -25,7 +25,7 @@ import torch
 from torch import distributed as dist
 from torch.nn import functional as F
 
-from bitcore.devices import uses_bf16_autocast
+from bitcore.devices import uploads_pinned, uses_bf16_autocast
 from bitcore.hyperrule import MOMENTUM
 from bitcore.models import create_model
 
@@ -169,6 +169,8 @@ def part_predict(device: torch.device, cfg: dict[str, Any], budget: float) -> di
     classes = [f"class{i}" for i in range(NUM_CLASSES)]
     runtimes: dict[str, str | None] = {"torch": None, "onnxruntime": None}  # None: measure
     out: dict[str, Any] = {"providers": None, "runtimes": {}, "rows": []}
+    # bitcore.devices.to_device: eager predictions upload through pinned memory on CUDA.
+    out["uploads_pinned"] = uploads_pinned(device)
     try:
         import onnxruntime as ort
 

@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from bitcore.data.index import available_cpus
+from bitcore.cpus import available_cpus
 from bitcore.models import create_model
 from bitcore.predict import Predictor
 

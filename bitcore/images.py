@@ -50,9 +50,18 @@ def _unsupported() -> ImageError:
 
 
 def decode_image(
-    source: bytes | str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS
+    source: bytes | str | Path,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    jpeg_min_size: int | None = None,
 ) -> Image.Image:
-    """Decode fully (so truncation is caught now) to an RGB image, or raise ImageError."""
+    """Decode fully (so truncation is caught now) to an RGB image, or raise ImageError.
+
+    `jpeg_min_size`: a JPEG may be decoded at 1/2, 1/4 or 1/8 scale by libjpeg's DCT (Pillow's
+    draft mode: much less work for a large photo) as long as both sides stay at least this
+    many pixels. The pixels differ slightly from a full decode followed by a resize
+    (benchmarks/RESULTS.md, "Image decoding (issue 13)"); None (the default) decodes in full.
+    """
     if isinstance(source, bytes):
         data = source
     else:
@@ -78,6 +87,10 @@ def decode_image(
                         f"image is {width}x{height} = {width * height} pixels, over the {max_pixels} cap",
                     )
                 img.seek(0)  # GIF/WebP: first frame only
+                if jpeg_min_size is not None and fmt == "JPEG":
+                    # Before load(): the scale is chosen from the header, the pixels decoded
+                    # once at it. Square: the orientation applied below cannot break it.
+                    img.draft("RGB", (jpeg_min_size, jpeg_min_size))
                 img.load()
                 rgb = ImageOps.exif_transpose(img).convert("RGB")
     except ImageError:

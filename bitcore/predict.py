@@ -30,7 +30,7 @@ from PIL import Image
 from torch import nn
 
 from bitcore.artifacts import load_model
-from bitcore.devices import select_device, uses_bf16_autocast
+from bitcore.devices import select_device, to_device, uses_bf16_autocast
 from bitcore.export import ExportError, ensure_onnx, export_onnx_bytes
 from bitcore.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
 from bitcore.layers import fold_weight_standardization
@@ -47,6 +47,9 @@ from bitcore.transforms import eval_preprocess
 log = logging.getLogger(__name__)
 ImageInput = Image.Image | bytes | bytearray
 Prediction = list[tuple[str, float]]
+# Draft decoding keeps both sides >= this x crop: the antialiased resize still averages over
+# 2x2+ decoded pixels per output pixel.
+JPEG_DRAFT_FACTOR = 2
 
 
 class InputImageError(ImageError):
@@ -77,11 +80,16 @@ class Predictor:
         max_batch_size: int | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         onnx_model: str | Path | bytes | None = None,
+        threads: int | None = None,
+        jpeg_draft: bool = False,
     ) -> None:
         """Wrap an already prepared model; use `load` or `from_model` to build one.
 
         With `onnx_model` (a path or the bytes of its export) the forward runs on ONNX Runtime,
         after a check against `model` (eager) that raises RuntimeMismatch if they disagree.
+        `threads` is ONNX Runtime's intra-op thread count (default: bitcore.cpus's figure);
+        eager uses torch's process-wide setting (torch.set_num_threads). `jpeg_draft` lets
+        `preprocess` decode a JPEG at a reduced scale (see `preprocess`).
         """
         if not classes:
             raise ValueError("a predictor needs at least one class")
@@ -96,6 +104,7 @@ class Predictor:
         self.model_name = model_name
         self.max_batch_size = max_batch_size
         self.max_pixels = max_pixels
+        self.jpeg_draft = jpeg_draft
         # bf16 autocast on Ampere+ GPUs; channels_last lets cuDNN pick NHWC convolution kernels.
         self.autocast = uses_bf16_autocast(device)
         self.channels_last = device.type == "cuda"
@@ -105,7 +114,7 @@ class Predictor:
         self.precision = FP32  # INT8 once `load` switched to a guarded int8 graph
         self._onnx: OnnxRuntimeForward | None = None
         if onnx_model is not None:
-            onnx = OnnxRuntimeForward(onnx_model, device)
+            onnx = OnnxRuntimeForward(onnx_model, device, threads=threads)
             self.runtime_max_diff = check_against_eager(model, onnx, self.crop)
             self._onnx, self.runtime = onnx, ONNXRUNTIME
 
@@ -120,6 +129,8 @@ class Predictor:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         runtime: str = TORCH,
         int8: bool = True,
+        threads: int | None = None,
+        jpeg_draft: bool = False,
     ) -> Predictor:
         """Load a saved artifact (safetensors + metadata.json) for inference.
 
@@ -132,8 +143,10 @@ class Predictor:
         target = select_device(str(device) if device is not None else None)
         model, meta = load_model(artifact_dir, device="cpu")
         prepared = _prepare(model, target, fold_ws=fold_ws)
+        check = recorded_check(meta.metrics)
+        use_int8 = int8 and runtime != TORCH and check is not None and check.served == INT8
         onnx_model = None
-        if runtime == ONNXRUNTIME:
+        if runtime == ONNXRUNTIME and not use_int8:  # int8: its own graph replaces the fp32 one
             try:
                 onnx_model = ensure_onnx(artifact_dir, model=prepared, meta=meta)
             except ExportError as exc:  # over ONNX's 2 GiB: still served, by eager
@@ -147,11 +160,12 @@ class Predictor:
             max_batch_size=max_batch_size,
             max_pixels=max_pixels,
             onnx_model=onnx_model,
+            threads=threads,
+            jpeg_draft=jpeg_draft,
         )
-        check = recorded_check(meta.metrics)
-        if int8 and runtime != TORCH and check is not None and check.served == INT8:
+        if use_int8 and check is not None:
             predictor._onnx, predictor.runtime_max_diff = load_int8(
-                artifact_dir, check, prepared, target, meta.crop
+                artifact_dir, check, prepared, target, meta.crop, threads=threads
             )
             predictor.runtime, predictor.precision = ONNXRUNTIME, INT8
         return predictor
@@ -169,6 +183,8 @@ class Predictor:
         max_batch_size: int | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         runtime: str = TORCH,
+        threads: int | None = None,
+        jpeg_draft: bool = False,
     ) -> Predictor:
         """A predictor for an in-memory model. The caller's model is copied, never modified.
 
@@ -192,6 +208,8 @@ class Predictor:
             max_batch_size=max_batch_size,
             max_pixels=max_pixels,
             onnx_model=onnx_model,
+            threads=threads,
+            jpeg_draft=jpeg_draft,
         )
 
     @property
@@ -202,12 +220,19 @@ class Predictor:
         """Decode (bytes) and resize to the crop: an (N, 3, crop, crop) CPU tensor in [-1, 1].
 
         Raises InputImageError (an ImageError) naming the first unusable image.
+        With `jpeg_draft`, a JPEG is decoded at 1/2, 1/4 or 1/8 scale while both sides stay
+        >= 2 x crop (libjpeg's DCT scaling: 2.1-3.4x faster for photos much larger than the crop),
+        at the cost of slightly different pixels; off by default because scores move
+        (benchmarks/RESULTS.md, "Image decoding (issue 13)").
         """
+        min_size = JPEG_DRAFT_FACTOR * self.crop if self.jpeg_draft else None
         tensors = []
         for index, item in enumerate(images):
             if isinstance(item, bytes | bytearray):
                 try:
-                    image = decode_image(bytes(item), max_pixels=self.max_pixels)
+                    image = decode_image(
+                        bytes(item), max_pixels=self.max_pixels, jpeg_min_size=min_size
+                    )
                 except ImageError as exc:
                     raise InputImageError(index, exc.reason, str(exc)) from exc
             elif isinstance(item, Image.Image):
@@ -262,9 +287,11 @@ class Predictor:
         return probs
 
     def _forward_eager(self, chunk: torch.Tensor) -> torch.Tensor:
-        memory_format = torch.channels_last if self.channels_last else torch.preserve_format
         with self._lock, torch.inference_mode():
-            x = chunk.to(self.device, memory_format=memory_format, non_blocking=True)
+            # On CUDA: pinned, non-blocking upload; the .cpu() below synchronises.
+            x = to_device(chunk, self.device)
+            if self.channels_last:  # NHWC made on the device, after the copy
+                x = x.contiguous(memory_format=torch.channels_last)
             autocast = (
                 torch.autocast(self.device.type, dtype=torch.bfloat16)
                 if self.autocast

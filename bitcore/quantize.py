@@ -228,6 +228,8 @@ def load_int8(
     eager: nn.Module,
     device: torch.device,
     crop: int,
+    *,
+    threads: int | None = None,
 ) -> tuple[OnnxRuntimeForward, float]:
     """The int8 graph the guard accepted, checked: (its forward, the load check's figure).
 
@@ -240,7 +242,7 @@ def load_int8(
         raise ArtifactMissing(f"{INT8_FILE} is missing: the model's int8 graph") from exc
     if hashlib.sha256(data).hexdigest() != check.int8_sha256:
         raise ArtifactError(f"{INT8_FILE} is not the graph the int8 guard accepted (SHA-256)")
-    forward = OnnxRuntimeForward(data, device)
+    forward = OnnxRuntimeForward(data, device, threads=threads)
     tolerance = (check.check_max_diff or 0.0) + INT8_LOAD_SLACK
     max_diff = check_against_eager(eager, forward, crop, runtime=INT8_RUNTIME, tolerance=tolerance)
     return forward, max_diff

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bitcore.data.index import available_cpus
+from bitcore.cpus import available_cpus
 
 log = logging.getLogger(__name__)
 

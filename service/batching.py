@@ -60,9 +60,9 @@ class _Request:
 class Batcher:
     """Coalesce concurrent requests for one model into forwards of at most `max_batch_size`.
 
-    Runs on the event loop; the forward pass itself goes to `executor`. The batching task is
-    started by the first submission and ends when the queue is empty, so an idle or evicted
-    model holds no task.
+    Runs on the event loop; joining the batch and the forward pass go to `executor`. The
+    batching task is started by the first submission and ends when the queue is empty, so an
+    idle or evicted model holds no task.
     """
 
     def __init__(
@@ -121,18 +121,16 @@ class Batcher:
             pieces = self._take_batch()
             if not pieces:
                 continue
-            batch = torch.cat([r.inputs[start:stop] for r, start, stop in pieces])
+            size = sum(stop - start for _, start, stop in pieces)
             started = time.perf_counter()
             for request, _, _ in pieces:
                 if request.started is None:
                     request.started = started
                     self._observe("predict_queue_seconds", started - request.enqueued)
-            self._observe("predict_batch_size", int(batch.shape[0]))
-            self.computing = int(batch.shape[0])
+            self._observe("predict_batch_size", size)
+            self.computing = size
             try:
-                probs = await loop.run_in_executor(
-                    self.executor, self.predictor.predict_tensor, batch
-                )
+                probs = await loop.run_in_executor(self.executor, self._forward, pieces)
             except Exception as exc:  # a failed forward fails every request in it
                 log.exception("forward pass failed for %s", self.predictor.model_name)
                 for request, _, _ in pieces:
@@ -143,6 +141,12 @@ class Batcher:
                 self.computing = 0
             self._observe("predict_compute_seconds", time.perf_counter() - started)
             self._deliver(pieces, probs)
+
+    def _forward(self, pieces: list[tuple[_Request, int, int]]) -> torch.Tensor:
+        """In a forward thread: join the pieces into one batch and run it. The join copies
+        every pixel of the batch (88 MB for 32 images at 480 px): not on the event loop."""
+        batch = torch.cat([r.inputs[start:stop] for r, start, stop in pieces])
+        return self.predictor.predict_tensor(batch)
 
     async def _wait_for_company(self) -> None:
         """Wait up to max_delay after the oldest request arrived, unless the batch is full."""

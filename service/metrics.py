@@ -70,6 +70,18 @@ class Metrics:
             registry=r,
         )
         self.predict_images = Counter("bitserve_predict_images", "images classified", registry=r)
+        # Set once at start-up by ModelCache.start (bitcore.cpus): what the pools are sized for.
+        self.available_cpus = Gauge(
+            "bitserve_available_cpus",
+            "CPUs this process sizes its threads for: min(affinity, cgroup quota) or BITSERVE_CPUS",
+            registry=r,
+        )
+        self.predict_threads = Gauge(
+            "bitserve_predict_threads",
+            "prediction threads: compute (torch and ONNX Runtime intra-op) and decode (pool)",
+            ["pool"],
+            registry=r,
+        )
 
     def watch_jobs(self, db: Database) -> None:
         """Report jobs by state and worker heartbeat ages from `db` at each scrape."""

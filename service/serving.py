@@ -9,7 +9,12 @@ What the best servers do (docs/operations.md "Serving") and how it is done here:
   cache for the largest models you serve. An evicted model finishes the batches it already
   holds; it is loaded again on its next request.
 - Decoding and resizing run in a thread pool, and the forward pass in another: nothing
-  CPU-bound runs on the event loop.
+  CPU-bound runs on the event loop, and decoding never takes a forward thread.
+- Threads sized to the CPUs the process really has (bitcore.cpus: affinity, cgroup quota,
+  `BITSERVE_CPUS`), set when the cache starts (the app's start-up), not at import: torch's
+  intra-op threads and ONNX Runtime's = that figure, torch's inter-op threads = 1, the decode
+  pool min(8, it). A 2-CPU container on a 64-core host would otherwise run 64 threads per
+  forward and be throttled by its quota.
 - Dynamic batching per model (Triton-style): concurrent requests' images are coalesced into
   one forward of at most `predict_max_batch_size` images. Images that arrive while a forward
   runs wait for it and go together into the next; `predict_max_queue_delay_ms` can also hold
@@ -29,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import os
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +41,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from bitcore.artifacts import METADATA_FILE, WEIGHTS_FILE, ArtifactError, ArtifactMissing
+from bitcore.cpus import cpu_budget, set_torch_threads
 from bitcore.export import ONNX_FILE
 from bitcore.predict import Prediction, Predictor, top_k_labels
 from bitcore.quantize import INT8_FILE
@@ -94,12 +99,16 @@ class ModelCache:
             str, tuple[tuple[tuple[int, int, int] | None, ...], ModelUnavailable]
         ] = {}
         self._waiting = 0  # admitted images not yet answered, all models together
-        cpus = os.cpu_count() or 1
+        self.cpu_budget = cpu_budget(override=settings.cpus)
+        cpus = self.cpu_budget.cpus
         # One loader: loads are rare and big; doing them one at a time bounds the memory peak.
         self._load_pool: ThreadPoolExecutor | None = None
         self._decode_pool: ThreadPoolExecutor | None = None
         self._compute_pool: ThreadPoolExecutor | None = None
-        self._decode_workers = min(8, cpus)
+        # Decoding is I/O and memory bound past a few threads; Pillow releases the GIL.
+        self.decode_workers = min(8, cpus)
+        # Intra-op threads of one forward (torch and ONNX Runtime): every CPU there is.
+        self.compute_threads = cpus
         # Torch already spreads one forward over all cores (intra-op threads); two forwards at
         # once (two models) is enough to keep a GPU busy while the CPU prepares the next.
         self._compute_workers = 2
@@ -109,9 +118,22 @@ class ModelCache:
     def start(self) -> None:
         if self._decode_pool is not None:
             return
+        # Here and not at import: only a process that serves predictions sizes torch's pools
+        # (process-wide), before its forward threads exist.
+        set_torch_threads(self.compute_threads)
+        log.info(
+            "predict threads: %d compute, %d decode (cpus: %s)",
+            self.compute_threads,
+            self.decode_workers,
+            self.cpu_budget.describe(),
+        )
+        if self.metrics is not None:
+            self.metrics.available_cpus.set(self.cpu_budget.cpus)
+            self.metrics.predict_threads.labels("compute").set(self.compute_threads)
+            self.metrics.predict_threads.labels("decode").set(self.decode_workers)
         self._load_pool = ThreadPoolExecutor(1, thread_name_prefix="bitserve-load")
         self._decode_pool = ThreadPoolExecutor(
-            self._decode_workers, thread_name_prefix="bitserve-decode"
+            self.decode_workers, thread_name_prefix="bitserve-decode"
         )
         self._compute_pool = ThreadPoolExecutor(
             self._compute_workers, thread_name_prefix="bitserve-forward"
@@ -239,6 +261,8 @@ class ModelCache:
                 max_pixels=int(self.settings.predict_max_image_pixels),
                 runtime=self.settings.predict_runtime,
                 int8=bool(self.settings.predict_int8),
+                threads=self.compute_threads,
+                jpeg_draft=bool(self.settings.predict_jpeg_draft),
             )
             warmup = predictor.warmup()
         except (ArtifactMissing, ObjectMissing) as exc:

@@ -98,6 +98,9 @@ class Settings(BaseSettings):
     # Serve a model's int8 graph where its job asked for int8 and the guard passed
     # (bitcore.quantize); False serves every model in float32. Never with runtime "torch".
     predict_int8: bool = True
+    # Decode JPEGs at 1/2-1/8 scale (>= 2 x crop) before the resize: faster for large photos,
+    # slightly different scores. Off: benchmarks/RESULTS.md, "Image decoding (issue 13)".
+    predict_jpeg_draft: bool = False
     predict_max_images_per_request: int = Field(default=64, gt=0)
     # A predict request body (all its images, multipart or base64 JSON): 413 past it.
     predict_max_request_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
@@ -128,6 +131,10 @@ class Settings(BaseSettings):
     job_max_seconds: float = Field(default=3 * 24 * 3600, gt=0)
 
     device: str | None = None
+    # The CPUs thread pools are sized for (bitcore.cpus): unset, min(affinity, cgroup quota).
+    # bitcore reads the same BITSERVE_CPUS itself (workers, ONNX Runtime, data loading); this
+    # field validates it at start-up.
+    cpus: int | None = Field(default=None, ge=1)
     train_queue: str = "train"
     # Dataset ingestion (service.ingest_runs, worker.ingest): `bitserve worker` consumes both
     # queues unless --queues says otherwise.

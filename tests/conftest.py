@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -12,6 +13,10 @@ from tests.services import PrivateServers, create_database, drop_database, find_
 # Two cores are shared by the test process and the Celery workers and servers it starts; the
 # tests' models are tiny, so one intra-op thread each is fastest (thread overhead dominates).
 torch.set_num_threads(1)
+# The same figure for what sizes itself from bitcore.cpus (a ModelCache's torch and ONNX
+# Runtime threads, decode pools), here and in the processes the tests start: a served model's
+# scores are then computed with the thread count of the reference they are compared with.
+os.environ.setdefault("BITSERVE_CPUS", "1")
 
 
 @pytest.fixture(scope="session")

@@ -17,8 +17,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from bitcore.cpus import available_cpus
 from bitcore.data.cache import ImageCache
-from bitcore.data.index import Sample, available_cpus
+from bitcore.data.index import Sample
 from bitcore.transforms import random_crop_flip, resize_squash, to_unit_range
 
 TrainKey = tuple[int, int]

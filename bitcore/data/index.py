@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bitcore.atomic import write_json_atomic
+from bitcore.cpus import available_cpus  # re-exported: older imports name it here
 from bitcore.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
 
 INDEX_FORMAT = "bitserve-dataset-index"
@@ -251,14 +252,6 @@ def _decode_all(
             if progress is not None:
                 progress(done + 1, total)
     return samples, sizes
-
-
-def available_cpus() -> int:
-    """The CPUs this process may run on (its affinity mask, e.g. a container's cpuset)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def decode_workers() -> int:

@@ -23,7 +23,7 @@ import torch
 from torch import distributed as dist
 from torch import multiprocessing as mp
 
-from bitcore.data.index import available_cpus
+from bitcore.cpus import available_cpus
 from bitcore.train.callbacks import Progress, TrainCallbacks, TrainingCancelled
 from bitcore.train.loop import LoopConfig, LoopOutcome, run_loop, to_channels_last
 from bitcore.train.microbatch import choose_micro_batch_size

@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
+from bitcore.devices import to_device
+
 
 def confusion_matrix(
     labels: torch.Tensor, predictions: torch.Tensor, num_classes: int
@@ -78,9 +80,12 @@ def predict_batches(
     )
     try:
         for x, y in batches:
-            memory_format = torch.channels_last if channels_last else torch.contiguous_format
-            x = x.to(device, non_blocking=True, memory_format=memory_format)
-            y = y.to(device, non_blocking=True)
+            # Pinned, non-blocking uploads on CUDA (a DataLoader with pin_memory=True already
+            # pins them: no second copy); NHWC is made on the device, after the copy.
+            x = to_device(x, device)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            y = to_device(y, device)
             with ctx:
                 logits = model(x).float()
             loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))

@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from bitcore.cpus import available_cpus
 from bitcore.data import (
     CachedImageDataset,
     DatasetError,
@@ -269,7 +270,7 @@ def test_data_loader_batches(index: DatasetIndex, tmp_path: Path) -> None:
 
 def test_default_num_workers_fits_the_machine() -> None:
     workers = default_num_workers()
-    cpus = len(os.sched_getaffinity(0))
+    cpus = available_cpus()
     assert workers == (0 if cpus <= 2 else min(4, cpus - 1))
 
 

@@ -9,7 +9,14 @@ import types
 import pytest
 import torch
 
-from bitcore.devices import ENV_VAR, select_device, step_marker, uses_bf16_autocast
+from bitcore.devices import (
+    ENV_VAR,
+    select_device,
+    step_marker,
+    to_device,
+    uploads_pinned,
+    uses_bf16_autocast,
+)
 
 HAS_XLA = importlib.util.find_spec("torch_xla") is not None
 
@@ -144,3 +151,30 @@ def test_only_an_xla_device_gets_a_step_marker(monkeypatch: pytest.MonkeyPatch) 
 def test_step_marker_needs_torch_xla_only_for_xla() -> None:
     with pytest.raises(ImportError):
         step_marker(torch.device("xla"))
+
+
+def test_to_device_on_the_cpu_is_the_same_tensor_without_a_copy() -> None:
+    batch = torch.arange(24, dtype=torch.float32).reshape(2, 3, 2, 2)
+    moved = to_device(batch, torch.device("cpu"))
+    assert moved is batch
+    assert moved.data_ptr() == batch.data_ptr()
+    labels = torch.tensor([1, 0])
+    assert to_device(labels, torch.device("cpu")) is labels
+
+
+def test_uploads_are_pinned_only_for_cuda() -> None:
+    assert uploads_pinned(torch.device("cuda")) is True
+    assert uploads_pinned(torch.device("cuda", 1)) is True
+    for name in ("cpu", "mps", "meta"):
+        assert uploads_pinned(torch.device(name)) is False
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_to_device_on_cuda_copies_through_pinned_memory() -> None:
+    batch = torch.rand(4, 3, 8, 8)
+    moved = to_device(batch, torch.device("cuda"))
+    assert moved.device.type == "cuda"
+    assert not batch.is_pinned()  # the caller's tensor is left as it was
+    torch.testing.assert_close(moved.cpu(), batch, rtol=0, atol=0)
+    pinned = batch.pin_memory()
+    torch.testing.assert_close(to_device(pinned, torch.device("cuda")).cpu(), batch, rtol=0, atol=0)

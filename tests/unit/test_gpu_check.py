@@ -85,6 +85,7 @@ def test_quick_cpu_mode_runs_every_part(tmp_path: Path) -> None:
 
     predict = parts["predict"]
     assert "CPUExecutionProvider" in predict["providers"]
+    assert predict["uploads_pinned"] is False  # a CPU run: nothing to upload
     assert predict["runtimes"]["torch"] == {"status": "ok", "reason": None, "autocast": False}
     onnx = predict["runtimes"]["onnxruntime"]
     assert (onnx["status"], onnx["session_providers"]) == ("ok", ["CPUExecutionProvider"])

@@ -209,3 +209,53 @@ def test_other_modes_become_rgb() -> None:
     assert decoded.mode == "RGB" and _colours(decoded) == {(200, 100, 50)}
     cmyk = decode_image(_encode(Image.new("CMYK", (8, 8), (0, 0, 0, 0)), "JPEG"))
     assert cmyk.mode == "RGB" and cmyk.size == (8, 8)
+
+
+def _big_gradient(width: int = 800, height: int = 600) -> Image.Image:
+    yy, xx = np.mgrid[0:height, 0:width]
+    pixels = np.stack([xx * 255 // width, yy * 255 // height, (xx + yy) % 256], axis=-1)
+    return Image.fromarray(pixels.astype(np.uint8))
+
+
+@pytest.mark.parametrize(
+    ("min_size", "size"),
+    [
+        (100, (200, 150)),  # 800 // 100 = 8, 600 // 100 = 6: the largest scale <= 6 is 1/4
+        (150, (200, 150)),  # 5 and 4: 1/4 still keeps 150
+        (151, (400, 300)),  # 1/4 would give 150 < 151: 1/2
+        (300, (400, 300)),
+        (301, (800, 600)),  # no reduction keeps both sides >= 301 but the full image
+        (70, (100, 75)),  # 1/8 is libjpeg's smallest scale
+        (10, (100, 75)),
+    ],
+)
+def test_jpeg_draft_decodes_at_the_smallest_scale_that_keeps_min_size(
+    min_size: int, size: tuple[int, int]
+) -> None:
+    data = _encode(_big_gradient(), "JPEG", quality=90)
+    decoded = decode_image(data, jpeg_min_size=min_size)
+    assert (decoded.mode, decoded.size) == ("RGB", size)
+    # The same picture: the draft matches a full decode box-downscaled to its size.
+    full = decode_image(data).resize(size, Image.Resampling.BOX)
+    diff = np.abs(np.asarray(decoded, np.int16) - np.asarray(full, np.int16))
+    assert diff.mean() < 2.0
+
+
+def test_jpeg_draft_leaves_other_formats_and_the_default_alone() -> None:
+    image = _big_gradient()
+    png = _encode(image, "PNG")
+    assert decode_image(png, jpeg_min_size=50).size == (800, 600)
+    jpeg = _encode(image, "JPEG", quality=90)
+    assert decode_image(jpeg).size == (800, 600)
+
+
+def test_jpeg_draft_keeps_the_pixel_cap_and_the_orientation() -> None:
+    data = _encode(_big_gradient(), "JPEG", quality=90)
+    # The cap counts the stored pixels, not the reduced ones: a bomb stays a bomb.
+    with pytest.raises(ImageError) as caught:
+        decode_image(data, max_pixels=800 * 600 - 1, jpeg_min_size=50)
+    assert caught.value.reason == "too_many_pixels"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees to display: portrait
+    rotated = _encode(_big_gradient(), "JPEG", quality=90, exif=exif)
+    assert decode_image(rotated, jpeg_min_size=100).size == (150, 200)

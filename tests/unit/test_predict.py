@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from bitcore.artifacts import ArtifactError, ArtifactMetadata, save_artifact
-from bitcore.images import ImageError
+from bitcore.images import ImageError, decode_image
 from bitcore.layers import StdConv2d, fold_weight_standardization
 from bitcore.models import ResNetV2, create_model
 from bitcore.predict import InputImageError, Predictor, top_k_labels
@@ -264,3 +264,21 @@ def test_saved_artifact_predicts_like_the_in_memory_model(
 def test_load_refuses_a_directory_that_is_not_an_artifact(tmp_path: Path) -> None:
     with pytest.raises(ArtifactError, match=r"metadata\.json not found"):
         Predictor.load(tmp_path, "cpu")
+
+
+def test_jpeg_draft_is_off_by_default_and_decodes_at_2x_crop_when_on(model: ResNetV2) -> None:
+    yy, xx = np.mgrid[0:300, 0:400]
+    pixels = np.stack([xx * 255 // 400, yy * 255 // 300, (xx * yy) % 256], axis=-1)
+    data = _encode(Image.fromarray(pixels.astype(np.uint8)), "JPEG")
+    full = eval_preprocess(decode_image(data), CROP)
+    # 400x300 with both sides >= 64: 1/4 scale (100x75) then the same resize.
+    reduced = decode_image(data, jpeg_min_size=2 * CROP)
+    assert reduced.size == (100, 75)
+    plain = Predictor.from_model(model, CLASSES, CROP)
+    assert plain.jpeg_draft is False
+    torch.testing.assert_close(plain.preprocess([data])[0], full, rtol=0, atol=0)
+    draft = Predictor.from_model(model, CLASSES, CROP, jpeg_draft=True)
+    got = draft.preprocess([data])[0]
+    torch.testing.assert_close(got, eval_preprocess(reduced, CROP), rtol=0, atol=0)
+    assert not torch.equal(got, full)  # the pixels do move a little: hence off by default
+    assert float((got - full).abs().mean()) * 127.5 < 2.0  # under 2 of 255 on average
