@@ -403,7 +403,9 @@ async function jobFinished(job) {
   state.jobId = null;
   if (job.status === "succeeded" && job.model_id) {
     const acc = job.metrics && typeof job.metrics.accuracy === "number" ? `, validation accuracy ${(100 * job.metrics.accuracy).toFixed(1)}%` : "";
-    $("job-result").textContent = `Model ${job.model_id} is ready${acc}.`;
+    const check = job.metrics && job.metrics.precision;
+    const served = check ? ` Served in ${check.served}: ${check.reason}.` : "";
+    $("job-result").textContent = `Model ${job.model_id} is ready${acc}.${served}`;
     await refreshLists({ model: job.model_id });
   } else {
     $("job-result").textContent = "";
@@ -523,6 +525,7 @@ async function startJob() {
       dataset_id: datasetId,
       base_model: $("base-model").value,
       validation_fraction: Number($("validation-fraction").value || 0.1),
+      serving_precision: $("serving-precision").value || "fp32",
       overrides: overrides(),
     },
     headers: { "Idempotency-Key": `page-${crypto.randomUUID ? crypto.randomUUID() : Date.now()}` },

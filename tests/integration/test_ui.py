@@ -54,6 +54,7 @@ PAGE_IDS = {
     "base-model",
     "plan-button",
     "plan-output",
+    "serving-precision",
     "start-job",
     "cancel-job",
     "job-status",
