@@ -16,6 +16,7 @@ import math
 import statistics
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -27,6 +28,8 @@ BOUNDARY = "bitserve-bench-boundary"
 POINT_TIMEOUT_S = 600.0
 FORMATS = {"png": ("PNG", "image/png"), "jpeg": ("JPEG", "image/jpeg")}
 JPEG_QUALITY = 90
+PEERS = ("litserve", "fastapi")  # benchmarks/serve_peers.py: imported only by the peer process
+PREDICT_PATH = "/predict"  # the peers' path
 
 
 def make_images(count: int, size: tuple[int, int], image_format: str) -> list[bytes]:
@@ -151,3 +154,11 @@ def check_responses(
         scores_ok = all(abs(a[1] - b[1]) <= SCORE_TOL for a, b in zip(ranked, want, strict=True))
         if not (labels_ok and scores_ok):
             raise SystemExit(f"{config}: image {index}: server said {ranked}, Predictor {want}")
+
+
+def read_batch_log(path: Path) -> tuple[float, float]:
+    """(sum, count) of the batch sizes logged so far, like bitserve's histogram."""
+    if not path.exists():
+        return 0.0, 0.0
+    sizes = [int(line) for line in path.read_text(encoding="ascii").split()]
+    return float(sum(sizes)), float(len(sizes))

@@ -36,20 +36,18 @@ import argparse
 import os
 import signal
 import socket
-from pathlib import Path
 from typing import Any
 
 import litserve as ls
 import torch
 from fastapi import Request
+from serve_load import PEERS, PREDICT_PATH  # benchmarks/ is sys.path[0] (run as a script)
 
 from bitcore.predict import Predictor, top_k_labels
 
 TOP_K = 5
 LITSERVE_MAX_BATCH = 16
 LITSERVE_BATCH_TIMEOUT_S = 0.005
-PEERS = ("litserve", "fastapi")
-PREDICT_PATH = "/predict"
 HEALTH_PATH = "/healthz"
 
 
@@ -64,14 +62,6 @@ def log_batch(path: str | None, size: int) -> None:
         # O_APPEND: one small write per forward, read back by the benchmark between rounds.
         with open(path, "a", encoding="ascii") as fh:
             fh.write(f"{size}\n")
-
-
-def read_batch_log(path: Path) -> tuple[float, float]:
-    """(sum, count) of the batch sizes logged so far, like bitserve's histogram."""
-    if not path.exists():
-        return 0.0, 0.0
-    sizes = [int(line) for line in path.read_text(encoding="ascii").split()]
-    return float(sum(sizes)), float(len(sizes))
 
 
 def set_threads(threads: int) -> None:

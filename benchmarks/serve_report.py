@@ -10,7 +10,8 @@ delay) against the LitServe peer measured in the same run:
     p50 at 1 in flight <= 45 ms
 
 A goal whose point was not measured (say, no --peer litserve, or no concurrency 16) is printed
-as "not measured". The goal lines do not start with "|": gpu_check_parts.py reads every line
+as "not measured". The verdicts do not change the exit status (an error or a wrong answer
+does: serve_speed.py stops at the first). The goal lines do not start with "|": gpu_check_parts.py reads every line
 that does as a table row.
 """
 

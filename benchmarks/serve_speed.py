@@ -73,8 +73,17 @@ import httpx
 import torch
 from loopback import Server, cpu_model  # benchmarks/ is on sys.path when run as a script
 from loopback import start_server as loopback_server
-from serve_load import TOP_K, Point, check_responses, drive, make_images, multipart_body
-from serve_peers import PEERS, PREDICT_PATH, read_batch_log
+from serve_load import (
+    PEERS,
+    PREDICT_PATH,
+    TOP_K,
+    Point,
+    check_responses,
+    drive,
+    make_images,
+    multipart_body,
+    read_batch_log,
+)
 from serve_report import header_line, print_report, write_json
 
 from bitcore.models import create_model
