@@ -8,8 +8,10 @@ arguments; the child must answer GET /healthz with 200 once it serves.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
+import signal
 import socket
 import subprocess
 import sys
@@ -41,11 +43,31 @@ class Server:
         with open(f"/proc/{self.process.pid}/{entry}", encoding="ascii") as fh:
             return fh.read()
 
+    def descendants(self) -> list[int]:
+        """The pids of the server's child processes, theirs, and so on (from /proc)."""
+        children: dict[int, list[int]] = {}
+        for entry in os.listdir("/proc"):
+            stat = _stat(entry) if entry.isdigit() else None
+            if stat is not None:
+                children.setdefault(int(stat[1]), []).append(int(entry))
+        found: list[int] = []
+        todo = [self.process.pid]
+        while todo:
+            kids = children.get(todo.pop(), [])
+            found += kids
+            todo += kids
+        return found
+
     def cpu_seconds(self) -> float:
-        """utime + stime of the server process (all its threads), from /proc."""
-        fields = self._proc("stat").rsplit(")", 1)[1].split()
+        """utime + stime of the server's process tree (all threads of the server process and of
+        its live descendants: a peer such as LitServe works in child processes), from /proc."""
         ticks = os.sysconf("SC_CLK_TCK")
-        return (int(fields[11]) + int(fields[12])) / ticks
+        total = 0
+        for pid in [self.process.pid, *self.descendants()]:
+            stat = _stat(str(pid))
+            if stat is not None:
+                total += int(stat[11]) + int(stat[12])
+        return total / ticks
 
     def memory_kib(self, key: str) -> int:
         """VmRSS or VmHWM (the peak RSS) of the server process, in KiB."""
@@ -65,12 +87,28 @@ class Server:
         return {key: int(value) for key, value in (line.split(": ") for line in lines)}
 
     def stop(self) -> None:
+        """SIGTERM (SIGKILL after 15 s), then SIGKILL to any descendant its exit left behind."""
+        descendants = self.descendants()
         self.process.terminate()
         try:
             self.process.wait(timeout=15)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+        for pid in descendants:
+            stat = _stat(str(pid))
+            if stat is not None and stat[0] != "Z":
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+
+def _stat(pid: str) -> list[str] | None:
+    """/proc/PID/stat fields after the command name (state, ppid, ...), or None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
+            return fh.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
 
 
 def start_server(script: str, name: str, args: list[str], timeout_s: float) -> Server:

@@ -4,6 +4,8 @@
     .venv/bin/python benchmarks/serve_speed.py --model BiT-M-R50x1
     .venv/bin/python benchmarks/serve_speed.py --quick          # smoke test (seconds)
     .venv/bin/python benchmarks/serve_speed.py --threads 2      # 2 torch threads per server
+    .venv/bin/python benchmarks/serve_speed.py --model BiT-M-R50x1 --image-format jpeg \
+        --image-size 128 --peer litserve --concurrency 1 16 --delays 0   # issue 13's peer run
 
 What runs: a random-weight artifact is saved (bitcore.artifacts.save_artifact) into the store of
 a temporary BITSERVE_HOME with the embedded defaults (SQLite, migrated here) and registered as a
@@ -17,64 +19,80 @@ bound here (no port race):
     on/d2    predict_max_batch_size=32   predict_max_queue_delay_ms=2  (hold a lone request 2 ms)
     (--delays 0 2 20 adds on/d20, etc.)
 
-All three servers are up for the whole run and the configurations are measured alternately
-(for each concurrency, round by round: off, on/d0, on/d2, off, ...) so that load from other
-processes on this shared machine hits them alike. The load generator (this process,
-httpx.AsyncClient) keeps `concurrency` requests in flight until a fixed number has been sent,
-one PNG image per request (multipart `files`, as a client sends it; the body is built once per
-image so the client spends its CPU on HTTP only). Every response must be 200 and its top-5
-labels and scores must match a bitcore Predictor run directly on the same image; otherwise the
-script fails: a benchmark that measured error responses would look fast.
+Peers (--peer litserve, --peer fastapi; benchmarks/serve_peers.py): the same artifact served
+by another stack in its own process on its own loopback socket. `litserve` is a LitServe LitAPI
+as its users write one: eager PyTorch (Predictor.load(runtime="torch"), WS folded), decode and
+preprocess in decode_request, LitServe's dynamic batching (max_batch_size=16,
+batch_timeout=5 ms), one inference worker. `fastapi` is a plain FastAPI endpoint: one forward
+per request. They get the very same multipart request (only the path is /predict) and must give
+the same answers.
+
+All servers are up for the whole run and are measured alternately (for each concurrency, round
+by round: off, on/d0, on/d2, litserve, then reversed, ...) so that load from other processes on
+this shared machine hits them alike. The load generator (this process, httpx.AsyncClient) keeps
+`concurrency` requests in flight until a fixed number has been sent, one image per request
+(--image-format png or jpeg, --image-size; multipart `files`, as a client sends it; the body is
+built once per image so the client spends its CPU on HTTP only). Every response must be 200 and
+its top-5 labels and scores must match a bitcore Predictor run directly on the very bytes sent;
+otherwise the script fails: a benchmark that measured error responses would look fast.
 
 Columns: images/s (requests completed / wall time of the round, summed over rounds), latency
 percentiles over all timed requests, the mean forward batch size (delta of the server's
-bitserve_predict_batch_size histogram sum/count over the timed requests, from /metrics), server
-CPU milliseconds per image (utime+stime of the server process from /proc, which a core held by
-another process does not inflate), the same for this load-generating process (it shares the
-cores), and images/s relative to `off` at the same concurrency.
+bitserve_predict_batch_size histogram sum/count over the timed requests, from /metrics; a peer
+logs its batch sizes to a file), server CPU milliseconds per image (utime+stime of the server's
+process tree from /proc, which a core held by another process does not inflate; LitServe's
+includes its queue manager and inference worker processes), the same for this load-generating
+process (it shares the cores), images/s relative to `off` at the same concurrency and, with
+--peer litserve, relative to litserve. After the table, the goals of issue 13 with PASS/FAIL
+(benchmarks/serve_report.py); --json PATH also writes the rows and goals as JSON.
 
 Torch threads: each server process runs torch.set_num_threads(--threads), 1 by default. The two
 cores of the development machine are shared by the server's event loop and decode threads, the
 load generator and other processes; one intra-op thread leaves a core for the rest and avoids
 OpenMP barrier stalls under contention (see RESULTS.md, "Prediction speed"). On a dedicated
-serving machine set it to the cores the server has to itself.
+serving machine set it to the cores the server has to itself. The peers use the same count.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import json
 import math
 import os
 import socket
-import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 import torch
 from loopback import Server, cpu_model  # benchmarks/ is on sys.path when run as a script
 from loopback import start_server as loopback_server
-from PIL import Image
+from serve_load import (
+    PEERS,
+    PREDICT_PATH,
+    TOP_K,
+    Point,
+    check_responses,
+    drive,
+    make_images,
+    multipart_body,
+    read_batch_log,
+)
+from serve_report import header_line, print_report, write_json
 
 from bitcore.models import create_model
 from bitcore.predict import Predictor
 
 NUM_CLASSES = 10
-TOP_K = 5
 NUM_IMAGES = 16  # distinct request images, used round-robin
-IMAGE_SIZE = (160, 192)  # (height, width): decoded and resized to the crop by the server
-SCORE_TOL = 1e-4  # batched vs single forward: same maths, different kernel blocking
-BOUNDARY = "bitserve-bench-boundary"
+IMAGE_SIZE = (160, 192)  # (height, width) without --image-size: resized to the crop by the server
 STARTUP_TIMEOUT_S = 120.0
-POINT_TIMEOUT_S = 600.0
 BATCH_ON = 32  # the default predict_max_batch_size
 
 
@@ -125,34 +143,35 @@ def batch_histogram(url: str) -> tuple[float, float]:
     return values["bitserve_predict_batch_size_sum"], values["bitserve_predict_batch_size_count"]
 
 
-# -- the model and the images ------------------------------------------------------------------
+@dataclass
+class Target:
+    """One server under test: where to send the request and how to read its batch sizes."""
+
+    server: Server
+    path: str
+    batches: Callable[[], tuple[float, float]]  # (sum, count) of forward batch sizes so far
+
+    @property
+    def name(self) -> str:
+        return self.server.name
 
 
-def make_images(count: int) -> list[bytes]:
-    """PNGs of smooth colour fields with stripes and noise: real, decodable, all different."""
-    height, width = IMAGE_SIZE
-    images = []
-    for index in range(count):
-        rng = np.random.default_rng(index)
-        yy, xx = np.mgrid[0:height, 0:width]
-        base = rng.uniform(40, 215, size=3)
-        period = 4 + index % 7
-        stripes = ((((yy if index % 2 else xx) // period) % 2) * 2.0 - 1.0)[..., None]
-        pixels = base + 40.0 * stripes + rng.normal(0.0, 15.0, size=(height, width, 3))
-        image = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), "RGB")
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        images.append(buffer.getvalue())
-    return images
+def start_bitserve(
+    name: str, home: Path, overrides: dict[str, Any], threads: int, path: str
+) -> Target:
+    server = start_server(name, home, overrides, threads)
+    return Target(server, path, lambda: batch_histogram(server.url))
 
 
-def multipart_body(index: int, data: bytes) -> bytes:
-    head = (
-        f"--{BOUNDARY}\r\n"
-        f'Content-Disposition: form-data; name="files"; filename="img{index}.png"\r\n'
-        "Content-Type: image/png\r\n\r\n"
-    ).encode()
-    return head + data + f"\r\n--{BOUNDARY}--\r\n".encode()
+def start_peer(kind: str, artifact: Path, threads: int, log: Path) -> Target:
+    """A peer server (benchmarks/serve_peers.py) of `kind` on its own loopback socket."""
+    script = str(Path(__file__).with_name("serve_peers.py"))
+    args = ["--kind", kind, "--artifact", str(artifact), "--threads", str(threads)]
+    server = loopback_server(script, kind, [*args, "--batch-log", str(log)], STARTUP_TIMEOUT_S)
+    return Target(server, PREDICT_PATH, lambda: read_batch_log(log))
+
+
+# -- the model ---------------------------------------------------------------------------------
 
 
 def setup_home(home: Path, model_name: str, crop: int) -> tuple[str, Path, str]:
@@ -184,192 +203,84 @@ def setup_home(home: Path, model_name: str, crop: int) -> tuple[str, Path, str]:
     return model_id, storage.model_dir(model_id), key
 
 
-# -- the load generator ------------------------------------------------------------------------
-
-
-@dataclass
-class Point:
-    config: str
-    concurrency: int
-    requests: int = 0
-    seconds: float = 0.0
-    latencies: list[float] = field(default_factory=list)
-    batch_sum: float = 0.0
-    batch_count: float = 0.0
-    cpu_seconds: float = 0.0
-    client_cpu_seconds: float = 0.0
-
-    @property
-    def images_per_s(self) -> float:
-        return self.requests / self.seconds if self.seconds else math.nan
-
-    def percentile(self, q: int) -> float:
-        cuts = statistics.quantiles(self.latencies, n=100, method="inclusive")
-        return cuts[q - 1] * 1000.0
-
-    @property
-    def mean_batch(self) -> float:
-        return self.batch_sum / self.batch_count if self.batch_count else math.nan
-
-
-async def drive(
-    url: str,
-    path: str,
-    bodies: list[bytes],
-    count: int,
-    concurrency: int,
-    key: str,
-    start: int = 0,
-) -> tuple[float, list[float], list[tuple[int, int, bytes]]]:
-    """Send `count` requests with `concurrency` in flight; (wall s, latencies, responses)."""
-    headers = {
-        "content-type": f"multipart/form-data; boundary={BOUNDARY}",
-        "authorization": f"Bearer {key}",
-    }
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    latencies: list[float] = []
-    responses: list[tuple[int, int, bytes]] = []  # (image index, status, body)
-    next_index = start
-    stop = start + count
-
-    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
-
-        async def one(index: int) -> None:
-            began = time.perf_counter()
-            body = bodies[index % len(bodies)]
-            response = await client.post(path, content=body, headers=headers)
-            latencies.append(time.perf_counter() - began)
-            responses.append((index % len(bodies), response.status_code, response.content))
-
-        # Open the connections first (untimed, not counted): the timed run is steady state.
-        await asyncio.gather(*(client.get("/healthz") for _ in range(concurrency)))
-
-        async def worker() -> None:
-            nonlocal next_index
-            while next_index < stop:  # one event loop: no lock needed
-                index = next_index
-                next_index += 1
-                await one(index)
-
-        began = time.perf_counter()
-        async with asyncio.timeout(POINT_TIMEOUT_S):
-            await asyncio.gather(*(worker() for _ in range(concurrency)))
-        return time.perf_counter() - began, latencies, responses
-
-
-def check_responses(
-    config: str, responses: list[tuple[int, int, bytes]], expected: list[list[tuple[str, float]]]
-) -> None:
-    """Every response 200 and equal to the direct Predictor's answer for its image."""
-    bad = [(index, status, body[:300]) for index, status, body in responses if status != 200]
-    if bad:
-        raise SystemExit(f"{config}: {len(bad)} of {len(responses)} requests failed: {bad[:3]}")
-    for index, _, body in responses:
-        got = json.loads(body)["predictions"]
-        if len(got) != 1:
-            raise SystemExit(f"{config}: expected 1 prediction, got {len(got)}")
-        ranked = [(item["label"], item["score"]) for item in got[0]["top_k"]]
-        want = expected[index]
-        labels_ok = [label for label, _ in ranked] == [label for label, _ in want]
-        scores_ok = all(abs(a[1] - b[1]) <= SCORE_TOL for a, b in zip(ranked, want, strict=True))
-        if not (labels_ok and scores_ok):
-            raise SystemExit(f"{config}: image {index}: server said {ranked}, Predictor {want}")
-
-
 # -- the run -----------------------------------------------------------------------------------
 
 
 def run(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)  # this process only checks answers and generates load
-    images = make_images(NUM_IMAGES)
-    bodies = [multipart_body(i, data) for i, data in enumerate(images)]
+    images = make_images(NUM_IMAGES, args.image_size, args.image_format)
+    bodies = [multipart_body(i, data, args.image_format) for i, data in enumerate(images)]
     with tempfile.TemporaryDirectory(prefix="bitserve-serve-bench-") as tmp:
         home = Path(tmp)
         model_id, artifact, key = setup_home(home, args.model, args.crop)
         predictor = Predictor.load(artifact, "cpu")
-        expected = predictor.predict(images, top_k=TOP_K)
+        expected = predictor.predict(images, top_k=TOP_K)  # the very bytes that are sent
         path = f"/v1/models/{model_id}/predict?top_k={TOP_K}"
-        servers: list[Server] = []
+        targets: list[Target] = []
         try:
             for name, overrides in configs(args.delays, args.auth_cost).items():
-                servers.append(start_server(name, home, overrides, args.threads))
+                targets.append(start_bitserve(name, home, overrides, args.threads, path))
+            for kind in args.peer:
+                log = home / f"{kind}-batches.log"
+                targets.append(start_peer(kind, artifact, args.threads, log))
             load_before = os.getloadavg()[0]
             # Warm-up: model load + warm-up forward, then the batch shapes each level produces
             # (oneDNN builds kernels per input shape on first use).
-            for server in servers:
+            for target in targets:
                 for level in args.concurrency:
                     _, _, responses = asyncio.run(
-                        drive(server.url, path, bodies, args.warmup + level, level, key)
+                        drive(
+                            target.server.url, target.path, bodies, args.warmup + level, level, key
+                        )
                     )
-                    check_responses(server.name, responses, expected)
-            points = {(s.name, c): Point(s.name, c) for s in servers for c in args.concurrency}
+                    check_responses(target.name, responses, expected)
+            points = {(t.name, c): Point(t.name, c) for t in targets for c in args.concurrency}
             per_round = math.ceil(args.requests / args.rounds)
             for level in args.concurrency:
                 for round_index in range(args.rounds):
-                    order = servers if round_index % 2 == 0 else servers[::-1]
-                    for server in order:
-                        point = points[(server.name, level)]
-                        sum0, count0 = batch_histogram(server.url)
-                        cpu0, client0 = server.cpu_seconds(), time.process_time()
-                        seconds, latencies, responses = asyncio.run(
-                            drive(
-                                server.url,
-                                path,
-                                bodies,
-                                per_round,
-                                level,
-                                key,
-                                start=point.requests,
-                            )
+                    order = targets if round_index % 2 == 0 else targets[::-1]
+                    for target in order:
+                        measure(
+                            target, points[(target.name, level)], bodies, per_round, key, expected
                         )
-                        cpu1, client1 = server.cpu_seconds(), time.process_time()
-                        sum1, count1 = batch_histogram(server.url)
-                        check_responses(server.name, responses, expected)
-                        point.requests += len(responses)
-                        point.seconds += seconds
-                        point.latencies += latencies
-                        point.batch_sum += sum1 - sum0
-                        point.batch_count += count1 - count0
-                        point.cpu_seconds += cpu1 - cpu0
-                        point.client_cpu_seconds += client1 - client0
             load_after = os.getloadavg()[0]
         finally:
-            for server in servers:
-                server.stop()
-    print_table(args, points, load_before, load_after)
+            for target in targets:
+                target.server.stop()
+    names = [t.name for t in targets]
+    header = header_line(
+        args, NUM_CLASSES, cpu_model(), torch.__version__, (load_before, load_after)
+    )
+    checked = print_report(args, names, points, header)
+    if args.json:
+        write_json(Path(args.json), args, names, points, header, checked)
 
 
-def print_table(
-    args: argparse.Namespace,
-    points: dict[tuple[str, int], Point],
-    load_before: float,
-    load_after: float,
+def measure(
+    target: Target,
+    point: Point,
+    bodies: list[bytes],
+    count: int,
+    key: str,
+    expected: list[list[tuple[str, float]]],
 ) -> None:
-    print(
-        f"\n{args.model} at {args.crop} px, {NUM_CLASSES} classes, {cpu_model()}, "
-        f"{os.cpu_count()} CPUs, torch {torch.__version__}, server torch threads {args.threads}, "
-        f"{args.requests} timed requests per point in {args.rounds} alternated rounds, "
-        f"load average {load_before:.1f} -> {load_after:.1f}\n"
+    """One timed round against one server, added to its point."""
+    server = target.server
+    sum0, count0 = target.batches()
+    cpu0, client0 = server.cpu_seconds(), time.process_time()
+    seconds, latencies, responses = asyncio.run(
+        drive(server.url, target.path, bodies, count, point.concurrency, key, start=point.requests)
     )
-    header = (
-        "| config | concurrency | images/s | p50 ms | p95 ms | p99 ms | mean batch "
-        "| server CPU ms/image | client CPU ms/image | images/s vs off |"
-    )
-    print(header)
-    print("|---" * (header.count("|") - 1) + "|")
-    for level in args.concurrency:
-        baseline = points[("off", level)].images_per_s
-        for name in configs(args.delays, args.auth_cost):
-            p = points[(name, level)]
-            ratio = p.images_per_s / baseline
-            print(
-                f"| {name} | {level} | {p.images_per_s:.1f} | {p.percentile(50):.1f} "
-                f"| {p.percentile(95):.1f} | {p.percentile(99):.1f} | {p.mean_batch:.2f} "
-                f"| {1000.0 * p.cpu_seconds / p.requests:.1f} "
-                f"| {1000.0 * p.client_cpu_seconds / p.requests:.1f} | {ratio:.2f}x |"
-            )
-    total = sum(p.requests for p in points.values())
-    print(f"\nall {total} timed responses were 200 and matched a direct Predictor (top-{TOP_K})")
+    cpu1, client1 = server.cpu_seconds(), time.process_time()
+    sum1, count1 = target.batches()
+    check_responses(target.name, responses, expected)
+    point.requests += len(responses)
+    point.seconds += seconds
+    point.latencies += latencies
+    point.batch_sum += sum1 - sum0
+    point.batch_count += count1 - count0
+    point.cpu_seconds += cpu1 - cpu0
+    point.client_cpu_seconds += client1 - client0
 
 
 def main() -> None:
@@ -390,6 +301,23 @@ def main() -> None:
         help="predict_max_queue_delay_ms values to measure with batching on (default 0 2)",
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each server")
+    parser.add_argument(
+        "--peer",
+        action="extend",
+        nargs="+",
+        choices=PEERS,
+        default=[],
+        help="also serve the model with this stack (benchmarks/serve_peers.py); repeatable",
+    )
+    parser.add_argument(
+        "--image-format", choices=["png", "jpeg"], default="png", help="request image encoding"
+    )
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        help=f"square request images of this many px (default {IMAGE_SIZE[1]}x{IMAGE_SIZE[0]})",
+    )
+    parser.add_argument("--json", help="also write the rows and goals to this JSON file")
     parser.add_argument("--quick", action="store_true", help="smoke test: few requests")
     parser.add_argument(
         "--auth-cost", action="store_true", help="also measure without API keys (AUTH=off)"
@@ -409,8 +337,15 @@ def main() -> None:
         or min(args.concurrency) < 1
         or args.threads < 1
         or min(args.delays) < 0
+        or (args.image_size is not None and args.image_size < 1)
     ):
-        parser.error("--requests, --rounds, --concurrency, --threads must be >= 1, --delays >= 0")
+        parser.error(
+            "--requests, --rounds, --concurrency, --threads, --image-size must be >= 1, "
+            "--delays >= 0"
+        )
+    args.peer = list(dict.fromkeys(args.peer))  # each peer once, in the order given
+    size = args.image_size
+    args.image_size = IMAGE_SIZE if size is None else (size, size)
     run(args)
 
 
