@@ -10,9 +10,10 @@ image exactly the answer it would get alone: the service may batch freely.
 Decoding/preprocessing (`preprocess`) is separate from the forward pass (`predict_tensor`) so
 the service can decode in a thread pool and send many requests' tensors through one forward.
 
-The forward runs on a runtime (bitcore.runtimes): "torch" (eager) or "onnxruntime" (the graph
-bitcore.export writes, cached as model.onnx in the artifact's folder). A runtime other than
-eager is checked against eager at load and refused (RuntimeMismatch) if they disagree.
+The forward runs on a runtime (bitcore.runtimes): "torch" (eager), or "onnxruntime" or
+"openvino" on the graph bitcore.export writes (cached as model.onnx in the artifact's folder).
+A runtime other than eager is checked against eager at load and refused (RuntimeMismatch) if
+they disagree.
 """
 
 from __future__ import annotations
@@ -35,10 +36,12 @@ from bitcore.export import ExportError, ensure_onnx, export_onnx_bytes
 from bitcore.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
 from bitcore.layers import fold_weight_standardization
 from bitcore.runtimes import (
+    GRAPH_RUNTIMES,
     ONNXRUNTIME,
     TORCH,
-    OnnxRuntimeForward,
+    Forward,
     check_against_eager,
+    graph_forward,
     validate_runtime,
 )
 from bitcore.transforms import eval_preprocess
@@ -76,11 +79,13 @@ class Predictor:
         max_batch_size: int | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         onnx_model: str | Path | bytes | None = None,
+        graph_runtime: str = ONNXRUNTIME,
     ) -> None:
         """Wrap an already prepared model; use `load` or `from_model` to build one.
 
-        With `onnx_model` (a path or the bytes of its export) the forward runs on ONNX Runtime,
-        after a check against `model` (eager) that raises RuntimeMismatch if they disagree.
+        With `onnx_model` (a path or the bytes of its export) the forward runs on
+        `graph_runtime` ("onnxruntime" or "openvino"), after a check against `model` (eager)
+        that raises RuntimeMismatch if they disagree.
         """
         if not classes:
             raise ValueError("a predictor needs at least one class")
@@ -101,11 +106,13 @@ class Predictor:
         self._lock = threading.Lock()
         self.runtime = TORCH
         self.runtime_max_diff: float | None = None  # the load check's figure (None: eager)
-        self._onnx: OnnxRuntimeForward | None = None
+        self._onnx: Forward | None = None  # the graph runtime's forward (None: eager)
         if onnx_model is not None:
-            onnx = OnnxRuntimeForward(onnx_model, device)
-            self.runtime_max_diff = check_against_eager(model, onnx, self.crop)
-            self._onnx, self.runtime = onnx, ONNXRUNTIME
+            onnx = graph_forward(graph_runtime, onnx_model, device)
+            self.runtime_max_diff = check_against_eager(
+                model, onnx, self.crop, runtime=graph_runtime
+            )
+            self._onnx, self.runtime = onnx, graph_runtime
 
     @classmethod
     def load(
@@ -120,15 +127,15 @@ class Predictor:
     ) -> Predictor:
         """Load a saved artifact (safetensors + metadata.json) for inference.
 
-        runtime="onnxruntime" exports the model to the artifact's model.onnx first unless a
-        current export is already there (bitcore.export.ensure_onnx).
+        runtime="onnxruntime" or "openvino" exports the model to the artifact's model.onnx
+        first unless a current export is already there (bitcore.export.ensure_onnx).
         """
         validate_runtime(runtime)
         target = select_device(str(device) if device is not None else None)
         model, meta = load_model(artifact_dir, device="cpu")
         prepared = _prepare(model, target, fold_ws=fold_ws)
         onnx_model = None
-        if runtime == ONNXRUNTIME:
+        if runtime in GRAPH_RUNTIMES:
             try:
                 onnx_model = ensure_onnx(artifact_dir, model=prepared, meta=meta)
             except ExportError as exc:  # over ONNX's 2 GiB: still served, by eager
@@ -142,6 +149,7 @@ class Predictor:
             max_batch_size=max_batch_size,
             max_pixels=max_pixels,
             onnx_model=onnx_model,
+            graph_runtime=runtime,  # used only with onnx_model
         )
 
     @classmethod
@@ -160,7 +168,7 @@ class Predictor:
     ) -> Predictor:
         """A predictor for an in-memory model. The caller's model is copied, never modified.
 
-        runtime="onnxruntime" exports it in memory (nothing is written)."""
+        runtime="onnxruntime" or "openvino" exports it in memory (nothing is written)."""
         validate_runtime(runtime)
         num_outputs = getattr(model, "num_classes", None)
         if isinstance(num_outputs, int) and num_outputs != len(classes):
@@ -169,7 +177,7 @@ class Predictor:
         prepared = _prepare(copy.deepcopy(model), target, fold_ws=fold_ws)
         name = model_name or type(model).__name__
         onnx_model = None
-        if runtime == ONNXRUNTIME:
+        if runtime in GRAPH_RUNTIMES:
             onnx_model = export_onnx_bytes(prepared, crop=crop, classes=classes, model_name=name)
         return cls(
             prepared,
@@ -180,6 +188,7 @@ class Predictor:
             max_batch_size=max_batch_size,
             max_pixels=max_pixels,
             onnx_model=onnx_model,
+            graph_runtime=runtime,  # used only with onnx_model
         )
 
     @property

@@ -94,7 +94,7 @@ class Settings(BaseSettings):
     # Where the forward runs (bitcore.runtimes): PyTorch eager, or ONNX Runtime on the exported
     # graph, checked against eager at load. Default from benchmarks/RESULTS.md, "Inference
     # runtimes (issue 13)".
-    predict_runtime: Literal["torch", "onnxruntime"] = "onnxruntime"
+    predict_runtime: Literal["torch", "onnxruntime", "openvino"] = "onnxruntime"
     predict_max_images_per_request: int = Field(default=64, gt=0)
     # A predict request body (all its images, multipart or base64 JSON): 413 past it.
     predict_max_request_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
