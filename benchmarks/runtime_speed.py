@@ -53,8 +53,11 @@ def _time(predictor: Predictor, batch: torch.Tensor) -> float:
     return time.perf_counter() - start
 
 
-def measure(name: str, size: int, batch_size: int, repeats: int) -> dict[str, dict[str, float]]:
-    """Per runtime: img/s (median and best pass), max prob diff from eager, load check."""
+def measure(
+    name: str, size: int, batch_size: int, repeats: int, timed: tuple[str, ...] = RUNTIMES
+) -> dict[str, dict[str, float]]:
+    """Per runtime: img/s (median and best pass), max prob diff from eager, load check. Only
+    the `timed` runtimes are timed (eager is always loaded: it is the reference)."""
     predictors = _predictors(name, size)
     batch = torch.rand((batch_size, 3, size, size), generator=torch.Generator().manual_seed(1))
     batch = batch * 2 - 1
@@ -63,13 +66,14 @@ def measure(name: str, size: int, batch_size: int, repeats: int) -> dict[str, di
             predictor.predict_tensor(batch)
     seconds: dict[str, list[float]] = {runtime: [] for runtime in predictors}
     for _ in range(repeats):
-        for runtime, predictor in predictors.items():
-            seconds[runtime].append(_time(predictor, batch))
+        for runtime in timed:
+            seconds[runtime].append(_time(predictors[runtime], batch))
+    nan = float("nan")
     reference = predictors["torch"].predict_tensor(batch)
     return {
         runtime: {
-            "ips": batch_size / statistics.median(seconds[runtime]),
-            "best": min(seconds[runtime]),
+            "ips": batch_size / statistics.median(seconds[runtime]) if seconds[runtime] else nan,
+            "best": min(seconds[runtime], default=nan),
             "diff": float((predictor.predict_tensor(batch) - reference).abs().max()),
             "check": predictor.runtime_max_diff or 0.0,
         }
@@ -101,6 +105,13 @@ def main() -> None:
     names = [name for name, _ in MODELS]
     parser.add_argument("--models", nargs="+", choices=names, default=names)
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=list(BATCH_SIZES))
+    parser.add_argument(
+        "--runtimes",
+        nargs="+",
+        choices=RUNTIMES,
+        default=list(RUNTIMES),
+        help="the runtimes to time (untimed ones print nan; eager is still the reference)",
+    )
     args = parser.parse_args()
     repeats = args.repeats or (5 if args.quick else 30)
     print(
@@ -119,9 +130,8 @@ def main() -> None:
         if name not in args.models:
             continue
         for batch_size in args.batch_sizes:
-            print(
-                _row(name, size, batch_size, measure(name, size, batch_size, repeats)), flush=True
-            )
+            r = measure(name, size, batch_size, repeats, tuple(args.runtimes))
+            print(_row(name, size, batch_size, r), flush=True)
     print(f"# load at end {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
 
