@@ -28,6 +28,7 @@ from torch.nn import functional as F
 from bitcore.devices import uploads_pinned, uses_bf16_autocast
 from bitcore.hyperrule import MOMENTUM
 from bitcore.models import create_model
+from bitcore.runtimes import OnnxRuntimeForward
 
 ROOT = Path(__file__).resolve().parents[1]
 DRIVER = ROOT / "benchmarks" / "gpu_check.py"  # a DDP rank is the driver run with --ddp-rank
@@ -191,8 +192,9 @@ def part_predict(device: torch.device, cfg: dict[str, Any], budget: float) -> di
             )
             info.update(status="ok", reason=None, autocast=predictor.autocast)
             onnx = predictor._onnx
-            if onnx is not None:
+            if isinstance(onnx, OnnxRuntimeForward):
                 info.update(session_providers=onnx.session.get_providers())
+            if onnx is not None:
                 info.update(load_check_max_diff=predictor.runtime_max_diff)
             for batch in cfg["predict_batches"]:
                 inputs = torch.rand(batch, 3, crop, crop) * 2 - 1  # preprocessed, on the CPU

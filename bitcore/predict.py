@@ -10,9 +10,10 @@ image exactly the answer it would get alone: the service may batch freely.
 Decoding/preprocessing (`preprocess`) is separate from the forward pass (`predict_tensor`) so
 the service can decode in a thread pool and send many requests' tensors through one forward.
 
-The forward runs on a runtime (bitcore.runtimes): "torch" (eager) or "onnxruntime" (the graph
-bitcore.export writes, cached as model.onnx in the artifact's folder). A runtime other than
-eager is checked against eager at load and refused (RuntimeMismatch) if they disagree.
+The forward runs on a runtime (bitcore.runtimes): "torch" (eager), or "onnxruntime" or
+"openvino" on the graph bitcore.export writes (cached as model.onnx in the artifact's folder).
+A runtime other than eager is checked against eager at load and refused (RuntimeMismatch) if
+they disagree.
 """
 
 from __future__ import annotations
@@ -36,10 +37,12 @@ from bitcore.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
 from bitcore.layers import fold_weight_standardization
 from bitcore.quantize import FP32, INT8, load_int8, recorded_check
 from bitcore.runtimes import (
+    GRAPH_RUNTIMES,
     ONNXRUNTIME,
     TORCH,
-    OnnxRuntimeForward,
+    Forward,
     check_against_eager,
+    graph_forward,
     validate_runtime,
 )
 from bitcore.transforms import eval_preprocess
@@ -82,14 +85,16 @@ class Predictor:
         onnx_model: str | Path | bytes | None = None,
         threads: int | None = None,
         jpeg_draft: bool = False,
+        graph_runtime: str = ONNXRUNTIME,
     ) -> None:
         """Wrap an already prepared model; use `load` or `from_model` to build one.
 
-        With `onnx_model` (a path or the bytes of its export) the forward runs on ONNX Runtime,
-        after a check against `model` (eager) that raises RuntimeMismatch if they disagree.
-        `threads` is ONNX Runtime's intra-op thread count (default: bitcore.cpus's figure);
-        eager uses torch's process-wide setting (torch.set_num_threads). `jpeg_draft` lets
-        `preprocess` decode a JPEG at a reduced scale (see `preprocess`).
+        With `onnx_model` (a path or the bytes of its export) the forward runs on
+        `graph_runtime` ("onnxruntime" or "openvino"), after a check against `model` (eager)
+        that raises RuntimeMismatch if they disagree.
+        `threads` is the graph runtime's intra-op thread count (default: bitcore.cpus's
+        figure); eager uses torch's process-wide setting (torch.set_num_threads). `jpeg_draft`
+        lets `preprocess` decode a JPEG at a reduced scale (see `preprocess`).
         """
         if not classes:
             raise ValueError("a predictor needs at least one class")
@@ -112,11 +117,13 @@ class Predictor:
         self.runtime = TORCH
         self.runtime_max_diff: float | None = None  # the load check's figure (None: eager)
         self.precision = FP32  # INT8 once `load` switched to a guarded int8 graph
-        self._onnx: OnnxRuntimeForward | None = None
+        self._onnx: Forward | None = None  # the graph runtime's forward (None: eager)
         if onnx_model is not None:
-            onnx = OnnxRuntimeForward(onnx_model, device, threads=threads)
-            self.runtime_max_diff = check_against_eager(model, onnx, self.crop)
-            self._onnx, self.runtime = onnx, ONNXRUNTIME
+            onnx = graph_forward(graph_runtime, onnx_model, device, threads=threads)
+            self.runtime_max_diff = check_against_eager(
+                model, onnx, self.crop, runtime=graph_runtime
+            )
+            self._onnx, self.runtime = onnx, graph_runtime
 
     @classmethod
     def load(
@@ -134,10 +141,10 @@ class Predictor:
     ) -> Predictor:
         """Load a saved artifact (safetensors + metadata.json) for inference.
 
-        runtime="onnxruntime" exports the model to the artifact's model.onnx first unless a
-        current export is already there (bitcore.export.ensure_onnx). A model whose int8 guard
-        passed (bitcore.quantize) is served by its int8 graph on ONNX Runtime, unless
-        runtime="torch" or int8=False.
+        runtime="onnxruntime" or "openvino" exports the model to the artifact's model.onnx
+        first unless a current export is already there (bitcore.export.ensure_onnx). A model
+        whose int8 guard passed (bitcore.quantize) is served by its int8 graph on ONNX
+        Runtime, unless runtime="torch" or int8=False.
         """
         validate_runtime(runtime)
         target = select_device(str(device) if device is not None else None)
@@ -146,7 +153,7 @@ class Predictor:
         check = recorded_check(meta.metrics)
         use_int8 = int8 and runtime != TORCH and check is not None and check.served == INT8
         onnx_model = None
-        if runtime == ONNXRUNTIME and not use_int8:  # int8: its own graph replaces the fp32 one
+        if runtime in GRAPH_RUNTIMES and not use_int8:  # int8: its own graph replaces fp32's
             try:
                 onnx_model = ensure_onnx(artifact_dir, model=prepared, meta=meta)
             except ExportError as exc:  # over ONNX's 2 GiB: still served, by eager
@@ -162,6 +169,7 @@ class Predictor:
             onnx_model=onnx_model,
             threads=threads,
             jpeg_draft=jpeg_draft,
+            graph_runtime=runtime,  # used only with onnx_model
         )
         if use_int8 and check is not None:
             predictor._onnx, predictor.runtime_max_diff = load_int8(
@@ -188,7 +196,7 @@ class Predictor:
     ) -> Predictor:
         """A predictor for an in-memory model. The caller's model is copied, never modified.
 
-        runtime="onnxruntime" exports it in memory (nothing is written)."""
+        runtime="onnxruntime" or "openvino" exports it in memory (nothing is written)."""
         validate_runtime(runtime)
         num_outputs = getattr(model, "num_classes", None)
         if isinstance(num_outputs, int) and num_outputs != len(classes):
@@ -197,7 +205,7 @@ class Predictor:
         prepared = _prepare(copy.deepcopy(model), target, fold_ws=fold_ws)
         name = model_name or type(model).__name__
         onnx_model = None
-        if runtime == ONNXRUNTIME:
+        if runtime in GRAPH_RUNTIMES:
             onnx_model = export_onnx_bytes(prepared, crop=crop, classes=classes, model_name=name)
         return cls(
             prepared,
@@ -210,6 +218,7 @@ class Predictor:
             onnx_model=onnx_model,
             threads=threads,
             jpeg_draft=jpeg_draft,
+            graph_runtime=runtime,  # used only with onnx_model
         )
 
     @property

@@ -1,10 +1,14 @@
-"""Where a predictor's forward pass runs: PyTorch eager ("torch") or ONNX Runtime.
+"""Where a predictor's forward pass runs: PyTorch eager ("torch"), ONNX Runtime or OpenVINO.
 
 "onnxruntime" runs the exported graph (bitcore.export) in an InferenceSession: the CPU
 execution provider, or CUDA's when the predictor's device is a GPU and the installed
 onnxruntime has it. Its intra-op threads are the CPUs this process may really use (its
 affinity mask), not the machine's count: on a container's cpuset, more threads than cores
 only contend.
+
+"openvino" runs the same exported graph compiled by OpenVINO for its CPU plugin
+(bitcore.runtime_openvino, imported only when chosen). Both graph runtimes take the .onnx path
+or bytes and are built by `graph_forward`.
 
 Before a runtime other than eager serves, `check_against_eager` runs both on CHECK_IMAGES fixed
 inputs and compares the softmax probabilities (what clients are sent) element-wise: a largest
@@ -16,6 +20,7 @@ one absolute bound means the same for every model, whatever the scale of its log
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -28,13 +33,20 @@ log = logging.getLogger(__name__)
 
 TORCH = "torch"
 ONNXRUNTIME = "onnxruntime"
-RUNTIMES = (TORCH, ONNXRUNTIME)
+OPENVINO = "openvino"
+RUNTIMES = (TORCH, ONNXRUNTIME, OPENVINO)
+# The runtimes that run the exported ONNX graph (bitcore.export) rather than the nn.Module.
+GRAPH_RUNTIMES = (ONNXRUNTIME, OPENVINO)
 # Well above float32 reordering (measured 4e-8 to 4e-7, up to ~1e-4 for a model with logits
 # near 20), far below what a wrong graph gives (a changed kernel: tenths): a good model is
 # never refused for rounding, a broken one always is. The export itself is tested at 1e-4.
 CHECK_TOLERANCE = 1e-3
 CHECK_IMAGES = 2
 CHECK_SEED = 13
+
+
+# A graph runtime's forward: preprocessed (N, 3, H, W) float32 -> logits (N, C) float32, CPU.
+Forward = Callable[[torch.Tensor], torch.Tensor]
 
 
 class RuntimeMismatch(RuntimeError):
@@ -54,6 +66,23 @@ def validate_runtime(name: str) -> str:
     if name not in RUNTIMES:
         raise ValueError(f"unknown predict runtime {name!r}; expected one of {RUNTIMES}")
     return name
+
+
+def graph_forward(
+    runtime: str, model: str | Path | bytes, device: torch.device, *, threads: int | None = None
+) -> Forward:
+    """The forward of graph runtime `runtime` on the exported graph `model` (path or bytes);
+    `threads`: intra-op threads (default: bitcore.cpus's figure)."""
+    if runtime == ONNXRUNTIME:
+        return OnnxRuntimeForward(model, device, threads=threads)
+    if runtime == OPENVINO:
+        # Imported here: openvino (60 MB of native libraries) loads only when it is chosen.
+        from bitcore.runtime_openvino import OpenVinoForward
+
+        return OpenVinoForward(model, device, threads=threads)
+    raise ValueError(
+        f"{runtime!r} does not run an exported graph; expected one of {GRAPH_RUNTIMES}"
+    )
 
 
 class OnnxRuntimeForward:
@@ -114,7 +143,7 @@ def check_inputs(crop: int, count: int = CHECK_IMAGES) -> torch.Tensor:
 
 def check_against_eager(
     eager: nn.Module,
-    forward: OnnxRuntimeForward,
+    forward: Forward,
     crop: int,
     *,
     runtime: str = ONNXRUNTIME,

@@ -91,10 +91,12 @@ class Settings(BaseSettings):
     # better under load and 15% worse at one request in flight.
     predict_max_queue_delay_ms: float = Field(default=0.0, ge=0)
     model_cache_size: int = Field(default=4, gt=0)
-    # Where the forward runs (bitcore.runtimes): PyTorch eager, or ONNX Runtime on the exported
-    # graph, checked against eager at load. Default from benchmarks/RESULTS.md, "Inference
-    # runtimes (issue 13)".
-    predict_runtime: Literal["torch", "onnxruntime"] = "onnxruntime"
+    # Where the forward runs (bitcore.runtimes): PyTorch eager, or ONNX Runtime or OpenVINO on
+    # the exported graph, checked against eager at load. Default from benchmarks/RESULTS.md,
+    # "Inference runtimes (issue 13)": ONNX Runtime beats eager; OpenVINO measured level with it
+    # on BiT-M-R50x1 (0.98x-1.17x over five runs, 1.00x-1.01x in the longest) and slower on
+    # small models, on 2 AVX2 cores, so it is selectable but not the default.
+    predict_runtime: Literal["torch", "onnxruntime", "openvino"] = "onnxruntime"
     # Serve a model's int8 graph where its job asked for int8 and the guard passed
     # (bitcore.quantize); False serves every model in float32. Never with runtime "torch".
     predict_int8: bool = True

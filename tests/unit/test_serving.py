@@ -261,14 +261,17 @@ def _save_model_with_head(storage: Storage) -> str:
     return model_id
 
 
-def test_onnxruntime_serves_eager_answers_and_a_broken_export_is_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_graph_runtime_serves_eager_answers_and_a_broken_export_is_refused(
+    tmp_path: Path, runtime: str
+) -> None:
     import numpy as np
     import onnx
     from onnx import numpy_helper
 
     from bitcore.export import ONNX_FILE
 
-    settings = _settings(tmp_path, predict_runtime="onnxruntime")
+    settings = _settings(tmp_path, predict_runtime=runtime)
     storage = Storage(settings.artifact_root)
     good, bad = _save_model_with_head(storage), _save_model_with_head(storage)
     images = _images(3)
@@ -276,7 +279,7 @@ def test_onnxruntime_serves_eager_answers_and_a_broken_export_is_refused(tmp_pat
     # `bad`: exported, then one kernel altered in the file (its metadata still claims to be
     # the current export of these weights, so it is not re-exported).
     onnx_path = storage.model_dir(bad) / ONNX_FILE
-    Predictor.load(storage.model_dir(bad), "cpu", runtime="onnxruntime")
+    Predictor.load(storage.model_dir(bad), "cpu", runtime=runtime)
     proto = onnx.load(str(onnx_path))
     kernel = max(proto.graph.initializer, key=lambda t: int(np.prod(t.dims)))
     array = numpy_helper.to_array(kernel)
@@ -287,7 +290,7 @@ def test_onnxruntime_serves_eager_answers_and_a_broken_export_is_refused(tmp_pat
     async def scenario() -> None:
         cache = ModelCache(settings, storage)
         got = await cache.predict(good, images, top_k=3)
-        assert (await cache.get(good)).runtime == "onnxruntime"
+        assert (await cache.get(good)).runtime == runtime
         assert (storage.model_dir(good) / ONNX_FILE).is_file()  # exported at first load
         for mine, reference in zip(got, expected, strict=True):
             assert [label for label, _ in mine] == [label for label, _ in reference]
@@ -296,7 +299,7 @@ def test_onnxruntime_serves_eager_answers_and_a_broken_export_is_refused(tmp_pat
         with pytest.raises(ModelUnavailable) as caught:
             await cache.predict(bad, images, top_k=1)
         assert caught.value.code == "model_unavailable" and caught.value.retry_after == 60
-        assert "onnxruntime runtime disagrees with PyTorch eager" in str(caught.value)
+        assert f"{runtime} runtime disagrees with PyTorch eager" in str(caught.value)
         assert cache.loaded == [good]
         onnx_path.unlink()  # the operator removes the bad file: exported afresh, served
         assert len(await cache.predict(bad, images, top_k=1)) == 3

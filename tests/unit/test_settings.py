@@ -134,3 +134,23 @@ def test_checkpoint_integrity_settings(tmp_path: Path, monkeypatch: pytest.Monke
     monkeypatch.setenv("BITSERVE_ALLOW_INSECURE_MIRROR", "true")
     allowed = Settings(home=tmp_path, checkpoint_base_url="http://mirror.internal/bit")
     assert allowed.allow_insecure_mirror is True
+
+
+@pytest.mark.parametrize("value", ["torch", "onnxruntime", "openvino"])
+def test_predict_runtime_accepts_every_runtime(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    from bitcore.runtimes import RUNTIMES
+
+    monkeypatch.setenv("BITSERVE_PREDICT_RUNTIME", value)
+    assert Settings().predict_runtime == value
+    assert value in RUNTIMES  # the setting's choices are the runtimes bitcore knows
+
+
+def test_predict_runtime_setting_lists_exactly_the_runtimes_and_refuses_others() -> None:
+    from typing import get_args
+
+    from bitcore.runtimes import RUNTIMES
+
+    annotation = Settings.model_fields["predict_runtime"].annotation
+    assert set(get_args(annotation)) == set(RUNTIMES)
+    with pytest.raises(ValidationError, match="'torch', 'onnxruntime' or 'openvino'"):
+        Settings(predict_runtime="tensorrt")  # type: ignore[arg-type]
