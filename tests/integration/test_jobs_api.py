@@ -131,6 +131,7 @@ def test_create_job_answers_the_hyperrule_plan(
         "total_bytes": None,
     }
     assert (job["attempts"], job["error"], job["model_id"], job["metrics"]) == (0, None, None, None)
+    assert job["serving_precision"] == "fp32"  # the default: no int8 guard
     assert job["created_at"].endswith("Z") and job["started_at"] is None
     assert job["finished_at"] is None
     assert queue.job_ids().count(job["id"]) == 1  # committed, then sent
@@ -149,6 +150,7 @@ def test_create_job_answers_the_hyperrule_plan(
         ({"overrides": {"epochs": 2}}, 422, "invalid_request", "overrides.epochs"),
         ({"overrides": {"batch_size": "big"}}, 422, "invalid_request", "overrides.batch_size"),
         ({"validation_fraction": 1.5}, 422, "invalid_request", None),
+        ({"serving_precision": "bf16"}, 422, "invalid_request", "serving_precision"),
         ({"colour": "blue"}, 422, "invalid_request", None),
     ],
 )
