@@ -19,6 +19,7 @@ from service.db import Database
 from service.draining import Drain, DrainMiddleware
 from service.http_errors import install_error_handlers
 from service.job_events import DatasetNotifier, JobNotifier
+from service.known_models import KnownModels
 from service.metrics import Metrics, MetricsMiddleware
 from service.quotas import RateLimiter
 from service.routers import audit, base_models, datasets, health, jobs, keys, models, tenants, ui
@@ -85,6 +86,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.models = model_cache
     app.state.broker = broker
     app.state.principals = PrincipalCache()
+    app.state.known_models = KnownModels()
     app.state.rate_limiter = rate_limiter
     app.state.job_events = job_events
     app.state.dataset_events = dataset_events

@@ -2,6 +2,11 @@
 
 Everything comes from app.state, built once by create_app, so tests can run several apps with
 different settings in one process.
+
+The dependencies that only read app.state or request.state are `async def`: FastAPI runs a
+plain `def` dependency in the thread pool, and each such hop cost the predict path about as
+much CPU as the rest of the dependency (benchmarks/RESULTS.md, "Gateway overhead per request").
+get_session stays a plain generator: closing a session may wait on the database.
 """
 
 from __future__ import annotations
@@ -20,22 +25,22 @@ from service.settings import Settings
 from service.storage import Storage
 
 
-def get_app_settings(request: Request) -> Settings:
+async def get_app_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
-def get_db(request: Request) -> Database:
+async def get_db(request: Request) -> Database:
     db: Database = request.app.state.db
     return db
 
 
-def get_storage(request: Request) -> Storage:
+async def get_storage(request: Request) -> Storage:
     storage: Storage = request.app.state.storage
     return storage
 
 
-def get_broker(request: Request) -> Broker:
+async def get_broker(request: Request) -> Broker:
     """The app's Celery client (service.broker; the gateway never imports the worker)."""
     broker: Broker = request.app.state.broker
     return broker
@@ -47,12 +52,12 @@ def get_session(db: Annotated[Database, Depends(get_db)]) -> Iterator[Session]:
         yield session
 
 
-def get_principal(request: Request) -> Principal:
+async def get_principal(request: Request) -> Principal:
     """The caller, as authenticated by the route's authorize() dependency (service.auth)."""
     return principal_of(request)
 
 
-def get_tenant(principal: Annotated[Principal, Depends(get_principal)]) -> str:
+async def get_tenant(principal: Annotated[Principal, Depends(get_principal)]) -> str:
     """The caller's tenant: every query of a request filters by it."""
     return principal.tenant_id
 

@@ -26,6 +26,7 @@ from service.db import Database
 from service.deps import SessionDep, SettingsDep, StorageDep, TenantDep
 from service.domain_errors import InvalidRequest, Unavailable
 from service.http_errors import error_responses
+from service.known_models import KnownModels
 from service.pagination import DEFAULT_LIMIT, CursorQuery, LimitQuery, page
 from service.request_bodies import FILES_FIELD, read_images
 from service.schemas import ImagePrediction, Label, ModelPublic, Page, PredictResponse
@@ -134,7 +135,10 @@ def get_model(model_id: str, session: SessionDep, tenant: TenantDep) -> ModelPub
 async def delete_model(
     model_id: str, request: Request, session: SessionDep, storage: StorageDep, tenant: TenantDep
 ) -> Response:
-    await run_in_threadpool(store.delete_model, session, storage, tenant, model_id)
+    try:
+        await run_in_threadpool(store.delete_model, session, storage, tenant, model_id)
+    finally:  # also when it failed half-way: the next predict reads the row again
+        request.app.state.known_models.forget(model_id)
     _cache(request).evict(model_id)
     return Response(status_code=204)
 
@@ -195,17 +199,34 @@ def _onnx_file(directory: Path, model_id: str) -> Path:
 async def predict(
     model_id: str,
     request: Request,
-    session: SessionDep,
     settings: SettingsDep,
     tenant: TenantDep,
     top_k: Annotated[int, Query(ge=1, description="labels per image (clamped to classes)")] = 5,
 ) -> PredictResponse:
     """Classify one or many images: multipart `files`, or JSON {"instances":[{"image_b64"}]}."""
-    await run_in_threadpool(store.get_model, session, tenant, model_id)
+    await _check_model(request, tenant, model_id)
     # Admitted before a byte of the body is read: a busy server answers 503 at once.
     admission: PredictAdmission = request.app.state.predict_admission
     with admission.admit(_declared_bytes(request, settings)):
         return await _predict(model_id, request, settings, top_k)
+
+
+async def _check_model(request: Request, tenant: str, model_id: str) -> None:
+    """NotFound unless the tenant owns the model: from the database, unless it was found there
+    in the last few seconds by this process (service.known_models). No request session: a
+    cache hit needs no database connection and no thread-pool hop."""
+    known: KnownModels = request.app.state.known_models
+    if known.known(tenant, model_id):
+        return
+    generation = known.generation
+    db: Database = request.app.state.db
+    await run_in_threadpool(_find_model, db, tenant, model_id)
+    known.remember(tenant, model_id, generation)
+
+
+def _find_model(db: Database, tenant: str, model_id: str) -> None:
+    with db.sessionmaker() as session:
+        store.get_model(session, tenant, model_id)
 
 
 def _declared_bytes(request: Request, settings: Settings) -> int:

@@ -27,7 +27,9 @@ from bitcore.artifacts import INPUT_RESIZE
 from bitcore.models import create_model
 from bitcore.predict import Predictor
 from service.ids import new_id
+from service.known_models import KnownModels
 from service.settings import Settings
+from service.tables import Model
 from tests.imagegen import class_image, encode
 from tests.integration.conftest import LiveServer, make_settings
 from tests.model_fixtures import fixture_plan, publish_model
@@ -380,6 +382,26 @@ def test_delete_removes_row_files_and_cached_model(
     assert_error(
         client.post(f"/v1/models/{model_id}/predict", files=_files(_images(1))), 404, "not_found"
     )
+
+
+def test_a_model_deleted_by_another_process_answers_404_once_its_check_expires(
+    client: httpx.Client, live_server_instance: LiveServer
+) -> None:
+    # The predict path trusts a model it found for a few seconds (service.known_models).
+    model_id = _add_model(live_server_instance, known_head=True)
+    app = live_server_instance.app
+    saved = app.state.known_models
+    app.state.known_models = KnownModels(seconds=1.0)
+    try:
+        url = f"/v1/models/{model_id}/predict"
+        assert client.post(url, files=_files(_images(1))).status_code == 200
+        # Another gateway process deletes the row: this one is not told.
+        with app.state.db.session() as session:
+            session.delete(session.get(Model, model_id))
+        time.sleep(1.0)
+        assert_error(client.post(url, files=_files(_images(1))), 404, "not_found")
+    finally:
+        app.state.known_models = saved
 
 
 def _metric(client: httpx.Client, name: str) -> float:

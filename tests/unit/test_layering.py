@@ -85,6 +85,7 @@ DOMAIN = (
     "job_states",
     "jobs",
     "models_store",
+    "known_models",
     "quotas",
     "serving",
     "batching",
