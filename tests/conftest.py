@@ -42,3 +42,15 @@ def postgres_url(postgres_admin_url: str) -> Iterator[str]:
     url, name = create_database(postgres_admin_url)
     yield url
     drop_database(postgres_admin_url, name)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that load OpenVINO run last. Its native thread pool stays in the process once
+    loaded, and a later test that forks children (tests/unit/test_supervisor.py, Popen with
+    preexec_fn) crashed the whole pytest process with SIGSEGV once in three CI runs; nothing
+    that forks runs after them this way."""
+
+    def loads_openvino(item: pytest.Item) -> bool:
+        return "openvino" in item.nodeid
+
+    items.sort(key=loads_openvino)  # stable: the order is otherwise kept
