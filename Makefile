@@ -10,7 +10,7 @@ LOCK_VENV := .venv-lock
 PIP_COMPILE = $(LOCK_VENV)/bin/pip-compile --quiet --generate-hashes --strip-extras \
 	--no-emit-index-url --no-emit-find-links --unsafe-package torch --no-allow-unsafe
 
-.PHONY: install lock test test-unit lint lint-deploy typecheck check up bench clean
+.PHONY: install lock test test-unit lint lint-deploy typecheck docs docs-check check up bench clean
 
 install: $(STAMP)
 
@@ -60,6 +60,14 @@ lint-deploy: install
 
 typecheck: install
 	$(BIN)/mypy
+
+# The GN/WS/BN explainer's printable forms (docs/normalization.html, .pdf), from its Markdown.
+docs: install
+	$(BIN)/python -m experiments.normalization.printable
+
+# CI: the printable explainer builds and fits its four to five A4 pages (into a scratch folder).
+docs-check: install
+	$(BIN)/python -m experiments.normalization.printable --out-dir $$(mktemp -d)
 
 check: lint lint-deploy typecheck test
 

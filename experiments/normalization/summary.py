@@ -118,26 +118,67 @@ def threads(rows: Iterable[Row]) -> int:
     return int(float(str(found[0]))) if found else 0
 
 
-def timing_table(rows: Sequence[Row]) -> str:
-    methods = ("bn", "gn", "gn_ws", "gn_ws_folded")
-    lines = [
-        f"Median milliseconds per call on this machine's CPU ({threads(rows)} torch thread(s)), "
-        "same network; in brackets, relative to BatchNorm.",
-        "",
-        "| phase | batch | " + " | ".join(LABELS[m] for m in methods) + " |",
-    ]
-    lines.append("|---|---|" + "---|" * len(methods))
-    cells: dict[tuple[str, str], dict[str, float]] = defaultdict(dict)
+TIMING_METHODS = ("bn", "gn", "gn_ws", "gn_ws_folded")
+
+
+def timing_rounds(rows: Iterable[Row]) -> dict[tuple[str, str], dict[str, list[float]]]:
+    """Per (phase, batch) and method, each round's median ms, in round order."""
+    cells: dict[tuple[str, str], dict[str, list[tuple[int, float]]]] = defaultdict(
+        lambda: defaultdict(list)
+    )
     for row in rows:
         if row["experiment"] == "timing" and str(row["metric"]).endswith("_ms"):
             phase = str(row["metric"]).removesuffix("_ms")
-            cells[(phase, str(row["batch"]))][str(row["method"])] = float(str(row["value"]))
+            round_index = int(str(row["step"]) or 0)  # CSVs before rounds: one round, no step
+            value = float(str(row["value"]))
+            cells[(phase, str(row["batch"]))][str(row["method"])].append((round_index, value))
+    return {
+        key: {method: [v for _r, v in sorted(found)] for method, found in by_method.items()}
+        for key, by_method in cells.items()
+    }
+
+
+def spread(samples: list[float], digits: int = 1, unit: str = "") -> str:
+    """'median (range min–max)' over rounds, or just the value for a single round."""
+    median = statistics.median(samples)
+    if len(samples) < 2:
+        return f"{median:.{digits}f}{unit}"
+    return f"{median:.{digits}f}{unit} ({min(samples):.{digits}f}–{max(samples):.{digits}f})"
+
+
+def timing_table(rows: Sequence[Row]) -> str:
+    cells = timing_rounds(rows)
+    rounds = max((len(v) for by in cells.values() for v in by.values()), default=0)
+    header = "| phase | batch | " + " | ".join(LABELS[m] for m in TIMING_METHODS) + " |"
+    rule = "|---|---|" + "---|" * len(TIMING_METHODS)
+    lines = [
+        f"Milliseconds per call on this machine's CPU ({threads(rows)} torch thread(s)), same "
+        f"network: the median of {rounds} rounds (each round's figure is the median of its "
+        "calls), and in parentheses the range from the fastest to the slowest round.",
+        "",
+        header,
+        rule,
+    ]
+    for (phase, batch), by_method in cells.items():
+        parts = [spread(by_method[m]) if m in by_method else "-" for m in TIMING_METHODS]
+        lines.append(f"| {phase} | {batch} | " + " | ".join(parts) + " |")
+    lines += [
+        "",
+        "Relative to BatchNorm, round by round (a method's time over BatchNorm's in the same "
+        "round): median and range over the rounds.",
+        "",
+        header,
+        rule,
+    ]
     for (phase, batch), by_method in cells.items():
         base = by_method["bn"]
-        parts = [
-            f"{by_method[m]:.1f} ({by_method[m] / base:.2f}x)" if m in by_method else "-"
-            for m in methods
-        ]
+        parts = []
+        for method in TIMING_METHODS:
+            if method not in by_method:
+                parts.append("-")
+                continue
+            ratios = [t / b for t, b in zip(by_method[method], base, strict=True)]
+            parts.append(spread(ratios, digits=2, unit="x") if method != "bn" else "1x")
         lines.append(f"| {phase} | {batch} | " + " | ".join(parts) + " |")
     return "\n".join(lines)
 

@@ -3,8 +3,10 @@
 Training uses plain ``nn.BatchNorm2d`` for BN (the fastest BN there is, not the simulation),
 bitcore's GroupNorm, and GroupNorm + StdConv2d. Inference adds GN + WS with the standardisation
 folded into the weights (``bitcore.layers.fold_weight_standardization``), as bitserve serves.
-Methods are interleaved repeat by repeat so that load from other processes hits all alike; the
-median is reported.
+Methods are interleaved call by call so that load from other processes hits all alike, and the
+whole measurement is repeated in several rounds (the order of methods rotated each round): each
+round gives one median per method, and the spread between rounds is the honest error bar on a
+shared machine (one round once put GroupNorm at 1.00x BatchNorm, a rerun at 0.89x).
 """
 
 from __future__ import annotations
@@ -35,13 +37,20 @@ def _model(key: str) -> nn.Module:
     return create_model(MODEL_NAME, 10, conv=StdConv2d)
 
 
-def _median_ms(fns: dict[str, Callable[[], None]], repeats: int, warmup: int) -> dict[str, float]:
+def _median_ms(
+    fns: dict[str, Callable[[], None]], repeats: int, warmup: int, rotate: int = 0
+) -> dict[str, float]:
+    """One round: every method called `repeats` times, interleaved; median ms per method."""
+    keys = list(fns)
+    shift = rotate % len(keys)
+    order = keys[shift:] + keys[:shift]
     for _ in range(warmup):
-        for fn in fns.values():
-            fn()
+        for key in order:
+            fns[key]()
     samples: dict[str, list[float]] = {key: [] for key in fns}
     for _ in range(repeats):
-        for key, fn in fns.items():
+        for key in order:
+            fn = fns[key]
             start = time.perf_counter()
             fn()
             samples[key].append((time.perf_counter() - start) * 1000.0)
@@ -54,8 +63,10 @@ def measure(
     infer_batches: tuple[int, ...],
     repeats: int,
     warmup: int = 3,
+    rounds: int = 1,
 ) -> list[dict[str, object]]:
-    """Rows: phase ('train' or 'infer'), method, batch, ms (median per call), ms_per_image."""
+    """Rows: phase ('train' or 'infer'), method, batch, round, ms (median per call in that round),
+    ms_per_image. Every round measures every (phase, batch) once more, all methods interleaved."""
     rows: list[dict[str, object]] = []
     generator = torch.Generator().manual_seed(0)
 
@@ -73,8 +84,9 @@ def measure(
             optimizer.step()
 
         train_fns[key] = step
-    for key, ms in _median_ms(train_fns, repeats, warmup).items():
-        rows.append(_row("train", key, train_batch, ms))
+    groups: list[tuple[str, int, dict[str, Callable[[], None]]]] = [
+        ("train", train_batch, train_fns)
+    ]
 
     models = {key: _model(key).eval() for key in INFER_METHODS[:-1]}
     models["gn_ws_folded"] = fold_weight_standardization(copy.deepcopy(models["gn_ws"]))
@@ -88,10 +100,20 @@ def measure(
                 model(xb)
 
             infer_fns[key] = forward
-        for key, ms in _median_ms(infer_fns, repeats, warmup).items():
-            rows.append(_row("infer", key, batch, ms))
+        groups.append(("infer", batch, infer_fns))
+    for round_index in range(rounds):
+        for phase, batch, fns in groups:
+            for key, ms in _median_ms(fns, repeats, warmup, rotate=round_index).items():
+                rows.append(_row(phase, key, batch, round_index, ms))
     return rows
 
 
-def _row(phase: str, method: str, batch: int, ms: float) -> dict[str, object]:
-    return {"phase": phase, "method": method, "batch": batch, "ms": ms, "ms_per_image": ms / batch}
+def _row(phase: str, method: str, batch: int, round_index: int, ms: float) -> dict[str, object]:
+    return {
+        "phase": phase,
+        "method": method,
+        "batch": batch,
+        "round": round_index,
+        "ms": ms,
+        "ms_per_image": ms / batch,
+    }
