@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from service import evaluation_runs
-from service.domain_errors import Conflict, DomainError, NotFound
+from service.domain_errors import Conflict, InvalidRequest, NotFound
 from service.ids import new_id, utcnow
 from service.models_store import get_model
 from service.object_store import ObjectMissing
@@ -43,7 +43,7 @@ VALIDATION_FIELDS = (
 )
 
 
-class UnknownLabels(DomainError):
+class UnknownLabels(InvalidRequest):
     """422: the dataset has classes the model was not trained on."""
 
     def __init__(self, labels: Sequence[str], model_classes: Sequence[str]) -> None:
