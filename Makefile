@@ -10,7 +10,7 @@ LOCK_VENV := .venv-lock
 PIP_COMPILE = $(LOCK_VENV)/bin/pip-compile --quiet --generate-hashes --strip-extras \
 	--no-emit-index-url --no-emit-find-links --unsafe-package torch --no-allow-unsafe
 
-.PHONY: install lock test test-unit lint lint-deploy typecheck docs docs-check check up bench clean
+.PHONY: install lock test test-unit lint lint-deploy typecheck browser docs docs-check check up bench clean
 
 install: $(STAMP)
 
@@ -60,6 +60,10 @@ lint-deploy: install
 
 typecheck: install
 	$(BIN)/mypy
+
+# The web page's browser tests drive Debian's Chromium through Playwright (no browser download).
+browser:
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
 
 # The GN/WS/BN explainer's printable forms (docs/normalization.html, .pdf), from its Markdown.
 docs: install

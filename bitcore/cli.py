@@ -12,6 +12,7 @@ stderr and exit with status 2; a traceback means a bug.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -256,8 +257,13 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     print(format_summary(index, num_train), file=sys.stderr)
     print(format_plan(plan), file=sys.stderr)
 
+    from bitcore.curves import write_curves
     from bitcore.train import finetune
 
+    # The curves of an interrupted run are kept beside its checkpoints, so a resumed run's
+    # curves start at step 1 too.
+    pending = Path(args.out).with_name(Path(args.out).name + ".work") / PENDING_CURVES
+    recorder = _CurveRecorder(pending)
     with tqdm(total=plan.total_steps, desc="fine-tuning", unit="step", file=sys.stderr) as bar:
         result = finetune(
             index,
@@ -269,10 +275,13 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             from_scratch=args.from_scratch,
             validation_fraction=args.validation_fraction,
             seed=args.seed,
-            callbacks=_progress_bar_callbacks(bar),
+            callbacks=_progress_bar_callbacks(bar, recorder),
             serving_precision=args.serving_precision,
         )
+    curves = write_curves(recorder.history, plan, result.artifact_dir)
+    pending.unlink(missing_ok=True)
     print(_describe_result(result))
+    print(f"training curves: {', '.join(str(p) for p in curves)}", file=sys.stderr)
     return 0
 
 
@@ -284,12 +293,45 @@ def _known_base_models() -> list[str]:
     return sorted(set(MODEL_SPECS) | set(CATALOG))
 
 
-def _progress_bar_callbacks(bar: Any) -> TrainCallbacks:
-    """Training callbacks that drive a tqdm bar (Ctrl-C, not should_cancel, stops the CLI)."""
+PENDING_CURVES = "curves.pending.json"
+
+
+class _CurveRecorder:
+    """The run's TrainingHistory, saved at every checkpoint so a resumed run continues it."""
+
+    def __init__(self, path: Path) -> None:
+        from bitcore.train.history import TrainingHistory
+
+        self.path = path
+        self.history = TrainingHistory()
+        # A damaged file only loses the earlier part of the curve, never the training.
+        with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+            self.history = TrainingHistory.from_dict(json.loads(path.read_text()))
+
+    def save(self) -> None:
+        from bitcore.atomic import write_json_atomic
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.path, self.history.to_dict(), indent=None)
+
+
+def _progress_bar_callbacks(bar: Any, recorder: _CurveRecorder | None = None) -> TrainCallbacks:
+    """Training callbacks that drive a tqdm bar (Ctrl-C, not should_cancel, stops the CLI) and
+    record the curves."""
     from bitcore.train import TrainCallbacks
 
     class ProgressBar(TrainCallbacks):
+        def on_validation(self, step: int, metrics: dict[str, Any]) -> None:
+            if recorder is not None:
+                recorder.history.add_validation(step, metrics["accuracy"], metrics["loss"])
+
+        def on_checkpoint(self, step: int) -> None:
+            if recorder is not None:
+                recorder.save()
+
         def on_progress(self, progress: Progress) -> None:
+            if recorder is not None:
+                recorder.history.add_progress(progress)
             postfix = {"phase": progress.phase, "lr": f"{progress.lr or 0.0:.2g}"}
             if progress.loss is not None:
                 postfix["loss"] = f"{progress.loss:.4f}"

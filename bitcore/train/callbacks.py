@@ -47,6 +47,11 @@ class TrainCallbacks:
     def on_checkpoint(self, step: int) -> None:
         return None
 
+    def on_validation(self, step: int, metrics: dict[str, Any]) -> None:
+        """The validation split scored after `step` steps (bitcore.train.history.validation_
+        steps, and once more after the last step): at least "accuracy" and "loss"."""
+        return None
+
 
 class TrainingCancelled(Exception):
     """Raised after the state at `step` completed steps has been checkpointed."""

@@ -23,7 +23,8 @@ from bitcore.quantize import FP32, INT8, validate_precision
 from bitcore.train import state
 from bitcore.train.callbacks import Progress, TrainCallbacks
 from bitcore.train.distributed import RankJob, free_tcp_init_method, run_distributed
-from bitcore.train.loop import LoopConfig, LoopOutcome, run_loop, to_channels_last
+from bitcore.train.history import validation_steps
+from bitcore.train.loop import LoopConfig, LoopOutcome, Validate, run_loop, to_channels_last
 from bitcore.train.metrics import classification_metrics, predict_batches
 from bitcore.train.microbatch import choose_micro_batch_size
 from bitcore.train.prepare import (
@@ -63,12 +64,15 @@ def train_model(
     num_workers: int = 0,
     world_size: int = 1,
     fingerprint: dict[str, Any] | None = None,
+    validate: Validate | None = None,
 ) -> LoopOutcome:
     """Run the HyperRule schedule on `model` in place (its weights end trained, on `device`).
 
     `train_set[(index, aug_seed)] -> (x, label)`. `micro_batch_size` (global, all ranks) is
     plan.micro_batch_size or chosen to fit memory. With world_size > 1 the ranks are spawned
-    processes; their final weights come back through the last checkpoint.
+    processes; their final weights come back through the last checkpoint. `validate` scores
+    the validation split at `history.validation_steps(plan.total_steps)` and reports each
+    result to callbacks.on_validation (one process only: spawned ranks do not share it).
     """
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
@@ -98,6 +102,7 @@ def train_model(
         num_workers=num_workers,
         autocast=bf16,
         channels_last=dev.type == "cuda",
+        validate_at=validation_steps(plan.total_steps) if validate is not None else (),
     )
     if world_size > 1:
         job = RankJob(model.cpu(), train_set, config, dev.type, free_tcp_init_method())
@@ -123,7 +128,7 @@ def train_model(
         config = dataclasses.replace(config, micro_batch_size=micro)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest kernels
-    return run_loop(model, train_set, config, dev, callbacks)
+    return run_loop(model, train_set, config, dev, callbacks, validate=validate)
 
 
 def finetune(
@@ -189,6 +194,13 @@ def finetune(
         "dataset": data.index.fingerprint(),
     }
     workers = default_num_workers() if num_workers is None else num_workers
+
+    def validate(trained: torch.nn.Module) -> dict[str, Any]:
+        on = next(trained.parameters()).device
+        scored = evaluate(trained, data.val_set, classes, on, num_workers=workers)
+        return {"accuracy": scored["accuracy"], "loss": scored["loss"]}
+
+    has_validation = len(data.val_set) > 0
     t1 = time.perf_counter()
     outcome = train_model(
         model,
@@ -203,6 +215,7 @@ def finetune(
         num_workers=workers,
         world_size=world_size,
         fingerprint=fingerprint,
+        validate=validate if has_validation else None,
     )
     t2 = time.perf_counter()
     callbacks.on_progress(
@@ -210,6 +223,9 @@ def finetune(
     )
     dev = next(model.parameters()).device
     metrics = evaluate(model, data.val_set, classes, dev, num_workers=workers)
+    if has_validation:
+        final = {"accuracy": metrics["accuracy"], "loss": metrics["loss"]}
+        callbacks.on_validation(outcome.steps, final)
     if serving_precision == INT8:
         metrics["precision"] = int8_precision(
             model, data, plan.crop, out, model_name=architecture_of(base_model)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +41,12 @@ class Reporter(Protocol):
     def on_progress(self, progress: Progress) -> None: ...
     def should_cancel(self) -> bool: ...
     def on_checkpoint(self, step: int) -> None: ...
+    def on_validation(self, step: int, metrics: dict[str, Any]) -> None: ...
+
+
+# Scores the validation split with the model as it is (bitcore.train.engine.evaluate); the loop
+# puts the model back in training mode afterwards.
+Validate = Callable[[torch.nn.Module], dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,9 @@ class LoopConfig:
     num_workers: int = 0
     autocast: bool = False  # bf16 autocast (CUDA)
     channels_last: bool = False
+    # Steps after which rank 0 scores the validation split (with `validate`, single process
+    # only): the points of a job's validation curve. Evaluation changes no training state.
+    validate_at: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -75,6 +84,7 @@ def run_loop(
     *,
     rank: int = 0,
     world_size: int = 1,
+    validate: Validate | None = None,
 ) -> LoopOutcome:
     """Train `model` (already on `device`) in place. `train_set[(index, aug_seed)] -> (x, y)`.
 
@@ -82,7 +92,7 @@ def run_loop(
     here; every rank runs the same steps on its slice of every micro-batch.
     """
     with flush_denormals(device):
-        return _run_loop(model, train_set, config, device, reporter, rank, world_size)
+        return _run_loop(model, train_set, config, device, reporter, rank, world_size, validate)
 
 
 def _run_loop(
@@ -93,6 +103,7 @@ def _run_loop(
     reporter: Reporter,
     rank: int,
     world_size: int,
+    validate: Validate | None,
 ) -> LoopOutcome:
     plan = config.plan
     started = time.perf_counter()
@@ -168,6 +179,9 @@ def _run_loop(
             reporter.on_progress(_progress(step, total, loss_value, lr, plan.batch_size, window))
             if step % config.checkpoint_every == 0 or step == total:
                 ctx.checkpoint(step)
+            if validate is not None and step in config.validate_at and step < total:
+                reporter.on_validation(step, validate(model))
+                net.train()
     del batches
     seconds = time.perf_counter() - started
     return LoopOutcome(step, resumed_from, seconds, (step - start) * plan.batch_size, loss_value)

@@ -214,8 +214,30 @@ def test_finetune_then_predict(tmp_path: Path, capsys: pytest.CaptureFixture[str
     code, stdout, err = _run(argv, capsys)
     assert code == 0, err
     assert stdout.startswith(f"artifact written to {out} (12 steps, ")
-    assert sorted(p.name for p in out.iterdir()) == ["metadata.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "curves.csv",
+        "curves.json",
+        "curves.png",
+        "metadata.json",
+        "model.safetensors",
+    ]
     assert "  steps          12 (warmup 2, decay at [5, 7, 10])" in err  # plan shown on stderr
+    curves = json.loads((out / "curves.json").read_text())
+    assert curves["schedule"] == {"warmup_steps": 2, "decay_steps": [5, 7, 10], "total_steps": 12}
+    assert [p["step"] for p in curves["training"]] == list(range(1, 13))
+    assert curves["training"][0]["lr"] == 0.0  # the schedule's first step (warm-up from 0)
+    assert curves["training"][2]["lr"] == pytest.approx(0.01)  # after the 2 warm-up steps
+    assert [p["step"] for p in curves["validation"]] == [3, 6, 9, 12]  # 3 inside, and the end
+    metadata = json.loads((out / "metadata.json").read_text())
+    assert curves["validation"][-1]["accuracy"] == metadata["metrics"]["accuracy"]
+    assert curves["validation"][-1]["loss"] == pytest.approx(metadata["metrics"]["loss"])
+    csv_lines = (out / "curves.csv").read_text().splitlines()
+    assert csv_lines[0] == "step,loss,lr,images_per_second,val_accuracy,val_loss"
+    assert len(csv_lines) == 13 and csv_lines[3].startswith("3,")
+    assert csv_lines[3].split(",")[4] != "" and csv_lines[1].split(",")[4] == ""
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "training curves: " in err
+    assert not (tmp_path / "model.work" / "curves.pending.json").exists()
 
     images = [tmp_path / "ds" / "red" / "red_000.png", tmp_path / "ds" / "teal" / "teal_005.png"]
     code, stdout, err = _run(["predict", str(out), *map(str, images), "--top-k", "5"], capsys)
