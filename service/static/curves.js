@@ -12,6 +12,13 @@ const CURVE_MAX_POINTS = 1000;
 
 const finite = (v) => typeof v === "number" && Number.isFinite(v);
 
+// A learning rate in few characters: 0.003, 3.00e-5 (fine-tuning rates are often below 1e-3).
+function lrText(v, digits = 3) {
+  if (!finite(v)) return "–";
+  if (v === 0) return "0";
+  return Math.abs(v) < 1e-3 ? v.toExponential(digits - 1) : String(Number(v.toPrecision(digits)));
+}
+
 class CurveStore {
   constructor(jobId) {
     this.jobId = jobId;
@@ -48,13 +55,18 @@ class CurveStore {
     this.version += 1;
   }
 
-  // A progress event: a point when it reports a new training step. True when one was added.
+  // A progress event: a point when it reports a training step. A step at or before the last
+  // one means the job resumed from a checkpoint and runs those steps again: what came after it
+  // goes, as in the server's history (bitcore.train.history). True when the points changed.
   addProgress(p) {
     if (!p || p.phase !== "training" || !finite(p.step) || !finite(p.loss)) return false;
-    const last = this.training[this.training.length - 1];
-    if (last && p.step < last.step) return false; // a late, older report
     if (finite(p.images_per_second) && p.images_per_second > 0) this.rate = p.images_per_second;
-    if (last && p.step === last.step) return false;
+    const last = this.training[this.training.length - 1];
+    if (last && p.step <= last.step) {
+      if (p.step === last.step && p.loss === last.loss && p.lr === last.lr) return false;
+      this.training = this.training.filter((q) => q.step < p.step);
+      this.validation = this.validation.filter((q) => q.step < p.step);
+    }
     this.training.push({ step: p.step, loss: p.loss, lr: finite(p.lr) ? p.lr : null });
     this.thin();
     this.version += 1;
@@ -110,7 +122,7 @@ class CurveStore {
     const last = this.training[this.training.length - 1];
     const total = this.schedule ? this.schedule.total_steps : null;
     if (last) {
-      const lr = finite(last.lr) ? `, learning rate ${last.lr.toPrecision(3)}` : "";
+      const lr = finite(last.lr) ? `, learning rate ${lrText(last.lr)}` : "";
       parts.push(`Step ${last.step}${total ? ` of ${total}` : ""}: training loss ${last.loss.toFixed(4)}${lr}.`);
     } else {
       parts.push("No training step yet.");
@@ -140,7 +152,7 @@ function scheduleOf(s) {
 }
 
 if (typeof module !== "undefined" && module.exports) {
-  module.exports = { CurveStore, CURVE_MAX_POINTS };
+  module.exports = { CurveStore, CURVE_MAX_POINTS, lrText };
 }
 
 // -- drawing (uPlot) -------------------------------------------------------------------------------
@@ -276,10 +288,10 @@ function lrOptions(store, look, width) {
       {
         label: "learning rate",
         stroke: look.fg,
-        size: 60,
+        size: 64,
         grid: { stroke: look.grid, width: 1 },
         ticks: { stroke: look.grid },
-        values: (_u, ticks) => ticks.map((t) => (t === 0 ? "0" : t.toPrecision(2))),
+        values: (_u, ticks) => ticks.map((t) => lrText(t, 2)),
       },
     ],
     series: [
@@ -290,7 +302,7 @@ function lrOptions(store, look, width) {
         width: 2,
         spanGaps: true,
         points: { show: false },
-        value: (_u, v) => (finite(v) ? v.toPrecision(3) : "–"),
+        value: (_u, v) => lrText(v),
       },
     ],
     plugins: [markerLines(store, look)],

@@ -325,10 +325,12 @@ const added = [
   {phase: "preparing", step: 0, loss: null, lr: null, images_per_second: null},
   {phase: "training", step: 1, loss: 2.5, lr: 0.0, images_per_second: 40},
   {phase: "training", step: 3, loss: 2.0, lr: 0.003, images_per_second: 44},
-  {phase: "training", step: 3, loss: 2.0, lr: 0.003, images_per_second: 45},  // same step
-  {phase: "training", step: 2, loss: 2.2, lr: 0.003, images_per_second: 43},  // older step
+  {phase: "training", step: 3, loss: 2.0, lr: 0.003, images_per_second: 45},  // the same again
+  {phase: "training", step: 2, loss: 2.2, lr: 0.003, images_per_second: 43},  // resumed at 2
+  {phase: "training", step: 3, loss: 2.0, lr: 0.003, images_per_second: 45},
 ].map((p) => store.addProgress(p));
 out.added = added;
+out.afterResume = store.training.map((p) => [p.step, p.loss]);
 out.liveRate = store.rate;
 // The history arrives (with a validation point); the live step 3 is kept, step 2 and 1 replaced.
 store.setMetrics({
@@ -357,6 +359,7 @@ out.fromHistory = (() => {
   return s.rateFor({phase: "done", images_per_second: 0});
 })();
 out.summary = store.describe();
+out.lrTexts = [0, 0.003, 0.0123456, 3e-5, 0.00012345, null].map((v) => c.lrText(v));
 // Thinning: 2500 live steps keep at most CURVE_MAX_POINTS, the first and the last among them.
 const long = new c.CurveStore("job_long");
 for (let i = 1; i <= 2500; i += 1) long.addProgress({phase: "training", step: i, loss: 1 / i, lr: 0.1});
@@ -403,8 +406,10 @@ def test_the_curves_and_model_views_pure_parts_with_node() -> None:
     assert out["empty"] == (
         "No training step yet. Warm-up ends at step 2; the learning rate drops ÷10 at step 5, 8."
     )
-    # Only training reports of a new step are points; the rate follows every training report.
-    assert out["added"] == [False, True, True, False, False]
+    # Only training reports are points; a repeated one changes nothing, an earlier step (the
+    # job resumed from a checkpoint) drops the points from it on.
+    assert out["added"] == [False, True, True, False, True, True]
+    assert out["afterResume"] == [[1, 2.5], [2, 2.2], [3, 2.0]]
     assert out["liveRate"] == 45
     assert out["columns"] == {
         "steps": [1, 2, 3],
@@ -425,9 +430,10 @@ def test_the_curves_and_model_views_pure_parts_with_node() -> None:
     assert out["unknownRate"] is None  # never 0.0 for a finished job: unknown is "–"
     assert out["fromHistory"] == 30  # the history's last non-zero rate
     assert out["summary"] == (
-        "Step 4 of 10: training loss 1.5000, learning rate 0.00300. Warm-up ends at step 2; "
+        "Step 4 of 10: training loss 1.5000, learning rate 0.003. Warm-up ends at step 2; "
         "the learning rate drops ÷10 at step 6, 8. Validation at step 4: accuracy 75.0%."
     )
+    assert out["lrTexts"] == ["0", "0.003", "0.0123", "3.00e-5", "1.23e-4", "–"]
     assert out["thinned"] == [True, 1, 2500]
     assert out["noWarmup"] == [[], "No training step yet. No warm-up; no learning-rate drops."]
 
