@@ -51,6 +51,7 @@ from bitserve_client.schema import (
     IngestProgressEvent,
     Job,
     JobEvent,
+    JobMetrics,
     Label,
     Model,
     PlanEstimate,
@@ -272,6 +273,17 @@ class BitserveClient:
 
     def get_job(self, job_id: str) -> Job:
         return cast(Job, self._get(f"/v1/jobs/{_seg(job_id)}"))
+
+    def job_metrics(self, job_id: str) -> JobMetrics:
+        """The job's training curves so far: loss, learning rate, images/s, validation."""
+        return cast(JobMetrics, self._get(f"/v1/jobs/{_seg(job_id)}/metrics"))
+
+    def job_metrics_csv(self, job_id: str) -> str:
+        """The same curves as CSV: step,loss,lr,images_per_second,val_accuracy,val_loss."""
+        answer = self._request(
+            "GET", f"/v1/jobs/{_seg(job_id)}/metrics", headers={"Accept": "text/csv"}
+        )
+        return answer.text
 
     def list_jobs(self, status: str | None = None, *, page_size: int = PAGE_SIZE) -> Iterator[Job]:
         """Every job (in `status` if given), newest first, page by page."""

@@ -199,6 +199,37 @@ class Metrics(TypedDict):
     precision: PrecisionCheck | None
 
 
+class TrainingPoint(TypedDict):
+    step: int
+    loss: float | None
+    lr: float | None
+    images_per_second: float | None
+
+
+class ValidationPoint(TypedDict):
+    step: int
+    accuracy: float | None
+    loss: float | None
+
+
+class ScheduleMarks(TypedDict):
+    warmup_steps: int
+    decay_steps: list[int]
+    total_steps: int
+
+
+class JobMetrics(TypedDict):
+    """GET /v1/jobs/{id}/metrics: the job's training curves."""
+
+    job_id: str
+    status: JobStatus
+    schedule: ScheduleMarks
+    stride: int
+    max_points: int
+    training: list[TrainingPoint]
+    validation: list[ValidationPoint]
+
+
 class Job(TypedDict):
     id: str
     name: str | None

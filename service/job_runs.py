@@ -22,7 +22,7 @@ from service.ids import utcnow
 from service.job_states import HELD_BY_WORKER, JobStatus, check_transition
 from service.models_store import TrainedModel, model_row
 from service.settings import Settings
-from service.tables import Job, Model
+from service.tables import Job, JobHistory, Model
 
 log = logging.getLogger(__name__)
 
@@ -108,11 +108,40 @@ def record_progress(
     worker_id: str,
     progress: Mapping[str, Any],
     now: datetime | None = None,
+    *,
+    history: Mapping[str, Any] | None = None,
 ) -> bool:
-    """Store the latest progress (callers throttle); False when the job is no longer ours."""
+    """Store the latest progress, and the curves when given, in one transaction (callers
+    throttle); False when the job is no longer ours (then neither is written)."""
     now = now or utcnow()
     values = {"progress": dict(progress), "heartbeat_at": now, "updated_at": now}
-    return _update(session, [_owned(job_id, worker_id)], values)
+    ours = _execute(session, [_owned(job_id, worker_id)], values, commit=False)
+    if ours and history is not None:
+        _store_history(session, job_id, history, now)
+    session.commit()
+    return ours
+
+
+def load_history(session: Session, job_id: str) -> dict[str, Any] | None:
+    """The curves stored for a job (a new attempt continues them), or None."""
+    row = session.get(JobHistory, job_id)
+    return dict(row.history) if row is not None else None
+
+
+def _store_history(
+    session: Session, job_id: str, history: Mapping[str, Any], now: datetime
+) -> None:
+    """Upsert inside the caller's transaction: only the job's owner writes (it was just
+    checked with the job row's compare-and-set), so an update-else-insert cannot race."""
+    updated = session.execute(
+        sa.update(JobHistory)
+        .where(JobHistory.job_id == job_id)
+        .values(history=dict(history), updated_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    if _rowcount(updated) == 0:
+        session.add(JobHistory(job_id=job_id, history=dict(history), updated_at=now))
+        session.flush()
 
 
 def finish_succeeded(
@@ -122,10 +151,12 @@ def finish_succeeded(
     trained: TrainedModel,
     *,
     progress: Mapping[str, Any] | None = None,
+    history: Mapping[str, Any] | None = None,
     now: datetime | None = None,
 ) -> Model | None:
-    """Model row + job succeeded in ONE transaction; None if cancel was requested meanwhile
-    (or the job is no longer ours): then the caller discards the artifact."""
+    """Model row + job succeeded (+ its final curves) in ONE transaction; None if cancel was
+    requested meanwhile (or the job is no longer ours): then the caller discards the
+    artifact."""
     now = now or utcnow()
     job = session.get(Job, job_id, populate_existing=True)
     if job is None:
@@ -155,6 +186,8 @@ def finish_succeeded(
         return None
     model = model_row(job, trained, created_at=now)
     session.add(model)
+    if history is not None:
+        _store_history(session, job_id, history, now)
     session.commit()
     return model
 

@@ -37,7 +37,7 @@ from service.ids import new_id, utcnow
 from service.job_runs import Send, transition
 from service.job_states import JobStatus
 from service.settings import Settings
-from service.tables import Dataset, Job, tenant_is
+from service.tables import Dataset, Job, JobHistory, tenant_is
 
 log = logging.getLogger(__name__)
 
@@ -248,6 +248,15 @@ def get_job(session: Session, tenant_id: str | None, job_id: str) -> Job:
     if job is None or job.tenant_id != tenant_id:
         raise NotFound("job", job_id)
     return job
+
+
+def get_job_history(
+    session: Session, tenant_id: str | None, job_id: str
+) -> tuple[Job, dict[str, Any]]:
+    """The tenant's job and its stored curves ({} before its first training step)."""
+    job = get_job(session, tenant_id, job_id)
+    row = session.get(JobHistory, job_id, populate_existing=True)
+    return job, dict(row.history) if row is not None else {}
 
 
 def list_jobs(tenant_id: str | None, status: JobStatus | None = None) -> sa.Select[Job]:

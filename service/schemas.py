@@ -16,6 +16,7 @@ from pydantic import Field
 
 from bitcore.artifacts import INPUT_RESIZE
 from bitcore.train.callbacks import Progress
+from bitcore.train.history import MAX_POINTS
 from service import datasets
 from service.api_keys import Scope
 from service.job_states import JobStatus
@@ -246,6 +247,56 @@ class Metrics(Stored):
 class JobErrorInfo(Schema):
     code: str
     message: str
+
+
+class TrainingPoint(Stored):
+    step: int = Field(description="optimizer steps completed")
+    loss: float | None = Field(description="training loss of that step (null: diverged)")
+    lr: float | None = Field(description="the learning rate that step used")
+    images_per_second: float | None
+
+
+class ValidationPoint(Stored):
+    step: int = Field(description="scored after this many steps (the last: the final result)")
+    accuracy: float | None
+    loss: float | None = Field(description="mean cross-entropy on the validation split")
+
+
+class ScheduleMarks(Schema):
+    warmup_steps: int = Field(description="the learning rate rises linearly until this step")
+    decay_steps: list[int] = Field(description="the learning rate is divided by 10 after each")
+    total_steps: int
+
+
+class JobMetricsPublic(Schema):
+    """A job's training curves (GET /v1/jobs/{id}/metrics): every `stride`-th step's loss,
+    learning rate and speed (at most `max_points`, plus the latest step), and the validation
+    accuracy and loss at the evaluation points."""
+
+    job_id: str
+    status: JobStatus
+    schedule: ScheduleMarks
+    stride: int = Field(description="training points are kept every `stride` steps")
+    max_points: int
+    training: list[TrainingPoint]
+    validation: list[ValidationPoint]
+
+    @classmethod
+    def from_row(cls, job: Job, history: dict[str, Any]) -> JobMetricsPublic:
+        plan = job.plan
+        return cls(
+            job_id=job.id,
+            status=job.status,
+            schedule=ScheduleMarks(
+                warmup_steps=int(plan.get("warmup_steps", 0)),
+                decay_steps=[int(s) for s in plan.get("decay_steps", [])],
+                total_steps=int(plan.get("total_steps", 0)),
+            ),
+            stride=int(history.get("stride", 1)),
+            max_points=int(history.get("max_points", MAX_POINTS)),
+            training=[TrainingPoint.model_validate(p) for p in history.get("training", [])],
+            validation=[ValidationPoint.model_validate(p) for p in history.get("validation", [])],
+        )
 
 
 class JobPublic(Schema):

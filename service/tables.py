@@ -156,6 +156,19 @@ class Job(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
 
+class JobHistory(Base):
+    """A job's training curves (bitcore.train.history: at most ~500 training points and the
+    validation points), apart from the jobs row so that listing jobs never reads them."""
+
+    __tablename__ = "job_histories"
+
+    job_id: Mapped[str] = mapped_column(
+        sa.ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
+    )
+    history: Mapped[dict[str, Any]]
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
 class Model(Base):
     __tablename__ = "models"
     __table_args__ = (sa.Index("ix_models_tenant_created", "tenant_id", "created_at"),)

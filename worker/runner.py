@@ -20,12 +20,14 @@ from contextlib import contextmanager
 from dataclasses import replace
 from datetime import UTC
 from pathlib import Path
+from typing import Any
 
 from bitcore import catalog
 from bitcore.data.index import DatasetIndex
 from bitcore.hyperrule import Plan
 from bitcore.models import MODEL_SPECS
 from bitcore.train import Progress, TrainCallbacks, TrainingCancelled, finetune
+from bitcore.train.history import TrainingHistory
 from service import job_runs, jobs, models_store
 from service.broker import Broker
 from service.db import UNAVAILABLE_ERRORS, Database
@@ -48,6 +50,9 @@ log = logging.getLogger(__name__)
 CANCEL_POLL_SECONDS = 1.0  # a cancel is noticed within about this (plus one training step)
 # How long a finished job keeps trying to record its model while the database is down.
 FINAL_WRITE_PATIENCE_SECONDS = 300.0
+# The curves are rewritten whole (up to ~500 points, ~40 KB of JSON): not on every progress
+# write. The page draws live points from the progress events meanwhile.
+HISTORY_WRITE_SECONDS = 5.0
 _databases: dict[tuple[int, str], Database] = {}
 _databases_lock = threading.Lock()
 
@@ -123,6 +128,12 @@ class JobRun:
         self.published = False  # the artifact reached the object store
         self.checkpoints = CheckpointPublisher(storage, job.id, self.work_dir)
         self.progress = Throttled(self._write_progress, settings.job_progress_interval_seconds)
+        # The curves; a later attempt continues the stored ones (a resume drops the steps that
+        # are run again). Written with the progress, at most every HISTORY_WRITE_SECONDS.
+        self.history = TrainingHistory()
+        self._history_written_at = -float("inf")
+        self.history_step = -1  # the last step the stored curves include
+        self.checkpoint_every = checkpoint_every(Plan.from_dict(job.plan).total_steps)
 
     def execute(self) -> str:
         try:
@@ -151,6 +162,8 @@ class JobRun:
         return self._failed(*failure)
 
     def _train(self) -> str:
+        with self.db.sessionmaker() as session:
+            self.history = TrainingHistory.from_dict(job_runs.load_history(session, self.job.id))
         index = self._dataset_index()
         plan = Plan.from_dict(self.job.plan)
         spec = MODEL_SPECS[self.job.base_model]
@@ -171,7 +184,7 @@ class JobRun:
                 serving_precision=self.job.serving_precision,
                 callbacks=_Callbacks(self),
                 resume=True,
-                checkpoint_every=checkpoint_every(plan.total_steps),
+                checkpoint_every=self.checkpoint_every,
                 work_dir=self.work_dir,
                 # The images resized at upload (service.datasets), shared by the dataset's jobs.
                 cache_dir=self.storage.dataset_cache(self.job.dataset_id)
@@ -216,7 +229,12 @@ class JobRun:
                         if job is not None and job.model_id == self.model_id:
                             return True
                     model = job_runs.finish_succeeded(
-                        session, self.job.id, self.worker_id, trained, progress=final.to_dict()
+                        session,
+                        self.job.id,
+                        self.worker_id,
+                        trained,
+                        progress=final.to_dict(),
+                        history=self.history.to_dict(),
                     )
                 return model is not None
             except UNAVAILABLE_ERRORS as exc:
@@ -363,18 +381,35 @@ class JobRun:
         log.warning("job %s is no longer this worker's (%s); stopped", self.job.id, self.worker_id)
         return "lost"
 
-    def _write_progress(self, progress: Progress) -> None:
+    def _write_progress(self, progress: Progress, *, with_history: bool = False) -> None:
+        now = time.monotonic()
+        due = now - self._history_written_at >= HISTORY_WRITE_SECONDS
+        final = progress.step == progress.total_steps or progress.phase != "training"
+        history = self.history.to_dict() if with_history or due or final else None
         try:
             with self.db.sessionmaker() as session:
                 ours = job_runs.record_progress(
-                    session, self.job.id, self.worker_id, progress.to_dict()
+                    session, self.job.id, self.worker_id, progress.to_dict(), history=history
                 )
+            if history is not None:
+                self._history_written_at = now
+                self.history_step = progress.step
         except Exception as exc:  # a database blip must not kill hours of training
             log.warning("progress write for job %s failed: %s", self.job.id, exc)
             return
         if not ours:
             self.lost.set()
             self.cancel.set()
+
+    def save_history(self, step: int) -> None:
+        """Store the curves up to `step` now: called at each checkpoint (and just before a
+        periodic one), so a later attempt, which resumes from the newest checkpoint, finds every
+        step before it in the stored curves."""
+        if self.history_step >= step:
+            return
+        latest = self.progress.latest
+        if latest is not None:
+            self._write_progress(latest, with_history=True)
 
     @contextmanager
     def heartbeat(self) -> Iterator[None]:
@@ -416,12 +451,19 @@ class _Callbacks(TrainCallbacks):
         self.run = run
 
     def on_progress(self, progress: Progress) -> None:
+        self.run.history.add_progress(progress)
         self.run.progress(progress)
+        if progress.phase == "training" and progress.step % self.run.checkpoint_every == 0:
+            self.run.save_history(progress.step)  # before the loop writes that checkpoint
+
+    def on_validation(self, step: int, metrics: dict[str, Any]) -> None:
+        self.run.history.add_validation(step, metrics.get("accuracy"), metrics.get("loss"))
 
     def should_cancel(self) -> bool:
         return self.run.cancel.is_set() or self.run.shutdown.is_set()
 
     def on_checkpoint(self, step: int) -> None:
+        self.run.save_history(step)  # e.g. the checkpoint of a cancel or a hand-back
         self.run.checkpoints.submit(step)
 
 

@@ -10,11 +10,12 @@ from collections.abc import Callable
 from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Header, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
+from bitcore.train.history import TrainingHistory
 from service import jobs
 from service.api_keys import Scope
 from service.auth import authorize
@@ -26,7 +27,7 @@ from service.job_states import JobStatus
 from service.names import NameStr
 from service.pagination import DEFAULT_LIMIT, CursorQuery, LimitQuery, page
 from service.plan_schemas import OverridesRequest
-from service.schemas import JobPublic, Page
+from service.schemas import JobMetricsPublic, JobPublic, Page
 
 router = APIRouter(
     prefix="/v1/jobs",
@@ -138,6 +139,53 @@ async def list_jobs(
 )
 async def get_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobPublic:
     return JobPublic.from_row(await _call(jobs.get_job, session, tenant, job_id))
+
+
+METRICS_DOC: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": (
+            "The job's curves. JSON by default; with `Accept: text/csv`, one row per step "
+            "that has a training or a validation point: "
+            "`step,loss,lr,images_per_second,val_accuracy,val_loss` (empty cells: no value)."
+        ),
+        "content": {"text/csv": {"schema": {"type": "string"}}},
+    }
+}
+
+
+@router.get(
+    "/{job_id}/metrics",
+    summary="A job's training curves: loss, learning rate, speed, validation",
+    response_model=JobMetricsPublic,
+    responses={**METRICS_DOC, **error_responses(404)},
+)
+async def job_metrics(
+    job_id: str,
+    session: SessionDep,
+    tenant: TenantDep,
+    accept: Annotated[str | None, Header()] = None,
+) -> Response:
+    job, history = await _call(jobs.get_job_history, session, tenant, job_id)
+    public = JobMetricsPublic.from_row(job, history)
+    if wants_csv(accept):
+        curves = TrainingHistory.from_dict(public.model_dump(include={"training", "validation"}))
+        return Response(
+            curves.to_csv(),
+            media_type="text/csv; charset=utf-8",
+            headers={"Content-Disposition": f'attachment; filename="{job.id}-metrics.csv"'},
+        )
+    return JSONResponse(public.model_dump(mode="json"))
+
+
+def wants_csv(accept: str | None) -> bool:
+    """text/csv asked for, and preferred to JSON when both are listed (no q-values: the
+    first one named wins, as the page and curl send one type)."""
+    if not accept:
+        return False
+    types = [part.split(";")[0].strip().lower() for part in accept.split(",")]
+    csv_at = types.index("text/csv") if "text/csv" in types else None
+    json_at = types.index("application/json") if "application/json" in types else None
+    return csv_at is not None and (json_at is None or csv_at < json_at)
 
 
 @router.post(

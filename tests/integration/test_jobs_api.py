@@ -21,6 +21,8 @@ import pytest
 import redis
 
 from bitcore import hyperrule
+from bitcore.train.callbacks import Progress
+from bitcore.train.history import TrainingHistory
 from service import job_runs, jobs
 from service.db import Database
 from service.settings import Settings
@@ -334,6 +336,77 @@ def test_events_stream_follows_the_job(
         assert [name for name, _ in _read_events(response)] == ["status", "done"]
     missing = http.get("/v1/jobs/job_" + "q" * 20 + "/events")
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+
+
+def test_metrics_history_as_json_and_csv(
+    http: httpx.Client, dataset: dict[str, Any], server: LiveServer
+) -> None:
+    """The curves a worker stores with its progress (bitcore.train.history), as the API
+    answers them: JSON by default, CSV when asked; empty before the first step."""
+    created = _post(http, _body(dataset, overrides=OVERRIDES)).json()
+    job_id = created["id"]
+    empty = http.get(f"/v1/jobs/{job_id}/metrics")
+    assert empty.status_code == 200
+    assert empty.json() == {
+        "job_id": job_id,
+        "status": "queued",
+        "schedule": {
+            "warmup_steps": created["plan"]["warmup_steps"],
+            "decay_steps": created["plan"]["decay_steps"],
+            "total_steps": 40,
+        },
+        "stride": 1,
+        "max_points": 500,
+        "training": [],
+        "validation": [],
+    }
+    settings: Settings = server.settings
+    db = Database(settings.database_url)
+    curves = TrainingHistory()
+    for step in range(1, 11):
+        curves.add_progress(Progress(step, 40, 2.0 / step, 0.001 * step, 50.0, 9.0, "training"))
+    curves.add_validation(10, 0.75, 0.5)
+    try:
+        with db.sessionmaker() as session:
+            assert job_runs.claim(session, job_id, "curves-worker", settings).claimed
+            progress = {"step": 10, "total_steps": 40, "phase": "training"}
+            assert job_runs.record_progress(
+                session, job_id, "curves-worker", progress, history=curves.to_dict()
+            )
+            # A worker that lost the job writes neither its progress nor its curves.
+            stale = TrainingHistory()
+            assert not job_runs.record_progress(
+                session, job_id, "other-worker", progress, history=stale.to_dict()
+            )
+    finally:
+        db.dispose()
+
+    answer = http.get(f"/v1/jobs/{job_id}/metrics").json()
+    assert answer["status"] == "running"
+    assert [p["step"] for p in answer["training"]] == list(range(1, 11))
+    assert answer["training"][3] == {
+        "step": 4,
+        "loss": 0.5,
+        "lr": 0.004,
+        "images_per_second": 50.0,
+    }
+    assert answer["validation"] == [{"step": 10, "accuracy": 0.75, "loss": 0.5}]
+
+    csv_answer = http.get(f"/v1/jobs/{job_id}/metrics", headers={"Accept": "text/csv"})
+    assert csv_answer.status_code == 200
+    assert csv_answer.headers["content-type"] == "text/csv; charset=utf-8"
+    assert f'filename="{job_id}-metrics.csv"' in csv_answer.headers["content-disposition"]
+    lines = csv_answer.text.splitlines()
+    assert lines[0] == "step,loss,lr,images_per_second,val_accuracy,val_loss"
+    assert lines[1] == "1,2.0,0.001,50.0,,"
+    assert lines[10] == "10,0.2,0.01,50.0,0.75,0.5"
+    assert len(lines) == 11
+    # JSON wins when listed first; an unknown id (or another tenant's) is 404.
+    both = {"Accept": "application/json, text/csv"}
+    assert http.get(f"/v1/jobs/{job_id}/metrics", headers=both).json()["job_id"] == job_id
+    missing = http.get("/v1/jobs/job_doesnotexist000000000000/metrics")
+    assert missing.status_code == 404
+    assert missing.json()["error"]["code"] == "not_found"
 
 
 def test_unreachable_broker_leaves_the_job_queued(

@@ -17,7 +17,7 @@ import pytest
 import sqlalchemy as sa
 
 from bitcore.artifacts import load_metadata
-from service import jobs
+from service import job_runs, jobs
 from service.broker import Broker
 from service.db import Database, migrate
 from service.settings import Settings
@@ -60,6 +60,12 @@ class Env:
     def models_of(self, job_id: str) -> list[Model]:
         with self.db.sessionmaker() as session:
             return list(session.scalars(sa.select(Model).where(Model.job_id == job_id)))
+
+    def history_of(self, job_id: str) -> dict[str, Any]:
+        with self.db.sessionmaker() as session:
+            stored = job_runs.load_history(session, job_id)
+        assert stored is not None, f"job {job_id} stored no curves"
+        return stored
 
     def close(self) -> None:
         self.broker.close()
@@ -121,6 +127,14 @@ def test_a_job_runs_to_success(env: Env, worker: WorkerProcess) -> None:
         r"\d+\.\d+", software["python"]
     )
     assert not env.storage.job_dir(job_id).exists()  # work dir cleaned after success
+    # The curves: every one of the 12 steps, and the validation split scored at 3 points
+    # inside the schedule and once at the end (that one is the model's own result).
+    curves = env.history_of(job_id)
+    assert [p["step"] for p in curves["training"]] == list(range(1, 13))
+    assert curves["training"][0]["lr"] == 0.0 and curves["training"][-1]["lr"] is not None
+    assert [p["step"] for p in curves["validation"]] == [3, 6, 9, 12]
+    assert curves["validation"][-1]["accuracy"] == job.metrics["accuracy"]
+    assert curves["validation"][-1]["loss"] == pytest.approx(job.metrics["loss"])
 
 
 def test_cancelling_a_running_job_stops_it_and_keeps_no_model(
@@ -334,6 +348,10 @@ def test_stopped_and_killed_workers_hand_the_job_on_and_it_resumes(
     (model,) = env.models_of(job_id)
     resumed_from = load_metadata(env.storage.path(model.storage_key)).extra["resumed_from"]
     assert resumed_from is not None and handed_back_at < resumed_from < steps
+    # Three attempts wrote one curve: each step once (the re-run steps replaced), in order.
+    curves = env.history_of(job_id)
+    assert [p["step"] for p in curves["training"]] == list(range(1, steps + 1))
+    assert [p["step"] for p in curves["validation"]] == [100, 200, 300, 400]
 
 
 def _strings(value: Any) -> Iterator[str]:

@@ -18,11 +18,12 @@ from service.job_states import JobStatus
 from service.settings import Settings
 
 METHODS = ("get", "post", "put", "patch", "delete")
-# Answers that are not JSON: the artifact download and the job event stream.
+# Answers that are not JSON: the artifact download, the job event stream, curves as CSV.
 NON_JSON = {
     "application/zip": "binary",
     "application/octet-stream": "binary",  # the .onnx export
     "text/event-stream": None,
+    "text/csv": None,  # GET /v1/jobs/{id}/metrics with Accept: text/csv
 }
 
 
@@ -52,7 +53,8 @@ def resolve(spec: dict[str, Any], ref: str) -> dict[str, Any]:
 
 def test_the_walk_covers_every_v1_route(spec: dict[str, Any]) -> None:
     operations = {(path, method) for path, method, _ in v1_operations(spec)}
-    assert len(operations) == 24
+    assert len(operations) == 25
+    assert ("/v1/jobs/{job_id}/metrics", "get") in operations
     assert ("/v1/tenants/{tenant}/quotas", "put") in operations
     assert ("/v1/audit", "get") in operations
     assert ("/v1/models/{model_id}/predict", "post") in operations
