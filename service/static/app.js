@@ -386,8 +386,8 @@ function showProgress(p) {
   $("job-progress").textContent = total ? `${Math.round((100 * (p.step || 0)) / total)}%` : "0%";
   $("stat-step").textContent = `${p.step || 0} / ${total}`;
   $("stat-loss").textContent = formatNumber(p.loss, 4);
-  $("stat-lr").textContent = formatNumber(p.lr, 5);
-  // Evaluating and done report 0 images/s: show the rate training had instead.
+  // Evaluating and done report 0 images/s and a learning rate of 0: show training's last instead.
+  $("stat-lr").textContent = formatNumber(state.curves ? state.curves.lrFor(p) : p.lr, 5);
   $("stat-ips").textContent = formatNumber(state.curves ? state.curves.rateFor(p) : p.images_per_second, 1);
   $("stat-eta").textContent = formatDuration(p.eta_seconds);
 }
@@ -478,6 +478,7 @@ async function followJob(jobId) {
   $("job-result").textContent = "";
   openCurves(jobId);
   await loadJobMetrics(jobId);
+  if (controller.signal.aborted) return; // another job was opened meanwhile
   let finished = null;
   try {
     const response = await apiStream("GET", `/v1/jobs/${seg(jobId)}/events`, controller.signal);
@@ -715,6 +716,7 @@ async function refreshLists(select = {}) {
         if (!window.confirm(`Delete model ${m.id}?`)) return;
         await api("DELETE", `/v1/models/${seg(m.id)}`);
         await refreshLists();
+        await showQuality(); // the view may have shown it
       }, `Delete model ${m.id}`),
     );
   }

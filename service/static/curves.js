@@ -22,10 +22,9 @@ function lrText(v, digits = 3) {
 class CurveStore {
   constructor(jobId) {
     this.jobId = jobId;
-    this.training = []; // {step, loss, lr}, steps ascending
+    this.training = []; // {step, loss, lr, ips}, steps ascending (loss null: diverged)
     this.validation = []; // {step, accuracy, loss}, steps ascending
     this.schedule = null; // {warmup_steps, decay_steps, total_steps}
-    this.rate = null; // the last non-zero training images/s
     this.version = 0; // bumped on every change: the chart redraws only then
   }
 
@@ -38,36 +37,33 @@ class CurveStore {
 
   // The history the server kept (authoritative); live points past its last step stay.
   setMetrics(m) {
-    const training = (m.training || [])
-      .filter((p) => finite(p.step) && finite(p.loss))
-      .map((p) => ({ step: p.step, loss: p.loss, lr: finite(p.lr) ? p.lr : null }));
+    const training = (m.training || []).filter((p) => finite(p.step)).map(pointOf);
     const last = training.length ? training[training.length - 1].step : -1;
     this.training = training.concat(this.training.filter((p) => p.step > last));
     this.validation = (m.validation || [])
       .filter((p) => finite(p.step))
-      .map((p) => ({ step: p.step, accuracy: finite(p.accuracy) ? p.accuracy : null, loss: finite(p.loss) ? p.loss : null }));
+      .map((p) => ({ step: p.step, accuracy: orNull(p.accuracy), loss: orNull(p.loss) }));
     if (m.schedule && finite(m.schedule.total_steps)) this.schedule = scheduleOf(m.schedule);
-    if (this.rate === null) {
-      const rated = (m.training || []).filter((p) => finite(p.images_per_second) && p.images_per_second > 0);
-      if (rated.length) this.rate = rated[rated.length - 1].images_per_second;
-    }
     this.thin();
     this.version += 1;
   }
 
-  // A progress event: a point when it reports a training step. A step at or before the last
-  // one means the job resumed from a checkpoint and runs those steps again: what came after it
-  // goes, as in the server's history (bitcore.train.history). True when the points changed.
+  // A progress event: a point when it reports a training step. A step before the last one
+  // means the job resumed from a checkpoint and runs those steps again: what came after it
+  // goes, as in the server's history (bitcore.train.history). True when the curves changed.
   addProgress(p) {
-    if (!p || p.phase !== "training" || !finite(p.step) || !finite(p.loss)) return false;
-    if (finite(p.images_per_second) && p.images_per_second > 0) this.rate = p.images_per_second;
+    if (!p || p.phase !== "training" || !finite(p.step)) return false;
+    const point = pointOf(p);
     const last = this.training[this.training.length - 1];
-    if (last && p.step <= last.step) {
-      if (p.step === last.step && p.loss === last.loss && p.lr === last.lr) return false;
-      this.training = this.training.filter((q) => q.step < p.step);
-      this.validation = this.validation.filter((q) => q.step < p.step);
+    if (last && point.step === last.step && point.loss === last.loss && point.lr === last.lr) {
+      if (point.ips !== null) last.ips = point.ips; // the same step reported again
+      return false;
     }
-    this.training.push({ step: p.step, loss: p.loss, lr: finite(p.lr) ? p.lr : null });
+    if (last && point.step <= last.step) {
+      this.training = this.training.filter((q) => q.step < point.step);
+      this.validation = this.validation.filter((q) => q.step < point.step);
+    }
+    this.training.push(point);
     this.thin();
     this.version += 1;
     return true;
@@ -82,13 +78,31 @@ class CurveStore {
     }
   }
 
+  // The last non-zero training images/s (null: none yet).
+  get rate() {
+    for (let i = this.training.length - 1; i >= 0; i -= 1) {
+      if (this.training[i].ips !== null) return this.training[i].ips;
+    }
+    return null;
+  }
+
   // The images/s to show for a progress report: its own, or once training is over (the
   // evaluating and done reports carry 0) the last rate training had; null when unknown.
   rateFor(p) {
     if (!p) return null;
     if (finite(p.images_per_second) && p.images_per_second > 0) return p.images_per_second;
-    if (p.phase === "evaluating" || p.phase === "done") return this.rate;
+    if (trainingOver(p)) return this.rate;
     return finite(p.images_per_second) ? p.images_per_second : null;
+  }
+
+  // Likewise the learning rate: evaluating and done report 0, training's last one is shown.
+  lrFor(p) {
+    if (!p) return null;
+    if (trainingOver(p)) {
+      const last = this.training[this.training.length - 1];
+      return last ? last.lr : null;
+    }
+    return orNull(p.lr);
   }
 
   // uPlot's aligned columns: the steps of both histories, and null where a series has none.
@@ -123,7 +137,8 @@ class CurveStore {
     const total = this.schedule ? this.schedule.total_steps : null;
     if (last) {
       const lr = finite(last.lr) ? `, learning rate ${lrText(last.lr)}` : "";
-      parts.push(`Step ${last.step}${total ? ` of ${total}` : ""}: training loss ${last.loss.toFixed(4)}${lr}.`);
+      const loss = finite(last.loss) ? last.loss.toFixed(4) : "– (diverged)";
+      parts.push(`Step ${last.step}${total ? ` of ${total}` : ""}: training loss ${loss}${lr}.`);
     } else {
       parts.push("No training step yet.");
     }
@@ -141,6 +156,18 @@ class CurveStore {
     }
     return parts.join(" ");
   }
+}
+
+const orNull = (v) => (finite(v) ? v : null);
+
+// A training point from a progress report or the history: a rate of 0 is no rate.
+function pointOf(p) {
+  const ips = finite(p.images_per_second) && p.images_per_second > 0 ? p.images_per_second : null;
+  return { step: p.step, loss: orNull(p.loss), lr: orNull(p.lr), ips };
+}
+
+function trainingOver(p) {
+  return p.phase === "evaluating" || p.phase === "done";
 }
 
 function scheduleOf(s) {

@@ -140,7 +140,7 @@ function confusionTable(model, caption) {
       const td = qualityEl("td", String(count), t === p ? "cm diag" : "cm");
       const share = shares[t][p];
       td.style.setProperty("--share", share.toFixed(3));
-      if (share >= 0.5) td.classList.add("strong");
+      if (share >= 0.6) td.classList.add("strong"); // light text where the shade is dark
       td.title = `${count} of ${total} ${classes[t]} images predicted as ${classes[p]} (${qualityPercent(share)})`;
       row.appendChild(td);
     });

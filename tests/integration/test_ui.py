@@ -138,6 +138,7 @@ def test_the_page_is_served_at_root_with_its_elements(client: httpx.Client) -> N
     assert set(page.label_for) <= set(page.ids)
     # Only this server's own files: nothing from the internet.
     assert page.assets == [
+        "data:,",  # the (empty) icon: no request for /favicon.ico
         "/ui/vendor/uplot/uPlot.min.css",
         "/ui/style.css",
         "/ui/vendor/uplot/uPlot.iife.min.js",
@@ -353,6 +354,12 @@ out.rates = [
   null,
 ].map((p) => store.rateFor(p));
 out.unknownRate = new c.CurveStore("job_y").rateFor({phase: "done", images_per_second: 0});
+out.lrs = [
+  {phase: "training", lr: 0.002},
+  {phase: "evaluating", lr: 0},
+  {phase: "done", lr: 0},
+  {phase: "preparing", lr: null},
+].map((p) => store.lrFor(p));
 out.fromHistory = (() => {
   const s = new c.CurveStore("job_z");
   s.setMetrics({training: [{step: 1, loss: 1, lr: 0, images_per_second: 30}, {step: 2, loss: 1, lr: 0, images_per_second: 0}], validation: []});
@@ -365,6 +372,11 @@ const long = new c.CurveStore("job_long");
 for (let i = 1; i <= 2500; i += 1) long.addProgress({phase: "training", step: i, loss: 1 / i, lr: 0.1});
 out.thinned = [long.training.length <= c.CURVE_MAX_POINTS, long.training[0].step,
   long.training[long.training.length - 1].step];
+out.diverged = (() => {
+  const s = new c.CurveStore("j");
+  s.addProgress({phase: "training", step: 1, loss: null, lr: 0.1, images_per_second: 5});
+  return [s.columns().loss, s.describe()];
+})();
 out.noWarmup = (() => {
   const s = new c.CurveStore("j");
   s.setPlan({warmup_steps: 0, decay_steps: [], total_steps: 3});
@@ -428,6 +440,7 @@ def test_the_curves_and_model_views_pure_parts_with_node() -> None:
     # Evaluating/done report 0 images/s: the last training rate (45) is shown instead.
     assert out["rates"] == [12.5, 45, 45, None, None]
     assert out["unknownRate"] is None  # never 0.0 for a finished job: unknown is "–"
+    assert out["lrs"] == [0.002, 0.003, 0.003, None]  # 0.003: step 4's, the last one
     assert out["fromHistory"] == 30  # the history's last non-zero rate
     assert out["summary"] == (
         "Step 4 of 10: training loss 1.5000, learning rate 0.003. Warm-up ends at step 2; "
@@ -435,6 +448,7 @@ def test_the_curves_and_model_views_pure_parts_with_node() -> None:
     )
     assert out["lrTexts"] == ["0", "0.003", "0.0123", "3.00e-5", "1.23e-4", "–"]
     assert out["thinned"] == [True, 1, 2500]
+    assert out["diverged"] == [[None], "Step 1: training loss – (diverged), learning rate 0.1."]
     assert out["noWarmup"] == [[], "No training step yet. No warm-up; no learning-rate drops."]
 
     assert out["shares"] == [[0.75, 0.25, 0], [0, 0, 0], [0.25, 0.25, 0.5]]
@@ -558,6 +572,14 @@ def _to_fixed(value: float, digits: int) -> str:
     rounds it to even: 81.25 -> "81.2" where JavaScript writes "81.3")."""
     step = Decimal(1).scaleb(-digits)
     return str(Decimal(value).quantize(step, rounding=ROUND_HALF_UP))
+
+
+def _format_number(value: float, digits: int) -> str:
+    """app.js's formatNumber: toExponential(2) below 1e-3, else toFixed(digits)."""
+    if value != 0 and abs(value) < 1e-3:
+        mantissa, exponent = f"{value:.2e}".split("e")
+        return f"{mantissa}e{int(exponent)}"
+    return _to_fixed(value, digits)
 
 
 def _js_percent(share: float) -> str:
@@ -793,7 +815,9 @@ def test_the_page_follows_a_real_job_to_its_model_and_predicts(
         model = http.get(f"/v1/models/{model_id}").json()
     training, validation = history["training"], history["validation"]
     assert training and training[-1]["step"] == total
-    assert any(_to_fixed(p["images_per_second"], 1) == ips for p in training)
+    rated = [p["images_per_second"] for p in training if p["images_per_second"]]
+    assert ips == _to_fixed(rated[-1], 1)  # training's last rate (the done report says 0)
+    assert lr == _format_number(training[-1]["lr"], 5)  # the last step's, not done's 0
     steps = sorted({p["step"] for p in training} | {p["step"] for p in validation})
     at = {p["step"]: p for p in training}
     val = {p["step"]: p for p in validation}

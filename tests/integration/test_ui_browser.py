@@ -23,7 +23,6 @@ from typing import Any
 
 import httpx
 import pytest
-import torch
 from playwright.sync_api import Browser, ConsoleMessage, Page, expect, sync_playwright
 
 from bitcore.models import create_model
@@ -173,7 +172,8 @@ def test_the_page_trains_draws_curves_and_shows_the_model_in_a_browser(
             "Loss",
             "Learning rate",
         ]
-        assert float(page.text_content("#stat-ips") or "0") > 0
+        ips = page.text_content("#stat-ips") or ""
+        assert float(ips) > 0
         summary = page.text_content("#curves-summary") or ""
         assert summary.startswith(f"Step {total} of {total}: training loss "), summary
         assert history["training"][-1]["step"] == total
@@ -237,6 +237,18 @@ def test_the_page_trains_draws_curves_and_shows_the_model_in_a_browser(
         f1_bars = page.locator("#quality-output table.compare-f1 .bar-fill").count()
         assert f1_bars == 2 * len(CLASSES)
         page.locator("#step-quality").screenshot(path=str(shots / "compare.png"))
+
+        # "Details" in the models list opens that model alone (compared with itself: no table).
+        # (The buttons' accessible names say which row they act on.)
+        page.get_by_role("button", name=f"How good model {other} is").click()
+        expect(page.locator("#quality-output h3")).to_have_text(re.compile(f"^Model {other} "))
+        assert _confusion(page, "#quality-output table.confusion")["counts"] == second["counts"]
+
+        # "Show" on the ended job: its curves again, from the metrics endpoint alone.
+        page.get_by_role("button", name=f"Show job {job_id} and its training curves").click()
+        expect(page.locator("#curves-summary")).to_have_text(summary)
+        assert page.locator("#curves-charts .uplot").count() == 2  # the old charts went
+        assert page.text_content("#stat-ips") == ips
     finally:
         page.screenshot(path=str(shots / "page.png"), full_page=True)
         page.close()

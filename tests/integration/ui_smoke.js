@@ -124,9 +124,11 @@ global.uPlot = class {
     this.bbox = { left: 0, top: 0, width: 1e9, height: 100 };
     this.drawn = [];
     const drawn = this.drawn;
+    let lineAt = null; // the x of the last line drawn: the marker's step (valToPos is the identity)
     this.ctx = {
-      save() {}, restore() {}, beginPath() {}, moveTo() {}, lineTo() {}, stroke() {}, setLineDash() {},
-      fillText(label, x) { drawn.push([label, x]); },
+      save() {}, restore() {}, beginPath() {}, lineTo() {}, stroke() {}, setLineDash() {},
+      moveTo(x) { lineAt = x; },
+      fillText(label) { drawn.push([label, lineAt]); },
     };
     plots.push(this);
     this.redraw();
