@@ -38,6 +38,8 @@ from bitserve_client.errors import (
     ApiError,
     DatasetFailed,
     DatasetTimeout,
+    EvaluationFailed,
+    EvaluationTimeout,
     JobFailed,
     JobTimeout,
 )
@@ -48,6 +50,7 @@ from bitserve_client.schema import (
     AuditEvent,
     BaseModel,
     Dataset,
+    Evaluation,
     IngestProgressEvent,
     Job,
     JobEvent,
@@ -377,6 +380,47 @@ class BitserveClient:
             finally:
                 partial.unlink(missing_ok=True)
         return target
+
+    # -- evaluations ---------------------------------------------------------------------------
+
+    def evaluate_model(self, model_id: str, dataset_id: str) -> Evaluation:
+        """Ask a worker to score the model on a labelled dataset (uploaded as any dataset,
+        its class folders named like the model's classes); returns the queued evaluation."""
+        body = {"dataset_id": dataset_id}
+        answer = self._request("POST", f"/v1/models/{_seg(model_id)}/evaluations", json=body)
+        return cast(Evaluation, answer.json())
+
+    def get_evaluation(self, evaluation_id: str) -> Evaluation:
+        return cast(Evaluation, self._get(f"/v1/evaluations/{_seg(evaluation_id)}"))
+
+    def list_evaluations(
+        self, model_id: str, *, page_size: int = PAGE_SIZE
+    ) -> Iterator[Evaluation]:
+        """The model's evaluations, newest first; the last is its fine-tune's validation."""
+        path = f"/v1/models/{_seg(model_id)}/evaluations"
+        return cast(Iterator[Evaluation], self._pages(path, {}, page_size))
+
+    def wait_for_evaluation(
+        self, evaluation_id: str, timeout: float | None = None, *, poll_interval: float = 1.0
+    ) -> Evaluation:
+        """Poll until the evaluation ends; return it if it succeeded, else raise
+        EvaluationFailed (with the server's error code and message); EvaluationTimeout after
+        `timeout` seconds (the evaluation keeps running)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            evaluation = self.get_evaluation(evaluation_id)
+            if evaluation["status"] == "succeeded":
+                return evaluation
+            if evaluation["status"] == "failed":
+                raise EvaluationFailed(dict(evaluation))
+            if deadline is not None and time.monotonic() >= deadline:
+                raise EvaluationTimeout(evaluation_id, timeout or 0.0, dict(evaluation))
+            time.sleep(poll_interval)
+
+    def example_thumbnail(self, evaluation_id: str, index: int) -> bytes:
+        """The JPEG thumbnail of one of the evaluation's worst-scored examples."""
+        path = f"/v1/evaluations/{_seg(evaluation_id)}/examples/{int(index)}"
+        return self._request("GET", path).content
 
     def predict(
         self, model_id: str, images: Sequence[ImageInput], top_k: int = 5

@@ -119,6 +119,29 @@ class JobTimeout(BitserveError, TimeoutError):
         super().__init__(f"job {job_id} not finished after {timeout} s (last status {status})")
 
 
+class EvaluationFailed(BitserveError):
+    """An evaluation ended failed (e.g. unknown_labels, dataset_failed)."""
+
+    def __init__(self, evaluation: dict[str, Any]) -> None:
+        error = evaluation.get("error") or {}
+        self.evaluation = evaluation
+        self.evaluation_id: str = evaluation.get("id", "")
+        self.code: str = error.get("code") or "failed"
+        self.message: str = error.get("message") or "evaluation failed"
+        super().__init__(f"evaluation {self.evaluation_id} failed: {self.code}: {self.message}")
+
+
+class EvaluationTimeout(BitserveError, TimeoutError):
+    """wait_for_evaluation's timeout passed first (the evaluation keeps running)."""
+
+    def __init__(self, evaluation_id: str, timeout: float, last: dict[str, Any]) -> None:
+        self.evaluation_id, self.timeout, self.last = evaluation_id, timeout, last
+        status = last.get("status", "unknown")
+        super().__init__(
+            f"evaluation {evaluation_id} not finished after {timeout} s (last status {status})"
+        )
+
+
 def retry_after_seconds(response: httpx.Response) -> float | None:
     """Retry-After as seconds: delta-seconds or an HTTP date (RFC 9110 10.2.3); None if absent."""
     value = response.headers.get("retry-after")

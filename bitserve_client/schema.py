@@ -342,3 +342,54 @@ class JobEvent:
 
     event: str
     data: dict[str, Any]
+
+
+class ConfusedPair(TypedDict):
+    label: str
+    predicted: str
+    count: int
+
+
+class WorstExample(TypedDict):
+    index: int
+    path: str
+    label: str
+    predicted: str
+    label_score: float
+    predicted_score: float
+
+
+class EvaluationResult(TypedDict):
+    accuracy: float | None
+    loss: float | None
+    macro_f1: float | None
+    num_examples: int
+    per_class: list[ClassMetrics]
+    confusion_matrix: list[list[int]]
+    top_k_accuracy: dict[str, float] | None
+    most_confused: list[ConfusedPair]
+    classes: list[str]
+    labels_evaluated: list[str]
+    skipped: int
+    worst: list[WorstExample]
+
+
+class EvaluationProgress(TypedDict):
+    done: int
+    total: int | None
+
+
+class Evaluation(TypedDict):
+    """POST /v1/models/{id}/evaluations, GET /v1/evaluations/{id}."""
+
+    id: str
+    model_id: str
+    dataset_id: str | None
+    source: Literal["validation", "dataset"]
+    status: Literal["queued", "running", "succeeded", "failed"]
+    progress: EvaluationProgress | None
+    result: EvaluationResult | None
+    error: JobErrorBody | None
+    created_at: str
+    started_at: str | None
+    finished_at: str | None

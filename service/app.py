@@ -22,7 +22,18 @@ from service.job_events import DatasetNotifier, JobNotifier
 from service.known_models import KnownModels
 from service.metrics import Metrics, MetricsMiddleware
 from service.quotas import RateLimiter
-from service.routers import audit, base_models, datasets, health, jobs, keys, models, tenants, ui
+from service.routers import (
+    audit,
+    base_models,
+    datasets,
+    evaluations,
+    health,
+    jobs,
+    keys,
+    models,
+    tenants,
+    ui,
+)
 from service.serving import ModelCache
 from service.settings import Settings, get_settings
 from service.storage import Storage
@@ -113,6 +124,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(AuditMiddleware, db=db, settings=settings)
     # Outermost: a foreign Host or a cross-site write is refused before anything else runs.
     app.add_middleware(WebSecurityMiddleware, settings=settings)
-    for module in (health, base_models, datasets, jobs, models, keys, tenants, audit, ui):
+    routers = (health, base_models, datasets, jobs, models, evaluations, keys, tenants, audit, ui)
+    for module in routers:
         app.include_router(module.router)
     return app

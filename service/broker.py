@@ -19,6 +19,7 @@ from service.settings import Settings
 
 FINETUNE_TASK = "bitserve.finetune"
 INGEST_TASK = "bitserve.ingest"
+EVALUATE_TASK = "bitserve.evaluate"  # scoring a model: inference, so the train queue's nodes
 # A key the reconciler keeps in Redis next to the queue (one per train queue: deployments that
 # share a Redis each keep their own). Gone means Redis lost its data (restarted without
 # persistence, flushed, a fresh server): the messages of every queued job are gone with it. A
@@ -85,6 +86,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_routes": {
             FINETUNE_TASK: {"queue": settings.train_queue},
             INGEST_TASK: {"queue": settings.ingest_queue},
+            EVALUATE_TASK: {"queue": settings.train_queue},
         },
         "task_default_queue": settings.train_queue,
         "task_serializer": "json",
@@ -128,6 +130,17 @@ class Broker:
             INGEST_TASK,
             args=[dataset_id],
             queue=self.settings.ingest_queue,
+            retry=True,
+            retry_policy=PUBLISH_RETRY_POLICY,
+        )
+
+    def send_evaluate(self, evaluation_id: str) -> None:
+        """Publish `bitserve.evaluate(evaluation_id)` to the train queue (its nodes load models
+        fastest); raises if the broker is down (the reconciler sends it later)."""
+        self.app.send_task(
+            EVALUATE_TASK,
+            args=[evaluation_id],
+            queue=self.settings.train_queue,
             retry=True,
             retry_policy=PUBLISH_RETRY_POLICY,
         )

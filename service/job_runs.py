@@ -18,6 +18,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from service.evaluations import record_validation
 from service.ids import utcnow
 from service.job_states import HELD_BY_WORKER, JobStatus, check_transition
 from service.models_store import TrainedModel, model_row
@@ -186,6 +187,8 @@ def finish_succeeded(
         return None
     model = model_row(job, trained, created_at=now)
     session.add(model)
+    session.flush()  # the model's row first: its validation evaluation refers to it
+    record_validation(session, model, trained.metrics)
     if history is not None:
         _store_history(session, job_id, history, now)
     session.commit()

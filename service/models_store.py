@@ -34,7 +34,7 @@ from service.domain_errors import Gone, NotFound
 from service.ids import new_id
 from service.object_store import ObjectCorrupt, ObjectMissing, ObjectStoreError
 from service.storage import Storage, storage_unavailable
-from service.tables import Job, Model, tenant_is
+from service.tables import Evaluation, Job, Model, tenant_is
 
 log = logging.getLogger(__name__)
 
@@ -125,9 +125,12 @@ def delete_model(session: Session, storage: Storage, tenant_id: str | None, mode
     Raises NotFound when the tenant has no such model.
     """
     row = get_model(session, tenant_id, model_id)
-    session.delete(row)
+    scored = session.scalars(sa.select(Evaluation.id).where(Evaluation.model_id == model_id)).all()
+    session.delete(row)  # its evaluations' rows go with it (ON DELETE CASCADE)
     session.commit()
     storage.discard("models", model_id)
+    for evaluation_id in scored:  # and their thumbnails
+        storage.discard("evaluations", evaluation_id)
 
 
 def artifact_files(storage: Storage, model_id: str) -> list[Path]:

@@ -24,7 +24,7 @@ from service.names import NameStr
 from service.plan_schemas import Overrides, Plan
 from service.quotas import MAX_VALUES, Quotas, Usage
 from service.schema_base import Schema, Stored, Timestamp
-from service.tables import ApiKey, AuditEvent, Dataset, Job, Model
+from service.tables import ApiKey, AuditEvent, Dataset, Evaluation, Job, Model
 
 Item = TypeVar("Item")
 
@@ -370,6 +370,84 @@ class InputSpec(Schema):
     std: list[float]
     # Models made before the field was recorded were preprocessed the same way.
     resize: str = Field(default=INPUT_RESIZE, description="how the image becomes crop x crop")
+
+
+class ConfusedPair(Stored):
+    label: str = Field(description="the true label")
+    predicted: str
+    count: int
+
+
+class WorstExample(Stored):
+    index: int = Field(description="GET /v1/evaluations/{id}/examples/{index}: its thumbnail")
+    path: str = Field(description="the image's path inside the dataset")
+    label: str
+    predicted: str
+    label_score: float = Field(description="the model's probability for the true label")
+    predicted_score: float
+
+
+class EvaluationResult(Stored):
+    """What an evaluation measured, over the model's classes in its output order."""
+
+    accuracy: float | None
+    loss: float | None = Field(description="mean cross-entropy")
+    macro_f1: float | None = Field(
+        description="mean F1 over the labels that occur (true or predicted), as scikit-learn"
+    )
+    num_examples: int
+    per_class: list[ClassMetrics]
+    confusion_matrix: list[list[int]] = Field(description="counts[true][predicted]")
+    top_k_accuracy: dict[str, float] | None = Field(
+        None, description='{"1": ..., "3": ..., "5": ...}; null for the validation result'
+    )
+    most_confused: list[ConfusedPair] = Field(default_factory=list)
+    classes: list[str] = Field(default_factory=list, description="the model's classes")
+    labels_evaluated: list[str] = Field(default_factory=list)
+    skipped: int = Field(0, description="images that could not be decoded")
+    worst: list[WorstExample] = Field(
+        default_factory=list, description="the lowest-scored images for their true label"
+    )
+
+
+class EvaluationProgress(Stored):
+    done: int
+    total: int | None
+
+
+class EvaluationPublic(Schema):
+    """A model scored on a labelled dataset, or its fine-tune's own validation result."""
+
+    id: str
+    model_id: str
+    dataset_id: str | None = Field(description="null: the validation split, or deleted")
+    source: Literal["validation", "dataset"]
+    status: Literal["queued", "running", "succeeded", "failed"]
+    progress: EvaluationProgress | None
+    result: EvaluationResult | None
+    error: JobErrorInfo | None
+    created_at: Timestamp
+    started_at: Timestamp | None
+    finished_at: Timestamp | None
+
+    @classmethod
+    def from_row(cls, row: Evaluation) -> EvaluationPublic:
+        error = None
+        if row.error_code:
+            error = JobErrorInfo(code=row.error_code, message=row.error_message or "")
+        return cls(
+            id=row.id,
+            model_id=row.model_id,
+            dataset_id=row.dataset_id,
+            source="validation" if row.source == "validation" else "dataset",
+            status=row.status,  # type: ignore[arg-type]
+            progress=EvaluationProgress.model_validate(row.progress) if row.progress else None,
+            result=EvaluationResult.model_validate(row.result) if row.result else None,
+            error=error,
+            created_at=row.created_at,
+            started_at=row.started_at,
+            finished_at=row.finished_at,
+        )
 
 
 class ModelPublic(Schema):

@@ -44,7 +44,7 @@ DATASET_CACHE = "cache"  # images resized once to the HyperRule pre-crop size
 log = logging.getLogger(__name__)
 
 # The folders that travel through the object store, by kind: the id prefix each must have.
-SHARED_KINDS = {"uploads": "ds", "datasets": "ds", "models": "mdl"}
+SHARED_KINDS = {"uploads": "ds", "datasets": "ds", "models": "mdl", "evaluations": "eval"}
 # The largest file read_shared reads into memory (a rejected list of 1M members is ~80 MB).
 READ_SHARED_MAX_BYTES = 256 << 20
 UPLOAD_NAMES = {"zip": "archive.zip", "tar.gz": "archive.tar.gz"}  # by archive kind

@@ -187,6 +187,37 @@ class Model(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class Evaluation(Base):
+    """A model scored on a labelled dataset (service.evaluations; run by worker.evaluate), or
+    its fine-tune's own validation result (source "validation", recorded with the model)."""
+
+    __tablename__ = "evaluations"
+    __table_args__ = (
+        sa.Index("ix_evaluations_model_created", "model_id", "created_at"),
+        sa.Index("ix_evaluations_status_heartbeat", "status", "heartbeat_at"),
+    )
+
+    id: Mapped[str] = mapped_column(sa.String(40), primary_key=True)
+    tenant_id: Mapped[str | None] = mapped_column(sa.String(64))
+    model_id: Mapped[str] = mapped_column(sa.ForeignKey("models.id", ondelete="CASCADE"))
+    dataset_id: Mapped[str | None] = mapped_column(
+        sa.ForeignKey("datasets.id", ondelete="SET NULL"), index=True
+    )
+    source: Mapped[str] = mapped_column(sa.String(16))  # "validation" or "dataset"
+    status: Mapped[str] = mapped_column(sa.String(16))  # queued, running, succeeded, failed
+    progress: Mapped[dict[str, Any] | None]
+    result: Mapped[dict[str, Any] | None]
+    error_code: Mapped[str | None] = mapped_column(sa.String(64))
+    error_message: Mapped[str | None] = mapped_column(sa.Text)
+    worker_id: Mapped[str | None] = mapped_column(sa.String(200))
+    heartbeat_at: Mapped[datetime | None]
+    attempts: Mapped[int] = mapped_column(default=0)
+    sent_at: Mapped[datetime | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+
+
 class Tenant(Base):
     """A tenant's quota overrides (NULL: the Settings default). A tenant exists as soon as a
     key names it; this row is written when an admin sets a quota, or (all NULL) on demand by

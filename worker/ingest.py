@@ -23,7 +23,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from service import ingest_runs
+from service import evaluation_runs, ingest_runs
+from service.broker import Broker
 from service.dataset_sources import Source, copy_source
 from service.datasets import Filler, archive_filler, build_dataset_files, files_bytes, ready_values
 from service.db import Database
@@ -117,6 +118,7 @@ def _ingest(
     if not ready:
         return _abandon(db, storage, dataset_id)
     storage.discard("uploads", dataset_id)
+    _release_waiting_evaluations(db, dataset_id, settings)
     log.info(
         "dataset %s ready: %d images, %d rejected, %.1f s",
         dataset_id,
@@ -125,6 +127,17 @@ def _ingest(
         time.monotonic() - started,
     )
     return "ready"
+
+
+def _release_waiting_evaluations(db: Database, dataset_id: str, settings: Settings) -> None:
+    """Evaluations asked for while the dataset was processing run now (a failed send is
+    the reconciler's to repeat)."""
+    broker = Broker(settings)
+    try:
+        with db.sessionmaker() as session:
+            evaluation_runs.send_waiting(session, dataset_id, broker.send_evaluate)
+    finally:
+        broker.close()
 
 
 def _filler(storage: Storage, dataset_id: str, ingest: dict[str, Any]) -> Filler:
@@ -155,6 +168,8 @@ def _fail(db: Database, storage: Storage, dataset_id: str, worker_id: str, exc: 
     if ended:
         storage.discard("uploads", dataset_id)
         log.info("dataset %s failed: %s: %s", dataset_id, exc.code, exc.message)
+        with db.sessionmaker() as session:
+            evaluation_runs.fail_waiting(session, dataset_id, exc.code, exc.message)
         return "failed"
     return _abandon(db, storage, dataset_id)
 

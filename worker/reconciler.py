@@ -32,7 +32,7 @@ import threading
 import time
 from datetime import datetime
 
-from service import ingest_runs, job_runs, sweep
+from service import evaluation_runs, ingest_runs, job_runs, sweep
 from service.broker import Broker
 from service.db import Database
 from service.settings import Settings
@@ -76,6 +76,7 @@ def reconcile_once(
         )
     # Before the marker is kept: had this died, the next pass would look at datasets again.
     ingest_send_failed = reconcile_ingestion(settings, db, broker, storage, lost, now)
+    ingest_send_failed = reconcile_evaluations(settings, db, broker, now) or ingest_send_failed
     if lost:
         log.warning(
             "reconciler: the broker lost its messages (restarted empty?): "
@@ -123,6 +124,22 @@ def reconcile_ingestion(
         for dataset_id in repairs.failed:
             storage.discard("uploads", dataset_id)
             storage.discard("datasets", dataset_id)
+    return repairs.send_failed
+
+
+def reconcile_evaluations(
+    settings: Settings, db: Database, broker: Broker, now: datetime | None = None
+) -> bool:
+    """The same repairs for evaluations (service.evaluation_runs). True when a send failed."""
+    with db.sessionmaker() as session:
+        repairs = evaluation_runs.reconcile(session, settings, broker.send_evaluate, now)
+    if repairs:
+        log.warning(
+            "reconciled evaluations: resent %s, requeued %s, failed %s",
+            repairs.resent,
+            repairs.requeued,
+            repairs.failed,
+        )
     return repairs.send_failed
 
 

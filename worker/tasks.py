@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 
-from service.broker import FINETUNE_TASK, INGEST_TASK
+from service.broker import EVALUATE_TASK, FINETUNE_TASK, INGEST_TASK
 from service.ids import is_id
 from service.settings import get_settings
 from worker.celery_app import SHUTTING_DOWN, app
@@ -47,3 +47,18 @@ def ingest(dataset_id: object) -> str:
     from worker.ingest import run_ingest
 
     return run_ingest(dataset_id, get_settings())
+
+
+@app.task(name=EVALUATE_TASK, ignore_result=True)
+def evaluate(evaluation_id: object) -> str:
+    """Score a model on a dataset (evaluation `evaluation_id`) to succeeded or failed."""
+    if not isinstance(evaluation_id, str) or not is_id(evaluation_id, "eval"):
+        log.warning(
+            "dropped a %s task whose argument is not an evaluation id: %s",
+            EVALUATE_TASK,
+            repr(evaluation_id)[:QUOTED_CHARS],
+        )
+        return "invalid_evaluation_id"
+    from worker.evaluate import run_evaluation
+
+    return run_evaluation(evaluation_id, get_settings())

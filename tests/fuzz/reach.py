@@ -35,6 +35,7 @@ def real_ids(world: World, method: str, path: str) -> dict[str, list[str]]:
         "dataset_id": [world.dataset],
         "model_id": [world.model],
         "job_id": [world.queued_job, world.finished_job],
+        "evaluation_id": [world.evaluation],
         "tenant": [world.tenant],
     }
 
@@ -49,6 +50,8 @@ def valid_body(world: World, method: str, path: str, body: Any) -> Any:
         # bytes; a source under no allowed bucket still reaches the route's checks.
         multipart = isinstance(body, dict) and "file" in body and "source" not in body
         return bodies["dataset"] if multipart else bodies["dataset_source"]
+    if (method, path) == ("POST", "/v1/models/{model_id}/evaluations"):
+        return bodies["evaluation"]
     if path.endswith("/predict"):
         multipart = isinstance(body, dict) and "files" in body
         return bodies["predict_files"] if multipart else bodies["predict_json"]

@@ -64,6 +64,7 @@ class World:
     finished_job: str  # succeeded: its event stream ends at once
     queued_job: str  # no worker takes it
     doomed_keys: list[str]
+    evaluation: str  # queued (no worker takes it): its examples answer 404
     tenant: str = DEFAULT_TENANT
     valid_bodies: dict[str, object] = field(default_factory=dict)
 
@@ -106,6 +107,8 @@ def populate(server: LiveServer, http: httpx.Client) -> World:
         for i in range(3)
     ]
     image = base64.b64encode(png(0)).decode()
+    evaluation_body = {"dataset_id": dataset}
+    evaluation = _post(http, f"/v1/models/{model}/evaluations", json=evaluation_body)["id"]
     return World(
         server=server,
         dataset=dataset,
@@ -115,7 +118,9 @@ def populate(server: LiveServer, http: httpx.Client) -> World:
         finished_job=finished_job,
         queued_job=queued_job,
         doomed_keys=keys,
+        evaluation=evaluation,
         valid_bodies={
+            "evaluation": evaluation_body,
             "job": job_body,
             "predict_json": {"instances": [{"image_b64": image}]},
             "predict_files": {"files": [png(1), png(2)]},

@@ -195,7 +195,7 @@ def _assert_error(response: httpx.Response, status: int, code: str, route: Route
 
 
 def test_the_walk_sees_every_route(routes: list[Route]) -> None:
-    assert len(routes) == 25  # with GET /v1/jobs/{job_id}/metrics
+    assert len(routes) == 29  # with job metrics and the 4 evaluation routes
     assert {str(r) for r in routes if r.scopes == {"admin"}} >= {
         "POST /v1/keys",
         "GET /v1/keys",

@@ -37,6 +37,11 @@ SAME_SHAPE = {
     "ValidationPoint": "ValidationPoint",
     "ScheduleMarks": "ScheduleMarks",
     "JobMetrics": "JobMetricsPublic",
+    "ConfusedPair": "ConfusedPair",
+    "WorstExample": "WorstExample",
+    "EvaluationResult": "EvaluationResult",
+    "EvaluationProgress": "EvaluationProgress",
+    "Evaluation": "EvaluationPublic",
     "InputSpec": "InputSpec",
     "Model": "ModelPublic",
     "Label": "Label",
@@ -115,7 +120,14 @@ def test_every_response_schema_has_a_client_type(schemas: dict[str, Any]) -> Non
     # Pages, errors and health answers are unwrapped by the client itself.
     unwrapped = {"ErrorBody", "Health", "Ready", "JobStatus", "Scope"}
     pages = {name for name in schemas if name.startswith("Page_")}
-    requests = {"JobCreate", "OverridesRequest", "KeyCreate", "QuotasUpdate", "ValidationError"}
+    requests = {
+        "JobCreate",
+        "EvaluationCreate",
+        "OverridesRequest",
+        "KeyCreate",
+        "QuotasUpdate",
+        "ValidationError",
+    }
     assert set(schemas) - unwrapped - pages - requests == set(SERVER_TO_CLIENT)
 
 

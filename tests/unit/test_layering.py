@@ -81,6 +81,8 @@ DOMAIN = (
     "names",
     "job_runs",
     "ingest_runs",
+    "evaluations",
+    "evaluation_runs",
     "dataset_sources",
     "job_states",
     "jobs",

@@ -22,6 +22,7 @@ METHODS = ("get", "post", "put", "patch", "delete")
 NON_JSON = {
     "application/zip": "binary",
     "application/octet-stream": "binary",  # the .onnx export
+    "image/jpeg": "binary",  # an evaluation's example thumbnail
     "text/event-stream": None,
     "text/csv": None,  # GET /v1/jobs/{id}/metrics with Accept: text/csv
 }
@@ -53,8 +54,10 @@ def resolve(spec: dict[str, Any], ref: str) -> dict[str, Any]:
 
 def test_the_walk_covers_every_v1_route(spec: dict[str, Any]) -> None:
     operations = {(path, method) for path, method, _ in v1_operations(spec)}
-    assert len(operations) == 25
+    assert len(operations) == 29
     assert ("/v1/jobs/{job_id}/metrics", "get") in operations
+    assert ("/v1/models/{model_id}/evaluations", "post") in operations
+    assert ("/v1/evaluations/{evaluation_id}/examples/{index}", "get") in operations
     assert ("/v1/tenants/{tenant}/quotas", "put") in operations
     assert ("/v1/audit", "get") in operations
     assert ("/v1/models/{model_id}/predict", "post") in operations
