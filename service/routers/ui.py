@@ -4,7 +4,7 @@ from a CDN (FastAPI's own /docs loads it from cdn.jsdelivr.net: an outside host 
 visit and whose script runs with the key typed into "Authorize").
 
 Only the files listed in STATIC are served (no path from the URL ever reaches the file
-system), each with its type, and a Content-Security-Policy allowing nothing but this origin:
+system; the vendored uPlot under vendor/ included), each with its type, and a Content-Security-Policy allowing nothing but this origin:
 the page loads no external assets and talks only to this server's API.
 """
 
@@ -28,6 +28,11 @@ STATIC = {
     "style.css": "text/css; charset=utf-8",
     "docs.html": "text/html; charset=utf-8",
     "docs.js": "text/javascript; charset=utf-8",
+    "curves.js": "text/javascript; charset=utf-8",
+    "quality.js": "text/javascript; charset=utf-8",
+    # uPlot, copied from its npm package (vendor/uplot/README.md): no CDN.
+    "vendor/uplot/uPlot.iife.min.js": "text/javascript; charset=utf-8",
+    "vendor/uplot/uPlot.min.css": "text/css; charset=utf-8",
 }
 SECURITY_HEADERS = {
     # blob: for the preview of the image being classified; nothing else leaves this origin.
@@ -89,8 +94,9 @@ def index() -> Response:
     return _file("index.html")
 
 
-@router.get("/ui/{name}")
+@router.get("/ui/{name:path}")
 def static_file(name: str) -> Response:
+    # A path, for the vendored files; still only a key of STATIC, never a file-system path.
     return _file(name)
 
 

@@ -238,7 +238,9 @@ async function apiStream(method, path, signal) {
 
 // -- page state and rendering --------------------------------------------------------------------
 
-const state = { follow: null, jobId: null, baseModels: [], ingest: null };
+// curves: the followed job's CurveStore (curves.js); chart: its TrainingCurves; quality: the
+// number of the latest model view asked for (an older answer arriving later is dropped).
+const state = { follow: null, jobId: null, baseModels: [], ingest: null, curves: null, chart: null, quality: 0 };
 
 function showError(err) {
   const box = $("error");
@@ -384,8 +386,9 @@ function showProgress(p) {
   $("job-progress").textContent = total ? `${Math.round((100 * (p.step || 0)) / total)}%` : "0%";
   $("stat-step").textContent = `${p.step || 0} / ${total}`;
   $("stat-loss").textContent = formatNumber(p.loss, 4);
-  $("stat-lr").textContent = formatNumber(p.lr, 5);
-  $("stat-ips").textContent = formatNumber(p.images_per_second, 1);
+  // Evaluating and done report 0 images/s and a learning rate of 0: show training's last instead.
+  $("stat-lr").textContent = formatNumber(state.curves ? state.curves.lrFor(p) : p.lr, 5);
+  $("stat-ips").textContent = formatNumber(state.curves ? state.curves.rateFor(p) : p.images_per_second, 1);
   $("stat-eta").textContent = formatDuration(p.eta_seconds);
 }
 
@@ -395,22 +398,76 @@ function showJob(job) {
   const active = ["queued", "running"].includes(job.status);
   if (active) state.jobId = job.id; // what the Cancel button cancels
   $("cancel-job").disabled = !active;
+  if (state.curves && state.curves.jobId === job.id) {
+    state.curves.setPlan(job.plan);
+    drawCurves();
+  }
   if (job.progress) showProgress(job.progress);
 }
 
-async function jobFinished(job) {
-  showJob(job);
-  state.jobId = null;
+// The job panel's charts start over for `jobId` (shown from its first event on).
+function openCurves(jobId) {
+  state.curves = new CurveStore(jobId);
+  state.chart ||= new TrainingCurves($("curves-charts"), $("curves-summary"));
+  state.chart.clear();
+  $("job-curves").hidden = false;
+}
+
+function drawCurves() {
+  if (state.curves && state.chart) state.chart.draw(state.curves);
+}
+
+// The job's training history as the server kept it (when the panel opens, and when the job has
+// ended); the progress events add to it while the job trains. Its failure leaves the chart to
+// the events: it is said, not thrown, so following the job goes on.
+async function loadJobMetrics(jobId) {
+  const store = state.curves;
+  try {
+    const history = await api("GET", `/v1/jobs/${seg(jobId)}/metrics`);
+    if (state.curves !== store) return; // another job was opened meanwhile
+    store.setMetrics(history);
+    drawCurves();
+  } catch (err) {
+    if (err.name === "AbortError") return;
+    showError(err);
+  }
+}
+
+function showResult(job) {
   if (job.status === "succeeded" && job.model_id) {
     const acc = job.metrics && typeof job.metrics.accuracy === "number" ? `, validation accuracy ${(100 * job.metrics.accuracy).toFixed(1)}%` : "";
     const check = job.metrics && job.metrics.precision;
     const served = check ? ` Served in ${check.served}: ${check.reason}.` : "";
     $("job-result").textContent = `Model ${job.model_id} is ready${acc}.${served}`;
-    await refreshLists({ model: job.model_id });
   } else {
     $("job-result").textContent = "";
+  }
+}
+
+async function jobFinished(job) {
+  showJob(job);
+  state.jobId = null;
+  await loadJobMetrics(job.id);
+  if (job.progress) showProgress(job.progress); // the training rate, now that the history is in
+  showResult(job);
+  if (job.status === "succeeded" && job.model_id) {
+    await refreshLists({ model: job.model_id });
+    await showQuality();
+  } else {
     await refreshLists();
   }
+}
+
+// An ended job from the list: its last read-out, result and curves.
+async function openJob(jobId) {
+  if (state.follow) state.follow.abort();
+  state.jobId = null;
+  openCurves(jobId);
+  const job = await api("GET", `/v1/jobs/${seg(jobId)}`);
+  showJob(job);
+  await loadJobMetrics(jobId);
+  if (job.progress) showProgress(job.progress);
+  showResult(job);
 }
 
 async function followJob(jobId) {
@@ -419,14 +476,19 @@ async function followJob(jobId) {
   state.follow = controller;
   state.jobId = jobId;
   $("job-result").textContent = "";
+  openCurves(jobId);
+  await loadJobMetrics(jobId);
+  if (controller.signal.aborted) return; // another job was opened meanwhile
   let finished = null;
   try {
     const response = await apiStream("GET", `/v1/jobs/${seg(jobId)}/events`, controller.signal);
     const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
     const parser = new SseParser((name, text) => {
       const data = JSON.parse(text);
-      if (name === "progress") showProgress(data);
-      else if (name === "status") showJob(data);
+      if (name === "progress") {
+        if (state.curves.addProgress(data)) drawCurves();
+        showProgress(data);
+      } else if (name === "status") showJob(data);
       else if (name === "done") finished = data;
     });
     while (!finished) {
@@ -621,12 +683,21 @@ async function refreshLists(select = {}) {
     if (["queued", "running", "cancelling"].includes(j.status)) {
       actions.append(button("Follow", () => followJob(j.id), `Follow job ${j.id}`));
     }
+    if (["succeeded", "failed", "cancelled"].includes(j.status)) {
+      actions.append(button("Show", () => openJob(j.id), `Show job ${j.id} and its training curves`));
+    }
     if (["queued", "running"].includes(j.status)) {
       actions.append(button("Cancel", async () => { showJob(await api("POST", `/v1/jobs/${seg(j.id)}/cancel`)); await refreshLists(); }, `Cancel job ${j.id}`));
     }
   }
 
-  setOptions($("model-select"), models.items, (m) => `${m.id} (${m.base_model}: ${(m.classes || []).join(", ")})`, select.model);
+  const modelLabel = (m) => `${m.id} (${m.base_model}: ${(m.classes || []).join(", ")})`;
+  setOptions($("model-select"), models.items, modelLabel, select.model);
+  setOptions($("quality-model"), models.items, modelLabel, select.model);
+  // "Compare with" may be nothing: its first option.
+  const compare = $("compare-model");
+  const compared = compare.value;
+  setOptions(compare, [{ id: "", base_model: "" }, ...models.items], (m) => (m.id ? modelLabel(m) : "nothing (one model)"), compared);
   body = $("models-list").tBodies[0];
   body.replaceChildren();
   for (const m of models.items) {
@@ -635,19 +706,43 @@ async function refreshLists(select = {}) {
     [m.id, m.base_model, (m.classes || []).join(", "), acc, when(m.created_at)].forEach((t) => cell(row, t));
     cell(row, "").append(
       button("Use", async () => { $("model-select").value = m.id; }, `Use model ${m.id}`),
+      button("Details", async () => {
+        $("quality-model").value = m.id;
+        await showQuality();
+        $("step-quality").scrollIntoView();
+      }, `How good model ${m.id} is`),
       button("Download", () => downloadArtifact(m.id), `Download model ${m.id}`),
       button("Delete", async () => {
         if (!window.confirm(`Delete model ${m.id}?`)) return;
         await api("DELETE", `/v1/models/${seg(m.id)}`);
         await refreshLists();
+        await showQuality(); // the view may have shown it
       }, `Delete model ${m.id}`),
     );
   }
 }
 
+// The model view: the chosen model's quality, or two models side by side.
+async function showQuality() {
+  const ticket = ++state.quality;
+  const first = $("quality-model").value;
+  const second = $("compare-model").value;
+  if (!first) {
+    $("quality-output").replaceChildren();
+    return;
+  }
+  const [a, b] = await Promise.all([
+    api("GET", `/v1/models/${seg(first)}`),
+    second && second !== first ? api("GET", `/v1/models/${seg(second)}`) : null,
+  ]);
+  if (ticket !== state.quality) return; // the choice changed while these loaded
+  $("quality-output").replaceChildren(...(b ? comparisonView(a, b) : qualityView(a)));
+}
+
 // Everything the page shows, loaded again (on start, and whenever the key changes).
 async function loadAll() {
   await Promise.all([loadBaseModels(), refreshLists()]);
+  await showQuality();
   const running = document.querySelector("#jobs-list tbody tr");
   if (running && running.cells[1].textContent === "running") await followJob(running.cells[0].textContent);
 }
@@ -698,6 +793,9 @@ function init() {
     if (state.jobId) showJob(await api("POST", `/v1/jobs/${seg(state.jobId)}/cancel`));
   }));
   $("refresh-lists").addEventListener("click", () => guarded(() => refreshLists()));
+  $("quality-model").addEventListener("change", () => guarded(showQuality));
+  $("compare-model").addEventListener("change", () => guarded(showQuality));
+  window.addEventListener("resize", () => { if (state.chart) state.chart.resize(); });
 
   const zone = $("drop-zone");
   $("predict-file").addEventListener("change", (event) => {

@@ -2,11 +2,13 @@
 routes the app really has (each api("METHOD", `path`) against /openapi.json).
 
 The script's pure parts (the Server-Sent Events parser, the formatters, the error text, the
-URL fragment's key, the ingestion phase) are run with node when it is installed; no browser is
-needed. So are the page's flows, against the real server and its ingest worker (ui_smoke.js):
-an upload shown processing with its phase until the dataset is ready (or failed, with the error
-that refused it), signed in through the `#key=` link that `bitserve up` prints, asked for a key
-on a 401, told which scope a 403 lacks, and without keys where BITSERVE_AUTH=off.
+URL fragment's key, the ingestion phase, the training curves' data, the model view's figures)
+are run with node when it is installed; no browser is needed. So are the page's flows, against
+the real server and its ingest worker (ui_smoke.js): an upload shown processing with its phase
+until the dataset is ready (or failed, with the error that refused it), signed in through the
+`#key=` link that `bitserve up` prints, asked for a key on a 401, told which scope a 403 lacks,
+and without keys where BITSERVE_AUTH=off; a trained job's curves and its model's confusion
+matrix, two models side by side. test_ui_browser.py runs the page in a real browser.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import re
 import shutil
 import subprocess
 from collections.abc import Callable
+from decimal import ROUND_HALF_UP, Decimal
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
@@ -36,6 +39,11 @@ pytestmark = pytest.mark.integration
 
 STATIC = Path(__file__).resolve().parents[2] / "service" / "static"
 APP_JS = STATIC / "app.js"
+CURVES_JS = STATIC / "curves.js"
+QUALITY_JS = STATIC / "quality.js"
+UPLOT_JS = STATIC / "vendor" / "uplot" / "uPlot.iife.min.js"
+# In the order index.html loads them (classic scripts: one global scope).
+PAGE_SCRIPTS = [UPLOT_JS, CURVES_JS, QUALITY_JS, APP_JS]
 SMOKE_JS = Path(__file__).resolve().parent / "ui_smoke.js"
 PAGE_IDS = {
     "error",
@@ -71,6 +79,13 @@ PAGE_IDS = {
     "datasets-list",
     "jobs-list",
     "models-list",
+    "job-curves",
+    "curves-summary",
+    "curves-charts",
+    "step-quality",
+    "quality-model",
+    "compare-model",
+    "quality-output",
 }
 # api("GET", `/v1/datasets/${seg(id)}/plan`, ...) and apiStream("GET", `...`, ...)
 CALL = re.compile(r"\bapi(?:Stream)?\(\s*\"(GET|POST|PUT|PATCH|DELETE)\"\s*,\s*`([^`]*)`")
@@ -122,7 +137,15 @@ def test_the_page_is_served_at_root_with_its_elements(client: httpx.Client) -> N
     assert set(page.controls) <= set(page.label_for), set(page.controls) - set(page.label_for)
     assert set(page.label_for) <= set(page.ids)
     # Only this server's own files: nothing from the internet.
-    assert sorted(page.assets) == ["/ui/app.js", "/ui/style.css"]
+    assert page.assets == [
+        "data:,",  # the (empty) icon: no request for /favicon.ico
+        "/ui/vendor/uplot/uPlot.min.css",
+        "/ui/style.css",
+        "/ui/vendor/uplot/uPlot.iife.min.js",
+        "/ui/curves.js",
+        "/ui/quality.js",
+        "/ui/app.js",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -131,6 +154,10 @@ def test_the_page_is_served_at_root_with_its_elements(client: httpx.Client) -> N
         ("/ui/app.js", "text/javascript; charset=utf-8"),
         ("/ui/style.css", "text/css; charset=utf-8"),
         ("/ui/index.html", "text/html; charset=utf-8"),
+        ("/ui/curves.js", "text/javascript; charset=utf-8"),
+        ("/ui/quality.js", "text/javascript; charset=utf-8"),
+        ("/ui/vendor/uplot/uPlot.iife.min.js", "text/javascript; charset=utf-8"),
+        ("/ui/vendor/uplot/uPlot.min.css", "text/css; charset=utf-8"),
     ],
 )
 def test_static_files_have_their_types(client: httpx.Client, path: str, media_type: str) -> None:
@@ -138,9 +165,19 @@ def test_static_files_have_their_types(client: httpx.Client, path: str, media_ty
     assert response.status_code == 200
     assert response.headers["content-type"] == media_type
     assert response.content == (STATIC / path.removeprefix("/ui/")).read_bytes()
+    assert response.headers["content-security-policy"].startswith("default-src 'self';")
 
 
-@pytest.mark.parametrize("path", ["/ui/missing.js", "/ui/..%2Fapp.py", "/ui/%2E%2E%2Fsettings.py"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/ui/missing.js",
+        "/ui/..%2Fapp.py",
+        "/ui/%2E%2E%2Fsettings.py",
+        "/ui/vendor/uplot/README.md",  # in the folder, but not a file the page loads
+        "/ui/vendor/uplot/%2E%2E/%2E%2E/app.js",
+    ],
+)
 def test_only_listed_files_are_served(client: httpx.Client, path: str) -> None:
     response = client.get(path)
     assert response.status_code == 404
@@ -175,6 +212,9 @@ def test_the_script_calls_only_routes_in_the_openapi(client: httpx.Client) -> No
         ("POST", "/v1/jobs/{}/cancel"),
         ("POST", "/v1/models/{}/predict"),
         ("GET", "/v1/models"),
+        ("GET", "/v1/models/{}"),
+        ("GET", "/v1/jobs/{}"),
+        ("GET", "/v1/jobs/{}/metrics"),
     } <= set(calls)
     # No request bypasses api(): every /v1 path literal in the script is one of the calls.
     literals = re.findall(r"[`\"'](/v1/[^`\"']*)[`\"']", APP_JS.read_text())
@@ -274,10 +314,213 @@ def test_the_scripts_pure_parts_with_node() -> None:
     ]
 
 
+CURVES_CHECK = r"""
+const c = require(process.argv[1]);
+const q = require(process.argv[2]);
+const out = {};
+const store = new c.CurveStore("job_x");
+store.setPlan({warmup_steps: 2, decay_steps: [5, 8], total_steps: 10});
+store.setPlan({warmup_steps: 9, decay_steps: [], total_steps: 99});  // the first plan stays
+out.empty = store.describe();
+const added = [
+  {phase: "preparing", step: 0, loss: null, lr: null, images_per_second: null},
+  {phase: "training", step: 1, loss: 2.5, lr: 0.0, images_per_second: 40},
+  {phase: "training", step: 3, loss: 2.0, lr: 0.003, images_per_second: 44},
+  {phase: "training", step: 3, loss: 2.0, lr: 0.003, images_per_second: 45},  // the same again
+  {phase: "training", step: 2, loss: 2.2, lr: 0.003, images_per_second: 43},  // resumed at 2
+  {phase: "training", step: 3, loss: 2.0, lr: 0.003, images_per_second: 45},
+].map((p) => store.addProgress(p));
+out.added = added;
+out.afterResume = store.training.map((p) => [p.step, p.loss]);
+out.liveRate = store.rate;
+// The history arrives (with a validation point); the live step 3 is kept, step 2 and 1 replaced.
+store.setMetrics({
+  job_id: "job_x", status: "running", stride: 1,
+  schedule: {warmup_steps: 2, decay_steps: [6, 8], total_steps: 10},
+  training: [{step: 1, loss: 2.4, lr: 0.0, images_per_second: 39}, {step: 2, loss: 2.1, lr: 0.0015, images_per_second: 41}],
+  validation: [{step: 2, accuracy: 0.5, loss: 1.9}],
+});
+out.columns = store.columns();
+out.markers = store.markers();
+store.addProgress({phase: "training", step: 4, loss: 1.5, lr: 0.003, images_per_second: 0});  // 0: not a rate
+store.setMetrics({training: [], validation: [{step: 4, accuracy: 0.75, loss: null}],
+  schedule: {warmup_steps: 2, decay_steps: [6, 8], total_steps: 10}});
+out.steps = store.columns().steps;
+out.rates = [
+  {phase: "training", images_per_second: 12.5},
+  {phase: "evaluating", images_per_second: 0},
+  {phase: "done", images_per_second: 0},
+  {phase: "preparing", images_per_second: null},
+  null,
+].map((p) => store.rateFor(p));
+out.unknownRate = new c.CurveStore("job_y").rateFor({phase: "done", images_per_second: 0});
+out.lrs = [
+  {phase: "training", lr: 0.002},
+  {phase: "evaluating", lr: 0},
+  {phase: "done", lr: 0},
+  {phase: "preparing", lr: null},
+].map((p) => store.lrFor(p));
+out.fromHistory = (() => {
+  const s = new c.CurveStore("job_z");
+  s.setMetrics({training: [{step: 1, loss: 1, lr: 0, images_per_second: 30}, {step: 2, loss: 1, lr: 0, images_per_second: 0}], validation: []});
+  return s.rateFor({phase: "done", images_per_second: 0});
+})();
+out.summary = store.describe();
+out.lrTexts = [0, 0.003, 0.0123456, 3e-5, 0.00012345, null].map((v) => c.lrText(v));
+// Thinning: 2500 live steps keep at most CURVE_MAX_POINTS, the first and the last among them.
+const long = new c.CurveStore("job_long");
+for (let i = 1; i <= 2500; i += 1) long.addProgress({phase: "training", step: i, loss: 1 / i, lr: 0.1});
+out.thinned = [long.training.length <= c.CURVE_MAX_POINTS, long.training[0].step,
+  long.training[long.training.length - 1].step];
+out.diverged = (() => {
+  const s = new c.CurveStore("j");
+  s.addProgress({phase: "training", step: 1, loss: null, lr: 0.1, images_per_second: 5});
+  return [s.columns().loss, s.describe()];
+})();
+out.noWarmup = (() => {
+  const s = new c.CurveStore("j");
+  s.setPlan({warmup_steps: 0, decay_steps: [], total_steps: 3});
+  return [s.markers(), s.describe()];
+})();
+
+out.shares = q.rowShares([[3, 1, 0], [0, 0, 0], [1, 1, 2]]);
+const a = {id: "mdl_a", base_model: "tiny", classes: ["ant", "bee"], metrics: {accuracy: 0.75, macro_f1: 0.7333,
+  loss: 0.5, num_examples: 8, per_class: [{label: "ant", f1: 0.8}, {label: "bee", f1: 0.6667}],
+  confusion_matrix: [[4, 0], [2, 2]]}};
+const b = {id: "mdl_b", base_model: "tiny", classes: ["bee", "cat"], metrics: {accuracy: null, macro_f1: null,
+  loss: null, num_examples: null, per_class: [{label: "cat", f1: 0.5}], confusion_matrix: []}};
+out.summaryRows = q.compareSummary(a, b);
+out.f1 = q.compareF1(a, b);
+out.validation = [q.hasValidation(a), q.hasValidation(b), q.hasValidation({metrics: null})];
+console.log(JSON.stringify(out));
+"""
+
+
+def _node() -> str:
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed")
+    return node
+
+
+def test_the_curves_and_model_views_pure_parts_with_node() -> None:
+    node = _node()
+    for script in (CURVES_JS, QUALITY_JS):
+        subprocess.run([node, "--check", str(script)], check=True, timeout=30)
+    done = subprocess.run(
+        [node, "-e", CURVES_CHECK, str(CURVES_JS), str(QUALITY_JS)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["empty"] == (
+        "No training step yet. Warm-up ends at step 2; the learning rate drops ÷10 at step 5, 8."
+    )
+    # Only training reports are points; a repeated one changes nothing, an earlier step (the
+    # job resumed from a checkpoint) drops the points from it on.
+    assert out["added"] == [False, True, True, False, True, True]
+    assert out["afterResume"] == [[1, 2.5], [2, 2.2], [3, 2.0]]
+    assert out["liveRate"] == 45
+    assert out["columns"] == {
+        "steps": [1, 2, 3],
+        "loss": [2.4, 2.1, 2.0],
+        "lr": [0.0, 0.0015, 0.003],
+        "valLoss": [None, 1.9, None],
+        "valAccuracy": [None, 0.5, None],
+    }
+    # The endpoint's schedule replaces the plan's.
+    assert out["markers"] == [
+        {"step": 2, "label": "warm-up ends"},
+        {"step": 6, "label": "lr ÷10"},
+        {"step": 8, "label": "lr ÷10"},
+    ]
+    assert out["steps"] == [1, 2, 3, 4]  # an empty history keeps every live point
+    # Evaluating/done report 0 images/s: the last training rate (45) is shown instead.
+    assert out["rates"] == [12.5, 45, 45, None, None]
+    assert out["unknownRate"] is None  # never 0.0 for a finished job: unknown is "–"
+    assert out["lrs"] == [0.002, 0.003, 0.003, None]  # 0.003: step 4's, the last one
+    assert out["fromHistory"] == 30  # the history's last non-zero rate
+    assert out["summary"] == (
+        "Step 4 of 10: training loss 1.5000, learning rate 0.003. Warm-up ends at step 2; "
+        "the learning rate drops ÷10 at step 6, 8. Validation at step 4: accuracy 75.0%."
+    )
+    assert out["lrTexts"] == ["0", "0.003", "0.0123", "3.00e-5", "1.23e-4", "–"]
+    assert out["thinned"] == [True, 1, 2500]
+    assert out["diverged"] == [[None], "Step 1: training loss – (diverged), learning rate 0.1."]
+    assert out["noWarmup"] == [[], "No training step yet. No warm-up; no learning-rate drops."]
+
+    assert out["shares"] == [[0.75, 0.25, 0], [0, 0, 0], [0.25, 0.25, 0.5]]
+    assert out["summaryRows"] == [
+        ["Base model", "tiny", "tiny"],
+        ["Accuracy", "75.0%", "–"],
+        ["Macro-F1", "0.733", "–"],
+        ["Validation loss", "0.500", "–"],
+        ["Validation images", "8", "–"],
+    ]
+    assert out["f1"] == [
+        {"label": "ant", "a": 0.8, "b": None},
+        {"label": "bee", "a": 0.6667, "b": None},
+        {"label": "cat", "a": None, "b": 0.5},
+    ]
+    assert out["validation"] == [True, False, False]
+
+
+SHARED_SCOPE_CHECK = r"""
+const fs = require("fs");
+const vm = require("vm");
+// The page's scripts as the browser runs them: classic scripts, one global scope, in order. A
+// name declared twice (const/class) would stop the page with a SyntaxError.
+const context = vm.createContext({});
+for (const file of process.argv.slice(1)) vm.runInContext(fs.readFileSync(file, "utf8"), context, {filename: file});
+console.log(JSON.stringify(vm.runInContext(
+  "[typeof uPlot, typeof CurveStore, typeof TrainingCurves, typeof qualityView, typeof comparisonView, typeof SseParser]",
+  context)));
+"""
+
+
+def test_the_page_scripts_share_one_scope_without_clashes() -> None:
+    node = _node()
+    done = subprocess.run(
+        [node, "-e", SHARED_SCOPE_CHECK, *map(str, PAGE_SCRIPTS)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == ["function"] * 6
+
+
 # -- the page's flows, run by node against the real server -------------------------------------
 
 
-def _known_model(server: LiveServer) -> str:
+# Validation metrics as a job records them (bitcore.train.evaluate), for the model view.
+KNOWN_METRICS: dict[str, Any] = {
+    "accuracy": 0.7,
+    "macro_f1": 0.6508,
+    "num_examples": 10,
+    "loss": 0.8123,
+    "per_class": [
+        {"label": "ant", "precision": 0.6667, "recall": 1.0, "f1": 0.8, "support": 4},
+        {"label": "bee", "precision": 1.0, "recall": 0.3333, "f1": 0.5, "support": 3},
+        {"label": "cat", "precision": 0.6667, "recall": 0.6667, "f1": 0.6667, "support": 3},
+    ],
+    "confusion_matrix": [[4, 0, 0], [1, 1, 1], [1, 0, 2]],
+}
+OTHER_METRICS: dict[str, Any] = {
+    **KNOWN_METRICS,
+    "accuracy": 0.9,
+    "macro_f1": 0.9,
+    "loss": 0.3,
+    "per_class": [
+        {**c, "f1": f1} for c, f1 in zip(KNOWN_METRICS["per_class"], (1.0, 0.8, 0.9), strict=True)
+    ],
+    "confusion_matrix": [[4, 0, 0], [1, 2, 0], [0, 0, 3]],
+}
+
+
+def _known_model(server: LiveServer, metrics: dict[str, Any] | None = None) -> str:
     """A tiny model whose head gives every image the scores ant 0.7, bee 0.2, cat 0.1."""
     model = create_model("tiny-R10x0.25", 3)
     head: torch.nn.Conv2d = model.head.conv  # type: ignore[assignment]
@@ -286,7 +529,9 @@ def _known_model(server: LiveServer) -> str:
         head.bias.copy_(torch.tensor([0.7, 0.2, 0.1]).log())  # type: ignore[union-attr]
     state = server.app.state
     classes = ["ant", "bee", "cat"]
-    model_id, _ = publish_model(state.db, state.storage, model, "tiny-R10x0.25", classes, 32)
+    model_id, _ = publish_model(
+        state.db, state.storage, model, "tiny-R10x0.25", classes, 32, metrics=metrics
+    )
     return model_id
 
 
@@ -322,6 +567,54 @@ def _run_page(
     return out
 
 
+def _to_fixed(value: float, digits: int) -> str:
+    """JavaScript's value.toFixed(digits): an exact tie goes away from zero (Python's format
+    rounds it to even: 81.25 -> "81.2" where JavaScript writes "81.3")."""
+    step = Decimal(1).scaleb(-digits)
+    return str(Decimal(value).quantize(step, rounding=ROUND_HALF_UP))
+
+
+def _format_number(value: float, digits: int) -> str:
+    """app.js's formatNumber: toExponential(2) below 1e-3, else toFixed(digits)."""
+    if value != 0 and abs(value) < 1e-3:
+        mantissa, exponent = f"{value:.2e}".split("e")
+        return f"{mantissa}e{int(exponent)}"
+    return _to_fixed(value, digits)
+
+
+def _js_percent(share: float) -> str:
+    """`${share * 100}%` as JavaScript writes it (100, not 100.0)."""
+    value = share * 100
+    return f"{int(value)}%" if value.is_integer() else f"{value!r}%"
+
+
+def _markers(plan: dict[str, Any]) -> list[list[Any]]:
+    """The chart's marker labels at their steps, for a job's plan."""
+    warm = [["warm-up ends", plan["warmup_steps"]]] if plan["warmup_steps"] > 0 else []
+    return warm + [["lr ÷10", step] for step in plan["decay_steps"]]
+
+
+def _schedule_words(plan: dict[str, Any]) -> str:
+    warm = plan["warmup_steps"]
+    drops = ", ".join(map(str, plan["decay_steps"]))
+    return (
+        (f"Warm-up ends at step {warm}" if warm else "No warm-up")
+        + "; "
+        + (f"the learning rate drops ÷10 at step {drops}." if drops else "no learning-rate drops.")
+    )
+
+
+def _confusion(classes: list[str], counts: list[list[int]], caption: str) -> dict[str, Any]:
+    """The confusion table the page should draw: counts, and each cell's share of its row."""
+    return {
+        "className": "confusion",
+        "caption": caption,
+        "head": "true ↓ / predicted →" + "".join(classes),
+        "rows": [[name, *map(str, row)] for name, row in zip(classes, counts, strict=True)],
+        "shares": [[_to_fixed(c / sum(row) if sum(row) else 0, 3) for c in row] for row in counts],
+    }
+
+
 def _signed_in(out: dict[str, Any], key: str) -> None:
     """The page took the key from the `#key=` fragment, kept it and removed the fragment."""
     assert out["fragment"] == {"stored": key, "hash": "", "replaced": ["/"], "input": key}
@@ -331,6 +624,8 @@ def test_the_page_uploads_plans_follows_cancels_and_predicts(
     client: httpx.Client, live_server_instance: LiveServer, tmp_path: Path
 ) -> None:
     key = live_server_instance.key
+    model_a = _known_model(live_server_instance, KNOWN_METRICS)
+    model_b = _known_model(live_server_instance, OTHER_METRICS)
     solo = make_archive(make_image_folder(tmp_path / "solo", {"solo": 3}))
     out = _run_page(
         live_server_instance.url,
@@ -339,7 +634,8 @@ def test_the_page_uploads_plans_follows_cancels_and_predicts(
         scenario="cancel",
         hash=f"#key={key}",
         overrides={"steps": "5", "batch_size": "2", "crop": "32", "precrop": "40"},
-        modelId=_known_model(live_server_instance),
+        modelId=model_a,
+        compareId=model_b,
         badZip=str(solo),
     )
     _signed_in(out, key)
@@ -390,6 +686,75 @@ def test_the_page_uploads_plans_follows_cancels_and_predicts(
     assert out["prediction"] == "leaf.pngant 70.0% bee 20.0% cat 10.0% "
     assert out["error"] is None
 
+    # The job never ran: its curves are empty, with the plan's schedule marked on both charts.
+    plan = job["plan"]
+    marks = _markers(plan)
+    assert out["cancelCharts"] == [
+        {
+            "title": "Loss",
+            "series": ["step", "training loss", "validation loss", "validation accuracy"],
+            "data": [[], [], [], []],
+            "markers": marks,
+        },
+        {
+            "title": "Learning rate",
+            "series": ["step", "learning rate"],
+            "data": [[], []],
+            "markers": marks,
+        },
+    ]
+    assert out["cancelCurves"] == "No training step yet. " + _schedule_words(plan)
+
+    # The model view of one model, then of two side by side (models with known metrics).
+    assert out["singleText"] == [
+        "Accuracy70.0%Macro-F10.651Validation images10Validation loss0.812"
+    ]
+    per_class, matrix = out["single"]
+    assert per_class == {
+        "className": "per-class",
+        "caption": "Per class, on the validation images",
+        "head": "ClassImagesPrecisionRecallF1",
+        "rows": [
+            ["ant", "4", "0.667", "1.000", "0.800"],
+            ["bee", "3", "1.000", "0.333", "0.500"],
+            ["cat", "3", "0.667", "0.667", "0.667"],
+        ],
+    }
+    assert out["singleBars"] == [
+        _js_percent(c[k]) for c in KNOWN_METRICS["per_class"] for k in ("precision", "recall", "f1")
+    ]
+    assert matrix == _confusion(
+        ["ant", "bee", "cat"],
+        KNOWN_METRICS["confusion_matrix"],
+        "Confusion matrix: rows are the true class, columns the predicted one; shade: share of "
+        "the row",
+    )
+    summary, f1, first, second = out["compared"]
+    assert summary == {
+        "className": "compare-summary",
+        "caption": "Side by side",
+        "head": model_a + model_b,
+        "rows": [
+            ["Base model", "tiny-R10x0.25", "tiny-R10x0.25"],
+            ["Accuracy", "70.0%", "90.0%"],
+            ["Macro-F1", "0.651", "0.900"],
+            ["Validation loss", "0.812", "0.300"],
+            ["Validation images", "10", "10"],
+        ],
+    }
+    assert f1["rows"] == [
+        ["ant", "0.800", "1.000"],
+        ["bee", "0.500", "0.800"],
+        ["cat", "0.667", "0.900"],
+    ]
+    for table, metrics, model_id in (
+        (first, KNOWN_METRICS, model_a),
+        (second, OTHER_METRICS, model_b),
+    ):
+        caption = f"Confusion matrix of {model_id} (rows: true, columns: predicted)"
+        assert table == _confusion(["ant", "bee", "cat"], metrics["confusion_matrix"], caption)
+    assert out["compareOptions"] == [""]  # "nothing" comes first
+
     # An archive ingestion refuses: the page shows the failed dataset's error, lists the
     # dataset as failed, and offers it for no plan or job.
     failed = out["failed"]
@@ -427,7 +792,8 @@ def test_the_page_follows_a_real_job_to_its_model_and_predicts(
     assert all(s.endswith(f" / {total}") for s in seen)
     assert [float(v) for v in out["progress"]] == [total, total]  # the bar is full
     loss, lr, ips, eta = out["stats"]  # the last read-out: numbers, not placeholders
-    assert float(loss) > 0 and float(lr) >= 0 and float(ips) >= 0
+    # The done report says 0 images/s; the page shows the rate training had.
+    assert float(loss) > 0 and float(lr) >= 0 and float(ips) > 0
     assert re.fullmatch(r"\d+ s", eta)
     model_id = out["result"].split()[1]
     assert model_id.startswith("mdl_")
@@ -441,6 +807,63 @@ def test_the_page_follows_a_real_job_to_its_model_and_predicts(
     assert float(match[2]) >= float(match[4])
     assert float(match[2]) + float(match[4]) == pytest.approx(100.0, abs=0.11)
     assert out["error"] is None
+
+    # The curves: what GET /v1/jobs/{id}/metrics kept, fetched when the job ended.
+    job_id = out["status"].split()[1].rstrip(":")
+    with httpx.Client(base_url=server.url, headers=server.headers, timeout=30) as http:
+        history = http.get(f"/v1/jobs/{job_id}/metrics").json()
+        model = http.get(f"/v1/models/{model_id}").json()
+    training, validation = history["training"], history["validation"]
+    assert training and training[-1]["step"] == total
+    rated = [p["images_per_second"] for p in training if p["images_per_second"]]
+    assert ips == _to_fixed(rated[-1], 1)  # training's last rate (the done report says 0)
+    assert lr == _format_number(training[-1]["lr"], 5)  # the last step's, not done's 0
+    steps = sorted({p["step"] for p in training} | {p["step"] for p in validation})
+    at = {p["step"]: p for p in training}
+    val = {p["step"]: p for p in validation}
+    marks = _markers(history["schedule"])
+    assert out["curvesShown"] is True
+    assert out["charts"] == [
+        {
+            "title": "Loss",
+            "series": ["step", "training loss", "validation loss", "validation accuracy"],
+            "data": [
+                steps,
+                [at[s]["loss"] if s in at else None for s in steps],
+                [val[s]["loss"] if s in val else None for s in steps],
+                [val[s]["accuracy"] if s in val else None for s in steps],
+            ],
+            "markers": marks,
+        },
+        {
+            "title": "Learning rate",
+            "series": ["step", "learning rate"],
+            "data": [steps, [at[s]["lr"] if s in at else None for s in steps]],
+            "markers": marks,
+        },
+    ]
+    assert out["curvesSummary"].startswith(
+        f"Step {total} of {total}: training loss {_to_fixed(training[-1]['loss'], 4)}, "
+    )
+    # The new model's view: its confusion matrix is the API's.
+    assert out["qualityModel"] == model_id
+    metrics = model["metrics"]
+    per_class, matrix = out["quality"]
+    assert [r[:2] for r in per_class["rows"]] == [
+        [c["label"], str(c["support"])] for c in metrics["per_class"]
+    ]
+    assert matrix == _confusion(
+        model["classes"],
+        metrics["confusion_matrix"],
+        "Confusion matrix: rows are the true class, columns the predicted one; shade: share of "
+        "the row",
+    )
+    assert out["qualityText"] == [
+        f"Accuracy{_to_fixed(100 * metrics['accuracy'], 1)}%"
+        f"Macro-F1{_to_fixed(metrics['macro_f1'], 3)}"
+        f"Validation images{metrics['num_examples']}"
+        f"Validation loss{_to_fixed(metrics['loss'], 3)}"
+    ]
 
 
 def test_the_page_asks_for_a_key_and_names_a_missing_scope(

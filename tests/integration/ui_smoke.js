@@ -2,15 +2,20 @@
 // event handlers: init, upload + follow its ingestion (SSE), plan, start + follow (SSE) + cancel a
 // job, predict; with badZip, an upload that ingestion refuses.
 // The browser is replaced by the smallest DOM app.js needs: elements are plain objects, and only
-// the ids index.html really has exist (getElementById throws for any other).
+// the ids index.html really has exist (getElementById throws for any other). curves.js and
+// quality.js are run as the browser runs them (classic scripts sharing one global scope), and
+// uPlot by a stand-in that records what the page gave it (tests/integration/test_ui_browser.py
+// draws with the real one, in a real browser).
 // argv: app.js path, JSON {base, tags: {id: tagName}, hash (the URL fragment the page opens
 // with, e.g. "#key=bsk_..."), zip, png, badZip (optional: an archive ingestion refuses),
 // overrides, scenario: "cancel" (needs modelId: a model
-// to predict with), "train" (needs a worker), "key" (a server that needs a key, opened without
+// to predict with, and compareId: a second model to compare it with), "train" (needs a worker), "key" (a server that needs a key, opened without
 // one: needs predictKey and adminKey) or "open" (a server without API keys)}. Prints JSON.
 "use strict";
 
 const fs = require("fs");
+const path = require("path");
+const vm = require("vm");
 const [appPath, argJson] = process.argv.slice(2);
 const args = JSON.parse(argJson);
 
@@ -26,6 +31,7 @@ class El {
     this.attrs = {};
     this.listeners = {};
     this.classList = { add() {}, remove() {} };
+    this.style = { props: {}, setProperty(k, v) { this.props[k] = v; } };
     this._value = "";
   }
   get value() {
@@ -103,7 +109,45 @@ global.window = {
   },
   addEventListener() {},
   confirm: () => true,
+  getComputedStyle: () => ({ getPropertyValue: () => "" }),
 };
+
+// uPlot's stand-in: each chart's options, its latest data, and what its draw hook drew.
+const plots = [];
+global.uPlot = class {
+  constructor(opts, data, target) {
+    this.opts = opts;
+    this.data = data;
+    this.target = target;
+    this.setDataCalls = 0;
+    this.destroyed = false;
+    this.bbox = { left: 0, top: 0, width: 1e9, height: 100 };
+    this.drawn = [];
+    const drawn = this.drawn;
+    let lineAt = null; // the x of the last line drawn: the marker's step (valToPos is the identity)
+    this.ctx = {
+      save() {}, restore() {}, beginPath() {}, lineTo() {}, stroke() {}, setLineDash() {},
+      moveTo(x) { lineAt = x; },
+      fillText(label) { drawn.push([label, lineAt]); },
+    };
+    plots.push(this);
+    this.redraw();
+  }
+  valToPos(v) { return v; }
+  redraw() {
+    this.drawn.length = 0;
+    for (const plugin of this.opts.plugins || []) for (const hook of plugin.hooks.draw || []) hook(this);
+  }
+  setData(data) { this.data = data; this.setDataCalls += 1; this.redraw(); }
+  setSize() {}
+  destroy() { this.destroyed = true; }
+};
+uPlot.pxRatio = 1;
+global.getComputedStyle = window.getComputedStyle;
+for (const name of ["curves.js", "quality.js"]) {
+  const file = path.join(path.dirname(appPath), name);
+  vm.runInThisContext(fs.readFileSync(file, "utf8"), { filename: file });
+}
 const $ = (id) => document.getElementById(id);
 // Requests in flight (until their headers): the page's async work is done when this is 0.
 let inflight = 0;
@@ -136,6 +180,35 @@ async function waitFor(what, cond, ms = 20000, errorsExpected = false) {
 }
 
 const shown = (id) => ($(id).hidden ? null : $(id).textContent);
+
+// What the job panel's charts hold: the live ones (not destroyed), as {title, series, data, markers}.
+const charts = () => plots.filter((p) => !p.destroyed).map((p) => ({
+  title: p.opts.title,
+  series: p.opts.series.map((s) => s.label),
+  data: p.data,
+  markers: p.drawn,
+}));
+// The tables of the model view: class, caption, header and rows of cell texts; a confusion
+// matrix's cells also with their --share.
+const find = (node, pred, out = []) => {
+  if (typeof node === "string") return out;
+  if (pred(node)) out.push(node);
+  for (const c of node.children) find(c, pred, out);
+  return out;
+};
+const viewTables = () => find($("quality-output"), (n) => n.tagName === "TABLE").map((table) => {
+  const body = table.children.find((c) => c.tagName === "TBODY");
+  const out = {
+    className: table.className,
+    caption: text(table._caption),
+    head: text(table.children.find((c) => c.tagName === "THEAD")),
+    rows: body.children.map((r) => r.children.map(text)),
+  };
+  if (table.className === "confusion") {
+    out.shares = body.children.map((r) => r.children.filter((c) => c.tagName === "TD").map((c) => c.style.props["--share"]));
+  }
+  return out;
+});
 
 // A server that needs a key, a page without one: the 401 opens the key panel; a key without
 // the scope the lists need says which scope is missing; the right key loads everything.
@@ -229,6 +302,14 @@ async function main() {
     out.result = $("job-result").textContent;
     await settled();
     out.modelSelected = $("model-select").value;
+    // The finished job's curves (the metrics endpoint's history) and the new model's view.
+    out.charts = charts();
+    out.curvesSummary = $("curves-summary").textContent;
+    out.curvesShown = !$("job-curves").hidden;
+    await waitFor("model view", () => text($("quality-output")).includes(out.modelSelected));
+    out.qualityModel = $("quality-model").value;
+    out.quality = viewTables();
+    out.qualityText = find($("quality-output"), (n) => n.tagName === "DL").map(text);
   } else {
     await waitFor("job queued", () => /^Job job_\w+: queued$/.test($("job-status").textContent) && !$("cancel-job").disabled);
     out.queued = $("job-status").textContent;
@@ -238,10 +319,25 @@ async function main() {
       rows("jobs-list").some((r) => r[1] === "cancelled" && out.queued.includes(r[0])));
     out.cancelled = $("job-status").textContent;
     out.cancelDisabled = $("cancel-job").disabled;
+    out.cancelCharts = charts();
+    out.cancelCurves = $("curves-summary").textContent;
 
     $("refresh-lists").fire("click");
     await waitFor("model listed", () => $("model-select").children.some((o) => o.value === args.modelId));
     $("model-select").value = args.modelId;
+    // The model view: one model, then two side by side.
+    $("quality-model").value = args.modelId;
+    $("compare-model").value = "";
+    $("quality-model").fire("change");
+    await waitFor("one model", () => text($("quality-output")).startsWith(`Model ${args.modelId} (`));
+    out.single = viewTables();
+    out.singleText = find($("quality-output"), (n) => n.tagName === "DL").map(text);
+    out.singleBars = find($("quality-output"), (n) => /^bar-fill/.test(n.className)).map((n) => n.style.width);
+    $("compare-model").value = args.compareId;
+    $("compare-model").fire("change");
+    await waitFor("two models", () => text($("quality-output")).startsWith(`Model ${args.modelId} and model ${args.compareId}`));
+    out.compared = viewTables();
+    out.compareOptions = $("compare-model").children.map((o) => o.value).slice(0, 1);
   }
   $("predict-file").files = [new File([fs.readFileSync(args.png)], "leaf.png", { type: "image/png" })];
   $("predict-file").fire("change");

@@ -1,0 +1,255 @@
+"""The web page in a real browser (Chromium through Playwright) against a live server and a
+real Celery worker: upload a generated dataset, train a tiny job while the page draws its
+curves, open the new model, compare it with a second one.
+
+What a browser adds to test_ui.py's node runs: the real uPlot drawing into real canvases, the
+real Content-Security-Policy (a violation is a console error, and any console error or
+uncaught exception fails the test), the CSS (the confusion matrix's shading, the bars' lengths).
+Screenshots go to a folder the test prints; with BITSERVE_UPDATE_SCREENSHOTS=1 the model view
+is also written to docs/screenshots/web-model.png (the README's picture).
+
+Chromium is Debian's (/usr/bin/chromium, `make browser` installs it); Playwright downloads no
+browser. Without it the test fails, saying how to install it: it is never skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from playwright.sync_api import Browser, ConsoleMessage, Page, expect, sync_playwright
+
+from bitcore.models import create_model
+from tests.imagegen import make_archive, make_image_folder
+from tests.integration.conftest import JobServer
+from tests.integration.worker_fixtures import FAST_OVERRIDES
+from tests.model_fixtures import publish_model
+
+pytestmark = pytest.mark.integration
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+REPO = Path(__file__).resolve().parents[2]
+README_SCREENSHOT = REPO / "docs" / "screenshots" / "web-model.png"
+CLASSES = {"ant": 10, "bee": 10, "cat": 10}
+TRAIN_TIMEOUT_MS = 180_000
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    if not CHROMIUM.exists():
+        pytest.fail(
+            f"{CHROMIUM} is missing: the browser tests drive Debian's Chromium. Install it with "
+            "`apt-get install chromium` (or `make browser`)."
+        )
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+class PageErrors:
+    """Console errors (CSP violations included) and uncaught exceptions of a page."""
+
+    def __init__(self, page: Page) -> None:
+        self.errors: list[str] = []
+        page.on("console", self._console)
+        page.on("pageerror", lambda exc: self.errors.append(f"pageerror: {exc}"))
+
+    def _console(self, message: ConsoleMessage) -> None:
+        if message.type == "error":
+            self.errors.append(f"console: {message.text} ({message.location})")
+
+
+def _other_model(job_server: JobServer, classes: list[str]) -> str:
+    """A second model with known metrics, to compare the trained one with."""
+    state = job_server.server.app.state
+    model = create_model("tiny-R10x0.25", len(classes))
+    metrics = {
+        "accuracy": 0.5,
+        "macro_f1": 0.4667,
+        "num_examples": 6,
+        "loss": 1.05,
+        "per_class": [
+            {"label": c, "precision": p, "recall": r, "f1": f, "support": 2}
+            for c, p, r, f in zip(
+                classes, (0.5, 1.0, 0.3333), (1.0, 0.5, 0.0), (0.6667, 0.6667, 0.0), strict=True
+            )
+        ],
+        "confusion_matrix": [[2, 0, 0], [1, 1, 0], [1, 0, 1]],
+    }
+    model_id, _ = publish_model(
+        state.db, state.storage, model, "tiny-R10x0.25", classes, 32, metrics=metrics
+    )
+    return model_id
+
+
+def _confusion(page: Page, table: str) -> dict[str, Any]:
+    """The confusion table's row labels, counts, --share values and background colours."""
+    return page.eval_on_selector(
+        table,
+        """t => {
+          const rows = [...t.tBodies[0].rows];
+          return {
+            labels: rows.map(r => r.cells[0].textContent),
+            counts: rows.map(r => [...r.querySelectorAll("td")].map(td => Number(td.textContent))),
+            shares: rows.map(r => [...r.querySelectorAll("td")].map(td => Number(td.style.getPropertyValue("--share")))),
+            colours: rows.map(r => [...r.querySelectorAll("td")].map(td => getComputedStyle(td).backgroundColor)),
+          };
+        }""",
+    )
+
+
+def _shares(counts: list[list[int]]) -> list[list[float]]:
+    return [[round(c / sum(row), 3) if sum(row) else 0.0 for c in row] for row in counts]
+
+
+def test_the_page_trains_draws_curves_and_shows_the_model_in_a_browser(
+    job_server: JobServer, browser: Browser, tmp_path: Path
+) -> None:
+    server = job_server.server
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+    print(f"screenshots: {shots}")
+    archive = make_archive(make_image_folder(tmp_path / "insects", CLASSES))
+
+    page = browser.new_page(viewport={"width": 1100, "height": 900})
+    errors = PageErrors(page)
+    page.set_default_timeout(60_000)
+    try:
+        page.goto(f"{server.url}/#key={server.key}")
+        # Waits through locators: a waited-for string expression would be eval()ed in the page,
+        # which its CSP (rightly) refuses.
+        expect(page.locator("#base-model option").first).to_be_attached()
+
+        page.set_input_files("#upload-file", str(archive))
+        page.fill("#upload-name", "browser insects")
+        page.click("#upload-button")
+        expect(page.locator("#upload-status")).to_have_text(re.compile("^Uploaded"))
+        assert page.text_content("#upload-status") == "Uploaded: 30 images in 3 classes."
+
+        page.select_option("#base-model", "tiny-R10x0.25")
+        for name, value in FAST_OVERRIDES.items():
+            page.fill(f"#ov-{name}", str(value))
+        page.fill("#validation-fraction", "0.3")
+        page.click("#start-job")
+        # Live: the curves follow the progress events while the job trains.
+        expect(page.locator("#curves-summary")).to_have_text(
+            re.compile("^Step "), timeout=TRAIN_TIMEOUT_MS
+        )
+        page.locator("#step-train").screenshot(path=str(shots / "training.png"))
+        expect(page.locator("#job-result")).to_have_text(
+            re.compile("^Model "), timeout=TRAIN_TIMEOUT_MS
+        )
+        status = page.text_content("#job-status") or ""
+        assert status.endswith(": succeeded"), status
+        job_id = status.split()[1].rstrip(":")
+        model_id = (page.text_content("#job-result") or "").split()[1]
+        page.locator("#step-train").screenshot(path=str(shots / "job-done.png"))
+
+        with httpx.Client(base_url=server.url, headers=server.headers, timeout=30) as http:
+            history = http.get(f"/v1/jobs/{job_id}/metrics").json()
+            model = http.get(f"/v1/models/{model_id}").json()
+        total = FAST_OVERRIDES["steps"]
+
+        # Two uPlot charts with real canvases; the read-out keeps the training rate, not 0.0.
+        assert page.locator("#curves-charts .uplot").count() == 2
+        assert page.locator("#curves-charts canvas").count() == 2
+        assert page.locator("#curves-charts .u-title").all_text_contents() == [
+            "Loss",
+            "Learning rate",
+        ]
+        ips = page.text_content("#stat-ips") or ""
+        assert float(ips) > 0
+        summary = page.text_content("#curves-summary") or ""
+        assert summary.startswith(f"Step {total} of {total}: training loss "), summary
+        assert history["training"][-1]["step"] == total
+
+        # The model view shows the new model: its confusion matrix is the API's, cell by cell.
+        page.wait_for_selector("#quality-output table.confusion")
+        assert page.input_value("#quality-model") == model_id
+        metrics = model["metrics"]
+        counts = metrics["confusion_matrix"]
+        seen = _confusion(page, "#quality-output table.confusion")
+        assert seen["labels"] == model["classes"] == sorted(CLASSES)
+        assert seen["counts"] == counts
+        assert seen["shares"] == _shares(counts)
+        assert sum(map(sum, counts)) == metrics["num_examples"] == 9
+        # The shading is the CSS's: a cell with all of its row is darker than an empty one.
+        colours = {
+            share: colour
+            for row_s, row_c in zip(seen["shares"], seen["colours"], strict=True)
+            for share, colour in zip(row_s, row_c, strict=True)
+        }
+        if 0.0 in colours and 1.0 in colours:
+            assert colours[0.0] != colours[1.0]
+        # Per-class bars: precision, recall and F1 of each class, as long as their values.
+        bars = page.eval_on_selector_all(
+            "#quality-output table.per-class .bar-fill", "els => els.map(e => e.style.width)"
+        )
+        expected = [c[k] for c in metrics["per_class"] for k in ("precision", "recall", "f1")]
+        assert len(bars) == 3 * len(CLASSES)
+        assert [float(b.removesuffix("%")) for b in bars] == pytest.approx(
+            [100 * v for v in expected]
+        )
+        widths = page.eval_on_selector_all(
+            "#quality-output table.per-class .bar-fill", "els => els.map(e => e.offsetWidth)"
+        )
+        track = page.eval_on_selector("#quality-output .bar", "e => e.clientWidth")
+        assert widths == pytest.approx([v * track for v in expected], abs=1.5)
+        summary_text = page.text_content("#quality-output dl.quality-summary") or ""
+        assert f"Accuracy{100 * metrics['accuracy']:.1f}%" in summary_text
+        assert "Macro-F1" in summary_text
+        page.locator("#step-quality").screenshot(path=str(shots / "model.png"))
+        if os.environ.get("BITSERVE_UPDATE_SCREENSHOTS") == "1":
+            README_SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(shots / "model.png", README_SCREENSHOT)
+
+        # Side by side with a second model: both matrices, each its own model's.
+        other = _other_model(job_server, model["classes"])
+        page.click("#refresh-lists")
+        page.wait_for_selector(f"#compare-model option[value='{other}']", state="attached")
+        page.select_option("#compare-model", other)
+        page.wait_for_selector("#quality-output .side-by-side table.confusion >> nth=1")
+        first = _confusion(page, "#quality-output .side-by-side .side:nth-child(1) table")
+        second = _confusion(page, "#quality-output .side-by-side .side:nth-child(2) table")
+        assert first["counts"] == counts
+        assert second["counts"] == [[2, 0, 0], [1, 1, 0], [1, 0, 1]]
+        rows = page.eval_on_selector(
+            "#quality-output table.compare-summary",
+            "t => [...t.tBodies[0].rows].map(r => [...r.cells].map(c => c.textContent))",
+        )
+        assert rows[1] == ["Accuracy", f"{100 * metrics['accuracy']:.1f}%", "50.0%"]
+        assert rows[2][0] == "Macro-F1" and rows[2][2] == "0.467"
+        f1_bars = page.locator("#quality-output table.compare-f1 .bar-fill").count()
+        assert f1_bars == 2 * len(CLASSES)
+        page.locator("#step-quality").screenshot(path=str(shots / "compare.png"))
+
+        # "Details" in the models list opens that model alone (compared with itself: no table).
+        # (The buttons' accessible names say which row they act on.)
+        page.get_by_role("button", name=f"How good model {other} is").click()
+        expect(page.locator("#quality-output h3")).to_have_text(re.compile(f"^Model {other} "))
+        assert _confusion(page, "#quality-output table.confusion")["counts"] == second["counts"]
+
+        # "Show" on the ended job: its curves again, from the metrics endpoint alone.
+        page.get_by_role("button", name=f"Show job {job_id} and its training curves").click()
+        expect(page.locator("#curves-summary")).to_have_text(summary)
+        assert page.locator("#curves-charts .uplot").count() == 2  # the old charts went
+        assert page.text_content("#stat-ips") == ips
+    finally:
+        page.screenshot(path=str(shots / "page.png"), full_page=True)
+        page.close()
+    assert errors.errors == []
