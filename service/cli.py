@@ -1,5 +1,6 @@
 """The `bitserve` command: `up` (everything on one machine), `api`, `worker`, `migrate`,
-`keys` (service.cli_keys) and `storage sweep` (service.sweep).
+`keys` (service.cli_keys) and `storage sweep` (service.sweep); `datasets`, `jobs`, `models`
+and `predict` work with a running service and are handed to bitserve_client.cli.
 
 `bitserve up` is the embedded default: with nothing configured it keeps everything under
 BITSERVE_HOME (SQLite database, kombu's SQLAlchemy transport as the broker, the artifact
@@ -47,7 +48,22 @@ WORKER_STOP_GRACE_SECONDS = 30.0
 STARTUP_TIMEOUT_SECONDS = 60.0
 
 
+# Commands against a running service (bitserve_client.cli: click and rich, over HTTP): they
+# need neither the server's settings nor its database, and are dispatched before argparse.
+REMOTE_COMMANDS = {
+    "datasets": "upload, list, show or delete datasets on a running service",
+    "jobs": "start, watch, list, show or cancel fine-tuning jobs on a running service",
+    "models": "list, show, export or delete models on a running service",
+    "predict": "classify images with a model on a running service",
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in REMOTE_COMMANDS:
+        from bitserve_client.cli import main as remote_main
+
+        return remote_main(argv)
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -107,6 +123,8 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="only what is untouched this long (default BITSERVE_SWEEP_MIN_AGE_SECONDS, 3600)",
     )
+    for name, text in REMOTE_COMMANDS.items():  # listed here, parsed by bitserve_client.cli
+        commands.add_parser(name, help=text, add_help=False)
     return parser
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,8 +24,8 @@ FORBIDDEN = {
         "service",
         "worker",
     ),
-    # The client installs on machines without the ML stack: httpx, httpx-sse (and optionally
-    # Pillow) only.
+    # The client installs on machines without the ML stack or the server: the third-party
+    # packages it may import are CLIENT_PACKAGES (test_the_client_imports_only_light_packages).
     "bitserve_client": ("bitcore", "service", "worker", "torch"),
     "service": ("worker",),
     "worker": (
@@ -37,6 +38,12 @@ FORBIDDEN = {
         *(f"service.{name}" for name in ("auth", "audit_middleware")),
     ),
 }
+# Every third-party package bitserve_client may import: httpx and httpx-sse (and optionally
+# Pillow, for PIL images to predict); its command line (bitserve_client/cli: `bitserve
+# datasets|jobs|models|predict`) adds click and rich, and only the command line imports them.
+# Nothing heavier (numpy, torch, the server's packages).
+CLIENT_PACKAGES = {"httpx", "httpx_sse", "PIL"}
+CLIENT_CLI_PACKAGES = CLIENT_PACKAGES | {"click", "rich"}
 # The service's web layer: HTTP requests and answers. Nothing else in the service imports it.
 WEB_LAYER = (
     "fastapi",
@@ -130,6 +137,28 @@ def test_package_respects_layering(package: str) -> None:
     assert violations(sorted((ROOT / package).rglob("*.py")), FORBIDDEN[package]) == []
 
 
+def third_party(paths: list[Path], allowed: set[str]) -> list[str]:
+    """Imports of top-level packages that are neither the standard library, bitserve_client
+    itself, nor `allowed`."""
+    found = []
+    for path in paths:
+        for lineno, name in imported_names(path):
+            top = name.split(".")[0]
+            if top not in sys.stdlib_module_names | {"bitserve_client", "__future__"} | allowed:
+                shown = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path.name
+                found.append(f"{shown}:{lineno} imports {name}")
+    return found
+
+
+def test_the_client_imports_only_light_packages() -> None:
+    package = ROOT / "bitserve_client"
+    cli = sorted((package / "cli").rglob("*.py"))
+    library = sorted(set(package.rglob("*.py")) - set(cli))
+    assert cli and library
+    assert third_party(library, CLIENT_PACKAGES) == []
+    assert third_party(cli, CLIENT_CLI_PACKAGES) == []
+
+
 def test_the_domain_modules_know_no_web_layer() -> None:
     paths = [ROOT / "service" / f"{name}.py" for name in DOMAIN]
     assert all(path.is_file() for path in paths)
@@ -154,3 +183,13 @@ def test_checker_catches_a_violation(tmp_path: Path) -> None:
         (3, "service"),
         (3, "service.app"),
     ]
+
+
+def test_the_client_check_catches_a_heavier_package(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.py"
+    bad.write_text("import json\nimport click\nfrom numpy import array\nimport rich.table\n")
+    assert third_party([bad], CLIENT_CLI_PACKAGES) == [
+        "bad.py:3 imports numpy",
+        "bad.py:3 imports numpy.array",
+    ]
+    assert len(third_party([bad], CLIENT_PACKAGES)) == 4  # click, numpy twice, rich.table

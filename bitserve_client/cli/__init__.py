@@ -1,0 +1,14 @@
+"""`bitserve datasets|jobs|models|predict`: the commands that work with a RUNNING service,
+on top of BitserveClient (click for the commands, rich for tables and live progress).
+
+Only this package imports click and rich (tests/unit/test_layering.py checks it). The
+`bitserve` entry point (service.cli) hands these command names to `main` before its own
+parsing; `python -m bitserve_client.cli` runs them on a machine without the service.
+
+Modules: app (the root group), remote (connection options, output, one-line errors),
+datasets, jobs, models (and predict), watch (live bar or plain lines), render (text).
+"""
+
+from bitserve_client.cli.app import COMMANDS, cli, main
+
+__all__ = ["COMMANDS", "cli", "main"]

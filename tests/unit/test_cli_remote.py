@@ -1,0 +1,394 @@
+"""bitserve_client.cli without a server: the text it prints (summaries, progress lines,
+tables), the plain progress lines for pipes and the live bar for terminals, --set parsing,
+usage errors (exit 2), a service that is not running (exit 1, one line) and the dispatch from
+the `bitserve` entry point. Against a live server: tests/integration/test_cli_remote.py."""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from rich.console import Console
+
+from bitserve_client.cli import COMMANDS, main, render, watch
+from bitserve_client.cli.jobs import parse_override
+from bitserve_client.cli.models import PREDICT_BATCH_IMAGES, batches
+from bitserve_client.cli.remote import Remote, show
+from bitserve_client.schema import JobEvent
+from service import cli as service_cli
+
+JOB_ID = "job_abcdefghijklmnopqrst"
+
+
+def progress(step: int, **fields: Any) -> dict[str, Any]:
+    base = {
+        "step": step,
+        "total_steps": 12,
+        "loss": None,
+        "lr": None,
+        "images_per_second": None,
+        "eta_seconds": None,
+        "phase": "training",
+        "downloaded_bytes": None,
+        "total_bytes": None,
+    }
+    return {**base, **fields}
+
+
+def job(status: str, step: int = 12, **fields: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "id": JOB_ID,
+        "status": status,
+        "progress": progress(step, loss=0.0412, phase="done" if status == "succeeded" else None),
+        "error": None,
+        "model_id": None,
+        "metrics": None,
+    }
+    return {**base, **fields}
+
+
+# -- numbers and lines -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("count", "text"),
+    [(None, "?"), (0, "0 B"), (999, "999 B"), (56_700, "56.7 kB"), (1_234_567, "1.2 MB")],
+)
+def test_fmt_bytes(count: int | None, text: str) -> None:
+    assert render.fmt_bytes(count) == text
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(None, "?"), (0.4, "0s"), (45, "45s"), (185, "3m05s"), (3725, "1h02m"), (-3, "0s")],
+)
+def test_fmt_duration(seconds: float | None, text: str) -> None:
+    assert render.fmt_duration(seconds) == text
+
+
+def test_fmt_time_and_percent() -> None:
+    assert render.fmt_time("2026-12-02T08:30:00.123456Z") == "2026-12-02 08:30:00Z"
+    assert render.fmt_time(None) == "-"
+    assert (render.fmt_percent(0.875), render.fmt_percent(None)) == ("87.5%", "-")
+
+
+def test_the_summary_of_a_job_that_succeeded() -> None:
+    done = job("succeeded", model_id="mdl_x", metrics={"accuracy": 0.875})
+    assert render.job_summary(done) == (
+        f"job {JOB_ID} succeeded: 12/12 steps, final loss 0.0412, accuracy 87.5%, model mdl_x"
+    )
+    no_split = job("succeeded", model_id="mdl_x", metrics={"accuracy": None})
+    assert render.job_summary(no_split) == (
+        f"job {JOB_ID} succeeded: 12/12 steps, final loss 0.0412, "
+        "no validation accuracy (no validation split), model mdl_x"
+    )
+
+
+def test_the_summary_of_a_job_that_failed_or_was_cancelled() -> None:
+    error = {"code": "out_of_memory", "message": "try micro_batch_size 8"}
+    assert render.job_summary(job("failed", 3, error=error)) == (
+        f"job {JOB_ID} failed: 3/12 steps, final loss 0.0412, "
+        "error out_of_memory: try micro_batch_size 8"
+    )
+    queued = job("cancelled", 0, progress=progress(0, phase=None))
+    assert render.job_summary(queued) == f"job {JOB_ID} cancelled: 0/12 steps"
+
+
+def test_progress_lines() -> None:
+    training = progress(6, loss=0.69314, images_per_second=52.34, eta_seconds=4.2)
+    assert render.job_progress_line(JOB_ID, training) == (
+        f"{JOB_ID}: step 6/12, loss 0.6931, 52.3 images/s, ETA 4s"
+    )
+    assert render.job_progress_line(JOB_ID, training, live=False) == (
+        f"{JOB_ID}: step 6/12, loss 0.6931"
+    )
+    assert render.job_progress_line(JOB_ID, progress(0)) == f"{JOB_ID}: step 0/12"
+    download = progress(0, phase="downloading", downloaded_bytes=12_000_000, total_bytes=98_000_000)
+    assert render.job_progress_line(JOB_ID, download) == (
+        f"{JOB_ID}: downloading the base checkpoint, 12.0 MB of 98.0 MB"
+    )
+    assert render.dataset_progress_line("ds_x", {"phase": "indexing", "done": 3, "total": 9}) == (
+        "ds_x: indexing 3/9"
+    )
+    assert render.dataset_progress_line("ds_x", {"phase": "queued", "done": None}) == "ds_x: queued"
+
+
+def test_dataset_summary() -> None:
+    ready = {
+        "id": "ds_x",
+        "name": "pets",
+        "status": "ready",
+        "num_images": 40,
+        "num_classes": 2,
+        "rejected_count": 3,
+        "rejected_reasons": {"unsupported_format": 2, "truncated": 1},
+    }
+    assert render.dataset_summary(ready) == (
+        "dataset ds_x ready: 40 images in 2 classes (pets), "
+        "3 files rejected (unsupported_format 2, truncated 1)"
+    )
+    assert render.dataset_summary({**ready, "rejected_count": 0}) == (
+        "dataset ds_x ready: 40 images in 2 classes (pets)"
+    )
+    failed = {
+        "id": "ds_x",
+        "status": "failed",
+        "error": {"code": "too_few_classes", "message": "m"},
+    }
+    assert render.dataset_summary(failed) == "dataset ds_x failed: too_few_classes: m"
+
+
+def rendered(renderable: Any) -> list[str]:
+    stream = io.StringIO()
+    show(Console(file=stream, width=1000), renderable)
+    return stream.getvalue().splitlines()
+
+
+def test_tables_have_no_padding_and_take_no_markup() -> None:
+    items = [
+        {
+            "id": "ds_a",
+            "name": "[bold]pets[/bold]",  # a user's name: printed as written
+            "status": "processing",
+            "progress": {"phase": "indexing", "done": 1, "total": 4},
+            "num_images": 0,
+            "num_classes": 0,
+            "bytes": 1500,
+            "created_at": "2026-12-02T08:30:00.5Z",
+        }
+    ]
+    assert rendered(render.datasets_table(items)) == [
+        "ID    NAME               STATUS                 IMAGES  CLASSES  SIZE    CREATED",
+        "ds_a  [bold]pets[/bold]  processing (indexing)  0       0        1.5 kB  2026-12-02 08:30:00Z",
+    ]
+
+
+def test_predictions_table() -> None:
+    one = [[{"label": "cat", "score": 0.98765}], [{"label": "dog", "score": 0.5}]]
+    assert rendered(render.predictions_table(["a.png", "b b.png"], one)) == [
+        "FILE     LABEL  SCORE",
+        "a.png    cat    0.9877",
+        "b b.png  dog    0.5000",
+    ]
+    two = [[{"label": "cat", "score": 0.9}, {"label": "dog", "score": 0.1}]]
+    assert rendered(render.predictions_table(["a.png"], two)) == [
+        "FILE   LABEL  SCORE   NEXT",
+        "a.png  cat    0.9000  dog 0.1000",
+    ]
+
+
+# -- --set -------------------------------------------------------------------------------------
+
+
+def test_parse_override() -> None:
+    assert parse_override("steps=200") == ("steps", 200)
+    assert parse_override(" base_lr = 0.003 ") == ("base_lr", 0.003)
+    assert parse_override("mixup_alpha=1e-1") == ("mixup_alpha", 0.1)
+    for text, reason in [
+        ("steps", "expected KEY=VALUE, got 'steps'"),
+        ("=3", "expected KEY=VALUE, got '=3'"),
+        ("steps=ten", "the value of steps must be a number, got 'ten'"),
+    ]:
+        with pytest.raises(ValueError) as caught:
+            parse_override(text)
+        assert str(caught.value) == reason
+
+
+# -- following -----------------------------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_plain_lines_say_each_stage_once_and_progress_at_most_every_interval() -> None:
+    clock, lines = Clock(), []
+    display = watch.PlainLines(watch.JOB, JOB_ID, lines.append, interval=5.0, clock=clock)
+    queued = job("queued", 0, progress=progress(0, phase=None))
+    running = {**queued, "status": "running"}
+    events: list[tuple[float, str, dict[str, Any]]] = [
+        (0.0, "status", queued),
+        (1.0, "status", running),  # running, no phase yet
+        (1.5, "progress", progress(0, phase="preparing")),
+        (2.0, "progress", progress(1, loss=0.9, eta_seconds=30)),  # first line: at once
+        (3.0, "progress", progress(2, loss=0.8)),  # 1 s later: skipped
+        (7.0, "progress", progress(8, loss=0.5, images_per_second=20.0)),  # 5 s: printed
+        (8.0, "progress", progress(12, loss=0.4, phase="evaluating")),
+        (9.0, "status", job("succeeded")),  # ended: the caller prints the summary
+        (9.0, "done", job("succeeded")),
+    ]
+    for at, event, data in events:
+        clock.now = 100.0 + at
+        display.update(event, data)
+    assert lines == [
+        f"{JOB_ID}: queued",
+        f"{JOB_ID}: running",
+        f"{JOB_ID}: preparing",
+        f"{JOB_ID}: training",
+        f"{JOB_ID}: step 1/12, loss 0.9000, ETA 30s",
+        f"{JOB_ID}: step 8/12, loss 0.5000, 20.0 images/s",
+        f"{JOB_ID}: evaluating",
+    ]
+
+
+def test_plain_lines_of_a_dataset() -> None:
+    clock, lines = Clock(), []
+    display = watch.PlainLines(watch.DATASET, "ds_x", lines.append, interval=5.0, clock=clock)
+    processing = {"id": "ds_x", "status": "processing", "progress": {"phase": "queued"}}
+    display.update("status", processing)
+    display.update("progress", {"id": "ds_x", "phase": "extracting", "done": 0, "total": 9})
+    clock.now += 6
+    display.update("progress", {"id": "ds_x", "phase": "indexing", "done": 4, "total": 9})
+    display.update("status", {"id": "ds_x", "status": "ready", "progress": None})
+    assert lines == [
+        "ds_x: queued",
+        "ds_x: extracting",
+        "ds_x: extracting 0/9",
+        "ds_x: indexing",
+        "ds_x: indexing 4/9",
+    ]
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_terminal_gets_a_live_bar_and_follow_returns_the_final_job() -> None:
+    stream = Terminal()
+    console = Console(file=stream, force_terminal=True, width=120)
+    display = watch.reporter(watch.JOB, JOB_ID, stream, console)
+    assert isinstance(display, watch.LiveBar)
+    done = job("succeeded", model_id="mdl_x")
+
+    def events() -> Iterator[JobEvent]:
+        yield JobEvent("progress", progress(6, loss=0.5, images_per_second=10.0))
+        yield JobEvent("done", done)
+        raise AssertionError("read past done")  # pragma: no cover
+
+    assert watch.follow(events(), job("running", 0), display) == done
+    text = stream.getvalue()
+    assert "\r" in text or "\x1b[" in text  # redrawn in place
+    assert "6/12 steps" in text and "loss 0.5000, 10.0 images/s" in text
+    assert "12/12 steps" in text  # the final state, without the stale speed
+    assert "12/12 steps loss 0.0412" in text.replace("\x1b[0m", "")
+    # A pipe gets plain lines instead.
+    assert isinstance(watch.reporter(watch.JOB, JOB_ID, io.StringIO(), console), watch.PlainLines)
+
+
+# -- output --------------------------------------------------------------------------------------
+
+
+def test_json_goes_alone_to_stdout_and_notes_to_stderr() -> None:
+    out, err = io.StringIO(), io.StringIO()
+    remote = Remote("http://x", None, True, out=out, err=err)
+    remote.note("uploading x.zip")
+    remote.emit([{"id": "ds_x", "name": "ü"}], lambda: "not shown")
+    assert json.loads(out.getvalue()) == [{"id": "ds_x", "name": "ü"}]
+    assert err.getvalue() == "uploading x.zip\n"
+
+    out, err = io.StringIO(), io.StringIO()
+    people = Remote("http://x", None, False, out=out, err=err)
+    people.note("uploading x.zip")
+    people.emit({"id": "ds_x"}, lambda: "deleted ds_x")
+    assert (out.getvalue(), err.getvalue()) == ("uploading x.zip\ndeleted ds_x\n", "")
+
+
+def test_predict_requests_are_batched(tmp_path: Path) -> None:
+    paths = []
+    for i in range(PREDICT_BATCH_IMAGES + 3):
+        path = tmp_path / f"{i}.png"
+        path.write_bytes(b"x" * 10)
+        paths.append(path)
+    assert [len(b) for b in batches(paths)] == [PREDICT_BATCH_IMAGES, 3]
+    assert [p for b in batches(paths) for p in b] == paths
+
+
+# -- the command line, in process --------------------------------------------------------------
+
+
+@pytest.fixture
+def closed_url() -> str:
+    """A loopback URL nothing listens on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+def test_a_service_that_is_not_running_is_one_line_and_exit_1(
+    closed_url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BITSERVE_URL", closed_url)
+    assert main(["models", "list", "--json"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == (
+        f"bitserve: cannot reach the service at {closed_url}: is it running? (`bitserve up`)\n"
+    )
+    # --url wins over the environment; the entry point hands the command over.
+    assert service_cli.main(["jobs", "show", "job_x", "--url", closed_url + "/"]) == 1
+    assert capsys.readouterr().err.startswith(
+        f"bitserve: cannot reach the service at {closed_url}:"
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["jobs", "create", "--dataset", "ds_x"], "Missing option '--base-model'"),
+        (
+            ["jobs", "create", "--dataset", "d", "--base-model", "m", "--set", "steps=x"],
+            "Invalid value for '--set': the value of steps must be a number, got 'x'",
+        ),
+        (["jobs", "list", "--status", "done"], "Invalid value for '--status'"),
+        (["models", "export", "mdl_x", "--format", "pt"], "Invalid value for '--format'"),
+        (["predict", "mdl_x"], "Missing argument 'IMAGE...'"),
+        (["predict", "mdl_x", "/no/such.png"], "'/no/such.png' does not exist"),
+        (["datasets", "upload", "/no/such/folder"], "'/no/such/folder' does not exist"),
+        (["datasets", "list", "--limit", "-1"], "Invalid value for '--limit'"),
+    ],
+)
+def test_usage_errors_exit_2_before_any_request(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str], closed_url: str
+) -> None:
+    assert main([*argv, "--url", closed_url]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and message in captured.err
+    assert "cannot reach" not in captured.err
+
+
+def test_an_empty_folder_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], closed_url: str
+) -> None:
+    assert main(["datasets", "upload", str(tmp_path), "--url", closed_url]) == 2
+    assert "has no files to upload" in capsys.readouterr().err
+
+
+def test_export_to_a_missing_folder_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], closed_url: str
+) -> None:
+    target = tmp_path / "missing" / "m.zip"
+    assert main(["models", "export", "mdl_x", "-o", str(target), "--url", closed_url]) == 2
+    assert f"no such folder: {target.parent}" in capsys.readouterr().err
+
+
+def test_the_entry_point_lists_and_dispatches_the_remote_commands(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert tuple(service_cli.REMOTE_COMMANDS) == COMMANDS
+    with pytest.raises(SystemExit):
+        service_cli.main(["--help"])
+    listed = capsys.readouterr().out
+    for name in ("up", "api", "worker", *COMMANDS):
+        assert f"\n    {name} " in listed
+    assert service_cli.main(["jobs", "--help"]) == 0
+    assert "Usage: bitserve jobs [OPTIONS] COMMAND" in capsys.readouterr().out
