@@ -121,6 +121,10 @@ def remote_command(func: Callable[..., R]) -> Callable[..., R]:
     )
     @functools.wraps(func)
     def command(url: str, api_key: str | None, as_json: bool, **kwargs: Any) -> R:
+        if not url.startswith(("http://", "https://")):
+            raise click.BadParameter(
+                f"{url!r} is no http:// or https:// URL", param_hint="'--url' / BITSERVE_URL"
+            )
         remote = Remote(url.rstrip("/"), api_key or None, as_json)
         try:
             with _one_line_errors(remote):
@@ -177,8 +181,6 @@ def _one_line_errors(remote: Remote) -> Iterator[None]:
         fail(f"the connection to {remote.url} failed: {exc or type(exc).__name__}")
     except httpx.InvalidURL as exc:
         fail(f"invalid --url {remote.url!r}: {exc}")
-    except httpx.UnsupportedProtocol:
-        fail(f"invalid --url {remote.url!r}: it must start with http:// or https://")
 
 
 def _hint(exc: ApiError) -> str:

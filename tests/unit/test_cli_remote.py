@@ -355,12 +355,17 @@ def test_a_service_that_is_not_running_is_one_line_and_exit_1(
         (["predict", "mdl_x", "/no/such.png"], "'/no/such.png' does not exist"),
         (["datasets", "upload", "/no/such/folder"], "'/no/such/folder' does not exist"),
         (["datasets", "list", "--limit", "-1"], "Invalid value for '--limit'"),
+        (
+            ["models", "list", "--url", "localhost:8000"],
+            "Invalid value for '--url' / BITSERVE_URL: 'localhost:8000' is no http:// or "
+            "https:// URL",
+        ),
     ],
 )
 def test_usage_errors_exit_2_before_any_request(
     argv: list[str], message: str, capsys: pytest.CaptureFixture[str], closed_url: str
 ) -> None:
-    assert main([*argv, "--url", closed_url]) == 2
+    assert main(argv if "--url" in argv else [*argv, "--url", closed_url]) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and message in captured.err
     assert "cannot reach" not in captured.err
