@@ -103,7 +103,14 @@ def title_of(markdown: str) -> str:
 
 def build(out_dir: Path, docs: Path = DOCS) -> Printed:
     """Write the HTML and the PDF of docs/normalization.md into out_dir; count the pages."""
+    from PIL import ImageFile
+
+    # weasyprint sets Pillow's process-wide LOAD_TRUNCATED_IMAGES on import; a process that
+    # goes on decoding other images (a test run) must still refuse truncated ones.
+    truncated = ImageFile.LOAD_TRUNCATED_IMAGES
     from weasyprint import HTML  # imported here: only this build needs it (and Pango)
+
+    ImageFile.LOAD_TRUNCATED_IMAGES = truncated
 
     markdown = (docs / SOURCE).read_text(encoding="utf-8")
     html = render_html(markdown, title_of(markdown))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 from experiments.normalization import printable
@@ -25,11 +27,23 @@ def _main_text_words(markdown: str) -> int:
 def test_pdf_builds_in_four_to_five_pages_and_the_committed_copies_are_current(
     tmp_path: Path,
 ) -> None:
-    printed = printable.build(tmp_path)
-
+    # The command CI runs (make docs-check), in its own process: the build must not change
+    # process-wide state of the test run (WeasyPrint flips a Pillow flag on import).
+    built = subprocess.run(
+        [sys.executable, "-m", "experiments.normalization.printable", "--out-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert built.returncode == 0, built.stderr
+    pages = printable.pdf_page_count(tmp_path / printable.PDF_NAME)
+    assert built.stdout.strip().endswith(f"{pages} A4 pages")
+    printed = printable.Printed(
+        tmp_path / printable.HTML_NAME, tmp_path / printable.PDF_NAME, pages
+    )
     assert printed.pages in printable.PAGES, f"{printed.pages} A4 pages"
     assert printed.pdf.read_bytes()[:5] == b"%PDF-"
-    assert printable.pdf_page_count(printed.pdf) == printed.pages
     # The committed HTML is what the committed Markdown renders to, and the committed PDF has
     # the page count of a fresh build (its bytes differ run to run: font subset timestamps).
     assert (DOCS / printable.HTML_NAME).read_text() == printed.html.read_text(), (
@@ -55,6 +69,13 @@ def test_main_text_is_about_two_thousand_words_with_a_glossary_first() -> None:
     assert glossary < markdown.index("## 1.")
     for term in ("*Device, data parallel*", "*Pre-training, fine-tuning*", "*Seed*", "*Head*"):
         assert markdown.index(term) < markdown.index("## 1.")
+
+
+def test_the_build_leaves_pillow_refusing_truncated_images(tmp_path: Path) -> None:
+    from PIL import ImageFile
+
+    printable.build(tmp_path)
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False
 
 
 def test_page_count_reader_refuses_a_non_pdf(tmp_path: Path) -> None:
