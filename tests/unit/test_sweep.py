@@ -59,6 +59,13 @@ def test_a_jobs_folder_is_an_orphan_once_its_job_ended_or_its_row_is_gone() -> N
     ]
 
 
+def test_an_evaluations_thumbnails_go_with_its_row() -> None:
+    kept, gone = new_id("eval"), new_id("eval")
+    folders = [folder(kept, 2 * HOUR), folder(gone, 2 * HOUR), folder(new_id("mdl"), 2 * HOUR)]
+    found = select_orphans("evaluations", folders, {kept: None}, NOW, HOUR)
+    assert [(o.kind, o.name, o.reason) for o in found] == [("evaluations", gone, "no row")]
+
+
 def test_an_upload_is_kept_while_its_dataset_is_processing_and_a_failed_dataset_goes() -> None:
     ids = {status: new_id("ds") for status in ("processing", "ready", "failed")}
     gone = new_id("ds")
