@@ -109,16 +109,28 @@ def objects(live_server_instance: LiveServer, tmp_path_factory: pytest.TempPathF
         assert job.status_code == 202, job.text
     torch.manual_seed(0)
     model_id, _ = publish_model(
-        state.db, state.storage, create_model("tiny-R10x0.25", 2), "tiny-R10x0.25", ["a", "b"], 32
+        state.db,
+        state.storage,
+        create_model("tiny-R10x0.25", 2),
+        "tiny-R10x0.25",
+        ["ant", "bee"],  # the dataset's classes: it can be evaluated on it
+        32,
     )
     with state.db.sessionmaker() as session:
         viewed = api_keys.create_key(
             session, tenant_id="default", scopes=[Scope.PREDICT], pepper=None, name="a key"
         )
+    with httpx.Client(base_url=server.url, headers=server.headers, timeout=60) as http:
+        evaluation = http.post(
+            f"/v1/models/{model_id}/evaluations", json={"dataset_id": dataset_id}
+        )
+        assert evaluation.status_code == 202, evaluation.text
     ids = {
         "dataset_id": dataset_id,
         "job_id": job.json()["id"],
         "model_id": model_id,
+        "evaluation_id": evaluation.json()["id"],
+        "index": "0",
         "key_id": viewed.row.id,
         "tenant": "default",
     }
@@ -133,6 +145,7 @@ BODIES: dict[str, Callable[[Objects], dict[str, Any]]] = {
     },
     "KeyCreate": lambda o: {"json": {"scopes": ["predict"]}},
     "QuotasUpdate": lambda o: {"json": {}},
+    "EvaluationCreate": lambda o: {"json": {"dataset_id": o.ids["dataset_id"]}},
     "multipart/form-data": lambda o: {"files": {"file": ("pets.zip", o.zip_bytes)}},
 }
 PREDICT_BODY = lambda o: {"files": [("files", ("a.png", o.png))]}  # noqa: E731
@@ -240,8 +253,14 @@ def test_a_key_without_the_routes_scope_answers_403(
             response = _call(http, request_of(route, objects), keys.by_scope[scope])
             _assert_error(response, 403, "insufficient_scope", route)
             assert response.json()["error"]["details"]["needed"] == sorted(route.scopes)
-    # Reading models is every non-admin scope's business (train and predict alike).
-    assert unrefusable == ["GET /v1/models", "GET /v1/models/{model_id}"]
+    # Reading models and their evaluations is every non-admin scope's business.
+    assert unrefusable == [
+        "GET /v1/models",
+        "GET /v1/models/{model_id}",
+        "GET /v1/models/{model_id}/evaluations",
+        "GET /v1/evaluations/{evaluation_id}",
+        "GET /v1/evaluations/{evaluation_id}/examples/{index}",
+    ]
 
 
 def test_another_tenants_admin_sees_404_for_our_objects(
