@@ -36,7 +36,7 @@ lock:
 	$(PIP_COMPILE) --extra dev --output-file requirements-dev.lock pyproject.toml
 
 # The test command (README): finds or starts Redis and PostgreSQL, never skips integration tests.
-test: install
+test: install browser
 	$(BIN)/python -m pytest
 
 test-unit: install
