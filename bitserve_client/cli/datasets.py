@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import click
 
 from bitserve_client.cli import render, watch
-from bitserve_client.cli.remote import Remote, limit_option, newest, remote_command
+from bitserve_client.cli.remote import (
+    Remote,
+    console_for,
+    limit_option,
+    newest,
+    remote_command,
+)
 from bitserve_client.errors import DatasetFailed
 from bitserve_client.files import zip_folder
 
@@ -30,22 +36,7 @@ def upload(remote: Remote, source: Path, name: str | None, no_wait: bool) -> Non
     Waits until the service has checked every image (the dataset is ready, or failed with the
     reason), showing its progress; exit status 1 if it failed.
     """
-    with tempfile.TemporaryDirectory(prefix="bitserve-upload-") as tmp:
-        archive = source
-        if source.is_dir():
-            # Named after the folder: the service names the dataset after the file.
-            archive = Path(tmp) / f"{source.resolve().name or 'dataset'}.zip"
-            remote.note(f"zipping {source}")
-            try:
-                zip_folder(source, archive)
-            except ValueError as exc:
-                raise click.BadParameter(str(exc), param_hint="DIR|ARCHIVE") from None
-        remote.note(f"uploading {archive.name} ({render.fmt_bytes(archive.stat().st_size)})")
-        dataset: dict[str, Any] = dict(remote.client.upload_dataset(archive, name, wait=False))
-    if not no_wait and dataset.get("status") == "processing":
-        display = watch.reporter(watch.DATASET, dataset["id"], remote.human, remote.console())
-        events = remote.client.watch_dataset(dataset["id"])
-        dataset = watch.follow(events, dataset, display)
+    dataset = send_dataset(remote, source, name, wait=not no_wait, stream=remote.human)
     remote.emit(dataset)
     if dataset.get("status") == "failed":
         raise DatasetFailed(dataset)
@@ -54,6 +45,42 @@ def upload(remote: Remote, source: Path, name: str | None, no_wait: bool) -> Non
         if dataset.get("status") != "processing"
         else f"dataset {dataset['id']} processing (follow it: bitserve datasets show {dataset['id']})"
     )
+
+
+def send_dataset(
+    remote: Remote,
+    source: Path,
+    name: str | None,
+    *,
+    wait: bool,
+    stream: IO[str],
+    param_hint: str = "DIR|ARCHIVE",
+) -> dict[str, Any]:
+    """Upload `source` (a folder is zipped first) and, with `wait`, follow its ingestion to its
+    end; the dataset as it is then. What it is doing goes to `stream` (`models evaluate` sends
+    it to stderr: its stdout is for the evaluation's summary)."""
+
+    def note(line: str) -> None:
+        stream.write(line + "\n")
+        stream.flush()
+
+    with tempfile.TemporaryDirectory(prefix="bitserve-upload-") as tmp:
+        archive = source
+        if source.is_dir():
+            # Named after the folder: the service names the dataset after the file.
+            archive = Path(tmp) / f"{source.resolve().name or 'dataset'}.zip"
+            note(f"zipping {source}")
+            try:
+                zip_folder(source, archive)
+            except ValueError as exc:
+                raise click.BadParameter(str(exc), param_hint=param_hint) from None
+        note(f"uploading {archive.name} ({render.fmt_bytes(archive.stat().st_size)})")
+        dataset: dict[str, Any] = dict(remote.client.upload_dataset(archive, name, wait=False))
+    if wait and dataset.get("status") == "processing":
+        display = watch.reporter(watch.DATASET, dataset["id"], stream, console_for(stream))
+        events = remote.client.watch_dataset(dataset["id"])
+        dataset = watch.follow(events, dataset, display)
+    return dataset
 
 
 @datasets.command("list")

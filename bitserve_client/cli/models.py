@@ -1,8 +1,8 @@
-"""`bitserve models list|show|export|delete` and `bitserve predict`.
+"""`bitserve models list|show|export|delete|evaluate|evaluations` and `bitserve predict`.
 
-A new models subcommand (`evaluate`, once the API has it) is one more function here:
-`@models.command()` + `@remote_command`, calling the client's method and passing the API's
-answer to `remote.emit(answer, lambda: <a table from render>)`; nothing else changes.
+A new models subcommand is one more function here: `@models.command()` + `@remote_command`,
+calling the client's method and passing the API's answer to `remote.emit(answer, lambda: <a
+table from render>)`; nothing else changes.
 """
 
 from __future__ import annotations
@@ -17,8 +17,10 @@ from typing import Any
 import click
 from rich.console import Group, RenderableType
 
-from bitserve_client.cli import render
-from bitserve_client.cli.remote import Remote, limit_option, newest, remote_command
+from bitserve_client.cli import render, watch
+from bitserve_client.cli.datasets import send_dataset
+from bitserve_client.cli.remote import Remote, console_for, limit_option, newest, remote_command
+from bitserve_client.errors import DatasetFailed, EvaluationFailed
 from bitserve_client.schema import Label
 
 # --format -> (the API's artifact format, the file's extension)
@@ -36,7 +38,7 @@ PREDICT_BATCH_BYTES = 32 * 1024 * 1024
 
 @click.group()
 def models() -> None:
-    """List, show, export and delete trained models."""
+    """List, show, export, evaluate and delete trained models."""
 
 
 @models.command("list")
@@ -122,6 +124,96 @@ def delete(remote: Remote, model_id: str) -> None:
     """Delete a model (and stop serving it)."""
     remote.client.delete_model(model_id)
     remote.emit({"id": model_id, "deleted": True}, lambda: f"deleted {model_id}")
+
+
+@models.command()
+@click.argument("model_id", metavar="MODEL")
+@click.argument("target", metavar="DATASET|DIR|ARCHIVE")
+@click.option("--name", help="The name of a dataset uploaded for it (default: the folder's).")
+@click.option(
+    "--no-wait", is_flag=True, help="Return once the evaluation is queued; do not wait for it."
+)
+@remote_command
+def evaluate(remote: Remote, model_id: str, target: str, name: str | None, no_wait: bool) -> None:
+    """Score a model on labelled images it was not trained on.
+
+    DATASET|DIR|ARCHIVE is a dataset's id, or a folder of <class>/<image> folders (or a
+    .zip/.tar.gz of one) to upload first; its classes must be named like the model's. Waits
+    for the evaluation (its progress on stderr), then prints accuracy, macro-F1, top-3
+    accuracy and the most confused pairs; exit status 1 if it failed.
+    """
+    dataset_id = _dataset_for(remote, target, name, wait=not no_wait)
+    evaluation: dict[str, Any] = dict(remote.client.evaluate_model(model_id, dataset_id))
+    if no_wait:
+        remote.emit(evaluation, lambda: render.evaluation_queued_line(evaluation))
+        return
+    final = _follow_evaluation(remote, evaluation)
+    if final.get("status") != "succeeded":
+        remote.emit(final)  # --json: the failed evaluation, as the API shows it
+        raise EvaluationFailed(final)
+
+    def view() -> RenderableType | str:
+        if not remote.out.isatty():
+            return "\n".join(render.evaluation_lines(final))
+        confused = render.confused_table(final.get("result") or {})
+        figures = render.details_table(render.evaluation_figures(final))
+        return Group(figures, "", confused if confused is not None else "most confused: none")
+
+    remote.emit(final, view)
+    if remote.as_json:
+        remote.note(render.evaluation_summary(final))
+
+
+def _dataset_for(remote: Remote, target: str, name: str | None, *, wait: bool) -> str:
+    """The dataset to evaluate on: `target` uploaded (a folder or an archive that exists here),
+    else `target` as a dataset id. Uploading says what it does on stderr."""
+    path = Path(target)
+    if not path.exists():
+        # Ids have neither a slash nor an extension: this was meant as a path, mistyped.
+        if "/" in target or target.endswith((".zip", ".tgz", ".gz")):
+            raise click.BadParameter(
+                f"no such folder or archive: {target}", param_hint="DATASET|DIR|ARCHIVE"
+            )
+        return target
+    dataset = send_dataset(
+        remote, path, name, wait=wait, stream=remote.err, param_hint="DATASET|DIR|ARCHIVE"
+    )
+    if dataset.get("status") == "failed":
+        raise DatasetFailed(dataset)
+    remote.note(
+        render.dataset_summary(dataset)
+        if dataset.get("status") == "ready"
+        else f"dataset {dataset['id']} processing (the evaluation waits for it)",
+        stderr=True,
+    )
+    return str(dataset["id"])
+
+
+def _follow_evaluation(remote: Remote, evaluation: dict[str, Any]) -> dict[str, Any]:
+    """The evaluation's progress on stderr until it ends; the ended evaluation. Ctrl-C stops
+    waiting only (exit status 130): the evaluation goes on."""
+    evaluation_id = evaluation["id"]
+    display = watch.reporter(watch.EVALUATION, evaluation_id, remote.err, console_for(remote.err))
+    events = watch.poll_evaluation(remote.client.get_evaluation, evaluation)
+    try:
+        return watch.follow(events, evaluation, display)
+    except KeyboardInterrupt:
+        remote.note(
+            f"stopped waiting; evaluation {evaluation_id} goes on (bitserve models "
+            f"evaluations {evaluation['model_id']})",
+            stderr=True,
+        )
+        click.get_current_context().exit(130)
+
+
+@models.command()
+@click.argument("model_id", metavar="MODEL")
+@limit_option
+@remote_command
+def evaluations(remote: Remote, model_id: str, limit: int) -> None:
+    """List a model's evaluations, newest first (its fine-tune's validation result last)."""
+    items = newest(lambda size: remote.client.list_evaluations(model_id, page_size=size), limit)
+    remote.emit(items, lambda: render.evaluations_table(items))
 
 
 @click.command()

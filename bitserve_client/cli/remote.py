@@ -22,7 +22,13 @@ import httpx
 from rich.console import Console, RenderableType
 
 from bitserve_client.client import DEFAULT_URL, BitserveClient
-from bitserve_client.errors import ApiError, DatasetFailed, DatasetTimeout, JobTimeout
+from bitserve_client.errors import (
+    ApiError,
+    DatasetFailed,
+    DatasetTimeout,
+    EvaluationFailed,
+    JobTimeout,
+)
 
 R = TypeVar("R")
 
@@ -94,10 +100,12 @@ class Remote:
         elif render is not None:
             show(self.console(), render())
 
-    def note(self, line: str) -> None:
-        """A line for people (stderr under --json)."""
-        self.human.write(line + "\n")
-        self.human.flush()
+    def note(self, line: str, *, stderr: bool = False) -> None:
+        """A line for people (stderr under --json, or with `stderr`: what a command does on
+        the way to its result, when stdout is for that result alone)."""
+        stream = self.err if stderr else self.human
+        stream.write(line + "\n")
+        stream.flush()
 
 
 def remote_command(func: Callable[..., R]) -> Callable[..., R]:
@@ -169,6 +177,8 @@ def _one_line_errors(remote: Remote) -> Iterator[None]:
         yield
     except DatasetFailed as exc:
         fail(f"{exc.code}: {exc.message} (dataset {exc.dataset_id} failed)")
+    except EvaluationFailed as exc:
+        fail(f"{exc.code}: {exc.message} (evaluation {exc.evaluation_id} failed)")
     except ApiError as exc:
         fail(f"{exc.code}: {exc.message}{_hint(exc)}")
     except (JobTimeout, DatasetTimeout) as exc:

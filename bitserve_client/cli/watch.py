@@ -1,5 +1,6 @@
-"""Following a job or a dataset's ingestion on the terminal, from the client's event stream
-(BitserveClient.watch_job / watch_dataset: Server-Sent Events, else polling).
+"""Following a job, a dataset's ingestion or an evaluation on the terminal, from the client's
+event stream (BitserveClient.watch_job / watch_dataset: Server-Sent Events, else polling) or,
+for an evaluation (the API has no stream for it), from `poll_evaluation`.
 
 Two displays of the same events: on a terminal a live rich bar (stage, bar, count, figures);
 anywhere else (a pipe, a CI log) plain lines: one when the stage changes (queued, preparing,
@@ -80,6 +81,56 @@ JOB = Kind(
     _job_figures,
 )
 DATASET = Kind(frozenset({"ready", "failed"}), _dataset_stage, _dataset_line, _dataset_figures)
+
+
+def _evaluation_line(evaluation_id: str, progress: Mapping[str, Any]) -> str | None:
+    if progress.get("done") is None:
+        return None
+    return render.evaluation_progress_line(evaluation_id, progress)
+
+
+def _evaluation_figures(status: str | None, progress: Mapping[str, Any]) -> Figures:
+    if status in EVALUATION_ENDED:
+        return 1, 1, "", ""
+    done, total = progress.get("done"), progress.get("total")
+    if done is None:
+        return 0, None, "", ""
+    return done, total, f"{done}/{total if total is not None else '?'} images", ""
+
+
+EVALUATION_ENDED = frozenset({"succeeded", "failed"})
+EVALUATION = Kind(
+    EVALUATION_ENDED,
+    lambda status, _: status or "unknown",
+    _evaluation_line,
+    _evaluation_figures,
+)
+# How often an evaluation is read while it runs: its worker stores the count of images scored
+# about once a second (worker/evaluate.py's heartbeat), so reading it faster shows nothing new.
+EVALUATION_POLL_S = 1.0
+
+
+def poll_evaluation(
+    get: Callable[[str], Mapping[str, Any]],
+    first: Mapping[str, Any],
+    *,
+    interval: float = EVALUATION_POLL_S,
+    sleep: Callable[[float], object] = time.sleep,
+) -> Iterator[JobEvent]:
+    """An evaluation's changes as the events `follow` reads (`status` when its status changes,
+    `progress` when its count does, `done` once it has ended), by reading it with `get` (the
+    client's get_evaluation) every `interval` seconds."""
+    current = dict(first)
+    while current.get("status") not in EVALUATION_ENDED:
+        sleep(interval)
+        now = dict(get(str(first["id"])))
+        if now.get("status") not in EVALUATION_ENDED:
+            if now.get("status") != current.get("status"):
+                yield JobEvent("status", now)
+            if now.get("progress") and now.get("progress") != current.get("progress"):
+                yield JobEvent("progress", dict(now["progress"]))
+        current = now
+    yield JobEvent("done", current)
 
 
 class Reporter(Protocol):

@@ -239,8 +239,14 @@ async function apiStream(method, path, signal) {
 // -- page state and rendering --------------------------------------------------------------------
 
 // curves: the followed job's CurveStore (curves.js); chart: its TrainingCurves; quality: the
-// number of the latest model view asked for (an older answer arriving later is dropped).
-const state = { follow: null, jobId: null, baseModels: [], ingest: null, curves: null, chart: null, quality: 0 };
+// number of the latest model view asked for (an older answer arriving later is dropped);
+// evaluations, evaluationView: the same for the evaluations list and the evaluation shown;
+// evaluating: the id of the evaluation this page follows; shown: the evaluation shown;
+// thumbnails: its blob: URLs (revoked when it goes).
+const state = {
+  follow: null, jobId: null, baseModels: [], ingest: null, curves: null, chart: null, quality: 0,
+  evaluations: 0, evaluationView: 0, evaluating: null, shown: null, thumbnails: [],
+};
 
 function showError(err) {
   const box = $("error");
@@ -654,6 +660,8 @@ async function refreshLists(select = {}) {
   // Only ready datasets can be planned and trained on; the list below shows every status.
   const ready = datasets.items.filter((d) => d.status === "ready");
   setOptions($("dataset-select"), ready, (d) => `${d.name} (${d.num_images} images, ${d.num_classes} classes)`, select.dataset);
+  const classNames = (d) => (d.classes || []).map((c) => c.name).join(", ");
+  setOptions($("evaluate-dataset"), ready, (d) => `${d.name} (${d.num_images} images: ${classNames(d)})`, select.dataset);
   let body = $("datasets-list").tBodies[0];
   body.replaceChildren();
   for (const d of datasets.items) {
@@ -729,6 +737,7 @@ async function showQuality() {
   const second = $("compare-model").value;
   if (!first) {
     $("quality-output").replaceChildren();
+    await showEvaluations(null);
     return;
   }
   const [a, b] = await Promise.all([
@@ -737,6 +746,124 @@ async function showQuality() {
   ]);
   if (ticket !== state.quality) return; // the choice changed while these loaded
   $("quality-output").replaceChildren(...(b ? comparisonView(a, b) : qualityView(a)));
+  await showEvaluations(first);
+}
+
+// -- evaluations (the model view's second half) ---------------------------------------------------
+
+// The evaluation shown goes (its thumbnails' blob: URLs with it); a view still loading is dropped.
+function clearEvaluationView() {
+  state.evaluationView += 1;
+  for (const url of state.thumbnails) URL.revokeObjectURL(url);
+  state.thumbnails = [];
+  state.shown = null;
+  $("evaluation-output").replaceChildren();
+}
+
+// The model's evaluations, newest first (its validation result, made with the model, last).
+async function showEvaluations(modelId) {
+  const ticket = ++state.evaluations;
+  const body = $("evaluations-list").tBodies[0];
+  if (!modelId) {
+    body.replaceChildren();
+    clearEvaluationView();
+    return;
+  }
+  const { items } = await api("GET", `/v1/models/${seg(modelId)}/evaluations`, { query: { limit: 100 } });
+  if (ticket !== state.evaluations) return; // another model was chosen meanwhile
+  if (state.shown && state.shown.model_id !== modelId) clearEvaluationView();
+  const when = (t) => (t ? new Date(t).toLocaleString() : "–");
+  body.replaceChildren();
+  for (const e of items) {
+    const row = body.insertRow();
+    const accuracy = e.result ? qualityPercent(e.result.accuracy) : "–";
+    [e.id, evaluationSource(e), evaluationStatus(e), accuracy, when(e.created_at)].forEach((t) => cell(row, t));
+    const actions = cell(row, "");
+    if (e.status === "succeeded") {
+      actions.append(button("Show", () => showEvaluation(e), `Show evaluation ${e.id}`));
+    } else if (e.status !== "failed" && state.evaluating !== e.id) {
+      actions.append(button("Follow", () => followEvaluation(e), `Follow evaluation ${e.id}`));
+    } else if (e.error) {
+      row.cells[2].title = e.error.message;
+    }
+  }
+}
+
+// One succeeded evaluation: its figures and tables (quality.js), then the worst examples'
+// thumbnails, fetched with the page's key and shown through blob: URLs (an <img src> to the API
+// would carry no key; the page's CSP allows blob: images for this).
+async function showEvaluation(evaluation) {
+  clearEvaluationView();
+  const ticket = state.evaluationView;
+  const { nodes, images } = evaluationView(evaluation);
+  state.shown = evaluation;
+  $("evaluation-output").replaceChildren(...nodes);
+  await Promise.all(images.map(async (img, index) => {
+    const response = await api("GET", `/v1/evaluations/${seg(evaluation.id)}/examples/${index}`, {
+      raw: true,
+      headers: { Accept: "image/jpeg" },
+    });
+    const blob = await response.blob();
+    if (ticket !== state.evaluationView) return; // another view replaced this one
+    const url = URL.createObjectURL(blob);
+    state.thumbnails.push(url);
+    img.src = url;
+  }));
+}
+
+function showEvaluationProgress(evaluation) {
+  $("evaluate-status").textContent = `Evaluation ${evaluation.id}: ${evaluationStatus(evaluation)}`;
+  // The count of images scored while it runs (the total once the worker has listed them); once
+  // it has succeeded, the result's.
+  const result = evaluation.result;
+  const p = evaluation.progress || {};
+  const scored = result ? result.num_examples + (result.skipped || 0) : p.done || 0;
+  const total = Math.max(1, result ? scored : Number.isFinite(p.total) ? p.total : 1);
+  const bar = $("evaluate-progress");
+  bar.hidden = false;
+  bar.max = total;
+  bar.value = Math.min(scored, total);
+  bar.textContent = `${Math.round((100 * Math.min(scored, total)) / total)}%`;
+}
+
+// Poll an evaluation (the API has no event stream for it) until it ends; then the model view's
+// list again, and the evaluation itself if it succeeded, or its error.
+async function followEvaluation(evaluation) {
+  const id = evaluation.id;
+  state.evaluating = id;
+  $("evaluate-button").disabled = true;
+  let current = evaluation;
+  try {
+    for (;;) {
+      showEvaluationProgress(current);
+      if (current.status === "succeeded" || current.status === "failed") break;
+      await new Promise((r) => setTimeout(r, 1000));
+      if (state.evaluating !== id) return; // the page follows another one now
+      current = await api("GET", `/v1/evaluations/${seg(id)}`);
+    }
+  } finally {
+    if (state.evaluating === id) {
+      state.evaluating = null;
+      $("evaluate-button").disabled = false;
+    }
+  }
+  const viewed = $("quality-model").value === current.model_id;
+  if (viewed) await showEvaluations(current.model_id);
+  if (current.status === "failed") {
+    const e = current.error || { code: "evaluation_failed", message: "the evaluation failed", details: {} };
+    throw new ApiError(0, e.code, `Evaluation ${id} failed: ${e.message} (${e.code})`, e.details);
+  }
+  if (viewed) await showEvaluation(current);
+}
+
+async function startEvaluation() {
+  const modelId = $("quality-model").value;
+  const datasetId = $("evaluate-dataset").value;
+  if (!modelId) throw new ApiError(0, "no_model", "Train a model first (or pick one).", {});
+  if (!datasetId) throw new ApiError(0, "no_dataset", "Upload a labelled dataset to evaluate on first.", {});
+  const evaluation = await api("POST", `/v1/models/${seg(modelId)}/evaluations`, { json: { dataset_id: datasetId } });
+  // Following marks it followed (no Follow button) before its first wait, so before the list.
+  await Promise.all([followEvaluation(evaluation), showEvaluations(modelId)]);
 }
 
 // Everything the page shows, loaded again (on start, and whenever the key changes).
@@ -795,6 +922,10 @@ function init() {
   $("refresh-lists").addEventListener("click", () => guarded(() => refreshLists()));
   $("quality-model").addEventListener("change", () => guarded(showQuality));
   $("compare-model").addEventListener("change", () => guarded(showQuality));
+  $("evaluate-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    guarded(startEvaluation);
+  });
   window.addEventListener("resize", () => { if (state.chart) state.chart.resize(); });
 
   const zone = $("drop-zone");

@@ -1,5 +1,7 @@
 // How good a model is, from its validation metrics (GET /v1/models/{id}: accuracy, macro-F1,
-// per-class precision/recall/F1, the confusion matrix), and two models side by side. Builds
+// per-class precision/recall/F1, the confusion matrix), two models side by side, and one of its
+// evaluations on another dataset (GET /v1/evaluations/{id}: the same figures, top-k accuracy,
+// the most confused pairs and the worst-scored examples, whose thumbnails app.js fetches). Builds
 // elements only (app.js fetches); styles come from style.css classes, and the few values that
 // vary per cell (a bar's length, a cell's share) are set through element.style, which the
 // page's Content-Security-Policy allows (style attributes in markup it would block).
@@ -46,8 +48,53 @@ function hasValidation(model) {
   return typeof m.accuracy === "number" && Array.isArray(m.confusion_matrix) && m.confusion_matrix.length > 0;
 }
 
+// An evaluation's result in the shape the model view draws (the figures sit where a model's
+// validation metrics do), so the per-class bars and the confusion matrix are drawn alike.
+function evaluationAsModel(evaluation) {
+  const result = evaluation.result || {};
+  return { id: evaluation.id, classes: result.classes || [], metrics: result };
+}
+
+// An evaluation's status in a few words: "queued", "running, 40 / 120 images",
+// "failed: unknown_labels", "succeeded".
+function evaluationStatus(evaluation) {
+  const p = evaluation.progress || {};
+  if (evaluation.status === "running" && Number.isFinite(p.done)) {
+    return `running, ${p.done} / ${Number.isFinite(p.total) ? p.total : "?"} images`;
+  }
+  if (evaluation.status === "failed") return `failed: ${evaluation.error ? evaluation.error.code : "unknown"}`;
+  return evaluation.status;
+}
+
+// What an evaluation scored: the job's held-back validation images, or a dataset.
+function evaluationSource(evaluation) {
+  if (evaluation.source === "validation") return "validation images (at training)";
+  return evaluation.dataset_id ? `dataset ${evaluation.dataset_id}` : "a deleted dataset";
+}
+
+// The summary of a succeeded evaluation: [what, value] texts, top-k accuracies included (the
+// API measures those not above the number of classes; the validation run measures none).
+function evaluationFigures(result) {
+  const rows = [
+    ["Accuracy", qualityPercent(result.accuracy)],
+    ["Macro-F1", qualityScore(result.macro_f1)],
+  ];
+  const topK = result.top_k_accuracy || {};
+  for (const k of Object.keys(topK).sort((a, b) => Number(a) - Number(b))) {
+    if (k !== "1") rows.push([`Top-${k} accuracy`, qualityPercent(topK[k])]);
+  }
+  if (!result.top_k_accuracy) rows.push(["Top-k accuracy", "not measured (validation at training scores top-1 only)"]);
+  rows.push(["Images", String(result.num_examples ?? "–")]);
+  if (result.skipped) rows.push(["Skipped (could not be decoded)", String(result.skipped)]);
+  rows.push(["Loss", qualityScore(result.loss)]);
+  return rows;
+}
+
 if (typeof module !== "undefined" && module.exports) {
-  module.exports = { rowShares, compareSummary, compareF1, hasValidation };
+  module.exports = {
+    rowShares, compareSummary, compareF1, hasValidation, evaluationAsModel, evaluationStatus,
+    evaluationSource, evaluationFigures,
+  };
 }
 
 // -- elements --------------------------------------------------------------------------------------
@@ -110,8 +157,8 @@ function qualitySummary(model) {
   return list;
 }
 
-function perClassTable(model) {
-  const { table, body } = qualityTable("Per class, on the validation images", "per-class", ["Class", "Images", "Precision", "Recall", "F1"]);
+function perClassTable(model, caption = "Per class, on the validation images") {
+  const { table, body } = qualityTable(caption, "per-class", ["Class", "Images", "Precision", "Recall", "F1"]);
   for (const c of model.metrics.per_class) {
     const row = body.insertRow();
     qualityRowHeader(row, c.label);
@@ -186,4 +233,59 @@ function comparisonView(a, b) {
     both.appendChild(box);
   }
   return [title, summary.table, f1.table, both];
+}
+
+// The most confused pairs of an evaluation, largest first: true class, predicted class, images.
+function confusedTable(result) {
+  const { table, body } = qualityTable("Most confused: true class given the wrong label", "confused", ["True class", "Predicted as", "Images"]);
+  for (const pair of result.most_confused || []) {
+    const row = body.insertRow();
+    qualityRowHeader(row, pair.label);
+    row.append(qualityEl("td", pair.predicted), qualityEl("td", String(pair.count)));
+  }
+  return table;
+}
+
+// The worst-scored examples (the lowest probability for their true class first), each a figure
+// whose <img> app.js fills with the fetched thumbnail. Returns {gallery, images}.
+function worstGallery(result) {
+  const gallery = qualityEl("div", null, "worst");
+  const images = [];
+  for (const w of result.worst || []) {
+    const figure = document.createElement("figure");
+    const img = qualityEl("img", null, "thumb");
+    img.alt = `${w.path}: a ${w.label} image predicted ${w.predicted}`;
+    const caption = qualityEl("figcaption");
+    const right = w.predicted === w.label;
+    caption.append(
+      qualityEl("span", w.path, "path"),
+      qualityEl("span", `true ${w.label} ${qualityPercent(w.label_score)}`),
+      right
+        ? qualityEl("span", "predicted right", "right")
+        : qualityEl("span", `predicted ${w.predicted} ${qualityPercent(w.predicted_score)}`, "wrong"),
+    );
+    figure.append(img, caption);
+    gallery.appendChild(figure);
+    images.push(img);
+  }
+  return { gallery, images };
+}
+
+// One evaluation: title, figures (top-k included), per-class bars, confusion matrix, most
+// confused pairs, worst examples. Returns {nodes, images} (the thumbnails' <img>s, in the order
+// of result.worst).
+function evaluationView(evaluation) {
+  const result = evaluation.result;
+  const title = qualityEl("h4", `Evaluation ${evaluation.id} of model ${evaluation.model_id} on ${evaluationSource(evaluation)}`);
+  const list = qualityEl("dl", null, "quality-summary evaluation-summary");
+  for (const [k, v] of evaluationFigures(result)) list.append(qualityEl("dt", k), qualityEl("dd", v));
+  const model = evaluationAsModel(evaluation);
+  const nodes = [title, list, perClassTable(model, "Per class, on the evaluated images")];
+  nodes.push(confusionTable(model, "Confusion matrix of the evaluation: rows are the true class, columns the predicted one"));
+  nodes.push((result.most_confused || []).length ? confusedTable(result) : qualityEl("p", "No image was given a wrong label.", "hint"));
+  const { gallery, images } = worstGallery(result);
+  if (images.length) {
+    nodes.push(qualityEl("h5", "Worst-scored examples: the lowest probability for their true class first"), gallery);
+  }
+  return { nodes, images };
 }

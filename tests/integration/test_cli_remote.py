@@ -27,6 +27,7 @@ from typing import Any
 import httpx
 import pytest
 
+from bitserve_client import BitserveClient
 from tests.imagegen import class_image, encode, make_image_folder
 from tests.integration.conftest import JobServer
 
@@ -347,6 +348,152 @@ def test_export_writes_the_apis_download(
     assert not [p.name for p in tmp_path.iterdir() if "part" in p.name or p.is_dir()]
 
 
+# -- evaluations -------------------------------------------------------------------------------
+
+EVAL_ID = r"eval_[a-z2-7]{20}"
+
+
+def evaluation_lines(evaluation: dict[str, Any]) -> list[str]:
+    """The summary `models evaluate` should print for the API's evaluation (a model of 2
+    classes: the API measures no top-3 accuracy for it)."""
+    r = evaluation["result"]
+    pairs = [f"{p['label']} -> {p['predicted']} {p['count']}" for p in r["most_confused"]]
+    return [
+        f"evaluation {evaluation['id']} succeeded",
+        f"model: {evaluation['model_id']}",
+        f"scored on: dataset {evaluation['dataset_id']}",
+        f"images: {r['num_examples']}",
+        f"accuracy: {r['accuracy'] * 100:.1f}%",
+        f"macro-F1: {r['macro_f1']:.4f}",
+        "top-3 accuracy: - (the model has 2 classes)",
+        f"loss: {r['loss']:.4f}",
+        f"most confused (true -> predicted): {', '.join(pairs) or 'none'}",
+    ]
+
+
+@pytest.fixture(scope="module")
+def held_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Images of the trained classes the model never saw (another seed)."""
+    root = tmp_path_factory.mktemp("cli-eval") / "held-out"
+    return make_image_folder(root, {"cat": 3, "dog": 4}, seed=77)
+
+
+@pytest.fixture(scope="module")
+def evaluated(cli: Cli, job: dict[str, Any], held_out: Path, job_server: JobServer) -> Run:
+    run = cli("models", "evaluate", job["model_id"], str(held_out))
+    assert run.rc == 0, f"{run.out}\n{run.err}\n{job_server.worker.log()[-4000:]}"
+    return run
+
+
+def test_evaluate_uploads_the_folder_waits_and_prints_the_apis_figures(
+    evaluated: Run, job: dict[str, Any], held_out: Path, api: httpx.Client
+) -> None:
+    evaluation_id = evaluated.lines[0].split()[1]
+    evaluation = api.get(f"/v1/evaluations/{evaluation_id}").json()
+    result = evaluation["result"]
+    assert (evaluation["status"], evaluation["model_id"]) == ("succeeded", job["model_id"])
+    assert (result["num_examples"], result["skipped"], result["classes"]) == (7, 0, ["cat", "dog"])
+    assert result["top_k_accuracy"] == {"1": result["accuracy"]}
+    # stdout: the summary alone, every figure the API's.
+    assert evaluated.lines == evaluation_lines(evaluation)
+    # stderr: the upload (as `datasets upload` says it), then the evaluation's stages and counts.
+    zipping, uploading, *middle = evaluated.err.splitlines()
+    assert zipping == f"zipping {held_out}"
+    assert re.fullmatch(r"uploading held-out\.zip \(\d+\.\d kB\)", uploading), uploading
+    ready = f"dataset {evaluation['dataset_id']} ready: 7 images in 2 classes (held-out)"
+    following = middle[middle.index(ready) + 1 :]
+    assert following[0] == f"{evaluation_id}: queued"
+    stage = r"(queued|running|scored \d+/(\d+|\?) images)"
+    assert all(re.fullmatch(rf"{evaluation_id}: {stage}", line) for line in following), following
+    assert "\r" not in evaluated.err
+
+
+def test_evaluate_a_dataset_by_id_json_and_the_list(
+    cli: Cli, evaluated: Run, job: dict[str, Any], api: httpx.Client
+) -> None:
+    model_id = job["model_id"]
+    first = api.get(f"/v1/evaluations/{evaluated.lines[0].split()[1]}").json()
+    run = cli("models", "evaluate", model_id, first["dataset_id"], "--json")
+    assert run.rc == 0, run.err
+    again = run.json()  # stdout: exactly the API's evaluation
+    assert again == api.get(f"/v1/evaluations/{again['id']}").json()
+    assert again["id"] != first["id"] and again["dataset_id"] == first["dataset_id"]
+    # The same model on the same images: the same figures.
+    for key in ("accuracy", "macro_f1", "confusion_matrix", "most_confused", "num_examples"):
+        assert again["result"][key] == first["result"][key], key
+    *progress, summary = run.err.splitlines()
+    r = again["result"]
+    assert summary == (
+        f"evaluation {again['id']} succeeded: 7 images, accuracy {r['accuracy'] * 100:.1f}%, "
+        f"macro-F1 {r['macro_f1']:.4f}, top-3 accuracy - (the model has 2 classes)"
+    )
+    assert progress[0] == f"{again['id']}: queued", progress
+
+    listed = cli("models", "evaluations", model_id, "--json")
+    items = api.get(f"/v1/models/{model_id}/evaluations").json()["items"]
+    assert listed.rc == 0 and listed.json() == items
+    assert [e["id"] for e in items[:2]] == [again["id"], first["id"]]  # newest first
+    table = cli("models", "evaluations", model_id)
+    assert table.lines[0].split() == [
+        "ID", "SOURCE", "STATUS", "ACCURACY", "MACRO-F1", "IMAGES", "DATASET", "CREATED"
+    ]  # fmt: skip
+    rows = [line.split() for line in table.lines[1:]]
+    assert [row[0] for row in rows] == [e["id"] for e in items]
+    validation = items[-1]["result"]  # the fine-tune's own validation result comes last
+    assert rows[-1][1:7] == [
+        "validation",
+        "succeeded",
+        f"{validation['accuracy'] * 100:.1f}%",
+        f"{validation['macro_f1']:.4f}",
+        "4",
+        "-",
+    ]
+    assert rows[0][1:7] == [
+        "dataset",
+        "succeeded",
+        f"{r['accuracy'] * 100:.1f}%",
+        f"{r['macro_f1']:.4f}",
+        "7",
+        first["dataset_id"],
+    ]
+
+
+def test_evaluate_no_wait_prints_the_queued_evaluation(
+    cli: Cli, evaluated: Run, job: dict[str, Any], api: httpx.Client, job_server: JobServer
+) -> None:
+    model_id = job["model_id"]
+    dataset_id = api.get(f"/v1/evaluations/{evaluated.lines[0].split()[1]}").json()["dataset_id"]
+    run = cli("models", "evaluate", model_id, dataset_id, "--no-wait")
+    assert run.rc == 0, run.err
+    match = re.fullmatch(
+        rf"evaluation ({EVAL_ID}) queued: model {model_id} on dataset {dataset_id} "
+        rf"\(see it: bitserve models evaluations {model_id}\)",
+        run.out.rstrip("\n"),
+    )
+    assert match, run.out
+    assert run.err == ""
+    server = job_server.server
+    with BitserveClient(server.url, api_key=server.key) as client:
+        done = client.wait_for_evaluation(match.group(1), timeout=120)  # before the model goes
+    assert done["status"] == "succeeded"
+
+
+def test_evaluate_on_unknown_labels_is_the_apis_422_on_one_line(
+    cli: Cli, job: dict[str, Any], tmp_path: Path
+) -> None:
+    zoo = make_image_folder(tmp_path / "zoo", {"cat": 2, "yak": 2}, seed=5)
+    run = cli("models", "evaluate", job["model_id"], str(zoo))
+    assert (run.rc, run.out) == (1, "")
+    assert run.err.splitlines()[-1] == (
+        "bitserve: unknown_labels: the model does not know the labels: yak (it knows: cat, "
+        "dog); evaluate on class folders named like its classes"
+    )
+    # Before it, the upload: the dataset itself was fine.
+    assert re.fullmatch(
+        r"dataset ds_[a-z2-7]{20} ready: 4 images in 2 classes \(zoo\)", run.err.splitlines()[-2]
+    )
+
+
 # -- errors ------------------------------------------------------------------------------------
 
 
@@ -357,6 +504,8 @@ def test_export_writes_the_apis_download(
         ["datasets", "show", "ds_nope"],
         ["models", "export", "mdl_nope"],
         ["predict", "mdl_nope", __file__],
+        ["models", "evaluate", "mdl_nope", "ds_nope"],
+        ["models", "evaluations", "mdl_nope"],
     ],
 )
 def test_an_unknown_id_is_the_apis_not_found_on_one_line(

@@ -86,6 +86,14 @@ PAGE_IDS = {
     "quality-model",
     "compare-model",
     "quality-output",
+    "evaluations",
+    "evaluate-form",
+    "evaluate-dataset",
+    "evaluate-button",
+    "evaluate-status",
+    "evaluate-progress",
+    "evaluations-list",
+    "evaluation-output",
 }
 # api("GET", `/v1/datasets/${seg(id)}/plan`, ...) and apiStream("GET", `...`, ...)
 CALL = re.compile(r"\bapi(?:Stream)?\(\s*\"(GET|POST|PUT|PATCH|DELETE)\"\s*,\s*`([^`]*)`")
@@ -215,6 +223,10 @@ def test_the_script_calls_only_routes_in_the_openapi(client: httpx.Client) -> No
         ("GET", "/v1/models/{}"),
         ("GET", "/v1/jobs/{}"),
         ("GET", "/v1/jobs/{}/metrics"),
+        ("GET", "/v1/models/{}/evaluations"),
+        ("POST", "/v1/models/{}/evaluations"),
+        ("GET", "/v1/evaluations/{}"),
+        ("GET", "/v1/evaluations/{}/examples/{}"),
     } <= set(calls)
     # No request bypasses api(): every /v1 path literal in the script is one of the calls.
     literals = re.findall(r"[`\"'](/v1/[^`\"']*)[`\"']", APP_JS.read_text())
@@ -392,6 +404,22 @@ const b = {id: "mdl_b", base_model: "tiny", classes: ["bee", "cat"], metrics: {a
 out.summaryRows = q.compareSummary(a, b);
 out.f1 = q.compareF1(a, b);
 out.validation = [q.hasValidation(a), q.hasValidation(b), q.hasValidation({metrics: null})];
+const evaluation = {id: "eval_x", model_id: "mdl_a", dataset_id: "ds_x", source: "dataset", status: "succeeded",
+  result: {accuracy: 0.75, macro_f1: 0.7333, loss: 0.61234, num_examples: 12, skipped: 1,
+    top_k_accuracy: {"5": 1.0, "1": 0.75, "3": 0.9167}, classes: ["ant", "bee"], per_class: [],
+    confusion_matrix: [[1, 0], [0, 1]]}};
+out.evalFigures = q.evaluationFigures(evaluation.result);
+out.validationFigures = q.evaluationFigures({...evaluation.result, top_k_accuracy: null, skipped: 0});
+out.evalModel = q.evaluationAsModel(evaluation).classes;
+out.evalStatus = [
+  {status: "queued", progress: {done: 0, total: null}},
+  {status: "running", progress: {done: 40, total: 120}},
+  {status: "running", progress: {done: 3, total: null}},
+  {status: "failed", error: {code: "unknown_labels", message: "m"}},
+  {status: "succeeded"},
+].map(q.evaluationStatus);
+out.evalSource = [evaluation, {source: "validation", dataset_id: null}, {source: "dataset", dataset_id: null}]
+  .map(q.evaluationSource);
 console.log(JSON.stringify(out));
 """
 
@@ -465,6 +493,33 @@ def test_the_curves_and_model_views_pure_parts_with_node() -> None:
         {"label": "cat", "a": None, "b": 0.5},
     ]
     assert out["validation"] == [True, False, False]
+    # An evaluation's figures: top-k in order (top-1 is the accuracy), the skipped images.
+    assert out["evalFigures"] == [
+        ["Accuracy", "75.0%"],
+        ["Macro-F1", "0.733"],
+        ["Top-3 accuracy", "91.7%"],
+        ["Top-5 accuracy", "100.0%"],
+        ["Images", "12"],
+        ["Skipped (could not be decoded)", "1"],
+        ["Loss", "0.612"],
+    ]
+    assert out["validationFigures"][2] == [
+        "Top-k accuracy",
+        "not measured (validation at training scores top-1 only)",
+    ]
+    assert out["evalModel"] == ["ant", "bee"]
+    assert out["evalStatus"] == [
+        "queued",
+        "running, 40 / 120 images",
+        "running, 3 / ? images",
+        "failed: unknown_labels",
+        "succeeded",
+    ]
+    assert out["evalSource"] == [
+        "dataset ds_x",
+        "validation images (at training)",
+        "a deleted dataset",
+    ]
 
 
 SHARED_SCOPE_CHECK = r"""

@@ -1,6 +1,7 @@
 """The web page in a real browser (Chromium through Playwright) against a live server and a
 real Celery worker: upload a generated dataset, train a tiny job while the page draws its
-curves, open the new model, compare it with a second one.
+curves, open the new model, evaluate it on a second dataset uploaded on the page (its confusion
+matrix, figures and worst examples' thumbnails), compare it with a second model.
 
 What a browser adds to test_ui.py's node runs: the real uPlot drawing into real canvases, the
 real Content-Security-Policy (a violation is a console error, and any console error or
@@ -45,6 +46,7 @@ CHROMIUM_ARGS = [
 REPO = Path(__file__).resolve().parents[2]
 README_SCREENSHOT = REPO / "docs" / "screenshots" / "web-model.png"
 CLASSES = {"ant": 10, "bee": 10, "cat": 10}
+HELD_OUT = {"ant": 4, "bee": 4, "cat": 4}  # evaluated on the page
 TRAIN_TIMEOUT_MS = 180_000
 
 
@@ -115,6 +117,106 @@ def _confusion(page: Page, table: str) -> dict[str, Any]:
 
 def _shares(counts: list[list[int]]) -> list[list[float]]:
     return [[round(c / sum(row), 3) if sum(row) else 0.0 for c in row] for row in counts]
+
+
+def _evaluate_on_the_page(
+    page: Page,
+    url: str,
+    headers: dict[str, str],
+    model: dict[str, Any],
+    tmp_path: Path,
+    shots: Path,
+) -> None:
+    """Upload a second labelled dataset on the page, evaluate the model on it from the model
+    view, and check what the page shows against GET /v1/evaluations/{id}."""
+    held_out = make_archive(make_image_folder(tmp_path / "held-out", HELD_OUT, seed=21))
+    page.set_input_files("#upload-file", str(held_out))
+    page.fill("#upload-name", "browser held-out")
+    page.click("#upload-button")
+    expect(page.locator("#upload-status")).to_have_text("Uploaded: 12 images in 3 classes.")
+    title = page.text_content("#dataset-title") or ""
+    dataset_id = title.split("(", 1)[1].split(")", 1)[0]
+    # The new dataset is the one offered to evaluate on; the model view still shows the model.
+    assert page.input_value("#evaluate-dataset") == dataset_id
+    assert page.input_value("#quality-model") == model["id"]
+    page.click("#evaluate-button")
+    expect(page.locator("#evaluate-status")).to_have_text(
+        re.compile(r"^Evaluation eval_\w+: succeeded$"), timeout=TRAIN_TIMEOUT_MS
+    )
+    evaluation_id = (page.text_content("#evaluate-status") or "").split()[1].rstrip(":")
+    page.wait_for_selector("#evaluation-output table.confusion")
+    with httpx.Client(base_url=url, headers=headers, timeout=30) as http:
+        evaluation = http.get(f"/v1/evaluations/{evaluation_id}").json()
+        listed = http.get(f"/v1/models/{model['id']}/evaluations").json()["items"]
+    result = evaluation["result"]
+    assert (evaluation["dataset_id"], result["num_examples"]) == (dataset_id, 12)
+    assert page.eval_on_selector("#evaluate-progress", "p => [p.value, p.max]") == [12, 12]
+
+    # The list: the model's evaluations as the API lists them, the new one first, the
+    # fine-tune's validation (made with the model) last.
+    rows = page.eval_on_selector(
+        "#evaluations-list",
+        "t => [...t.tBodies[0].rows].map(r => [...r.cells].slice(0, 4).map(c => c.textContent))",
+    )
+    assert [r[0] for r in rows] == [e["id"] for e in listed]
+    assert rows[0] == [evaluation_id, f"dataset {dataset_id}", "succeeded", _pct(result)]
+    assert rows[-1][1:3] == ["validation images (at training)", "succeeded"]
+
+    # The evaluation: its confusion matrix is the API's, cell by cell, shaded by share.
+    seen = _confusion(page, "#evaluation-output table.confusion")
+    counts = result["confusion_matrix"]
+    assert seen["labels"] == result["classes"] == model["classes"]
+    assert seen["counts"] == counts and sum(map(sum, counts)) == 12
+    assert seen["shares"] == _shares(counts)
+    bars = page.eval_on_selector_all(
+        "#evaluation-output table.per-class .bar-fill", "els => els.map(e => e.style.width)"
+    )
+    expected = [c[k] for c in result["per_class"] for k in ("precision", "recall", "f1")]
+    assert [float(b.removesuffix("%")) for b in bars] == pytest.approx([100 * v for v in expected])
+    figures = page.eval_on_selector(
+        "#evaluation-output dl.evaluation-summary",
+        "d => [...d.querySelectorAll('dt')].map(dt => [dt.textContent, dt.nextElementSibling.textContent])",
+    )
+    top_k = result["top_k_accuracy"]
+    assert sorted(top_k) == ["1", "3"]  # 3 classes: top-5 is not measured
+    assert figures == [
+        ["Accuracy", _pct(result)],
+        ["Macro-F1", f"{result['macro_f1']:.3f}"],
+        ["Top-3 accuracy", f"{100 * top_k['3']:.1f}%"],
+        ["Images", "12"],
+        ["Loss", f"{result['loss']:.3f}"],
+    ]
+    if result["most_confused"]:
+        pairs = page.eval_on_selector(
+            "#evaluation-output table.confused",
+            "t => [...t.tBodies[0].rows].map(r => [...r.cells].map(c => c.textContent))",
+        )
+        assert pairs == [
+            [p["label"], p["predicted"], str(p["count"])] for p in result["most_confused"]
+        ]
+
+    # The worst examples: one thumbnail each, fetched with the key, shown from blob: URLs
+    # (the CSP's img-src allows them; a refused image would be a console error).
+    worst = result["worst"]
+    assert len(worst) == 12
+    thumbs = page.locator("#evaluation-output img.thumb")
+    assert thumbs.count() == len(worst)
+    for i in range(len(worst)):
+        expect(thumbs.nth(i)).to_have_attribute("src", re.compile("^blob:"))
+        expect(thumbs.nth(i)).to_have_js_property("complete", True)
+    sizes = page.eval_on_selector_all(
+        "#evaluation-output img.thumb", "els => els.map(e => [e.naturalWidth, e.naturalHeight])"
+    )
+    assert all(0 < w <= 128 and 0 < h <= 128 for w, h in sizes), sizes
+    captions = page.eval_on_selector_all(
+        "#evaluation-output .worst figcaption .path", "els => els.map(e => e.textContent)"
+    )
+    assert captions == [w["path"] for w in worst]
+    page.locator("#evaluations").screenshot(path=str(shots / "evaluation.png"))
+
+
+def _pct(result: dict[str, Any]) -> str:
+    return f"{100 * result['accuracy']:.1f}%"
 
 
 def test_the_page_trains_draws_curves_and_shows_the_model_in_a_browser(
@@ -217,6 +319,8 @@ def test_the_page_trains_draws_curves_and_shows_the_model_in_a_browser(
         if os.environ.get("BITSERVE_UPDATE_SCREENSHOTS") == "1":
             README_SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(shots / "model.png", README_SCREENSHOT)
+
+        _evaluate_on_the_page(page, server.url, server.headers, model, tmp_path, shots)
 
         # Side by side with a second model: both matrices, each its own model's.
         other = _other_model(job_server, model["classes"])

@@ -182,6 +182,178 @@ def test_predictions_table() -> None:
     ]
 
 
+# -- evaluations -------------------------------------------------------------------------------
+
+
+def evaluation(status: str = "succeeded", **fields: Any) -> dict[str, Any]:
+    result = {
+        "accuracy": 0.75,
+        "loss": 0.61234,
+        "macro_f1": 0.733333,
+        "num_examples": 12,
+        "per_class": [],
+        "confusion_matrix": [[4, 0, 0], [2, 1, 0], [1, 0, 4]],
+        "top_k_accuracy": {"1": 0.75, "3": 1.0},
+        "most_confused": [
+            {"label": "bee", "predicted": "ant", "count": 2},
+            {"label": "cow", "predicted": "ant", "count": 1},
+        ],
+        "classes": ["ant", "bee", "cow"],
+        "labels_evaluated": ["ant", "bee", "cow"],
+        "skipped": 0,
+        "worst": [],
+    }
+    base: dict[str, Any] = {
+        "id": "eval_x",
+        "model_id": "mdl_y",
+        "dataset_id": "ds_z",
+        "source": "dataset",
+        "status": status,
+        "progress": None,
+        "result": result if status == "succeeded" else None,
+        "error": None,
+        "created_at": "2026-12-02T08:30:00.5Z",
+    }
+    return {**base, **fields}
+
+
+def test_an_evaluation_in_plain_lines() -> None:
+    assert render.evaluation_lines(evaluation()) == [
+        "evaluation eval_x succeeded",
+        "model: mdl_y",
+        "scored on: dataset ds_z",
+        "images: 12",
+        "accuracy: 75.0%",
+        "macro-F1: 0.7333",
+        "top-3 accuracy: 100.0%",
+        "loss: 0.6123",
+        "most confused (true -> predicted): bee -> ant 2, cow -> ant 1",
+    ]
+    assert render.evaluation_summary(evaluation()) == (
+        "evaluation eval_x succeeded: 12 images, accuracy 75.0%, macro-F1 0.7333, "
+        "top-3 accuracy 100.0%"
+    )
+
+
+def test_an_evaluation_without_top_3_skipped_images_or_confusion() -> None:
+    done = evaluation()
+    result = {
+        **done["result"],
+        "top_k_accuracy": {"1": 1.0},
+        "classes": ["ant", "bee"],
+        "most_confused": [],
+        "skipped": 2,
+    }
+    lines = render.evaluation_lines({**done, "result": result})
+    assert lines[3:] == [
+        "images: 12 (2 skipped: could not be decoded)",
+        "accuracy: 75.0%",
+        "macro-F1: 0.7333",
+        "top-3 accuracy: - (the model has 2 classes)",
+        "loss: 0.6123",
+        "most confused (true -> predicted): none",
+    ]
+    assert render.confused_table(result) is None
+    # The fine-tune's own validation result: scored top-1 only, on no dataset.
+    validation = {**done, "source": "validation", "dataset_id": None}
+    validation["result"] = {**done["result"], "top_k_accuracy": None, "loss": None}
+    assert render.evaluation_lines(validation)[2:8] == [
+        "scored on: the fine-tune's validation images",
+        "images: 12",
+        "accuracy: 75.0%",
+        "macro-F1: 0.7333",
+        "top-3 accuracy: - (not measured)",
+        "loss: -",
+    ]
+
+
+def test_an_evaluation_on_a_terminal_is_two_tables() -> None:
+    done = evaluation()
+    assert rendered(render.details_table(render.evaluation_figures(done))) == [
+        "evaluation      eval_x",
+        "model           mdl_y",
+        "scored on       dataset ds_z",
+        "images          12",
+        "accuracy        75.0%",
+        "macro-F1        0.7333",
+        "top-3 accuracy  100.0%",
+        "loss            0.6123",
+    ]
+    assert rendered(render.confused_table(done["result"])) == [
+        "TRUE LABEL  PREDICTED  IMAGES",
+        "bee         ant        2",
+        "cow         ant        1",
+    ]
+
+
+def test_evaluations_table_and_lines() -> None:
+    items = [
+        evaluation("running", progress={"done": 40, "total": 120}, result=None),
+        evaluation("queued", id="eval_q", progress={"done": 0, "total": None}),
+        evaluation("failed", id="eval_f", error={"code": "unknown_labels", "message": "m"}),
+        evaluation(id="eval_v", source="validation", dataset_id=None),
+    ]
+    assert rendered(render.evaluations_table(items)) == [
+        "ID      SOURCE      STATUS                  ACCURACY  MACRO-F1  IMAGES  DATASET  CREATED",
+        "eval_x  dataset     running 40/120          -         -         -       ds_z     2026-12-02 08:30:00Z",
+        "eval_q  dataset     queued                  -         -         -       ds_z     2026-12-02 08:30:00Z",
+        "eval_f  dataset     failed: unknown_labels  -         -         -       ds_z     2026-12-02 08:30:00Z",
+        "eval_v  validation  succeeded               75.0%     0.7333    12      -        2026-12-02 08:30:00Z",
+    ]
+    assert render.evaluation_progress_line("eval_x", {"done": 3, "total": None}) == (
+        "eval_x: scored 3/? images"
+    )
+    queued = evaluation("queued")
+    assert render.evaluation_queued_line(queued) == (
+        "evaluation eval_x queued: model mdl_y on dataset ds_z "
+        "(see it: bitserve models evaluations mdl_y)"
+    )
+
+
+def test_an_evaluation_is_polled_into_the_events_follow_reads() -> None:
+    answers = iter(
+        [
+            evaluation("queued"),
+            evaluation("running", progress={"done": 0, "total": None}),
+            evaluation("running", progress={"done": 0, "total": None}),  # nothing new
+            evaluation("running", progress={"done": 8, "total": 12}),
+            evaluation(),
+        ]
+    )
+    asked: list[str] = []
+    slept: list[float] = []
+
+    def get(evaluation_id: str) -> dict[str, Any]:
+        asked.append(evaluation_id)
+        return next(answers)
+
+    events = list(
+        watch.poll_evaluation(get, evaluation("queued"), interval=0.5, sleep=slept.append)
+    )
+    assert [(e.event, e.data.get("status", e.data.get("done"))) for e in events] == [
+        ("status", "running"),
+        ("progress", 0),
+        ("progress", 8),
+        ("done", "succeeded"),
+    ]
+    assert events[-1].data == evaluation()
+    assert (asked, slept) == (["eval_x"] * 5, [0.5] * 5)
+    # Shown as plain lines: the stage when it changes, the count of images scored.
+    clock, lines = Clock(), []
+    display = watch.PlainLines(watch.EVALUATION, "eval_x", lines.append, clock=clock)
+    final = watch.follow(iter(events), evaluation("queued"), display)
+    assert final == evaluation()
+    assert lines == ["eval_x: queued", "eval_x: running", "eval_x: scored 0/? images"]
+    # (8/12 came within 5 s of 0/?: not printed; the summary follows.)
+    # A terminal: a live bar counting the images.
+    stream = Terminal()
+    console = Console(file=stream, force_terminal=True, width=120)
+    bar = watch.reporter(watch.EVALUATION, "eval_x", stream, console)
+    assert isinstance(bar, watch.LiveBar)
+    assert watch.follow(iter(events), evaluation("queued"), bar) == evaluation()
+    assert "8/12 images" in stream.getvalue() and "running" in stream.getvalue()
+
+
 # -- --set -------------------------------------------------------------------------------------
 
 
@@ -352,6 +524,15 @@ def test_a_service_that_is_not_running_is_one_line_and_exit_1(
         (["jobs", "list", "--status", "done"], "Invalid value for '--status'"),
         (["models", "export", "mdl_x", "--format", "pt"], "Invalid value for '--format'"),
         (["predict", "mdl_x"], "Missing argument 'IMAGE...'"),
+        (["models", "evaluate", "mdl_x"], "Missing argument 'DATASET|DIR|ARCHIVE'"),
+        (
+            ["models", "evaluate", "mdl_x", "photos/held-out"],
+            "Invalid value for DATASET|DIR|ARCHIVE: no such folder or archive: photos/held-out",
+        ),
+        (
+            ["models", "evaluate", "mdl_x", "held-out.zip"],
+            "no such folder or archive: held-out.zip",
+        ),
         (["predict", "mdl_x", "/no/such.png"], "'/no/such.png' does not exist"),
         (["datasets", "upload", "/no/such/folder"], "'/no/such/folder' does not exist"),
         (["datasets", "list", "--limit", "-1"], "Invalid value for '--limit'"),
@@ -376,6 +557,9 @@ def test_an_empty_folder_is_a_usage_error(
 ) -> None:
     assert main(["datasets", "upload", str(tmp_path), "--url", closed_url]) == 2
     assert "has no files to upload" in capsys.readouterr().err
+    assert main(["models", "evaluate", "mdl_x", str(tmp_path), "--url", closed_url]) == 2
+    err = capsys.readouterr().err
+    assert "Invalid value for DATASET|DIR|ARCHIVE" in err and "has no files to upload" in err
 
 
 def test_export_to_a_missing_folder_is_a_usage_error(
