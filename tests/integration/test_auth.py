@@ -109,8 +109,23 @@ def objects(live_server_instance: LiveServer, tmp_path_factory: pytest.TempPathF
         assert job.status_code == 202, job.text
     torch.manual_seed(0)
     model_id, _ = publish_model(
-        state.db, state.storage, create_model("tiny-R10x0.25", 2), "tiny-R10x0.25", ["a", "b"], 32
+        state.db,
+        state.storage,
+        create_model("tiny-R10x0.25", 2),
+        "tiny-R10x0.25",
+        ["ant", "bee"],
+        32,
     )
+    with httpx.Client(base_url=server.url, headers=server.headers, timeout=60) as http:
+        # Queued: this server's worker takes the ingest queue only.
+        evaluation = http.post(
+            f"/v1/models/{model_id}/evaluations", json={"dataset_id": dataset_id}
+        )
+        assert evaluation.status_code == 202, evaluation.text
+        batch = http.post(
+            f"/v1/models/{model_id}/batch-predictions", json={"dataset_id": dataset_id}
+        )
+        assert batch.status_code == 202, batch.text
     with state.db.sessionmaker() as session:
         viewed = api_keys.create_key(
             session, tenant_id="default", scopes=[Scope.PREDICT], pepper=None, name="a key"
@@ -121,6 +136,9 @@ def objects(live_server_instance: LiveServer, tmp_path_factory: pytest.TempPathF
         "model_id": model_id,
         "key_id": viewed.row.id,
         "tenant": "default",
+        "evaluation_id": evaluation.json()["id"],
+        "index": "0",
+        "batch_prediction_id": batch.json()["id"],
     }
     png = encode(class_image(0, 2, (40, 48), seed=9), "PNG")
     return Objects(ids, archive.getvalue(), png)
@@ -131,6 +149,8 @@ BODIES: dict[str, Callable[[Objects], dict[str, Any]]] = {
     "JobCreate": lambda o: {
         "json": {"dataset_id": o.ids["dataset_id"], "base_model": "tiny-R10x0.25"}
     },
+    "EvaluationCreate": lambda o: {"json": {"dataset_id": o.ids["dataset_id"]}},
+    "BatchPredictionCreate": lambda o: {"json": {"dataset_id": o.ids["dataset_id"]}},
     "KeyCreate": lambda o: {"json": {"scopes": ["predict"]}},
     "QuotasUpdate": lambda o: {"json": {}},
     "multipart/form-data": lambda o: {"files": {"file": ("pets.zip", o.zip_bytes)}},
@@ -195,7 +215,7 @@ def _assert_error(response: httpx.Response, status: int, code: str, route: Route
 
 
 def test_the_walk_sees_every_route(routes: list[Route]) -> None:
-    assert len(routes) == 29  # with job metrics and the 4 evaluation routes
+    assert len(routes) == 34  # with job metrics, 4 evaluation and 5 batch prediction routes
     assert {str(r) for r in routes if r.scopes == {"admin"}} >= {
         "POST /v1/keys",
         "GET /v1/keys",
@@ -240,8 +260,18 @@ def test_a_key_without_the_routes_scope_answers_403(
             response = _call(http, request_of(route, objects), keys.by_scope[scope])
             _assert_error(response, 403, "insufficient_scope", route)
             assert response.json()["error"]["details"]["needed"] == sorted(route.scopes)
-    # Reading models is every non-admin scope's business (train and predict alike).
-    assert unrefusable == ["GET /v1/models", "GET /v1/models/{model_id}"]
+    # Reading models, their evaluations and batch predictions is every non-admin scope's
+    # business (train and predict alike).
+    assert sorted(unrefusable) == [
+        "GET /v1/batch-predictions/{batch_prediction_id}",
+        "GET /v1/batch-predictions/{batch_prediction_id}/output",
+        "GET /v1/evaluations/{evaluation_id}",
+        "GET /v1/evaluations/{evaluation_id}/examples/{index}",
+        "GET /v1/models",
+        "GET /v1/models/{model_id}",
+        "GET /v1/models/{model_id}/batch-predictions",
+        "GET /v1/models/{model_id}/evaluations",
+    ]
 
 
 def test_another_tenants_admin_sees_404_for_our_objects(
