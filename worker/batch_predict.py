@@ -128,7 +128,12 @@ def _run(db: Database, storage: Storage, settings: Settings, batch: Batch, worke
     output = storage.shared_dir(KIND, batch.id) / output_name(batch.format)
     k = max(1, min(batch.top_k, batch.num_classes))
     with _heartbeat(db, settings, batch.id, worker_id, lost):
-        if not _output_ready(storage, batch.id, output):
+        if _output_ready(storage, batch.id, output):
+            # A previous attempt wrote it, then died: count every shard (a cancel asked for
+            # meanwhile comes too late, as after the last shard).
+            if _record(db, batch.id, worker_id, shards, [True] * len(shards)) == "lost":
+                return _lost(batch.id)
+        else:
             done = [_shard_done(storage, batch, i) for i in range(len(shards))]
             if any(done):
                 log.info(

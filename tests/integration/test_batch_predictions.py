@@ -332,7 +332,6 @@ def test_a_running_batch_prediction_stops_after_its_shard_and_its_files_go(slow:
     assert f"batch prediction {row.id} cancelled" in log
 
 
-@pytest.mark.slow
 def test_a_killed_worker_hands_on_and_no_shard_is_computed_twice(slow: Slow) -> None:
     """SIGKILL after 2+ shards: the next worker's reconciler gives the batch prediction back
     to the queue once its heartbeat is stale (4 s), and that worker skips every shard the
