@@ -4,6 +4,8 @@ service imports)."""
 from bitserve_client.client import BitserveClient
 from bitserve_client.errors import (
     ApiError,
+    BatchPredictionFailed,
+    BatchPredictionTimeout,
     BitserveError,
     DatasetFailed,
     DatasetTimeout,
@@ -13,6 +15,7 @@ from bitserve_client.errors import (
 from bitserve_client.files import zip_folder
 from bitserve_client.schema import (
     BaseModel,
+    BatchPrediction,
     Dataset,
     IngestProgress,
     IngestProgressEvent,
@@ -31,6 +34,9 @@ from bitserve_client.schema import (
 __all__ = [
     "ApiError",
     "BaseModel",
+    "BatchPrediction",
+    "BatchPredictionFailed",
+    "BatchPredictionTimeout",
     "BitserveClient",
     "BitserveError",
     "Dataset",

@@ -36,6 +36,8 @@ import httpx
 
 from bitserve_client.errors import (
     ApiError,
+    BatchPredictionFailed,
+    BatchPredictionTimeout,
     DatasetFailed,
     DatasetTimeout,
     EvaluationFailed,
@@ -49,6 +51,7 @@ from bitserve_client.retries import IDEMPOTENT_METHODS, RetryPolicy
 from bitserve_client.schema import (
     AuditEvent,
     BaseModel,
+    BatchPrediction,
     Dataset,
     Evaluation,
     IngestProgressEvent,
@@ -421,6 +424,80 @@ class BitserveClient:
         """The JPEG thumbnail of one of the evaluation's worst-scored examples."""
         path = f"/v1/evaluations/{_seg(evaluation_id)}/examples/{int(index)}"
         return self._request("GET", path).content
+
+    # -- batch predictions ---------------------------------------------------------------------
+
+    def create_batch_prediction(
+        self, model_id: str, dataset_id: str, *, top_k: int = 5, format: str = "csv"
+    ) -> BatchPrediction:
+        """Ask a worker to predict every file of a dataset with the model (its class folders
+        are ignored) into one CSV or JSONL file (format "csv" or "jsonl"); returns the queued
+        batch prediction. Files not yet on the server: `upload_dataset` them first (a folder
+        or archive of class folders), then pass its id here."""
+        body = {"dataset_id": dataset_id, "top_k": top_k, "format": format}
+        path = f"/v1/models/{_seg(model_id)}/batch-predictions"
+        return cast(BatchPrediction, self._request("POST", path, json=body).json())
+
+    def get_batch_prediction(self, batch_id: str) -> BatchPrediction:
+        return cast(BatchPrediction, self._get(f"/v1/batch-predictions/{_seg(batch_id)}"))
+
+    def list_batch_predictions(
+        self, model_id: str, *, page_size: int = PAGE_SIZE
+    ) -> Iterator[BatchPrediction]:
+        """The model's batch predictions, newest first."""
+        path = f"/v1/models/{_seg(model_id)}/batch-predictions"
+        return cast(Iterator[BatchPrediction], self._pages(path, {}, page_size))
+
+    def cancel_batch_prediction(self, batch_id: str) -> BatchPrediction:
+        """Cancel it: a queued one at once, a running one after its current shard."""
+        path = f"/v1/batch-predictions/{_seg(batch_id)}/cancel"
+        return cast(BatchPrediction, self._request("POST", path).json())
+
+    def wait_for_batch_prediction(
+        self,
+        batch_id: str,
+        timeout: float | None = None,
+        *,
+        poll_interval: float = 1.0,
+        on_progress: Callable[[BatchPrediction], None] | None = None,
+    ) -> BatchPrediction:
+        """Poll until the batch prediction ends; return it if it succeeded, else raise
+        BatchPredictionFailed (failed, with the server's error, or cancelled);
+        BatchPredictionTimeout after `timeout` seconds (it keeps running). `on_progress` gets
+        each polled state."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            batch = self.get_batch_prediction(batch_id)
+            if on_progress is not None:
+                on_progress(batch)
+            if batch["status"] == "succeeded":
+                return batch
+            if batch["status"] in ("failed", "cancelled"):
+                raise BatchPredictionFailed(dict(batch))
+            if deadline is not None and time.monotonic() >= deadline:
+                raise BatchPredictionTimeout(batch_id, timeout or 0.0, dict(batch))
+            time.sleep(poll_interval)
+
+    def download_batch_predictions(self, batch_id: str, dest: str | os.PathLike[str]) -> Path:
+        """Save a succeeded batch prediction's output to `dest` (a file, or a folder to put
+        `<id>-predictions.csv` or `.jsonl` in); the file appears only once complete. 409
+        `not_finished` (an ApiError) before it succeeded."""
+        target = Path(dest)
+        path = f"/v1/batch-predictions/{_seg(batch_id)}/output"
+        with self._stream("GET", path) as response:
+            if target.is_dir():
+                kind = response.headers.get("content-type", "")
+                suffix = "jsonl" if kind.startswith("application/x-ndjson") else "csv"
+                target = target / f"{batch_id}-predictions.{suffix}"
+            partial = target.with_name(target.name + ".part")
+            try:
+                with partial.open("wb") as out:
+                    for chunk in response.iter_bytes(1 << 20):
+                        out.write(chunk)
+                partial.replace(target)
+            finally:
+                partial.unlink(missing_ok=True)
+        return target
 
     def predict(
         self, model_id: str, images: Sequence[ImageInput], top_k: int = 5

@@ -142,6 +142,34 @@ class EvaluationTimeout(BitserveError, TimeoutError):
         )
 
 
+class BatchPredictionFailed(BitserveError):
+    """A batch prediction ended without an output: failed (with the server's error) or
+    cancelled."""
+
+    def __init__(self, batch: dict[str, Any]) -> None:
+        error = batch.get("error") or {}
+        self.batch_prediction = batch
+        self.batch_prediction_id: str = batch.get("id", "")
+        self.status: str = batch.get("status", "")
+        self.code: str = error.get("code") or self.status or "failed"
+        self.message: str = error.get("message") or f"batch prediction ended {self.status}"
+        super().__init__(
+            f"batch prediction {self.batch_prediction_id} {self.status}: "
+            f"{self.code}: {self.message}"
+        )
+
+
+class BatchPredictionTimeout(BitserveError, TimeoutError):
+    """wait_for_batch_prediction's timeout passed first (the batch prediction keeps running)."""
+
+    def __init__(self, batch_id: str, timeout: float, last: dict[str, Any]) -> None:
+        self.batch_prediction_id, self.timeout, self.last = batch_id, timeout, last
+        status = last.get("status", "unknown")
+        super().__init__(
+            f"batch prediction {batch_id} not finished after {timeout} s (last status {status})"
+        )
+
+
 def retry_after_seconds(response: httpx.Response) -> float | None:
     """Retry-After as seconds: delta-seconds or an HTTP date (RFC 9110 10.2.3); None if absent."""
     value = response.headers.get("retry-after")

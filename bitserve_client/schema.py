@@ -393,3 +393,35 @@ class Evaluation(TypedDict):
     created_at: str
     started_at: str | None
     finished_at: str | None
+
+
+class BatchPredictionProgress(TypedDict):
+    shards_done: int
+    shards_total: int | None
+    images_done: int
+    images_total: int | None
+
+
+class BatchPredictionResult(TypedDict):
+    rows: int
+    errors: int
+    bytes: int
+    sha256: str
+
+
+class BatchPrediction(TypedDict):
+    """POST /v1/models/{id}/batch-predictions, GET /v1/batch-predictions/{id}."""
+
+    id: str
+    model_id: str
+    dataset_id: str | None
+    top_k: int
+    format: Literal["csv", "jsonl"]
+    status: JobStatus
+    progress: BatchPredictionProgress
+    result: BatchPredictionResult | None
+    error: JobErrorBody | None
+    attempts: int
+    created_at: str
+    started_at: str | None
+    finished_at: str | None

@@ -25,6 +25,7 @@ from service.quotas import RateLimiter
 from service.routers import (
     audit,
     base_models,
+    batch_predictions,
     datasets,
     evaluations,
     health,
@@ -124,7 +125,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(AuditMiddleware, db=db, settings=settings)
     # Outermost: a foreign Host or a cross-site write is refused before anything else runs.
     app.add_middleware(WebSecurityMiddleware, settings=settings)
-    routers = (health, base_models, datasets, jobs, models, evaluations, keys, tenants, audit, ui)
+    routers = (
+        health,
+        base_models,
+        datasets,
+        jobs,
+        models,
+        evaluations,
+        batch_predictions,
+        keys,
+        tenants,
+        audit,
+        ui,
+    )
     for module in routers:
         app.include_router(module.router)
     return app

@@ -20,6 +20,7 @@ from service.settings import Settings
 FINETUNE_TASK = "bitserve.finetune"
 INGEST_TASK = "bitserve.ingest"
 EVALUATE_TASK = "bitserve.evaluate"  # scoring a model: inference, so the train queue's nodes
+BATCH_PREDICT_TASK = "bitserve.batch_predict"  # a dataset through a model: the train queue too
 # A key the reconciler keeps in Redis next to the queue (one per train queue: deployments that
 # share a Redis each keep their own). Gone means Redis lost its data (restarted without
 # persistence, flushed, a fresh server): the messages of every queued job are gone with it. A
@@ -87,6 +88,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             FINETUNE_TASK: {"queue": settings.train_queue},
             INGEST_TASK: {"queue": settings.ingest_queue},
             EVALUATE_TASK: {"queue": settings.train_queue},
+            BATCH_PREDICT_TASK: {"queue": settings.train_queue},
         },
         "task_default_queue": settings.train_queue,
         "task_serializer": "json",
@@ -140,6 +142,17 @@ class Broker:
         self.app.send_task(
             EVALUATE_TASK,
             args=[evaluation_id],
+            queue=self.settings.train_queue,
+            retry=True,
+            retry_policy=PUBLISH_RETRY_POLICY,
+        )
+
+    def send_batch_predict(self, batch_id: str) -> None:
+        """Publish `bitserve.batch_predict(batch_id)` to the train queue; raises if the broker
+        is down (the reconciler sends it later)."""
+        self.app.send_task(
+            BATCH_PREDICT_TASK,
+            args=[batch_id],
             queue=self.settings.train_queue,
             retry=True,
             retry_policy=PUBLISH_RETRY_POLICY,

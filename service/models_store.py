@@ -34,7 +34,7 @@ from service.domain_errors import Gone, NotFound
 from service.ids import new_id
 from service.object_store import ObjectCorrupt, ObjectMissing, ObjectStoreError
 from service.storage import Storage, storage_unavailable
-from service.tables import Evaluation, Job, Model, tenant_is
+from service.tables import BatchPrediction, Evaluation, Job, Model, tenant_is
 
 log = logging.getLogger(__name__)
 
@@ -126,11 +126,18 @@ def delete_model(session: Session, storage: Storage, tenant_id: str | None, mode
     """
     row = get_model(session, tenant_id, model_id)
     scored = session.scalars(sa.select(Evaluation.id).where(Evaluation.model_id == model_id)).all()
-    session.delete(row)  # its evaluations' rows go with it (ON DELETE CASCADE)
+    batches = session.scalars(
+        sa.select(BatchPrediction.id).where(BatchPrediction.model_id == model_id)
+    ).all()
+    # Its evaluations' and batch predictions' rows go with it (ON DELETE CASCADE); a worker
+    # running one of them finds its row gone and stops at its next shard.
+    session.delete(row)
     session.commit()
     storage.discard("models", model_id)
     for evaluation_id in scored:  # and their thumbnails
         storage.discard("evaluations", evaluation_id)
+    for batch_id in batches:  # and their outputs
+        storage.discard("batch_predictions", batch_id)
 
 
 def artifact_files(storage: Storage, model_id: str) -> list[Path]:

@@ -24,7 +24,7 @@ from service.names import NameStr
 from service.plan_schemas import Overrides, Plan
 from service.quotas import MAX_VALUES, Quotas, Usage
 from service.schema_base import Schema, Stored, Timestamp
-from service.tables import ApiKey, AuditEvent, Dataset, Evaluation, Job, Model
+from service.tables import ApiKey, AuditEvent, BatchPrediction, Dataset, Evaluation, Job, Model
 
 Item = TypeVar("Item")
 
@@ -444,6 +444,66 @@ class EvaluationPublic(Schema):
             progress=EvaluationProgress.model_validate(row.progress) if row.progress else None,
             result=EvaluationResult.model_validate(row.result) if row.result else None,
             error=error,
+            created_at=row.created_at,
+            started_at=row.started_at,
+            finished_at=row.finished_at,
+        )
+
+
+class BatchPredictionProgress(Schema):
+    shards_done: int = Field(description="shards written (a shard is batch_shard_size files)")
+    shards_total: int | None = Field(description="null until a worker has read the dataset")
+    images_done: int = Field(description="files of the shards written")
+    images_total: int | None
+
+
+class BatchPredictionResult(Stored):
+    """The output file: GET /v1/batch-predictions/{id}/output."""
+
+    rows: int = Field(description="one per file of the dataset (CSV: not counting the header)")
+    errors: int = Field(0, description="rows of files that could not be read or decoded")
+    bytes: int
+    sha256: str
+
+
+class BatchPredictionPublic(Schema):
+    """A model's top-k labels for every file of a dataset, as one CSV or JSONL file."""
+
+    id: str
+    model_id: str
+    dataset_id: str | None = Field(description="null: the dataset was deleted since")
+    top_k: int = Field(description="labels per file (the output has at most the model's classes)")
+    format: Literal["csv", "jsonl"]
+    status: Literal["queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
+    progress: BatchPredictionProgress
+    result: BatchPredictionResult | None
+    error: JobErrorInfo | None
+    attempts: int
+    created_at: Timestamp
+    started_at: Timestamp | None
+    finished_at: Timestamp | None
+
+    @classmethod
+    def from_row(cls, row: BatchPrediction) -> BatchPredictionPublic:
+        error = None
+        if row.error_code:
+            error = JobErrorInfo(code=row.error_code, message=row.error_message or "")
+        return cls(
+            id=row.id,
+            model_id=row.model_id,
+            dataset_id=row.dataset_id,
+            top_k=row.top_k,
+            format="jsonl" if row.format == "jsonl" else "csv",
+            status=row.status,  # type: ignore[arg-type]
+            progress=BatchPredictionProgress(
+                shards_done=row.shards_done,
+                shards_total=row.shards_total,
+                images_done=row.images_done,
+                images_total=row.images_total,
+            ),
+            result=BatchPredictionResult.model_validate(row.result) if row.result else None,
+            error=error,
+            attempts=row.attempts,
             created_at=row.created_at,
             started_at=row.started_at,
             finished_at=row.finished_at,

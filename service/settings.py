@@ -115,6 +115,9 @@ class Settings(BaseSettings):
     # A queued job whose message was sent this long ago is sent again (the broker may have
     # lost it, e.g. Redis restarted without persistence); duplicates are refused by the claim.
     job_resend_after_seconds: float = Field(default=600.0, gt=0)
+    # Files per shard of a batch prediction (worker.batch_predict): each shard is written and
+    # published on its own, so a worker that dies loses at most one shard's work.
+    batch_shard_size: int = Field(default=64, gt=0)
     # Above the longest training job: Redis redelivers unacked late-ack tasks after this.
     broker_visibility_timeout: int = Field(default=7 * 24 * 3600, gt=0)
     # Job cost limits (docs/security.md, "Limits"): a job whose estimate (bitcore.costs) is

@@ -6,6 +6,8 @@ Layout (relative "storage keys" are what the database stores):
                       the node that trains)
   jobs/<job_id>/      the training work dir (checkpoints, caches)
   models/<mdl_id>/    a bitcore artifact (model.safetensors + metadata.json)
+  batch_predictions/<bp_id>/  predictions.csv | .jsonl once done; shards/shard-NNNNN/ (one
+                      rows file each) while it runs, each published on its own
   tmp/                uploads in flight
 
 With an object store (BITSERVE_STORAGE_URL=s3://..., service.object_store) uploads/, datasets/
@@ -44,7 +46,13 @@ DATASET_CACHE = "cache"  # images resized once to the HyperRule pre-crop size
 log = logging.getLogger(__name__)
 
 # The folders that travel through the object store, by kind: the id prefix each must have.
-SHARED_KINDS = {"uploads": "ds", "datasets": "ds", "models": "mdl", "evaluations": "eval"}
+SHARED_KINDS = {
+    "uploads": "ds",
+    "datasets": "ds",
+    "models": "mdl",
+    "evaluations": "eval",
+    "batch_predictions": "bp",
+}
 # The largest file read_shared reads into memory (a rejected list of 1M members is ~80 MB).
 READ_SHARED_MAX_BYTES = 256 << 20
 UPLOAD_NAMES = {"zip": "archive.zip", "tar.gz": "archive.tar.gz"}  # by archive kind

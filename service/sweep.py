@@ -33,18 +33,20 @@ from service.ids import is_id
 from service.job_states import JobStatus
 from service.object_store import ObjectStoreError, StoredFolder, tree_size_and_mtime
 from service.storage import Storage
-from service.tables import Dataset, Evaluation, Job, Model
+from service.tables import BatchPrediction, Dataset, Evaluation, Job, Model
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MIN_AGE_SECONDS = 3600.0
 # The kinds of folder in the store: the id prefix of each, and the table of its rows.
-SWEPT_KINDS: dict[str, tuple[str, type[Dataset] | type[Model] | type[Job] | type[Evaluation]]] = {
+SweptTable = type[Dataset] | type[Model] | type[Job] | type[Evaluation] | type[BatchPrediction]
+SWEPT_KINDS: dict[str, tuple[str, SweptTable]] = {
     "uploads": ("ds", Dataset),  # archives waiting for ingestion: kept while processing
     "datasets": ("ds", Dataset),
     "models": ("mdl", Model),
     "jobs": ("job", Job),
     "evaluations": ("eval", Evaluation),  # worst examples' thumbnails: kept while the row is
+    "batch_predictions": ("bp", BatchPrediction),  # shards, then the output: kept alike
 }
 UPLOADS = "tmp"  # uploads in flight, under the artifact root (never in the store)
 # Ids per `IN (...)` query: well under every database's limit on bound parameters.
@@ -53,7 +55,7 @@ QUERY_CHUNK = 500
 
 @dataclass(frozen=True)
 class Orphan:
-    kind: str  # datasets, models, jobs, evaluations, or tmp
+    kind: str  # datasets, models, jobs, evaluations, batch_predictions, or tmp
     name: str  # the id (the upload's file name under tmp/)
     bytes: int
     age_seconds: float

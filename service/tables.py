@@ -218,6 +218,43 @@ class Evaluation(Base):
     finished_at: Mapped[datetime | None]
 
 
+class BatchPrediction(Base):
+    """A model's top-k predictions for every file of a dataset, written as one CSV or JSONL
+    file (service.batch_predictions; run by worker.batch_predict, shard by shard)."""
+
+    __tablename__ = "batch_predictions"
+    __table_args__ = (
+        sa.Index("ix_batch_predictions_model_created", "model_id", "created_at"),
+        sa.Index("ix_batch_predictions_status_heartbeat", "status", "heartbeat_at"),
+    )
+
+    id: Mapped[str] = mapped_column(sa.String(40), primary_key=True)
+    tenant_id: Mapped[str | None] = mapped_column(sa.String(64))
+    model_id: Mapped[str] = mapped_column(sa.ForeignKey("models.id", ondelete="CASCADE"))
+    dataset_id: Mapped[str | None] = mapped_column(
+        sa.ForeignKey("datasets.id", ondelete="SET NULL"), index=True
+    )
+    top_k: Mapped[int]
+    format: Mapped[str] = mapped_column(sa.String(8))  # "csv" or "jsonl"
+    # queued, running, cancelling, succeeded, failed, cancelled
+    status: Mapped[str] = mapped_column(sa.String(16))
+    cancel_requested: Mapped[bool] = mapped_column(default=False)
+    shards_total: Mapped[int | None]  # known once a worker has read the dataset's index
+    shards_done: Mapped[int] = mapped_column(default=0)
+    images_total: Mapped[int | None]
+    images_done: Mapped[int] = mapped_column(default=0)
+    result: Mapped[dict[str, Any] | None]  # {rows, bytes, sha256} of the output file
+    error_code: Mapped[str | None] = mapped_column(sa.String(64))
+    error_message: Mapped[str | None] = mapped_column(sa.Text)
+    worker_id: Mapped[str | None] = mapped_column(sa.String(200))
+    heartbeat_at: Mapped[datetime | None]
+    attempts: Mapped[int] = mapped_column(default=0)
+    sent_at: Mapped[datetime | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+
+
 class Tenant(Base):
     """A tenant's quota overrides (NULL: the Settings default). A tenant exists as soon as a
     key names it; this row is written when an admin sets a quota, or (all NULL) on demand by

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from service import evaluation_runs, ingest_runs
+from service import batch_prediction_runs, evaluation_runs, ingest_runs
 from service.broker import Broker
 from service.dataset_sources import Source, copy_source
 from service.datasets import Filler, archive_filler, build_dataset_files, files_bytes, ready_values
@@ -118,7 +118,7 @@ def _ingest(
     if not ready:
         return _abandon(db, storage, dataset_id)
     storage.discard("uploads", dataset_id)
-    _release_waiting_evaluations(db, dataset_id, settings)
+    _release_waiting(db, dataset_id, settings)
     log.info(
         "dataset %s ready: %d images, %d rejected, %.1f s",
         dataset_id,
@@ -129,13 +129,14 @@ def _ingest(
     return "ready"
 
 
-def _release_waiting_evaluations(db: Database, dataset_id: str, settings: Settings) -> None:
-    """Evaluations asked for while the dataset was processing run now (a failed send is
-    the reconciler's to repeat)."""
+def _release_waiting(db: Database, dataset_id: str, settings: Settings) -> None:
+    """Evaluations and batch predictions asked for while the dataset was processing run now
+    (a failed send is the reconciler's to repeat)."""
     broker = Broker(settings)
     try:
         with db.sessionmaker() as session:
             evaluation_runs.send_waiting(session, dataset_id, broker.send_evaluate)
+            batch_prediction_runs.send_waiting(session, dataset_id, broker.send_batch_predict)
     finally:
         broker.close()
 
@@ -170,6 +171,7 @@ def _fail(db: Database, storage: Storage, dataset_id: str, worker_id: str, exc: 
         log.info("dataset %s failed: %s: %s", dataset_id, exc.code, exc.message)
         with db.sessionmaker() as session:
             evaluation_runs.fail_waiting(session, dataset_id, exc.code, exc.message)
+            batch_prediction_runs.fail_waiting(session, dataset_id, exc.code, exc.message)
         return "failed"
     return _abandon(db, storage, dataset_id)
 

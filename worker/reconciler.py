@@ -11,7 +11,8 @@ lost (Redis restarted without persistence, a send that failed), running jobs who
 stopped beating or whose worker process is known dead (worker.identity; re-queued, or failed
 as "worker_lost" after `job_max_attempts`), and jobs left "cancelling" by a dead worker
 (cancelled). Work dirs of jobs it ends are removed, and their checkpoints in the object store.
-Datasets being ingested get the same repairs (`reconcile_ingestion`).
+Datasets being ingested get the same repairs (`reconcile_ingestion`), and so do evaluations
+and batch predictions.
 
 It runs at once when the worker starts (a worker restarted after a crash takes its dead
 predecessor's job back within seconds), then every `reconcile_interval_seconds`; sooner when the
@@ -32,7 +33,8 @@ import threading
 import time
 from datetime import datetime
 
-from service import evaluation_runs, ingest_runs, job_runs, sweep
+from service import batch_prediction_runs, evaluation_runs, ingest_runs, job_runs, sweep
+from service.batch_predictions import KIND as BATCH_PREDICTIONS
 from service.broker import Broker
 from service.db import Database
 from service.settings import Settings
@@ -77,6 +79,9 @@ def reconcile_once(
     # Before the marker is kept: had this died, the next pass would look at datasets again.
     ingest_send_failed = reconcile_ingestion(settings, db, broker, storage, lost, now)
     ingest_send_failed = reconcile_evaluations(settings, db, broker, now) or ingest_send_failed
+    ingest_send_failed = (
+        reconcile_batch_predictions(settings, db, broker, storage, now) or ingest_send_failed
+    )
     if lost:
         log.warning(
             "reconciler: the broker lost its messages (restarted empty?): "
@@ -140,6 +145,31 @@ def reconcile_evaluations(
             repairs.requeued,
             repairs.failed,
         )
+    return repairs.send_failed
+
+
+def reconcile_batch_predictions(
+    settings: Settings,
+    db: Database,
+    broker: Broker,
+    storage: Storage | None,
+    now: datetime | None = None,
+) -> bool:
+    """The same repairs for batch predictions (service.batch_prediction_runs); the files of
+    those it ends (failed, cancelled) go. True when a send failed."""
+    with db.sessionmaker() as session:
+        repairs = batch_prediction_runs.reconcile(session, settings, broker.send_batch_predict, now)
+    if repairs:
+        log.warning(
+            "reconciled batch predictions: resent %s, requeued %s, failed %s, cancelled %s",
+            repairs.resent,
+            repairs.requeued,
+            repairs.failed,
+            repairs.cancelled,
+        )
+    if storage is not None:
+        for batch_id in (*repairs.failed, *repairs.cancelled):
+            storage.discard(BATCH_PREDICTIONS, batch_id)
     return repairs.send_failed
 
 

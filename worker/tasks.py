@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 
-from service.broker import EVALUATE_TASK, FINETUNE_TASK, INGEST_TASK
+from service.broker import BATCH_PREDICT_TASK, EVALUATE_TASK, FINETUNE_TASK, INGEST_TASK
 from service.ids import is_id
 from service.settings import get_settings
 from worker.celery_app import SHUTTING_DOWN, app
@@ -62,3 +62,18 @@ def evaluate(evaluation_id: object) -> str:
     from worker.evaluate import run_evaluation
 
     return run_evaluation(evaluation_id, get_settings())
+
+
+@app.task(name=BATCH_PREDICT_TASK, ignore_result=True)
+def batch_predict(batch_id: object) -> str:
+    """Predict every file of a dataset (batch prediction `batch_id`) to an end state."""
+    if not isinstance(batch_id, str) or not is_id(batch_id, "bp"):
+        log.warning(
+            "dropped a %s task whose argument is not a batch prediction id: %s",
+            BATCH_PREDICT_TASK,
+            repr(batch_id)[:QUOTED_CHARS],
+        )
+        return "invalid_batch_prediction_id"
+    from worker.batch_predict import run_batch_prediction
+
+    return run_batch_prediction(batch_id, get_settings())

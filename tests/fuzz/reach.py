@@ -36,6 +36,7 @@ def real_ids(world: World, method: str, path: str) -> dict[str, list[str]]:
         "model_id": [world.model],
         "job_id": [world.queued_job, world.finished_job],
         "evaluation_id": [world.evaluation],
+        "batch_prediction_id": [world.batch_prediction],
         "tenant": [world.tenant],
     }
 
@@ -52,6 +53,8 @@ def valid_body(world: World, method: str, path: str, body: Any) -> Any:
         return bodies["dataset"] if multipart else bodies["dataset_source"]
     if (method, path) == ("POST", "/v1/models/{model_id}/evaluations"):
         return bodies["evaluation"]
+    if (method, path) == ("POST", "/v1/models/{model_id}/batch-predictions"):
+        return bodies["batch_prediction"]
     if path.endswith("/predict"):
         multipart = isinstance(body, dict) and "files" in body
         return bodies["predict_files"] if multipart else bodies["predict_json"]

@@ -65,6 +65,7 @@ class World:
     queued_job: str  # no worker takes it
     doomed_keys: list[str]
     evaluation: str  # queued (no worker takes it): its examples answer 404
+    batch_prediction: str  # queued (no worker takes it): its output answers 409
     tenant: str = DEFAULT_TENANT
     valid_bodies: dict[str, object] = field(default_factory=dict)
 
@@ -109,6 +110,8 @@ def populate(server: LiveServer, http: httpx.Client) -> World:
     image = base64.b64encode(png(0)).decode()
     evaluation_body = {"dataset_id": dataset}
     evaluation = _post(http, f"/v1/models/{model}/evaluations", json=evaluation_body)["id"]
+    batch_body = {"dataset_id": dataset, "top_k": 2, "format": "jsonl"}
+    batch = _post(http, f"/v1/models/{model}/batch-predictions", json=batch_body)["id"]
     return World(
         server=server,
         dataset=dataset,
@@ -119,8 +122,10 @@ def populate(server: LiveServer, http: httpx.Client) -> World:
         queued_job=queued_job,
         doomed_keys=keys,
         evaluation=evaluation,
+        batch_prediction=batch,
         valid_bodies={
             "evaluation": evaluation_body,
+            "batch_prediction": batch_body,
             "job": job_body,
             "predict_json": {"instances": [{"image_b64": image}]},
             "predict_files": {"files": [png(1), png(2)]},

@@ -113,26 +113,32 @@ def objects(live_server_instance: LiveServer, tmp_path_factory: pytest.TempPathF
         state.storage,
         create_model("tiny-R10x0.25", 2),
         "tiny-R10x0.25",
-        ["ant", "bee"],  # the dataset's classes: it can be evaluated on it
+        ["ant", "bee"],
         32,
     )
-    with state.db.sessionmaker() as session:
-        viewed = api_keys.create_key(
-            session, tenant_id="default", scopes=[Scope.PREDICT], pepper=None, name="a key"
-        )
     with httpx.Client(base_url=server.url, headers=server.headers, timeout=60) as http:
+        # Queued: this server's worker takes the ingest queue only.
         evaluation = http.post(
             f"/v1/models/{model_id}/evaluations", json={"dataset_id": dataset_id}
         )
         assert evaluation.status_code == 202, evaluation.text
+        batch = http.post(
+            f"/v1/models/{model_id}/batch-predictions", json={"dataset_id": dataset_id}
+        )
+        assert batch.status_code == 202, batch.text
+    with state.db.sessionmaker() as session:
+        viewed = api_keys.create_key(
+            session, tenant_id="default", scopes=[Scope.PREDICT], pepper=None, name="a key"
+        )
     ids = {
         "dataset_id": dataset_id,
         "job_id": job.json()["id"],
         "model_id": model_id,
-        "evaluation_id": evaluation.json()["id"],
-        "index": "0",
         "key_id": viewed.row.id,
         "tenant": "default",
+        "evaluation_id": evaluation.json()["id"],
+        "index": "0",
+        "batch_prediction_id": batch.json()["id"],
     }
     png = encode(class_image(0, 2, (40, 48), seed=9), "PNG")
     return Objects(ids, archive.getvalue(), png)
@@ -143,9 +149,10 @@ BODIES: dict[str, Callable[[Objects], dict[str, Any]]] = {
     "JobCreate": lambda o: {
         "json": {"dataset_id": o.ids["dataset_id"], "base_model": "tiny-R10x0.25"}
     },
+    "EvaluationCreate": lambda o: {"json": {"dataset_id": o.ids["dataset_id"]}},
+    "BatchPredictionCreate": lambda o: {"json": {"dataset_id": o.ids["dataset_id"]}},
     "KeyCreate": lambda o: {"json": {"scopes": ["predict"]}},
     "QuotasUpdate": lambda o: {"json": {}},
-    "EvaluationCreate": lambda o: {"json": {"dataset_id": o.ids["dataset_id"]}},
     "multipart/form-data": lambda o: {"files": {"file": ("pets.zip", o.zip_bytes)}},
 }
 PREDICT_BODY = lambda o: {"files": [("files", ("a.png", o.png))]}  # noqa: E731
@@ -208,7 +215,7 @@ def _assert_error(response: httpx.Response, status: int, code: str, route: Route
 
 
 def test_the_walk_sees_every_route(routes: list[Route]) -> None:
-    assert len(routes) == 29  # with job metrics and the 4 evaluation routes
+    assert len(routes) == 34  # with job metrics, 4 evaluation and 5 batch prediction routes
     assert {str(r) for r in routes if r.scopes == {"admin"}} >= {
         "POST /v1/keys",
         "GET /v1/keys",
@@ -253,13 +260,17 @@ def test_a_key_without_the_routes_scope_answers_403(
             response = _call(http, request_of(route, objects), keys.by_scope[scope])
             _assert_error(response, 403, "insufficient_scope", route)
             assert response.json()["error"]["details"]["needed"] == sorted(route.scopes)
-    # Reading models and their evaluations is every non-admin scope's business.
-    assert unrefusable == [
-        "GET /v1/models",
-        "GET /v1/models/{model_id}",
-        "GET /v1/models/{model_id}/evaluations",
+    # Reading models, their evaluations and batch predictions is every non-admin scope's
+    # business (train and predict alike).
+    assert sorted(unrefusable) == [
+        "GET /v1/batch-predictions/{batch_prediction_id}",
+        "GET /v1/batch-predictions/{batch_prediction_id}/output",
         "GET /v1/evaluations/{evaluation_id}",
         "GET /v1/evaluations/{evaluation_id}/examples/{index}",
+        "GET /v1/models",
+        "GET /v1/models/{model_id}",
+        "GET /v1/models/{model_id}/batch-predictions",
+        "GET /v1/models/{model_id}/evaluations",
     ]
 
 

@@ -42,6 +42,9 @@ SAME_SHAPE = {
     "EvaluationResult": "EvaluationResult",
     "EvaluationProgress": "EvaluationProgress",
     "Evaluation": "EvaluationPublic",
+    "BatchPredictionProgress": "BatchPredictionProgress",
+    "BatchPredictionResult": "BatchPredictionResult",
+    "BatchPrediction": "BatchPredictionPublic",
     "InputSpec": "InputSpec",
     "Model": "ModelPublic",
     "Label": "Label",
@@ -123,6 +126,7 @@ def test_every_response_schema_has_a_client_type(schemas: dict[str, Any]) -> Non
     requests = {
         "JobCreate",
         "EvaluationCreate",
+        "BatchPredictionCreate",
         "OverridesRequest",
         "KeyCreate",
         "QuotasUpdate",

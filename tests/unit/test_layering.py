@@ -90,6 +90,8 @@ DOMAIN = (
     "ingest_runs",
     "evaluations",
     "evaluation_runs",
+    "batch_predictions",
+    "batch_prediction_runs",
     "dataset_sources",
     "job_states",
     "jobs",

@@ -24,7 +24,8 @@ NON_JSON = {
     "application/octet-stream": "binary",  # the .onnx export
     "image/jpeg": "binary",  # an evaluation's example thumbnail
     "text/event-stream": None,
-    "text/csv": None,  # GET /v1/jobs/{id}/metrics with Accept: text/csv
+    "text/csv": None,  # GET /v1/jobs/{id}/metrics with Accept: text/csv; a batch's output
+    "application/x-ndjson": None,  # a batch prediction's output as JSON lines
 }
 
 
@@ -54,10 +55,12 @@ def resolve(spec: dict[str, Any], ref: str) -> dict[str, Any]:
 
 def test_the_walk_covers_every_v1_route(spec: dict[str, Any]) -> None:
     operations = {(path, method) for path, method, _ in v1_operations(spec)}
-    assert len(operations) == 29
+    assert len(operations) == 34
     assert ("/v1/jobs/{job_id}/metrics", "get") in operations
     assert ("/v1/models/{model_id}/evaluations", "post") in operations
     assert ("/v1/evaluations/{evaluation_id}/examples/{index}", "get") in operations
+    assert ("/v1/models/{model_id}/batch-predictions", "post") in operations
+    assert ("/v1/batch-predictions/{batch_prediction_id}/output", "get") in operations
     assert ("/v1/tenants/{tenant}/quotas", "put") in operations
     assert ("/v1/audit", "get") in operations
     assert ("/v1/models/{model_id}/predict", "post") in operations

@@ -1,0 +1,298 @@
+"""A batch prediction's run in the database: claimed, beating, shard by shard, ended, repaired.
+
+The rules of evaluations (service.evaluation_runs): the row is the truth and a `batch_predict`
+message only names the row, so a lost or duplicated message is harmless. A worker takes a
+queued batch prediction with a compare-and-set `claim` (attempts + 1), beats while it works
+(`heartbeat`), records each shard it has published (`record_shards`, which also answers
+whether a cancel was asked for) and ends it with `finish_*`, each fenced on its worker id.
+A cancel of a running one makes it `cancelling` (service.batch_predictions); its worker stops
+between shards and ends it `cancelled`. `reconcile` (every worker's reconcile loop) sends what
+was never sent, gives the batch predictions of dead workers back to the queue (their
+published shards are kept: the next worker skips them), fails them after `job_max_attempts`,
+and ends `cancelled` those left cancelling by a dead worker. One whose dataset is still being
+ingested waits: `claim` answers "waiting" and the ingest worker sends it again once the
+dataset is ready (`send_waiting`), or fails it with the dataset's error (`fail_waiting`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from service.ids import utcnow
+from service.settings import Settings
+from service.tables import BatchPrediction, Dataset
+
+log = logging.getLogger(__name__)
+
+QUEUED, RUNNING, CANCELLING = "queued", "running", "cancelling"
+SUCCEEDED, FAILED, CANCELLED = "succeeded", "failed", "cancelled"
+FINISHED = (SUCCEEDED, FAILED, CANCELLED)
+SEND_GRACE_SECONDS = 10.0
+Send = Callable[[str], None]
+
+
+@dataclass
+class BatchPredictionRepairs:
+    resent: list[str] = field(default_factory=list)
+    requeued: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    cancelled: list[str] = field(default_factory=list)
+    send_failed: bool = False
+
+    def __bool__(self) -> bool:
+        return bool(self.resent or self.requeued or self.failed or self.cancelled)
+
+
+def claim(session: Session, batch_id: str, worker_id: str, settings: Settings) -> str:
+    """Take a queued batch prediction (or a running one whose worker stopped beating):
+    "claimed", or why not: "not_found", "succeeded", "failed", "cancelled", "cancelling",
+    "held", "waiting" (its dataset is still being ingested) or "too_many_attempts" (then it
+    is failed here). The shard counts are kept: they describe shards already published."""
+    now = utcnow()
+    stale = now - timedelta(seconds=settings.job_stale_after_seconds)
+    row = session.get(BatchPrediction, batch_id, populate_existing=True)
+    if row is None:
+        return "not_found"
+    if row.dataset_id is not None:
+        dataset = session.get(Dataset, row.dataset_id, populate_existing=True)
+        if dataset is not None and dataset.status == "processing":
+            return "waiting"
+    takeable = sa.and_(BatchPrediction.id == batch_id, _takeable(stale))
+    taken = _update(
+        session,
+        [takeable, BatchPrediction.attempts < settings.job_max_attempts],
+        {
+            "status": RUNNING,
+            "worker_id": worker_id,
+            "heartbeat_at": now,
+            "started_at": sa.func.coalesce(BatchPrediction.started_at, now),
+            "attempts": BatchPrediction.attempts + 1,
+        },
+    )
+    if taken:
+        return "claimed"
+    session.refresh(row)
+    if row.status in (*FINISHED, CANCELLING):
+        return row.status
+    if row.status == RUNNING and row.heartbeat_at is not None and row.heartbeat_at >= stale:
+        return "held"
+    message = (
+        f"the batch prediction was started {row.attempts} times (limit "
+        f"{settings.job_max_attempts}) without finishing; its last worker probably crashed. "
+        "Ask for it again."
+    )
+    _update(session, [takeable], _failed_values("batch_prediction_failed", message, now))
+    return "too_many_attempts"
+
+
+def heartbeat(session: Session, batch_id: str, worker_id: str) -> bool:
+    """Beat; False when the batch prediction is no longer this worker's."""
+    return _update(session, [_owned(batch_id, worker_id)], {"heartbeat_at": utcnow()})
+
+
+def record_shards(
+    session: Session,
+    batch_id: str,
+    worker_id: str,
+    *,
+    shards_done: int,
+    shards_total: int,
+    images_done: int,
+    images_total: int,
+) -> str:
+    """Store the counts of the shards published so far: "ok", "cancel" (a cancel was asked
+    for: stop now) or "lost" (no longer this worker's)."""
+    values = {
+        "shards_done": shards_done,
+        "shards_total": shards_total,
+        "images_done": images_done,
+        "images_total": images_total,
+        "heartbeat_at": utcnow(),
+    }
+    if not _update(session, [_owned(batch_id, worker_id)], values):
+        return "lost"
+    cancel = session.scalar(
+        sa.select(BatchPrediction.cancel_requested).where(BatchPrediction.id == batch_id)
+    )
+    return "cancel" if cancel else "ok"
+
+
+def finish_succeeded(
+    session: Session, batch_id: str, worker_id: str, result: Mapping[str, Any]
+) -> bool:
+    """running -> succeeded (a cancel that came too late loses: the output is there)."""
+    values = {
+        "status": SUCCEEDED,
+        "result": dict(result),
+        "finished_at": utcnow(),
+        "worker_id": None,
+    }
+    return _update(session, [_owned(batch_id, worker_id)], values)
+
+
+def finish_cancelled(session: Session, batch_id: str, worker_id: str) -> bool:
+    values = {"status": CANCELLED, "finished_at": utcnow(), "worker_id": None}
+    return _update(session, [_owned(batch_id, worker_id)], values)
+
+
+def finish_failed(
+    session: Session, batch_id: str, worker_id: str | None, code: str, message: str
+) -> bool:
+    """running -> failed (queued -> failed without a worker id: a waiting one whose dataset
+    failed); False when it is no longer ours."""
+    fence = (
+        _owned(batch_id, worker_id)
+        if worker_id is not None
+        else sa.and_(BatchPrediction.id == batch_id, BatchPrediction.status == QUEUED)
+    )
+    return _update(session, [fence], _failed_values(code, message, utcnow()))
+
+
+def mark_sent(session: Session, batch_id: str) -> None:
+    _update(
+        session,
+        [BatchPrediction.id == batch_id, BatchPrediction.status == QUEUED],
+        {"sent_at": utcnow()},
+    )
+
+
+def send_waiting(session: Session, dataset_id: str, send: Send) -> list[str]:
+    """The dataset is ready: send the batch predictions that waited for it (failures are
+    left to the reconciler, which resends unsent rows)."""
+    sent = []
+    for batch_id in _waiting(session, dataset_id):
+        try:
+            send(batch_id)
+        except Exception as exc:
+            log.warning("batch prediction %s not sent: %s (the reconciler will)", batch_id, exc)
+            continue
+        mark_sent(session, batch_id)
+        sent.append(batch_id)
+    return sent
+
+
+def fail_waiting(session: Session, dataset_id: str, code: str, message: str) -> list[str]:
+    """The dataset failed ingestion: so do the batch predictions that waited for it."""
+    failed = []
+    for batch_id in _waiting(session, dataset_id):
+        text = f"the dataset {dataset_id} could not be ingested: {code}: {message}"
+        if finish_failed(session, batch_id, None, "dataset_failed", text):
+            failed.append(batch_id)
+    return failed
+
+
+def reconcile(
+    session: Session, settings: Settings, send: Send, now: datetime | None = None
+) -> BatchPredictionRepairs:
+    """Repair what the broker or a dead worker lost (compare-and-set: several workers may run
+    it at once; a duplicate message is refused by `claim`)."""
+    now = now or utcnow()
+    report = BatchPredictionRepairs()
+    stale = now - timedelta(seconds=settings.job_stale_after_seconds)
+    dead = session.execute(
+        sa.select(BatchPrediction.id, BatchPrediction.status, BatchPrediction.attempts).where(
+            BatchPrediction.status.in_((RUNNING, CANCELLING)), _stale(stale)
+        )
+    ).all()
+    for batch_id, status, attempts in dead:
+        fence = [BatchPrediction.id == batch_id, BatchPrediction.status == status, _stale(stale)]
+        if status == CANCELLING:  # its worker died before it could stop: nothing to resume
+            values = {"status": CANCELLED, "finished_at": now, "worker_id": None}
+            if _update(session, fence, values):
+                report.cancelled.append(batch_id)
+        elif attempts >= settings.job_max_attempts:
+            message = (
+                f"the worker running it stopped answering on attempt {attempts} of "
+                f"{settings.job_max_attempts}. Ask for the batch prediction again."
+            )
+            if _update(session, fence, _failed_values("batch_prediction_failed", message, now)):
+                report.failed.append(batch_id)
+        elif _update(session, fence, {"status": QUEUED, "worker_id": None, "heartbeat_at": None}):
+            report.requeued.append(batch_id)
+    grace = now - timedelta(seconds=SEND_GRACE_SECONDS)
+    resend_before = now - timedelta(seconds=settings.job_resend_after_seconds)
+    unsent = sa.or_(
+        sa.and_(BatchPrediction.sent_at.is_(None), BatchPrediction.created_at < grace),
+        BatchPrediction.id.in_(report.requeued),
+        BatchPrediction.sent_at < resend_before,
+    )
+    due = session.scalars(
+        sa.select(BatchPrediction.id)
+        .where(BatchPrediction.status == QUEUED, unsent)
+        .order_by(BatchPrediction.created_at)
+    ).all()
+    for batch_id in due:
+        turn = [BatchPrediction.id == batch_id, BatchPrediction.status == QUEUED, unsent]
+        if not _update(session, turn, {"sent_at": now}):
+            continue
+        try:
+            send(batch_id)
+        except Exception as exc:  # the broker is down: the next pass sends the rest
+            log.warning("reconciler could not send batch prediction %s: %s", batch_id, exc)
+            _update(session, [BatchPrediction.id == batch_id], {"sent_at": None})
+            report.send_failed = True
+            break
+        if batch_id not in report.requeued:
+            report.resent.append(batch_id)
+    return report
+
+
+def _waiting(session: Session, dataset_id: str) -> list[str]:
+    return list(
+        session.scalars(
+            sa.select(BatchPrediction.id).where(
+                BatchPrediction.dataset_id == dataset_id, BatchPrediction.status == QUEUED
+            )
+        ).all()
+    )
+
+
+def _failed_values(code: str, message: str, now: datetime) -> dict[str, Any]:
+    return {
+        "status": FAILED,
+        "error_code": code,
+        "error_message": message,
+        "finished_at": now,
+        "worker_id": None,
+    }
+
+
+def _stale(stale: datetime) -> sa.ColumnElement[bool]:
+    return sa.or_(BatchPrediction.heartbeat_at.is_(None), BatchPrediction.heartbeat_at < stale)
+
+
+def _takeable(stale: datetime) -> sa.ColumnElement[bool]:
+    return sa.or_(
+        BatchPrediction.status == QUEUED,
+        sa.and_(BatchPrediction.status == RUNNING, _stale(stale)),
+    )
+
+
+def _owned(batch_id: str, worker_id: str) -> sa.ColumnElement[bool]:
+    """Still this worker's: running, or cancelling (it is about to stop)."""
+    return sa.and_(
+        BatchPrediction.id == batch_id,
+        BatchPrediction.worker_id == worker_id,
+        BatchPrediction.status.in_((RUNNING, CANCELLING)),
+    )
+
+
+def _update(
+    session: Session, conditions: list[sa.ColumnElement[bool]], values: Mapping[str, Any]
+) -> bool:
+    """One compare-and-set UPDATE, committed; True when it changed a row."""
+    result = session.execute(
+        sa.update(BatchPrediction)
+        .where(*conditions)
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    session.commit()
+    return bool(getattr(result, "rowcount", 0))
