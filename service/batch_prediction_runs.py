@@ -17,7 +17,7 @@ dataset is ready (`send_waiting`), or fails it with the dataset's error (`fail_w
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -25,6 +25,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from service import held_rows
 from service.ids import utcnow
 from service.settings import Settings
 from service.tables import BatchPrediction, Dataset
@@ -34,8 +35,7 @@ log = logging.getLogger(__name__)
 QUEUED, RUNNING, CANCELLING = "queued", "running", "cancelling"
 SUCCEEDED, FAILED, CANCELLED = "succeeded", "failed", "cancelled"
 FINISHED = (SUCCEEDED, FAILED, CANCELLED)
-SEND_GRACE_SECONDS = 10.0
-Send = Callable[[str], None]
+Send = held_rows.Send
 
 
 @dataclass
@@ -64,7 +64,7 @@ def claim(session: Session, batch_id: str, worker_id: str, settings: Settings) -
         dataset = session.get(Dataset, row.dataset_id, populate_existing=True)
         if dataset is not None and dataset.status == "processing":
             return "waiting"
-    takeable = sa.and_(BatchPrediction.id == batch_id, _takeable(stale))
+    takeable = sa.and_(BatchPrediction.id == batch_id, held_rows.takeable(BatchPrediction, stale))
     taken = _update(
         session,
         [takeable, BatchPrediction.attempts < settings.job_max_attempts],
@@ -156,32 +156,18 @@ def finish_failed(
 
 
 def mark_sent(session: Session, batch_id: str) -> None:
-    _update(
-        session,
-        [BatchPrediction.id == batch_id, BatchPrediction.status == QUEUED],
-        {"sent_at": utcnow()},
-    )
+    held_rows.mark_sent(session, BatchPrediction, batch_id, utcnow())
 
 
 def send_waiting(session: Session, dataset_id: str, send: Send) -> list[str]:
-    """The dataset is ready: send the batch predictions that waited for it (failures are
-    left to the reconciler, which resends unsent rows)."""
-    sent = []
-    for batch_id in _waiting(session, dataset_id):
-        try:
-            send(batch_id)
-        except Exception as exc:
-            log.warning("batch prediction %s not sent: %s (the reconciler will)", batch_id, exc)
-            continue
-        mark_sent(session, batch_id)
-        sent.append(batch_id)
-    return sent
+    """The dataset is ready: send the batch predictions that waited for it."""
+    return held_rows.send_waiting(session, BatchPrediction, dataset_id, send, utcnow())
 
 
 def fail_waiting(session: Session, dataset_id: str, code: str, message: str) -> list[str]:
     """The dataset failed ingestion: so do the batch predictions that waited for it."""
     failed = []
-    for batch_id in _waiting(session, dataset_id):
+    for batch_id in held_rows.waiting(session, BatchPrediction, dataset_id):
         text = f"the dataset {dataset_id} could not be ingested: {code}: {message}"
         if finish_failed(session, batch_id, None, "dataset_failed", text):
             failed.append(batch_id)
@@ -216,42 +202,10 @@ def reconcile(
                 report.failed.append(batch_id)
         elif _update(session, fence, {"status": QUEUED, "worker_id": None, "heartbeat_at": None}):
             report.requeued.append(batch_id)
-    grace = now - timedelta(seconds=SEND_GRACE_SECONDS)
-    resend_before = now - timedelta(seconds=settings.job_resend_after_seconds)
-    unsent = sa.or_(
-        sa.and_(BatchPrediction.sent_at.is_(None), BatchPrediction.created_at < grace),
-        BatchPrediction.id.in_(report.requeued),
-        BatchPrediction.sent_at < resend_before,
+    report.send_failed = held_rows.resend_unsent(
+        session, BatchPrediction, settings, send, now, report.requeued, report.resent
     )
-    due = session.scalars(
-        sa.select(BatchPrediction.id)
-        .where(BatchPrediction.status == QUEUED, unsent)
-        .order_by(BatchPrediction.created_at)
-    ).all()
-    for batch_id in due:
-        turn = [BatchPrediction.id == batch_id, BatchPrediction.status == QUEUED, unsent]
-        if not _update(session, turn, {"sent_at": now}):
-            continue
-        try:
-            send(batch_id)
-        except Exception as exc:  # the broker is down: the next pass sends the rest
-            log.warning("reconciler could not send batch prediction %s: %s", batch_id, exc)
-            _update(session, [BatchPrediction.id == batch_id], {"sent_at": None})
-            report.send_failed = True
-            break
-        if batch_id not in report.requeued:
-            report.resent.append(batch_id)
     return report
-
-
-def _waiting(session: Session, dataset_id: str) -> list[str]:
-    return list(
-        session.scalars(
-            sa.select(BatchPrediction.id).where(
-                BatchPrediction.dataset_id == dataset_id, BatchPrediction.status == QUEUED
-            )
-        ).all()
-    )
 
 
 def _failed_values(code: str, message: str, now: datetime) -> dict[str, Any]:
@@ -264,35 +218,16 @@ def _failed_values(code: str, message: str, now: datetime) -> dict[str, Any]:
     }
 
 
-def _stale(stale: datetime) -> sa.ColumnElement[bool]:
-    return sa.or_(BatchPrediction.heartbeat_at.is_(None), BatchPrediction.heartbeat_at < stale)
-
-
-def _takeable(stale: datetime) -> sa.ColumnElement[bool]:
-    return sa.or_(
-        BatchPrediction.status == QUEUED,
-        sa.and_(BatchPrediction.status == RUNNING, _stale(stale)),
-    )
+def _stale(before: datetime) -> sa.ColumnElement[bool]:
+    return held_rows.stale(BatchPrediction, before)
 
 
 def _owned(batch_id: str, worker_id: str) -> sa.ColumnElement[bool]:
     """Still this worker's: running, or cancelling (it is about to stop)."""
-    return sa.and_(
-        BatchPrediction.id == batch_id,
-        BatchPrediction.worker_id == worker_id,
-        BatchPrediction.status.in_((RUNNING, CANCELLING)),
-    )
+    return held_rows.owned(BatchPrediction, batch_id, worker_id, (RUNNING, CANCELLING))
 
 
 def _update(
     session: Session, conditions: list[sa.ColumnElement[bool]], values: Mapping[str, Any]
 ) -> bool:
-    """One compare-and-set UPDATE, committed; True when it changed a row."""
-    result = session.execute(
-        sa.update(BatchPrediction)
-        .where(*conditions)
-        .values(**values)
-        .execution_options(synchronize_session=False)
-    )
-    session.commit()
-    return bool(getattr(result, "rowcount", 0))
+    return held_rows.update(session, BatchPrediction, conditions, values)

@@ -14,7 +14,7 @@ dataset's error (`fail_waiting`).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -22,6 +22,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from service import held_rows
 from service.ids import utcnow
 from service.settings import Settings
 from service.tables import Dataset, Evaluation
@@ -29,8 +30,7 @@ from service.tables import Dataset, Evaluation
 log = logging.getLogger(__name__)
 
 QUEUED, RUNNING, SUCCEEDED, FAILED = "queued", "running", "succeeded", "failed"
-SEND_GRACE_SECONDS = 10.0
-Send = Callable[[str], None]
+Send = held_rows.Send
 
 
 @dataclass
@@ -57,7 +57,7 @@ def claim(session: Session, evaluation_id: str, worker_id: str, settings: Settin
         dataset = session.get(Dataset, row.dataset_id, populate_existing=True)
         if dataset is not None and dataset.status == "processing":
             return "waiting"
-    takeable = sa.and_(Evaluation.id == evaluation_id, _takeable(stale))
+    takeable = sa.and_(Evaluation.id == evaluation_id, held_rows.takeable(Evaluation, stale))
     taken = _update(
         session,
         [takeable, Evaluation.attempts < settings.job_max_attempts],
@@ -120,33 +120,18 @@ def finish_failed(
 
 
 def mark_sent(session: Session, evaluation_id: str) -> None:
-    _update(
-        session,
-        [Evaluation.id == evaluation_id, Evaluation.status == QUEUED],
-        {"sent_at": utcnow()},
-    )
+    held_rows.mark_sent(session, Evaluation, evaluation_id, utcnow())
 
 
 def send_waiting(session: Session, dataset_id: str, send: Send) -> list[str]:
-    """The dataset is ready: send the evaluations that waited for it (failures are left to
-    the reconciler, which resends unsent rows)."""
-    waiting = _waiting(session, dataset_id)
-    sent = []
-    for evaluation_id in waiting:
-        try:
-            send(evaluation_id)
-        except Exception as exc:
-            log.warning("evaluation %s not sent: %s (the reconciler will)", evaluation_id, exc)
-            continue
-        mark_sent(session, evaluation_id)
-        sent.append(evaluation_id)
-    return sent
+    """The dataset is ready: send the evaluations that waited for it."""
+    return held_rows.send_waiting(session, Evaluation, dataset_id, send, utcnow())
 
 
 def fail_waiting(session: Session, dataset_id: str, code: str, message: str) -> list[str]:
     """The dataset failed ingestion: so do the evaluations that waited for it."""
     failed = []
-    for evaluation_id in _waiting(session, dataset_id):
+    for evaluation_id in held_rows.waiting(session, Evaluation, dataset_id):
         text = f"the dataset {dataset_id} could not be ingested: {code}: {message}"
         if finish_failed(session, evaluation_id, None, "dataset_failed", text):
             failed.append(evaluation_id)
@@ -163,12 +148,15 @@ def reconcile(
     stale = now - timedelta(seconds=settings.job_stale_after_seconds)
     dead = session.execute(
         sa.select(Evaluation.id, Evaluation.attempts).where(
-            Evaluation.status == RUNNING,
-            sa.or_(Evaluation.heartbeat_at.is_(None), Evaluation.heartbeat_at < stale),
+            Evaluation.status == RUNNING, held_rows.stale(Evaluation, stale)
         )
     ).all()
     for evaluation_id, attempts in dead:
-        fence = [Evaluation.id == evaluation_id, Evaluation.status == RUNNING, _stale(stale)]
+        fence = [
+            Evaluation.id == evaluation_id,
+            Evaluation.status == RUNNING,
+            held_rows.stale(Evaluation, stale),
+        ]
         if attempts >= settings.job_max_attempts:
             message = (
                 f"the worker scoring it stopped answering on attempt {attempts} of "
@@ -178,42 +166,10 @@ def reconcile(
                 report.failed.append(evaluation_id)
         elif _update(session, fence, {"status": QUEUED, "worker_id": None, "heartbeat_at": None}):
             report.requeued.append(evaluation_id)
-    grace = now - timedelta(seconds=SEND_GRACE_SECONDS)
-    resend_before = now - timedelta(seconds=settings.job_resend_after_seconds)
-    unsent = sa.or_(
-        sa.and_(Evaluation.sent_at.is_(None), Evaluation.created_at < grace),
-        Evaluation.id.in_(report.requeued),
-        Evaluation.sent_at < resend_before,
+    report.send_failed = held_rows.resend_unsent(
+        session, Evaluation, settings, send, now, report.requeued, report.resent
     )
-    due = session.scalars(
-        sa.select(Evaluation.id)
-        .where(Evaluation.status == QUEUED, unsent)
-        .order_by(Evaluation.created_at)
-    ).all()
-    for evaluation_id in due:
-        turn = [Evaluation.id == evaluation_id, Evaluation.status == QUEUED, unsent]
-        if not _update(session, turn, {"sent_at": now}):
-            continue
-        try:
-            send(evaluation_id)
-        except Exception as exc:  # the broker is down: the next pass sends the rest
-            log.warning("reconciler could not send evaluation %s: %s", evaluation_id, exc)
-            _update(session, [Evaluation.id == evaluation_id], {"sent_at": None})
-            report.send_failed = True
-            break
-        if evaluation_id not in report.requeued:
-            report.resent.append(evaluation_id)
     return report
-
-
-def _waiting(session: Session, dataset_id: str) -> list[str]:
-    return list(
-        session.scalars(
-            sa.select(Evaluation.id).where(
-                Evaluation.dataset_id == dataset_id, Evaluation.status == QUEUED
-            )
-        ).all()
-    )
 
 
 def _failed_values(code: str, message: str, now: datetime) -> dict[str, Any]:
@@ -227,31 +183,11 @@ def _failed_values(code: str, message: str, now: datetime) -> dict[str, Any]:
     }
 
 
-def _stale(stale: datetime) -> sa.ColumnElement[bool]:
-    return sa.or_(Evaluation.heartbeat_at.is_(None), Evaluation.heartbeat_at < stale)
-
-
-def _takeable(stale: datetime) -> sa.ColumnElement[bool]:
-    return sa.or_(Evaluation.status == QUEUED, sa.and_(Evaluation.status == RUNNING, _stale(stale)))
-
-
 def _owned(evaluation_id: str, worker_id: str) -> sa.ColumnElement[bool]:
-    return sa.and_(
-        Evaluation.id == evaluation_id,
-        Evaluation.worker_id == worker_id,
-        Evaluation.status == RUNNING,
-    )
+    return held_rows.owned(Evaluation, evaluation_id, worker_id)
 
 
 def _update(
     session: Session, conditions: list[sa.ColumnElement[bool]], values: Mapping[str, Any]
 ) -> bool:
-    """One compare-and-set UPDATE, committed; True when it changed a row."""
-    result = session.execute(
-        sa.update(Evaluation)
-        .where(*conditions)
-        .values(**values)
-        .execution_options(synchronize_session=False)
-    )
-    session.commit()
-    return bool(getattr(result, "rowcount", 0))
+    return held_rows.update(session, Evaluation, conditions, values)

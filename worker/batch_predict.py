@@ -26,13 +26,13 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from sqlalchemy.orm import Session
 
 from bitcore.atomic import atomic_write
 from bitcore.data.index import DatasetIndex, Sample, decode_workers
@@ -41,10 +41,10 @@ from bitcore.predict import Predictor, top_k_labels
 from service import batch_prediction_runs as runs
 from service.batch_predictions import KIND, output_name
 from service.db import Database
-from service.object_store import ObjectCorrupt, ObjectMissing
 from service.settings import Settings
 from service.storage import Storage
 from service.tables import BatchPrediction, Dataset, Model
+from worker.held_work import WorkFailure, beating, dataset_index, served_predictor
 from worker.identity import new_worker_id
 
 log = logging.getLogger(__name__)
@@ -53,12 +53,6 @@ SHARDS = "shards"
 # The reason written for a file that could not be read at all (bitcore.images names the
 # others: empty, undecodable, too_many_pixels, ...).
 UNREADABLE = "unreadable"
-
-
-class BatchFailure(Exception):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code, self.message = code, message
 
 
 @dataclass(frozen=True)
@@ -108,11 +102,11 @@ def run_batch_prediction(batch_id: str, settings: Settings) -> str:
             )
         try:
             if not batch.model_id:
-                raise BatchFailure("model_missing", "the model was deleted")
+                raise WorkFailure("model_missing", "the model was deleted")
             if not batch.dataset_id:
-                raise BatchFailure("dataset_missing", "the dataset was deleted or is not ready")
+                raise WorkFailure("dataset_missing", "the dataset was deleted or is not ready")
             return _run(db, storage, settings, batch, worker_id)
-        except BatchFailure as exc:
+        except WorkFailure as exc:
             return _fail(db, storage, batch_id, worker_id, exc.code, exc.message)
     finally:
         db.dispose()
@@ -121,13 +115,17 @@ def run_batch_prediction(batch_id: str, settings: Settings) -> str:
 def _run(db: Database, storage: Storage, settings: Settings, batch: Batch, worker_id: str) -> str:
     started = time.monotonic()
     lost = threading.Event()
-    index = _dataset_index(storage, batch.dataset_id)
+    index = dataset_index(storage, batch.dataset_id)
     samples = sorted(index.samples, key=lambda sample: sample.path)
     size = int(settings.batch_shard_size)
     shards = [samples[i : i + size] for i in range(0, len(samples), size)]
     output = storage.shared_dir(KIND, batch.id) / output_name(batch.format)
     k = max(1, min(batch.top_k, batch.num_classes))
-    with _heartbeat(db, settings, batch.id, worker_id, lost):
+
+    def beat(session: Session) -> bool:
+        return runs.heartbeat(session, batch.id, worker_id)
+
+    with beating(db, settings, f"batch prediction {batch.id}", beat, lost):
         if _output_ready(storage, batch.id, output):
             # A previous attempt wrote it, then died: count every shard (a cancel asked for
             # meanwhile comes too late, as after the last shard).
@@ -152,7 +150,7 @@ def _run(db: Database, storage: Storage, settings: Settings, batch: Batch, worke
                     continue
                 if lost.is_set():
                     return _lost(batch.id)
-                predictor = predictor or _predictor(storage, settings, batch.model_id)
+                predictor = predictor or served_predictor(storage, settings, batch.model_id)
                 rows = predict_files(predictor, index, shard, k)
                 _write_shard(storage, batch, i, rows, k)
                 done[i] = True
@@ -370,44 +368,6 @@ def _output_ready(storage: Storage, batch_id: str, output: Path) -> bool:
     return False
 
 
-def _dataset_index(storage: Storage, dataset_id: str) -> DatasetIndex:
-    try:
-        storage.ensure_local("datasets", dataset_id)
-    except ObjectMissing:
-        raise BatchFailure(
-            "dataset_missing", f"dataset {dataset_id} is not in the object store"
-        ) from None
-    except ObjectCorrupt:
-        raise BatchFailure(
-            "dataset_corrupt",
-            f"dataset {dataset_id} is damaged in the server's object store; upload it again",
-        ) from None
-    path = storage.dataset_index(dataset_id)
-    if not path.is_file():
-        raise BatchFailure("dataset_missing", f"dataset {dataset_id} has no index")
-    return DatasetIndex.load(path)
-
-
-def _predictor(storage: Storage, settings: Settings, model_id: str) -> Predictor:
-    """The model as the gateway serves it (service.serving): the same runtime, int8 choice,
-    batch size, pixel cap and JPEG decoding, so that each row is what a predict answers."""
-    try:
-        directory = storage.ensure_local("models", model_id)
-    except (ObjectMissing, ObjectCorrupt):
-        raise BatchFailure(
-            "model_missing", f"the artifact of model {model_id} is missing or damaged"
-        ) from None
-    return Predictor.load(
-        directory,
-        settings.device,
-        max_batch_size=int(settings.predict_max_batch_size),
-        max_pixels=int(settings.predict_max_image_pixels),
-        runtime=settings.predict_runtime,
-        int8=bool(settings.predict_int8),
-        jpeg_draft=bool(settings.predict_jpeg_draft),
-    )
-
-
 def _cancel(db: Database, storage: Storage, batch_id: str, worker_id: str) -> str:
     with db.sessionmaker() as session:
         ended = runs.finish_cancelled(session, batch_id, worker_id)
@@ -434,31 +394,3 @@ def _lost(batch_id: str) -> str:
     # Its files are left alone: another worker may be using them now.
     log.warning("batch prediction %s is no longer this worker's; stopped", batch_id)
     return "lost"
-
-
-@contextmanager
-def _heartbeat(
-    db: Database, settings: Settings, batch_id: str, worker_id: str, lost: threading.Event
-) -> Iterator[None]:
-    stop = threading.Event()
-    interval = min(settings.job_heartbeat_seconds, settings.job_progress_interval_seconds or 1.0)
-
-    def run() -> None:
-        while not stop.wait(interval):
-            try:
-                with db.sessionmaker() as session:
-                    ours = runs.heartbeat(session, batch_id, worker_id)
-            except Exception as exc:  # a database blip: retry on the next beat
-                log.warning("heartbeat for batch prediction %s failed: %s", batch_id, exc)
-                continue
-            if not ours:
-                lost.set()
-                return
-
-    thread = threading.Thread(target=run, name=f"batch-predict-{batch_id}", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join(timeout=10)

@@ -16,12 +16,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict
 from typing import Any
 
-from bitcore.data.index import DatasetIndex
+from sqlalchemy.orm import Session
+
 from bitcore.evaluation import (
     EvaluationCancelled,
     UnknownLabels,
@@ -29,23 +28,16 @@ from bitcore.evaluation import (
     evaluate_model,
     thumbnail,
 )
-from bitcore.predict import Predictor
 from service import evaluation_runs
 from service.db import Database
 from service.evaluations import thumbnail_name
-from service.object_store import ObjectCorrupt, ObjectMissing
 from service.settings import Settings
 from service.storage import Storage
 from service.tables import Dataset, Evaluation, Model
+from worker.held_work import WorkFailure, beating, dataset_index, served_predictor
 from worker.identity import new_worker_id
 
 log = logging.getLogger(__name__)
-
-
-class EvaluationFailure(Exception):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code, self.message = code, message
 
 
 class _Beat:
@@ -76,13 +68,11 @@ def run_evaluation(evaluation_id: str, settings: Settings) -> str:
             dataset_id = dataset.id if dataset is not None and dataset.status == "ready" else None
         try:
             if model_id is None:
-                raise EvaluationFailure("model_missing", "the model was deleted")
+                raise WorkFailure("model_missing", "the model was deleted")
             if dataset_id is None:
-                raise EvaluationFailure(
-                    "dataset_missing", "the dataset was deleted or is not ready"
-                )
+                raise WorkFailure("dataset_missing", "the dataset was deleted or is not ready")
             return _score(db, storage, settings, evaluation_id, worker_id, model_id, dataset_id)
-        except EvaluationFailure as exc:
+        except WorkFailure as exc:
             return _fail(db, evaluation_id, worker_id, exc.code, exc.message)
         except UnknownLabels as exc:
             message = (
@@ -105,10 +95,14 @@ def _score(
 ) -> str:
     started = time.monotonic()
     beat = _Beat()
-    index = _dataset_index(storage, dataset_id)
-    predictor = _predictor(storage, settings, model_id)
+    index = dataset_index(storage, dataset_id)
+    predictor = served_predictor(storage, settings, model_id)
     check_labels(index.classes, predictor.classes)
-    with _heartbeat(db, settings, evaluation_id, worker_id, beat):
+
+    def write(session: Session) -> bool:
+        return evaluation_runs.heartbeat(session, evaluation_id, worker_id, beat.progress)
+
+    with beating(db, settings, f"evaluation {evaluation_id}", write, beat.lost):
         try:
             scored = evaluate_model(
                 predictor, index, on_progress=beat.report, should_cancel=beat.lost.is_set
@@ -140,74 +134,8 @@ def _score(
     return "succeeded"
 
 
-def _dataset_index(storage: Storage, dataset_id: str) -> DatasetIndex:
-    try:
-        storage.ensure_local("datasets", dataset_id)
-    except ObjectMissing:
-        raise EvaluationFailure(
-            "dataset_missing", f"dataset {dataset_id} is not in the object store"
-        ) from None
-    except ObjectCorrupt:
-        raise EvaluationFailure(
-            "dataset_corrupt",
-            f"dataset {dataset_id} is damaged in the server's object store; upload it again",
-        ) from None
-    path = storage.dataset_index(dataset_id)
-    if not path.is_file():
-        raise EvaluationFailure("dataset_missing", f"dataset {dataset_id} has no index")
-    return DatasetIndex.load(path)
-
-
-def _predictor(storage: Storage, settings: Settings, model_id: str) -> Predictor:
-    """The model as the gateway serves it: the same runtime and int8 choice, so that an
-    evaluation scores what predictions answer."""
-    try:
-        directory = storage.ensure_local("models", model_id)
-    except (ObjectMissing, ObjectCorrupt):
-        raise EvaluationFailure(
-            "model_missing", f"the artifact of model {model_id} is missing or damaged"
-        ) from None
-    return Predictor.load(
-        directory,
-        settings.device,
-        max_pixels=int(settings.predict_max_image_pixels),
-        runtime=settings.predict_runtime,
-        int8=bool(settings.predict_int8),
-    )
-
-
 def _fail(db: Database, evaluation_id: str, worker_id: str, code: str, message: str) -> str:
     with db.sessionmaker() as session:
         ended = evaluation_runs.finish_failed(session, evaluation_id, worker_id, code, message)
     log.info("evaluation %s failed: %s: %s", evaluation_id, code, message)
     return "failed" if ended else "lost"
-
-
-@contextmanager
-def _heartbeat(
-    db: Database, settings: Settings, evaluation_id: str, worker_id: str, beat: _Beat
-) -> Iterator[None]:
-    stop = threading.Event()
-    interval = min(settings.job_heartbeat_seconds, settings.job_progress_interval_seconds or 1.0)
-
-    def run() -> None:
-        while not stop.wait(interval):
-            try:
-                with db.sessionmaker() as session:
-                    ours = evaluation_runs.heartbeat(
-                        session, evaluation_id, worker_id, beat.progress
-                    )
-            except Exception as exc:  # a database blip: retry on the next beat
-                log.warning("heartbeat for evaluation %s failed: %s", evaluation_id, exc)
-                continue
-            if not ours:
-                beat.lost.set()
-                return
-
-    thread = threading.Thread(target=run, name=f"evaluate-{evaluation_id}", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join(timeout=10)

@@ -19,9 +19,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
+
+from sqlalchemy.orm import Session
 
 from service import batch_prediction_runs, evaluation_runs, ingest_runs
 from service.broker import Broker
@@ -33,6 +33,7 @@ from service.object_store import ObjectCorrupt, ObjectMissing, S3Store
 from service.settings import Settings
 from service.storage import Storage, disk_full_as
 from service.tables import Dataset
+from worker.held_work import beating
 from worker.identity import new_worker_id
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,11 @@ def _ingest(
     beat = _Beat()
     started = time.monotonic()
     directory = storage.dataset_dir(dataset_id)
-    with _heartbeat(db, settings, dataset_id, worker_id, beat):
+
+    def write(session: Session) -> bool:
+        return ingest_runs.heartbeat(session, dataset_id, worker_id, beat.progress)
+
+    with beating(db, settings, f"dataset {dataset_id}", write, beat.lost):
         try:
             fill = _filler(storage, dataset_id, ingest)
             storage.remove(directory)  # what a crashed attempt left
@@ -192,32 +197,3 @@ def _abandon(db: Database, storage: Storage, dataset_id: str) -> str:
 def _drop_files(storage: Storage, dataset_id: str) -> None:
     storage.discard("uploads", dataset_id)
     storage.discard("datasets", dataset_id)
-
-
-@contextmanager
-def _heartbeat(
-    db: Database, settings: Settings, dataset_id: str, worker_id: str, beat: _Beat
-) -> Iterator[None]:
-    """Beat (with the progress) from a thread while the block runs."""
-    stop = threading.Event()
-    interval = min(settings.job_heartbeat_seconds, settings.job_progress_interval_seconds or 1.0)
-
-    def run() -> None:
-        while not stop.wait(interval):
-            try:
-                with db.sessionmaker() as session:
-                    ours = ingest_runs.heartbeat(session, dataset_id, worker_id, beat.progress)
-            except Exception as exc:  # a database blip: retry on the next beat
-                log.warning("heartbeat for dataset %s failed: %s", dataset_id, exc)
-                continue
-            if not ours:
-                beat.lost.set()
-                return
-
-    thread = threading.Thread(target=run, name=f"ingest-{dataset_id}", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join(timeout=10)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from service import batch_prediction_runs as runs
-from service import batch_predictions
+from service import batch_predictions, held_rows
 from service.db import Database
 from service.domain_errors import Conflict, NotFound
 from service.ids import new_id, utcnow
@@ -219,7 +219,7 @@ def test_the_reconciler_resends_requeues_fails_and_ends_cancels(
             stored.heartbeat_at, stored.attempts = stale, attempts
         session.commit()
         sent: list[str] = []
-        later = utcnow() + timedelta(seconds=runs.SEND_GRACE_SECONDS + 1)
+        later = utcnow() + timedelta(seconds=held_rows.SEND_GRACE_SECONDS + 1)
         report = runs.reconcile(session, settings, sent.append, now=later)
     assert report.requeued == [dead.id] and report.failed == [spent.id]
     assert report.cancelled == [stopping.id] and unsent.id in report.resent

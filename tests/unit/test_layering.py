@@ -90,6 +90,7 @@ DOMAIN = (
     "ingest_runs",
     "evaluations",
     "evaluation_runs",
+    "held_rows",
     "batch_predictions",
     "batch_prediction_runs",
     "dataset_sources",
