@@ -1,4 +1,5 @@
-"""`bitserve models list|show|export|delete|evaluate|evaluations` and `bitserve predict`.
+"""`bitserve models list|show|export|delete|evaluate|evaluations|batch-predict|
+batch-predictions` and `bitserve predict`.
 
 A new models subcommand is one more function here: `@models.command()` + `@remote_command`,
 calling the client's method and passing the API's answer to `remote.emit(answer, lambda: <a
@@ -16,11 +17,12 @@ from typing import Any
 
 import click
 from rich.console import Group, RenderableType
+from rich.text import Text
 
 from bitserve_client.cli import render, watch
 from bitserve_client.cli.datasets import send_dataset
 from bitserve_client.cli.remote import Remote, console_for, limit_option, newest, remote_command
-from bitserve_client.errors import DatasetFailed, EvaluationFailed
+from bitserve_client.errors import BatchPredictionFailed, DatasetFailed, EvaluationFailed
 from bitserve_client.schema import Label
 
 # --format -> (the API's artifact format, the file's extension)
@@ -38,7 +40,7 @@ PREDICT_BATCH_BYTES = 32 * 1024 * 1024
 
 @click.group()
 def models() -> None:
-    """List, show, export, evaluate and delete trained models."""
+    """List, show, export, evaluate and delete trained models; label datasets with them."""
 
 
 @models.command("list")
@@ -164,8 +166,10 @@ def evaluate(remote: Remote, model_id: str, target: str, name: str | None, no_wa
         remote.note(render.evaluation_summary(final))
 
 
-def _dataset_for(remote: Remote, target: str, name: str | None, *, wait: bool) -> str:
-    """The dataset to evaluate on: `target` uploaded (a folder or an archive that exists here),
+def _dataset_for(
+    remote: Remote, target: str, name: str | None, *, wait: bool, what: str = "evaluation"
+) -> str:
+    """The dataset to evaluate (or batch-predict) on: `target` uploaded (a folder or an archive that exists here),
     else `target` as a dataset id. Uploading says what it does on stderr."""
     path = Path(target)
     if not path.exists():
@@ -183,7 +187,7 @@ def _dataset_for(remote: Remote, target: str, name: str | None, *, wait: bool) -
     remote.note(
         render.dataset_summary(dataset)
         if dataset.get("status") == "ready"
-        else f"dataset {dataset['id']} processing (the evaluation waits for it)",
+        else f"dataset {dataset['id']} processing (the {what} waits for it)",
         stderr=True,
     )
     return str(dataset["id"])
@@ -214,6 +218,110 @@ def evaluations(remote: Remote, model_id: str, limit: int) -> None:
     """List a model's evaluations, newest first (its fine-tune's validation result last)."""
     items = newest(lambda size: remote.client.list_evaluations(model_id, page_size=size), limit)
     remote.emit(items, lambda: render.evaluations_table(items))
+
+
+@models.command("batch-predict")
+@click.argument("model_id", metavar="MODEL")
+@click.argument("target", metavar="DATASET|DIR|ARCHIVE")
+@click.option(
+    "--top-k",
+    default=5,
+    show_default=True,
+    type=click.IntRange(1, 1000),
+    metavar="K",
+    help="Labels per file, most probable first (at most the model's classes).",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["csv", "jsonl"]),
+    default="csv",
+    show_default=True,
+    help="csv: file,label_1,score_1,...,error; jsonl: one {file, predictions} per line.",
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    help="File to write, or a folder to write ID.FORMAT in (default: ./ID.FORMAT).",
+)
+@click.option("--name", help="The name of a dataset uploaded for it (default: the folder's).")
+@click.option(
+    "--no-wait",
+    is_flag=True,
+    help="Return once the batch prediction is queued; do not wait for it nor download it.",
+)
+@remote_command
+def batch_predict(
+    remote: Remote,
+    model_id: str,
+    target: str,
+    top_k: int,
+    fmt: str,
+    output: Path | None,
+    name: str | None,
+    no_wait: bool,
+) -> None:
+    """Predict every file of a dataset with a model, into one CSV or JSONL file.
+
+    DATASET|DIR|ARCHIVE is a dataset's id, or a folder (or a .zip/.tar.gz of one) to upload
+    first; its class folders are ignored (every image is predicted). Waits for the batch
+    prediction (shards and images done on stderr), downloads its output, then prints the file
+    written and its row count; exit status 1 if it failed or was cancelled.
+    """
+    chosen = output if output is not None else Path()
+    if not chosen.is_dir() and not chosen.parent.is_dir():
+        # Checked before anything is uploaded or queued: a typo costs nothing.
+        raise click.BadParameter(f"no such folder: {chosen.parent}", param_hint="-o/--output")
+    dataset_id = _dataset_for(remote, target, name, wait=not no_wait, what="batch prediction")
+    batch: dict[str, Any] = dict(
+        remote.client.create_batch_prediction(model_id, dataset_id, top_k=top_k, format=fmt)
+    )
+    if no_wait:
+        remote.emit(batch, lambda: render.batch_queued_line(batch))
+        return
+    final = _follow_batch(remote, batch)
+    if final.get("status") != "succeeded":
+        remote.emit(final)  # --json: the failed (or cancelled) one, as the API shows it
+        raise BatchPredictionFailed(final)
+    path = chosen / f"{final['id']}.{fmt}" if chosen.is_dir() else chosen
+    written = remote.client.download_batch_predictions(str(final["id"]), path)
+    line = render.batch_written_line(final, str(written))
+    # Text: a path is shown as it is, never read as rich markup ("out[1].csv").
+    remote.emit({**final, "path": str(written)}, lambda: Text(line))
+    if remote.as_json:
+        remote.note(line)
+
+
+def _follow_batch(remote: Remote, batch: dict[str, Any]) -> dict[str, Any]:
+    """The batch prediction's progress on stderr until it ends; the ended one. Ctrl-C stops
+    waiting only (exit status 130): the batch prediction goes on."""
+    batch_id = batch["id"]
+    display = watch.reporter(watch.BATCH, batch_id, remote.err, console_for(remote.err))
+    events = watch.poll_evaluation(
+        remote.client.get_batch_prediction, batch, ended=watch.BATCH_ENDED
+    )
+    try:
+        return watch.follow(events, batch, display)
+    except KeyboardInterrupt:
+        remote.note(
+            f"stopped waiting; batch prediction {batch_id} goes on (bitserve models "
+            f"batch-predictions {batch['model_id']})",
+            stderr=True,
+        )
+        click.get_current_context().exit(130)
+
+
+@models.command("batch-predictions")
+@click.argument("model_id", metavar="MODEL")
+@limit_option
+@remote_command
+def batch_predictions(remote: Remote, model_id: str, limit: int) -> None:
+    """List a model's batch predictions, newest first."""
+    items = newest(
+        lambda size: remote.client.list_batch_predictions(model_id, page_size=size), limit
+    )
+    remote.emit(items, lambda: render.batch_predictions_table(items))
 
 
 @click.command()

@@ -24,6 +24,7 @@ from rich.console import Console, RenderableType
 from bitserve_client.client import DEFAULT_URL, BitserveClient
 from bitserve_client.errors import (
     ApiError,
+    BatchPredictionFailed,
     DatasetFailed,
     DatasetTimeout,
     EvaluationFailed,
@@ -179,6 +180,8 @@ def _one_line_errors(remote: Remote) -> Iterator[None]:
         fail(f"{exc.code}: {exc.message} (dataset {exc.dataset_id} failed)")
     except EvaluationFailed as exc:
         fail(f"{exc.code}: {exc.message} (evaluation {exc.evaluation_id} failed)")
+    except BatchPredictionFailed as exc:
+        fail(f"{exc.code}: {exc.message} (batch prediction {exc.batch_prediction_id} {exc.status})")
     except ApiError as exc:
         fail(f"{exc.code}: {exc.message}{_hint(exc)}")
     except (JobTimeout, DatasetTimeout) as exc:

@@ -295,6 +295,72 @@ def evaluations_table(items: Iterable[Mapping[str, Any]]) -> Table:
     return grid
 
 
+# -- batch predictions -----------------------------------------------------------------------
+
+
+def _of(done: Any, total: Any) -> str:
+    return f"{done or 0}/{total if total is not None else '?'}"
+
+
+def batch_progress_line(batch_id: str, progress: Mapping[str, Any]) -> str:
+    """ "bp_x: shard 2/5, 128/300 images" (the totals are unknown until a worker has read the
+    dataset)."""
+    shards = _of(progress.get("shards_done"), progress.get("shards_total"))
+    images = _of(progress.get("images_done"), progress.get("images_total"))
+    return f"{batch_id}: shard {shards}, {images} images"
+
+
+def batch_queued_line(batch: Mapping[str, Any]) -> str:
+    """What `models batch-predict --no-wait` ends with."""
+    model_id = batch.get("model_id")
+    return (
+        f"batch prediction {batch.get('id')} {batch.get('status')}: model {model_id} on "
+        f"dataset {batch.get('dataset_id')}, top {batch.get('top_k')}, {batch.get('format')} "
+        f"(see it: bitserve models batch-predictions {model_id})"
+    )
+
+
+def batch_written_line(batch: Mapping[str, Any], path: str) -> str:
+    """The last line of `models batch-predict`: the file written and its row count, e.g.
+    "wrote bp_x.csv: 12 rows (1 error), 1.2 kB, batch prediction bp_x"."""
+    result = batch.get("result") or {}
+    rows, errors = result.get("rows"), result.get("errors") or 0
+    error_text = f", {errors} error{'s' if errors != 1 else ''}" if errors else ""
+    return (
+        f"wrote {path}: {rows} row{'s' if rows != 1 else ''}{error_text} "
+        f"({fmt_bytes(result.get('bytes'))}, batch prediction {batch.get('id')})"
+    )
+
+
+def batch_status(batch: Mapping[str, Any]) -> str:
+    """ "succeeded", "running 2/5 shards", "failed: dataset_failed"."""
+    status = str(batch.get("status") or "unknown")
+    progress = batch.get("progress") or {}
+    if status in ("running", "cancelling") and progress.get("shards_total") is not None:
+        return f"{status} {_of(progress.get('shards_done'), progress['shards_total'])} shards"
+    if status == "failed":
+        return f"failed: {(batch.get('error') or {}).get('code') or 'unknown'}"
+    return status
+
+
+def batch_predictions_table(items: Iterable[Mapping[str, Any]]) -> Table:
+    grid = table("ID", "STATUS", "FORMAT", "TOP-K", "ROWS", "ERRORS", "DATASET", "CREATED")
+    for b in items:
+        result = b.get("result") or {}
+        add_row(
+            grid,
+            b.get("id"),
+            batch_status(b),
+            b.get("format"),
+            b.get("top_k"),
+            result.get("rows"),
+            result.get("errors"),
+            b.get("dataset_id"),
+            fmt_time(b.get("created_at")),
+        )
+    return grid
+
+
 # -- tables ----------------------------------------------------------------------------------
 
 

@@ -1,6 +1,7 @@
 """Following a job, a dataset's ingestion or an evaluation on the terminal, from the client's
 event stream (BitserveClient.watch_job / watch_dataset: Server-Sent Events, else polling) or,
-for an evaluation (the API has no stream for it), from `poll_evaluation`.
+for an evaluation or a batch prediction (the API has no stream for them), from
+`poll_evaluation`.
 
 Two displays of the same events: on a terminal a live rich bar (stage, bar, count, figures);
 anywhere else (a pipe, a CI log) plain lines: one when the stage changes (queued, preparing,
@@ -110,21 +111,43 @@ EVALUATION = Kind(
 EVALUATION_POLL_S = 1.0
 
 
+def _batch_line(batch_id: str, progress: Mapping[str, Any]) -> str | None:
+    if progress.get("shards_total") is None:
+        return None  # no worker has read the dataset yet: the stage line says it all
+    return render.batch_progress_line(batch_id, progress)
+
+
+def _batch_figures(status: str | None, progress: Mapping[str, Any]) -> Figures:
+    if status in BATCH_ENDED:
+        return 1, 1, "", ""
+    done, total = progress.get("images_done") or 0, progress.get("images_total")
+    if total is None:
+        return 0, None, "", ""
+    shards = f"shard {progress.get('shards_done') or 0}/{progress.get('shards_total')}"
+    return done, total, f"{done}/{total} images", shards
+
+
+BATCH_ENDED = frozenset(render.FINISHED)
+BATCH = Kind(BATCH_ENDED, lambda status, _: status or "unknown", _batch_line, _batch_figures)
+
+
 def poll_evaluation(
     get: Callable[[str], Mapping[str, Any]],
     first: Mapping[str, Any],
     *,
     interval: float = EVALUATION_POLL_S,
     sleep: Callable[[float], object] = time.sleep,
+    ended: frozenset[str] = EVALUATION_ENDED,
 ) -> Iterator[JobEvent]:
-    """An evaluation's changes as the events `follow` reads (`status` when its status changes,
-    `progress` when its count does, `done` once it has ended), by reading it with `get` (the
-    client's get_evaluation) every `interval` seconds."""
+    """An evaluation's (or, with `ended` = BATCH_ENDED, a batch prediction's) changes as the
+    events `follow` reads (`status` when its status changes, `progress` when its count does,
+    `done` once it has ended), by reading it with `get` (the client's get_evaluation or
+    get_batch_prediction) every `interval` seconds."""
     current = dict(first)
-    while current.get("status") not in EVALUATION_ENDED:
+    while current.get("status") not in ended:
         sleep(interval)
         now = dict(get(str(first["id"])))
-        if now.get("status") not in EVALUATION_ENDED:
+        if now.get("status") not in ended:
             if now.get("status") != current.get("status"):
                 yield JobEvent("status", now)
             if now.get("progress") and now.get("progress") != current.get("progress"):

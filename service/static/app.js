@@ -242,10 +242,14 @@ async function apiStream(method, path, signal) {
 // number of the latest model view asked for (an older answer arriving later is dropped);
 // evaluations, evaluationView: the same for the evaluations list and the evaluation shown;
 // evaluating: the id of the evaluation this page follows; shown: the evaluation shown;
-// thumbnails: its blob: URLs (revoked when it goes).
+// thumbnails: its blob: URLs (revoked when it goes); batches: the number of the latest batch
+// predictions list asked for; batching: the id of the batch prediction this page follows;
+// offered: the one the download link is for, batchUrl: that link's blob: URL, batchOffer: the
+// number of the latest link asked for.
 const state = {
   follow: null, jobId: null, baseModels: [], ingest: null, curves: null, chart: null, quality: 0,
   evaluations: 0, evaluationView: 0, evaluating: null, shown: null, thumbnails: [],
+  batches: 0, batching: null, offered: null, batchUrl: null, batchOffer: 0,
 };
 
 function showError(err) {
@@ -662,6 +666,7 @@ async function refreshLists(select = {}) {
   setOptions($("dataset-select"), ready, (d) => `${d.name} (${d.num_images} images, ${d.num_classes} classes)`, select.dataset);
   const classNames = (d) => (d.classes || []).map((c) => c.name).join(", ");
   setOptions($("evaluate-dataset"), ready, (d) => `${d.name} (${d.num_images} images: ${classNames(d)})`, select.dataset);
+  setOptions($("batch-dataset"), ready, (d) => `${d.name} (${d.num_images} images)`, select.dataset);
   let body = $("datasets-list").tBodies[0];
   body.replaceChildren();
   for (const d of datasets.items) {
@@ -737,7 +742,7 @@ async function showQuality() {
   const second = $("compare-model").value;
   if (!first) {
     $("quality-output").replaceChildren();
-    await showEvaluations(null);
+    await Promise.all([showEvaluations(null), showBatchPredictions(null)]);
     return;
   }
   const [a, b] = await Promise.all([
@@ -746,7 +751,7 @@ async function showQuality() {
   ]);
   if (ticket !== state.quality) return; // the choice changed while these loaded
   $("quality-output").replaceChildren(...(b ? comparisonView(a, b) : qualityView(a)));
-  await showEvaluations(first);
+  await Promise.all([showEvaluations(first), showBatchPredictions(first)]);
 }
 
 // -- evaluations (the model view's second half) ---------------------------------------------------
@@ -866,6 +871,148 @@ async function startEvaluation() {
   await Promise.all([followEvaluation(evaluation), showEvaluations(modelId)]);
 }
 
+// -- batch predictions (the model view's last part) -----------------------------------------------
+
+// The download link goes, its blob: URL revoked; a link still being made is dropped.
+function clearBatchDownload() {
+  state.batchOffer += 1;
+  if (state.batchUrl) URL.revokeObjectURL(state.batchUrl);
+  state.batchUrl = null;
+  state.offered = null;
+  const link = $("batch-download");
+  link.href = "#";
+  link.removeAttribute("download");
+  $("batch-result").hidden = true;
+}
+
+// The model's batch predictions, newest first: Download once succeeded, Follow and Cancel while
+// they run.
+async function showBatchPredictions(modelId) {
+  const ticket = ++state.batches;
+  const body = $("batch-list").tBodies[0];
+  if (state.offered && state.offered.model_id !== modelId) clearBatchDownload();
+  if (!modelId) {
+    body.replaceChildren();
+    return;
+  }
+  const { items } = await api("GET", `/v1/models/${seg(modelId)}/batch-predictions`, { query: { limit: 100 } });
+  if (ticket !== state.batches) return; // another model was chosen meanwhile
+  const when = (t) => (t ? new Date(t).toLocaleString() : "–");
+  body.replaceChildren();
+  for (const b of items) {
+    const row = body.insertRow();
+    [b.id, b.dataset_id || "a deleted dataset", batchStatus(b), b.format, String(b.top_k), when(b.created_at)].forEach((t) => cell(row, t));
+    const actions = cell(row, "");
+    if (b.status === "succeeded") {
+      actions.append(button("Download", () => downloadBatch(b), `Download batch prediction ${b.id}`));
+    } else if (b.status === "queued" || b.status === "running") {
+      if (state.batching !== b.id) actions.append(button("Follow", () => followBatch(b), `Follow batch prediction ${b.id}`));
+      actions.append(button("Cancel", async () => {
+        await api("POST", `/v1/batch-predictions/${seg(b.id)}/cancel`);
+        await showBatchPredictions(modelId);
+      }, `Cancel batch prediction ${b.id}`));
+    } else if (b.error) {
+      row.cells[2].title = b.error.message;
+    }
+  }
+}
+
+// A succeeded batch prediction's file, fetched with the page's key (a plain link to the API
+// would carry none), as a blob: URL. A link to it with a download name saves it: a download is
+// no fetch nor image load, so the page's CSP (img-src blob:, no connect-src blob:) does not
+// stand in its way (the browser test downloads through it).
+async function batchBlobUrl(batch) {
+  const type = batch.format === "jsonl" ? "application/x-ndjson" : "text/csv";
+  const response = await api("GET", `/v1/batch-predictions/${seg(batch.id)}/output`, { raw: true, headers: { Accept: type } });
+  return URL.createObjectURL(await response.blob());
+}
+
+// "Download" in the list: the file saved at once, as a model's download is.
+async function downloadBatch(batch) {
+  const link = document.createElement("a");
+  link.href = await batchBlobUrl(batch);
+  link.download = batchFileName(batch);
+  link.click();
+  setTimeout(() => URL.revokeObjectURL(link.href), 10000);
+}
+
+// The followed batch prediction succeeded: a link to its file, saved when followed.
+async function offerBatchDownload(batch) {
+  clearBatchDownload();
+  const ticket = state.batchOffer;
+  const url = await batchBlobUrl(batch);
+  if (ticket !== state.batchOffer) {
+    URL.revokeObjectURL(url); // another one replaced it meanwhile
+    return;
+  }
+  state.batchUrl = url;
+  state.offered = batch;
+  const link = $("batch-download");
+  link.href = url;
+  link.download = batchFileName(batch);
+  link.textContent = `Download ${batchFileName(batch)} (${batch.result.rows} rows, ${formatBytes(batch.result.bytes)})`;
+  $("batch-result").hidden = false;
+}
+
+function showBatchProgress(batch) {
+  $("batch-status").textContent = `Batch prediction ${batch.id}: ${batchStatus(batch)}`;
+  // Images done of the dataset's (known once a worker has read it); full once it succeeded.
+  const p = batch.progress || {};
+  const total = Math.max(1, Number.isFinite(p.images_total) ? p.images_total : 1);
+  const done = batch.status === "succeeded" ? total : Math.min(p.images_done || 0, total);
+  const bar = $("batch-progress");
+  bar.hidden = false;
+  bar.max = total;
+  bar.value = done;
+  bar.textContent = `${Math.round((100 * done) / total)}%`;
+}
+
+// Poll a batch prediction (the API has no event stream for it) until it ends; then the list
+// again, and the download link if it succeeded, or its error.
+async function followBatch(batch) {
+  const id = batch.id;
+  state.batching = id;
+  $("batch-button").disabled = true;
+  clearBatchDownload();
+  let current = batch;
+  try {
+    for (;;) {
+      showBatchProgress(current);
+      if (["succeeded", "failed", "cancelled"].includes(current.status)) break;
+      await new Promise((r) => setTimeout(r, 1000));
+      if (state.batching !== id) return; // the page follows another one now
+      current = await api("GET", `/v1/batch-predictions/${seg(id)}`);
+    }
+  } finally {
+    if (state.batching === id) {
+      state.batching = null;
+      $("batch-button").disabled = false;
+    }
+  }
+  if ($("quality-model").value === current.model_id) await showBatchPredictions(current.model_id);
+  if (current.status === "failed") {
+    const e = current.error || { code: "batch_prediction_failed", message: "the batch prediction failed", details: {} };
+    throw new ApiError(0, e.code, `Batch prediction ${id} failed: ${e.message} (${e.code})`, e.details);
+  }
+  if (current.status === "succeeded") await offerBatchDownload(current);
+}
+
+async function startBatchPrediction() {
+  const modelId = $("quality-model").value;
+  const datasetId = $("batch-dataset").value;
+  const topK = Number($("batch-top-k").value);
+  if (!modelId) throw new ApiError(0, "no_model", "Train a model first (or pick one).", {});
+  if (!datasetId) throw new ApiError(0, "no_dataset", "Upload the images to label as a dataset first.", {});
+  if (!Number.isInteger(topK) || topK < 1 || topK > 1000) {
+    throw new ApiError(0, "invalid_top_k", "Labels per image: a whole number from 1 to 1000.", {});
+  }
+  const batch = await api("POST", `/v1/models/${seg(modelId)}/batch-predictions`, {
+    json: { dataset_id: datasetId, top_k: topK, format: $("batch-format").value },
+  });
+  // Following marks it followed (no Follow button) before its first wait, so before the list.
+  await Promise.all([followBatch(batch), showBatchPredictions(modelId)]);
+}
+
 // Everything the page shows, loaded again (on start, and whenever the key changes).
 async function loadAll() {
   await Promise.all([loadBaseModels(), refreshLists()]);
@@ -925,6 +1072,10 @@ function init() {
   $("evaluate-form").addEventListener("submit", (event) => {
     event.preventDefault();
     guarded(startEvaluation);
+  });
+  $("batch-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    guarded(startBatchPrediction);
   });
   window.addEventListener("resize", () => { if (state.chart) state.chart.resize(); });
 

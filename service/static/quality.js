@@ -1,7 +1,8 @@
 // How good a model is, from its validation metrics (GET /v1/models/{id}: accuracy, macro-F1,
 // per-class precision/recall/F1, the confusion matrix), two models side by side, and one of its
 // evaluations on another dataset (GET /v1/evaluations/{id}: the same figures, top-k accuracy,
-// the most confused pairs and the worst-scored examples, whose thumbnails app.js fetches). Builds
+// the most confused pairs and the worst-scored examples, whose thumbnails app.js fetches), and a
+// batch prediction's status and file name. Builds
 // elements only (app.js fetches); styles come from style.css classes, and the few values that
 // vary per cell (a bar's length, a cell's share) are set through element.style, which the
 // page's Content-Security-Policy allows (style attributes in markup it would block).
@@ -90,10 +91,32 @@ function evaluationFigures(result) {
   return rows;
 }
 
+// A batch prediction's status in a few words: "queued", "running, shard 2 / 5, 128 / 300 images",
+// "failed: dataset_failed", "succeeded, 300 rows (2 errors)".
+function batchStatus(batch) {
+  const p = batch.progress || {};
+  const of = (done, total) => `${done || 0} / ${Number.isFinite(total) ? total : "?"}`;
+  if ((batch.status === "running" || batch.status === "cancelling") && Number.isFinite(p.shards_total)) {
+    return `${batch.status}, shard ${of(p.shards_done, p.shards_total)}, ${of(p.images_done, p.images_total)} images`;
+  }
+  if (batch.status === "failed") return `failed: ${batch.error ? batch.error.code : "unknown"}`;
+  if (batch.status === "succeeded" && batch.result) {
+    const { rows, errors } = batch.result;
+    const tail = errors ? ` (${errors} error${errors === 1 ? "" : "s"})` : "";
+    return `succeeded, ${rows} row${rows === 1 ? "" : "s"}${tail}`;
+  }
+  return batch.status;
+}
+
+// The downloaded file's name: the one the output's Content-Disposition gives.
+function batchFileName(batch) {
+  return `${batch.id}-predictions.${batch.format === "jsonl" ? "jsonl" : "csv"}`;
+}
+
 if (typeof module !== "undefined" && module.exports) {
   module.exports = {
     rowShares, compareSummary, compareF1, hasValidation, evaluationAsModel, evaluationStatus,
-    evaluationSource, evaluationFigures,
+    evaluationSource, evaluationFigures, batchStatus, batchFileName,
   };
 }
 

@@ -11,6 +11,8 @@ with what the API itself answers, errors, and finally cancel and delete.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import re
@@ -494,6 +496,157 @@ def test_evaluate_on_unknown_labels_is_the_apis_422_on_one_line(
     )
 
 
+# -- batch predictions -------------------------------------------------------------------------
+
+BP_ID = r"bp_[a-z2-7]{20}"
+SIZE = r"(\d+ B|\d+\.\d kB)"
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Images to label (their folders are ignored by a batch prediction)."""
+    return make_image_folder(
+        tmp_path_factory.mktemp("cli-batch") / "photos", {"cat": 4, "dog": 3}, seed=91
+    )
+
+
+def _dataset_files(folder: Path) -> list[str]:
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.png"))
+
+
+@pytest.fixture(scope="module")
+def batch_run(
+    cli: Cli,
+    job: dict[str, Any],
+    photos: Path,
+    job_server: JobServer,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[Run, Path]:
+    here = tmp_path_factory.mktemp("cli-batch-cwd")
+    run = cli("models", "batch-predict", job["model_id"], str(photos), "--top-k", "2", cwd=here)
+    assert run.rc == 0, f"{run.out}\n{run.err}\n{job_server.worker.log()[-4000:]}"
+    return run, here
+
+
+def test_batch_predict_uploads_waits_and_downloads_the_apis_output(
+    batch_run: tuple[Run, Path], job: dict[str, Any], photos: Path, api: httpx.Client
+) -> None:
+    run, here = batch_run
+    match = re.fullmatch(
+        rf"wrote ({BP_ID})\.csv: 7 rows \({SIZE}, batch prediction \1\)", run.out.rstrip("\n")
+    )
+    assert match, run.out
+    batch_id = match.group(1)
+    batch = api.get(f"/v1/batch-predictions/{batch_id}").json()
+    output = api.get(f"/v1/batch-predictions/{batch_id}/output")
+    assert output.status_code == 200
+    assert (batch["status"], batch["model_id"], batch["top_k"], batch["format"]) == (
+        "succeeded",
+        job["model_id"],
+        2,
+        "csv",
+    )
+    # The file written in the current folder: the API's output, byte for byte, and nothing else.
+    assert sorted(p.name for p in here.iterdir()) == [f"{batch_id}.csv"]
+    assert (here / f"{batch_id}.csv").read_bytes() == output.content
+    rows = list(csv.DictReader(io.StringIO(output.text)))
+    assert [r["file"] for r in rows] == _dataset_files(photos)  # every file once, sorted
+    assert len(rows) == batch["result"]["rows"] == 7 and batch["result"]["errors"] == 0
+    assert all(r["label_1"] in ("cat", "dog") and r["error"] == "" for r in rows)
+    assert batch["result"]["bytes"] == len(output.content)
+    assert match.group(2) == render_size(len(output.content))
+    # stderr: the upload, then the batch prediction's stages and counts (plain lines).
+    zipping, uploading, *middle = run.err.splitlines()
+    assert zipping == f"zipping {photos}"
+    assert re.fullmatch(r"uploading photos\.zip \(\d+\.\d kB\)", uploading), uploading
+    ready = f"dataset {batch['dataset_id']} ready: 7 images in 2 classes (photos)"
+    following = middle[middle.index(ready) + 1 :]
+    assert following[0] == f"{batch_id}: queued"
+    stage = r"(queued|running|shard \d+/\d+, \d+/\d+ images)"
+    assert all(re.fullmatch(rf"{batch_id}: {stage}", line) for line in following), following
+    assert "\r" not in run.err
+
+
+def render_size(count: int) -> str:
+    return f"{count} B" if count < 1000 else f"{count / 1000:.1f} kB"
+
+
+def test_batch_predict_a_dataset_by_id_as_jsonl_json_and_the_list(
+    cli: Cli,
+    batch_run: tuple[Run, Path],
+    job: dict[str, Any],
+    photos: Path,
+    api: httpx.Client,
+    tmp_path: Path,
+) -> None:
+    model_id = job["model_id"]
+    first_id = batch_run[0].out.split()[1].removesuffix(".csv:")
+    first = api.get(f"/v1/batch-predictions/{first_id}").json()
+    target = tmp_path / "labels.jsonl"
+    run = cli(
+        "models", "batch-predict", model_id, first["dataset_id"], "--format", "jsonl",
+        "--top-k", "1", "-o", str(target), "--json",
+    )  # fmt: skip
+    assert run.rc == 0, run.err
+    answer = run.json()  # stdout: the API's batch prediction and the file written
+    batch = api.get(f"/v1/batch-predictions/{answer['id']}").json()
+    assert answer == {**batch, "path": str(target)}
+    assert (batch["format"], batch["top_k"], batch["dataset_id"]) == (
+        "jsonl",
+        1,
+        first["dataset_id"],
+    )
+    output = api.get(f"/v1/batch-predictions/{batch['id']}/output").content
+    assert target.read_bytes() == output
+    lines = [json.loads(line) for line in output.decode().splitlines()]
+    assert [line["file"] for line in lines] == _dataset_files(photos)
+    assert all(len(line["predictions"]) == 1 for line in lines)
+    *progress, summary = run.err.splitlines()
+    assert progress[0] == f"{batch['id']}: queued", progress
+    assert summary == (
+        f"wrote {target}: 7 rows ({render_size(len(output))}, batch prediction {batch['id']})"
+    )
+
+    listed = cli("models", "batch-predictions", model_id, "--json")
+    items = api.get(f"/v1/models/{model_id}/batch-predictions").json()["items"]
+    assert listed.rc == 0 and listed.json() == items
+    assert [b["id"] for b in items[:2]] == [batch["id"], first_id]  # newest first
+    table = cli("models", "batch-predictions", model_id)
+    assert table.lines[0].split() == [
+        "ID", "STATUS", "FORMAT", "TOP-K", "ROWS", "ERRORS", "DATASET", "CREATED"
+    ]  # fmt: skip
+    rows = [line.split() for line in table.lines[1:]]
+    assert [row[0] for row in rows] == [b["id"] for b in items]
+    assert rows[0][1:7] == ["succeeded", "jsonl", "1", "7", "0", first["dataset_id"]]
+    assert rows[1][1:7] == ["succeeded", "csv", "2", "7", "0", first["dataset_id"]]
+
+
+def test_batch_predict_no_wait_prints_the_queued_batch_prediction(
+    cli: Cli,
+    batch_run: tuple[Run, Path],
+    job: dict[str, Any],
+    api: httpx.Client,
+    job_server: JobServer,
+    tmp_path: Path,
+) -> None:
+    model_id = job["model_id"]
+    first_id = batch_run[0].out.split()[1].removesuffix(".csv:")
+    dataset_id = api.get(f"/v1/batch-predictions/{first_id}").json()["dataset_id"]
+    run = cli("models", "batch-predict", model_id, dataset_id, "--no-wait", cwd=tmp_path)
+    assert run.rc == 0, run.err
+    match = re.fullmatch(
+        rf"batch prediction ({BP_ID}) queued: model {model_id} on dataset {dataset_id}, top 5, "
+        rf"csv \(see it: bitserve models batch-predictions {model_id}\)",
+        run.out.rstrip("\n"),
+    )
+    assert match, run.out
+    assert run.err == "" and list(tmp_path.iterdir()) == []  # nothing downloaded
+    server = job_server.server
+    with BitserveClient(server.url, api_key=server.key) as client:
+        done = client.wait_for_batch_prediction(match.group(1), timeout=120)
+    assert done["status"] == "succeeded"
+
+
 # -- errors ------------------------------------------------------------------------------------
 
 
@@ -506,6 +659,8 @@ def test_evaluate_on_unknown_labels_is_the_apis_422_on_one_line(
         ["predict", "mdl_nope", __file__],
         ["models", "evaluate", "mdl_nope", "ds_nope"],
         ["models", "evaluations", "mdl_nope"],
+        ["models", "batch-predict", "mdl_nope", "ds_nope"],
+        ["models", "batch-predictions", "mdl_nope"],
     ],
 )
 def test_an_unknown_id_is_the_apis_not_found_on_one_line(

@@ -227,6 +227,11 @@ def test_the_script_calls_only_routes_in_the_openapi(client: httpx.Client) -> No
         ("POST", "/v1/models/{}/evaluations"),
         ("GET", "/v1/evaluations/{}"),
         ("GET", "/v1/evaluations/{}/examples/{}"),
+        ("GET", "/v1/models/{}/batch-predictions"),
+        ("POST", "/v1/models/{}/batch-predictions"),
+        ("GET", "/v1/batch-predictions/{}"),
+        ("POST", "/v1/batch-predictions/{}/cancel"),
+        ("GET", "/v1/batch-predictions/{}/output"),
     } <= set(calls)
     # No request bypasses api(): every /v1 path literal in the script is one of the calls.
     literals = re.findall(r"[`\"'](/v1/[^`\"']*)[`\"']", APP_JS.read_text())
@@ -420,6 +425,19 @@ out.evalStatus = [
 ].map(q.evaluationStatus);
 out.evalSource = [evaluation, {source: "validation", dataset_id: null}, {source: "dataset", dataset_id: null}]
   .map(q.evaluationSource);
+const shards = (sd, st, id, it) => ({shards_done: sd, shards_total: st, images_done: id, images_total: it});
+out.batchStatus = [
+  {status: "queued", progress: shards(0, null, 0, null)},
+  {status: "running", progress: shards(0, null, 0, null)},
+  {status: "running", progress: shards(2, 5, 128, 300)},
+  {status: "cancelling", progress: shards(3, 5, 192, 300)},
+  {status: "failed", error: {code: "dataset_failed", message: "m"}},
+  {status: "succeeded", result: {rows: 300, errors: 0}},
+  {status: "succeeded", result: {rows: 1, errors: 1}},
+  {status: "succeeded", result: {rows: 30, errors: 2}},
+  {status: "cancelled"},
+].map(q.batchStatus);
+out.batchFileName = [{id: "bp_x", format: "csv"}, {id: "bp_y", format: "jsonl"}].map(q.batchFileName);
 console.log(JSON.stringify(out));
 """
 
@@ -520,6 +538,18 @@ def test_the_curves_and_model_views_pure_parts_with_node() -> None:
         "validation images (at training)",
         "a deleted dataset",
     ]
+    assert out["batchStatus"] == [
+        "queued",
+        "running",
+        "running, shard 2 / 5, 128 / 300 images",
+        "cancelling, shard 3 / 5, 192 / 300 images",
+        "failed: dataset_failed",
+        "succeeded, 300 rows",
+        "succeeded, 1 row (1 error)",
+        "succeeded, 30 rows (2 errors)",
+        "cancelled",
+    ]
+    assert out["batchFileName"] == ["bp_x-predictions.csv", "bp_y-predictions.jsonl"]
 
 
 SHARED_SCOPE_CHECK = r"""

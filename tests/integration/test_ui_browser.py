@@ -1,7 +1,8 @@
 """The web page in a real browser (Chromium through Playwright) against a live server and a
 real Celery worker: upload a generated dataset, train a tiny job while the page draws its
 curves, open the new model, evaluate it on a second dataset uploaded on the page (its confusion
-matrix, figures and worst examples' thumbnails), compare it with a second model.
+matrix, figures and worst examples' thumbnails), label that dataset with a batch prediction and
+download its CSV through the page's link, compare it with a second model.
 
 What a browser adds to test_ui.py's node runs: the real uPlot drawing into real canvases, the
 real Content-Security-Policy (a violation is a console error, and any console error or
@@ -15,6 +16,8 @@ browser. Without it the test fails, saying how to install it: it is never skippe
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 import re
 import shutil
@@ -126,9 +129,9 @@ def _evaluate_on_the_page(
     model: dict[str, Any],
     tmp_path: Path,
     shots: Path,
-) -> None:
+) -> str:
     """Upload a second labelled dataset on the page, evaluate the model on it from the model
-    view, and check what the page shows against GET /v1/evaluations/{id}."""
+    view, and check what the page shows against GET /v1/evaluations/{id}; the dataset's id."""
     held_out = make_archive(make_image_folder(tmp_path / "held-out", HELD_OUT, seed=21))
     page.set_input_files("#upload-file", str(held_out))
     page.fill("#upload-name", "browser held-out")
@@ -213,6 +216,76 @@ def _evaluate_on_the_page(
     )
     assert captions == [w["path"] for w in worst]
     page.locator("#evaluations").screenshot(path=str(shots / "evaluation.png"))
+    return dataset_id
+
+
+def _batch_predict_on_the_page(
+    page: Page,
+    url: str,
+    headers: dict[str, str],
+    model: dict[str, Any],
+    dataset_id: str,
+    tmp_path: Path,
+    shots: Path,
+) -> None:
+    """Label the held-out dataset from the model view (a batch prediction, top 2, CSV), then
+    download its file through the page's link: the API's output, byte for byte."""
+    page.select_option("#batch-dataset", dataset_id)
+    page.fill("#batch-top-k", "2")
+    page.select_option("#batch-format", "csv")
+    page.click("#batch-button")
+    link = page.locator("#batch-download")
+    expect(link).to_be_visible(timeout=TRAIN_TIMEOUT_MS)
+    status = page.text_content("#batch-status") or ""
+    match = re.fullmatch(r"Batch prediction (bp_\w+): succeeded, 12 rows", status)
+    assert match, status
+    batch_id = match.group(1)
+    with httpx.Client(base_url=url, headers=headers, timeout=30) as http:
+        batch = http.get(f"/v1/batch-predictions/{batch_id}").json()
+        output = http.get(f"/v1/batch-predictions/{batch_id}/output").content
+        listed = http.get(f"/v1/models/{model['id']}/batch-predictions").json()["items"]
+    assert (batch["model_id"], batch["dataset_id"], batch["top_k"], batch["format"]) == (
+        model["id"],
+        dataset_id,
+        2,
+        "csv",
+    )
+    assert batch["result"]["rows"] == 12
+    name = f"{batch_id}-predictions.csv"
+    assert link.text_content() == f"Download {name} (12 rows, {_size(len(output))})"
+    assert page.eval_on_selector("#batch-progress", "p => [p.value, p.max]") == [12, 12]
+
+    # The link (a blob: URL with a download name) saves the file: the API's bytes.
+    with page.expect_download() as saving:
+        link.click()
+    download = saving.value
+    assert download.suggested_filename == name
+    saved = tmp_path / "downloads" / name
+    download.save_as(saved)
+    assert saved.read_bytes() == output
+    rows = list(csv.DictReader(io.StringIO(output.decode())))
+    held_out = tmp_path / "held-out"
+    expected = sorted(p.relative_to(held_out).as_posix() for p in held_out.rglob("*.png"))
+    assert [r["file"] for r in rows] == expected  # every file of the dataset once, sorted
+    assert all(r["label_1"] in model["classes"] and r["error"] == "" for r in rows)
+
+    # The list: the model's batch predictions as the API lists them; its Download, the same.
+    table = page.eval_on_selector(
+        "#batch-list",
+        "t => [...t.tBodies[0].rows].map(r => [...r.cells].slice(0, 5).map(c => c.textContent))",
+    )
+    assert table == [[b["id"], b["dataset_id"], "succeeded, 12 rows", "csv", "2"] for b in listed]
+    with page.expect_download() as again:
+        page.get_by_role("button", name=f"Download batch prediction {batch_id}").click()
+    again.value.save_as(tmp_path / "downloads" / "again.csv")
+    assert (tmp_path / "downloads" / "again.csv").read_bytes() == output
+    assert again.value.suggested_filename == name
+    page.locator("#batch-predictions").screenshot(path=str(shots / "batch-prediction.png"))
+
+
+def _size(count: int) -> str:
+    """formatBytes in app.js: decimal units, one decimal above bytes."""
+    return f"{count} B" if count < 1000 else f"{count / 1000:.1f} KB"
 
 
 def _pct(result: dict[str, Any]) -> str:
@@ -320,7 +393,10 @@ def test_the_page_trains_draws_curves_and_shows_the_model_in_a_browser(
             README_SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(shots / "model.png", README_SCREENSHOT)
 
-        _evaluate_on_the_page(page, server.url, server.headers, model, tmp_path, shots)
+        held_out = _evaluate_on_the_page(page, server.url, server.headers, model, tmp_path, shots)
+        _batch_predict_on_the_page(
+            page, server.url, server.headers, model, held_out, tmp_path, shots
+        )
 
         # Side by side with a second model: both matrices, each its own model's.
         other = _other_model(job_server, model["classes"])

@@ -354,6 +354,131 @@ def test_an_evaluation_is_polled_into_the_events_follow_reads() -> None:
     assert "8/12 images" in stream.getvalue() and "running" in stream.getvalue()
 
 
+# -- batch predictions -------------------------------------------------------------------------
+
+
+def batch(status: str = "succeeded", **fields: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "id": "bp_x",
+        "model_id": "mdl_y",
+        "dataset_id": "ds_z",
+        "top_k": 5,
+        "format": "csv",
+        "status": status,
+        "progress": {
+            "shards_done": 0,
+            "shards_total": None,
+            "images_done": 0,
+            "images_total": None,
+        },
+        "result": {"rows": 12, "errors": 1, "bytes": 1234, "sha256": "ab"}
+        if status == "succeeded"
+        else None,
+        "error": None,
+        "attempts": 1,
+        "created_at": "2026-12-02T08:30:00.5Z",
+    }
+    return {**base, **fields}
+
+
+def shards(done: int, total: int | None, images: int, images_total: int | None) -> dict[str, Any]:
+    return {
+        "shards_done": done,
+        "shards_total": total,
+        "images_done": images,
+        "images_total": images_total,
+    }
+
+
+def test_batch_prediction_lines() -> None:
+    assert (
+        render.batch_progress_line("bp_x", shards(2, 5, 128, 300))
+        == "bp_x: shard 2/5, 128/300 images"
+    )
+    assert (
+        render.batch_progress_line("bp_x", shards(0, None, 0, None))
+        == "bp_x: shard 0/?, 0/? images"
+    )
+    assert render.batch_queued_line(batch("queued", format="jsonl", top_k=3)) == (
+        "batch prediction bp_x queued: model mdl_y on dataset ds_z, top 3, jsonl "
+        "(see it: bitserve models batch-predictions mdl_y)"
+    )
+    assert render.batch_written_line(batch(), "out/bp_x.csv") == (
+        "wrote out/bp_x.csv: 12 rows, 1 error (1.2 kB, batch prediction bp_x)"
+    )
+    one = batch(result={"rows": 1, "errors": 0, "bytes": 80, "sha256": "ab"})
+    assert (
+        render.batch_written_line(one, "a.jsonl")
+        == "wrote a.jsonl: 1 row (80 B, batch prediction bp_x)"
+    )
+    many = batch(result={"rows": 30, "errors": 2, "bytes": 2000, "sha256": "ab"})
+    assert render.batch_written_line(many, "b.csv") == (
+        "wrote b.csv: 30 rows, 2 errors (2.0 kB, batch prediction bp_x)"
+    )
+
+
+def test_batch_predictions_table() -> None:
+    items = [
+        batch("running", id="bp_r", progress=shards(2, 5, 128, 300)),
+        batch("cancelling", id="bp_c", progress=shards(1, 5, 64, 300)),
+        batch("queued", id="bp_q", format="jsonl", top_k=1),
+        batch(
+            "failed", id="bp_f", dataset_id=None, error={"code": "dataset_failed", "message": "m"}
+        ),
+        batch(),
+    ]
+    assert rendered(render.batch_predictions_table(items)) == [
+        "ID    STATUS                  FORMAT  TOP-K  ROWS  ERRORS  DATASET  CREATED",
+        "bp_r  running 2/5 shards      csv     5      -     -       ds_z     2026-12-02 08:30:00Z",
+        "bp_c  cancelling 1/5 shards   csv     5      -     -       ds_z     2026-12-02 08:30:00Z",
+        "bp_q  queued                  jsonl   1      -     -       ds_z     2026-12-02 08:30:00Z",
+        "bp_f  failed: dataset_failed  csv     5      -     -       -        2026-12-02 08:30:00Z",
+        "bp_x  succeeded               csv     5      12    1       ds_z     2026-12-02 08:30:00Z",
+    ]
+
+
+def test_a_batch_prediction_is_polled_and_shown_by_shards_and_images() -> None:
+    answers = iter(
+        [
+            batch("running"),
+            batch("running", progress=shards(1, 3, 64, 150)),
+            batch("cancelling", progress=shards(2, 3, 128, 150)),
+            batch("cancelled", progress=shards(2, 3, 128, 150), result=None),
+        ]
+    )
+    slept: list[float] = []
+    events = list(
+        watch.poll_evaluation(
+            lambda _: next(answers), batch("queued"), sleep=slept.append, ended=watch.BATCH_ENDED
+        )
+    )
+    assert [(e.event, e.data.get("status", e.data.get("images_done"))) for e in events] == [
+        ("status", "running"),
+        ("progress", 64),
+        ("status", "cancelling"),
+        ("progress", 128),
+        ("done", "cancelled"),
+    ]
+    assert slept == [watch.EVALUATION_POLL_S] * 4
+    clock, lines = Clock(), []
+    display = watch.PlainLines(watch.BATCH, "bp_x", lines.append, clock=clock, interval=0)
+    final = watch.follow(iter(events), batch("queued"), display)
+    assert final["status"] == "cancelled"
+    assert lines == [
+        "bp_x: queued",
+        "bp_x: running",
+        "bp_x: shard 1/3, 64/150 images",
+        "bp_x: cancelling",
+        "bp_x: shard 2/3, 128/150 images",
+    ]
+    stream = Terminal()
+    console = Console(file=stream, force_terminal=True, width=120)
+    bar = watch.reporter(watch.BATCH, "bp_x", stream, console)
+    assert isinstance(bar, watch.LiveBar)
+    watch.follow(iter(events[:2]), batch("queued"), bar)
+    assert "64/150 images" in stream.getvalue() and "shard 1/3" in stream.getvalue()
+
+
 # -- --set -------------------------------------------------------------------------------------
 
 
@@ -532,6 +657,22 @@ def test_a_service_that_is_not_running_is_one_line_and_exit_1(
         (
             ["models", "evaluate", "mdl_x", "held-out.zip"],
             "no such folder or archive: held-out.zip",
+        ),
+        (
+            ["models", "batch-predict", "mdl_x", "ds_y", "--top-k", "0"],
+            "Invalid value for '--top-k'",
+        ),
+        (
+            ["models", "batch-predict", "mdl_x", "ds_y", "--format", "parquet"],
+            "Invalid value for '--format'",
+        ),
+        (
+            ["models", "batch-predict", "mdl_x", "ds_y", "-o", "/no/such/folder/p.csv"],
+            "Invalid value for -o/--output: no such folder: /no/such/folder",
+        ),
+        (
+            ["models", "batch-predict", "mdl_x", "photos/unlabelled"],
+            "no such folder or archive: photos/unlabelled",
         ),
         (["predict", "mdl_x", "/no/such.png"], "'/no/such.png' does not exist"),
         (["datasets", "upload", "/no/such/folder"], "'/no/such/folder' does not exist"),
