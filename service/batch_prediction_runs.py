@@ -142,17 +142,10 @@ def finish_cancelled(session: Session, batch_id: str, worker_id: str) -> bool:
     return _update(session, [_owned(batch_id, worker_id)], values)
 
 
-def finish_failed(
-    session: Session, batch_id: str, worker_id: str | None, code: str, message: str
-) -> bool:
-    """running -> failed (queued -> failed without a worker id: a waiting one whose dataset
-    failed); False when it is no longer ours."""
-    fence = (
-        _owned(batch_id, worker_id)
-        if worker_id is not None
-        else sa.and_(BatchPrediction.id == batch_id, BatchPrediction.status == QUEUED)
-    )
-    return _update(session, [fence], _failed_values(code, message, utcnow()))
+def finish_failed(session: Session, batch_id: str, worker_id: str, code: str, message: str) -> bool:
+    """running -> failed; False when it is no longer ours."""
+    values = _failed_values(code, message, utcnow())
+    return _update(session, [_owned(batch_id, worker_id)], values)
 
 
 def mark_sent(session: Session, batch_id: str) -> None:
@@ -166,12 +159,9 @@ def send_waiting(session: Session, dataset_id: str, send: Send) -> list[str]:
 
 def fail_waiting(session: Session, dataset_id: str, code: str, message: str) -> list[str]:
     """The dataset failed ingestion: so do the batch predictions that waited for it."""
-    failed = []
-    for batch_id in held_rows.waiting(session, BatchPrediction, dataset_id):
-        text = f"the dataset {dataset_id} could not be ingested: {code}: {message}"
-        if finish_failed(session, batch_id, None, "dataset_failed", text):
-            failed.append(batch_id)
-    return failed
+    return held_rows.fail_waiting(
+        session, BatchPrediction, dataset_id, code, message, _failed_values, utcnow()
+    )
 
 
 def reconcile(

@@ -107,16 +107,11 @@ def finish_succeeded(
 
 
 def finish_failed(
-    session: Session, evaluation_id: str, worker_id: str | None, code: str, message: str
+    session: Session, evaluation_id: str, worker_id: str, code: str, message: str
 ) -> bool:
-    """running -> failed (queued -> failed without a worker id: a waiting one whose dataset
-    failed); False when it is no longer ours."""
-    fence = (
-        _owned(evaluation_id, worker_id)
-        if worker_id is not None
-        else sa.and_(Evaluation.id == evaluation_id, Evaluation.status == QUEUED)
-    )
-    return _update(session, [fence], _failed_values(code, message, utcnow()))
+    """running -> failed; False when it is no longer ours."""
+    values = _failed_values(code, message, utcnow())
+    return _update(session, [_owned(evaluation_id, worker_id)], values)
 
 
 def mark_sent(session: Session, evaluation_id: str) -> None:
@@ -130,12 +125,9 @@ def send_waiting(session: Session, dataset_id: str, send: Send) -> list[str]:
 
 def fail_waiting(session: Session, dataset_id: str, code: str, message: str) -> list[str]:
     """The dataset failed ingestion: so do the evaluations that waited for it."""
-    failed = []
-    for evaluation_id in held_rows.waiting(session, Evaluation, dataset_id):
-        text = f"the dataset {dataset_id} could not be ingested: {code}: {message}"
-        if finish_failed(session, evaluation_id, None, "dataset_failed", text):
-            failed.append(evaluation_id)
-    return failed
+    return held_rows.fail_waiting(
+        session, Evaluation, dataset_id, code, message, _failed_values, utcnow()
+    )
 
 
 def reconcile(

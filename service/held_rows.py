@@ -91,6 +91,26 @@ def send_waiting(
     return sent
 
 
+def fail_waiting(
+    session: Session,
+    table: HeldTable,
+    dataset_id: str,
+    code: str,
+    message: str,
+    failed_values: Callable[[str, str, datetime], Mapping[str, Any]],
+    now: datetime,
+) -> list[str]:
+    """The dataset failed ingestion: so do the rows that waited for it (`dataset_failed`,
+    quoting the dataset's own error)."""
+    text = f"the dataset {dataset_id} could not be ingested: {code}: {message}"
+    values = failed_values("dataset_failed", text, now)
+    return [
+        row_id
+        for row_id in waiting(session, table, dataset_id)
+        if update(session, table, [table.id == row_id, table.status == QUEUED], values)
+    ]
+
+
 def resend_unsent(
     session: Session,
     table: HeldTable,
