@@ -372,16 +372,9 @@ class BitserveClient:
         target = Path(dest)
         if target.is_dir():
             target = target / f"{model_id}.{'onnx' if format == 'onnx' else 'zip'}"
-        partial = target.with_name(target.name + ".part")
         path = f"/v1/models/{_seg(model_id)}/artifact"
         with self._stream("GET", path, params={"format": format}) as response:
-            try:
-                with partial.open("wb") as out:
-                    for chunk in response.iter_bytes(1 << 20):
-                        out.write(chunk)
-                partial.replace(target)
-            finally:
-                partial.unlink(missing_ok=True)
+            _save(response, target)
         return target
 
     # -- evaluations ---------------------------------------------------------------------------
@@ -409,16 +402,14 @@ class BitserveClient:
         """Poll until the evaluation ends; return it if it succeeded, else raise
         EvaluationFailed (with the server's error code and message); EvaluationTimeout after
         `timeout` seconds (the evaluation keeps running)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            evaluation = self.get_evaluation(evaluation_id)
-            if evaluation["status"] == "succeeded":
-                return evaluation
-            if evaluation["status"] == "failed":
-                raise EvaluationFailed(dict(evaluation))
-            if deadline is not None and time.monotonic() >= deadline:
-                raise EvaluationTimeout(evaluation_id, timeout or 0.0, dict(evaluation))
-            time.sleep(poll_interval)
+        last, ended = _poll_until_ended(
+            lambda: dict(self.get_evaluation(evaluation_id)), timeout, poll_interval
+        )
+        if not ended:
+            raise EvaluationTimeout(evaluation_id, timeout or 0.0, last)
+        if last["status"] != "succeeded":
+            raise EvaluationFailed(last)
+        return cast(Evaluation, last)
 
     def example_thumbnail(self, evaluation_id: str, index: int) -> bytes:
         """The JPEG thumbnail of one of the evaluation's worst-scored examples."""
@@ -465,18 +456,19 @@ class BitserveClient:
         BatchPredictionFailed (failed, with the server's error, or cancelled);
         BatchPredictionTimeout after `timeout` seconds (it keeps running). `on_progress` gets
         each polled state."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
+
+        def poll() -> dict[str, Any]:
             batch = self.get_batch_prediction(batch_id)
             if on_progress is not None:
                 on_progress(batch)
-            if batch["status"] == "succeeded":
-                return batch
-            if batch["status"] in ("failed", "cancelled"):
-                raise BatchPredictionFailed(dict(batch))
-            if deadline is not None and time.monotonic() >= deadline:
-                raise BatchPredictionTimeout(batch_id, timeout or 0.0, dict(batch))
-            time.sleep(poll_interval)
+            return dict(batch)
+
+        last, ended = _poll_until_ended(poll, timeout, poll_interval)
+        if not ended:
+            raise BatchPredictionTimeout(batch_id, timeout or 0.0, last)
+        if last["status"] != "succeeded":
+            raise BatchPredictionFailed(last)
+        return cast(BatchPrediction, last)
 
     def download_batch_predictions(self, batch_id: str, dest: str | os.PathLike[str]) -> Path:
         """Save a succeeded batch prediction's output to `dest` (a file, or a folder to put
@@ -489,14 +481,7 @@ class BitserveClient:
                 kind = response.headers.get("content-type", "")
                 suffix = "jsonl" if kind.startswith("application/x-ndjson") else "csv"
                 target = target / f"{batch_id}-predictions.{suffix}"
-            partial = target.with_name(target.name + ".part")
-            try:
-                with partial.open("wb") as out:
-                    for chunk in response.iter_bytes(1 << 20):
-                        out.write(chunk)
-                partial.replace(target)
-            finally:
-                partial.unlink(missing_ok=True)
+            _save(response, target)
         return target
 
     def predict(
@@ -635,3 +620,30 @@ def default_api_key() -> str | None:
 def _seg(value: str) -> str:
     """An id as one path segment: "../x" can never reach another route."""
     return quote(value, safe="")
+
+
+def _save(response: httpx.Response, target: Path) -> None:
+    """Stream an answer's body to `target`; the file appears only once complete."""
+    partial = target.with_name(target.name + ".part")
+    try:
+        with partial.open("wb") as out:
+            for chunk in response.iter_bytes(1 << 20):
+                out.write(chunk)
+        partial.replace(target)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def _poll_until_ended(
+    get: Callable[[], dict[str, Any]], timeout: float | None, poll_interval: float
+) -> tuple[dict[str, Any], bool]:
+    """`get()` every `poll_interval` seconds until its status has ended, or `timeout` seconds
+    have passed: (the last state, whether it ended)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        state = get()
+        if state.get("status") in FINISHED:
+            return state, True
+        if deadline is not None and time.monotonic() >= deadline:
+            return state, False
+        time.sleep(poll_interval)

@@ -18,7 +18,8 @@ from service.auth import authorize
 from service.deps import BrokerDep, SessionDep, StorageDep, TenantDep
 from service.http_errors import error_responses
 from service.pagination import DEFAULT_LIMIT, CursorQuery, LimitQuery, page
-from service.schemas import BatchPredictionPublic, Page
+from service.schemas import Page
+from service.scoring_schemas import BatchPredictionPublic
 
 router = APIRouter(tags=["batch predictions"], responses=error_responses(401, 403, 422))
 READ = [authorize(Scope.PREDICT, Scope.TRAIN)]  # as reading a model

@@ -17,7 +17,8 @@ from service.auth import authorize
 from service.deps import BrokerDep, SessionDep, StorageDep, TenantDep
 from service.http_errors import error_responses
 from service.pagination import DEFAULT_LIMIT, CursorQuery, LimitQuery, page
-from service.schemas import EvaluationPublic, Page
+from service.schemas import Page
+from service.scoring_schemas import EvaluationPublic
 
 router = APIRouter(tags=["evaluations"], responses=error_responses(401, 403, 422))
 READ = [authorize(Scope.PREDICT, Scope.TRAIN)]  # as reading a model

@@ -60,6 +60,7 @@ WEB_LAYER = (
     "service.deps",
     "service.http_errors",
     "service.schemas",
+    "service.scoring_schemas",
     "service.schema_base",
     "service.plan_schemas",
     "service.pagination",
