@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from celery import Celery
+from kombu import Queue
 
 from service.settings import Settings
 
@@ -189,6 +190,16 @@ class Broker:
             yield client
         finally:
             client.close()
+
+    def declare_queues(self) -> None:
+        """Create the train and ingest queues now. On kombu's SQLAlchemy transport (the
+        embedded broker) a queue is a row made on first use by a select-then-insert: two
+        workers starting together may both insert it, and the loser exits with a UNIQUE
+        constraint error (seen once in CI under `bitserve up`). Made here first, both find it."""
+        with self.app.connection_for_write() as connection:
+            channel = connection.default_channel
+            for name in (self.settings.train_queue, self.settings.ingest_queue):
+                Queue(name, channel=channel).declare()
 
     def close(self) -> None:
         with self._lock:

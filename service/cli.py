@@ -227,6 +227,17 @@ def listen_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def declare_queues(settings: Settings) -> None:
+    """The embedded broker's queues, before its two workers race to create them."""
+    from service.broker import Broker
+
+    broker = Broker(settings)
+    try:
+        broker.declare_queues()
+    finally:
+        broker.close()
+
+
 def cmd_up(settings: Settings) -> int:
     """Migrate, start the worker, serve the API until Ctrl-C/SIGTERM, then stop everything."""
     from service.app import create_app
@@ -237,6 +248,10 @@ def cmd_up(settings: Settings) -> int:
     # worker child gets the same through its environment).
     settings = settings.model_copy(update={"log_format": settings.log_format or "text"})
     cmd_migrate(settings)
+    from service.broker import is_sqlalchemy_url
+
+    if is_sqlalchemy_url(settings.broker_url):
+        declare_queues(settings)
     new_key = ensure_admin_key(settings) if settings.auth == "required" else None
     received: list[int] = []
 
