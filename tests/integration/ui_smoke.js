@@ -319,6 +319,9 @@ async function main() {
       rows("jobs-list").some((r) => r[1] === "cancelled" && out.queued.includes(r[0])));
     out.cancelled = $("job-status").textContent;
     out.cancelDisabled = $("cancel-job").disabled;
+    // The charts are redrawn from GET /v1/jobs/{id}/metrics once the job has ended (a fetch
+    // that may still be in flight): wait for both, not a fixed moment.
+    await waitFor("curves of the ended job", () => charts().length === 2);
     out.cancelCharts = charts();
     out.cancelCurves = $("curves-summary").textContent;
 
