@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from service.admission import PredictAdmission, UploadSlots
+from service.archive_uploads import register_body_schemas
 from service.audit_middleware import AuditMiddleware
 from service.auth import PrincipalCache, check_auth_setting
 from service.body_limits import BodyLimitMiddleware
@@ -140,4 +141,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     for module in routers:
         app.include_router(module.router)
+    # Bodies that are JSON or a multipart archive: parsed by their routes, named here.
+    register_body_schemas(
+        app, (evaluations.EvaluationCreate, batch_predictions.BatchPredictionCreate)
+    )
     return app

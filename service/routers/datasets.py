@@ -8,16 +8,14 @@ import json
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
-from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
 from bitcore.hyperrule import MAX_OVERRIDE
-from service import dataset_sources, datasets, job_costs, quotas
-from service.admission import UploadSlots
+from service import dataset_sources, datasets, job_costs
 from service.api_keys import Scope
-from service.archives import detect_kind
+from service.archive_uploads import is_json, parse_json, receive_dataset
 from service.auth import authorize
 from service.broker import Broker
 from service.db import Database
@@ -30,16 +28,13 @@ from service.deps import (
     StorageDep,
     TenantDep,
 )
-from service.domain_errors import MalformedRequest, UnsupportedMedia
+from service.domain_errors import MalformedRequest
 from service.http_errors import error_responses
 from service.job_events import DatasetNotifier
 from service.pagination import DEFAULT_LIMIT, CursorQuery, LimitQuery, page
 from service.plan_schemas import DatasetPlan, JobCost, Plan
-from service.request_bodies import QuotaCap, check_declared_length
 from service.schemas import DatasetPublic, Page, RejectedFile
 from service.settings import Settings
-from service.storage import Storage
-from service.uploads import check_free_disk, receive_upload
 
 router = APIRouter(
     prefix="/v1/datasets",
@@ -119,73 +114,19 @@ async def upload_dataset(
     As JSON, `{"source": "s3://bucket/prefix/", "name": ...}` registers data already in a
     bucket the operator allowed (BITSERVE_DATASET_SOURCE_BUCKETS): the ingest worker copies
     it; any other source is 422 `source_not_allowed`."""
-    if _is_json(request):
+    if is_json(request):
         dataset = await _register(request, settings, db, broker, tenant)
     else:
-        slots: UploadSlots = request.app.state.upload_slots
-        with slots.take():
-            dataset = await _upload(request, settings, db, storage, broker, tenant)
+        row, _ = await receive_dataset(request, settings, db, storage, broker, tenant)
+        dataset = DatasetPublic.from_row(row)
     response.headers["Location"] = f"/v1/datasets/{dataset.id}"
     return dataset
-
-
-async def _upload(
-    request: Request,
-    settings: Settings,
-    db: Database,
-    storage: Storage,
-    broker: Broker,
-    tenant: str,
-) -> DatasetPublic:
-    room = await run_in_threadpool(_byte_room, db, settings, tenant)
-    quota = QuotaCap(room.remaining, room.exceeded)
-    tmp = await run_in_threadpool(storage.upload_tmp)
-    max_bytes = settings.max_upload_bytes
-    # Over the cap or the quota says more than a full disk would: those answers come first.
-    check_declared_length(request, max_bytes, quota=quota)
-    await run_in_threadpool(
-        check_free_disk,
-        tmp,
-        request.headers.get("content-length"),
-        settings.upload_free_disk_margin_bytes,
-    )
-    async with receive_upload(request, tmp, max_bytes=max_bytes, quota=quota) as upload:
-        # The first bytes only (magic numbers): nothing is decompressed or decoded here.
-        kind = await run_in_threadpool(detect_kind, upload.path)
-        if kind is None:
-            raise UnsupportedMedia(
-                "unsupported_media_type",
-                "the file is not a .zip or .tar.gz archive (judged by its content)",
-            )
-        name = datasets.dataset_name(upload.fields.get("name"), upload.filename, "dataset")
-        row = await run_in_threadpool(
-            datasets.accept_upload,
-            db,
-            storage,
-            broker,
-            settings,
-            upload.path,
-            kind,
-            name=name,
-            size=upload.size,
-            tenant_id=tenant,
-        )
-    return DatasetPublic.from_row(row)
-
-
-def _is_json(request: Request) -> bool:
-    kind = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-    return kind == "application/json"
 
 
 async def _register(
     request: Request, settings: Settings, db: Database, broker: Broker, tenant: str
 ) -> DatasetPublic:
-    try:
-        body = SourceRequest.model_validate_json(await request.body())
-    except ValidationError as exc:  # answered as any body's errors (400 or 422, the field)
-        errors = [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]
-        raise RequestValidationError(errors) from None
+    body = await parse_json(request, SourceRequest)
     source = dataset_sources.parse_source(body.source, settings.dataset_source_buckets)
     fallback = source.prefix.rstrip("/").rsplit("/", 1)[-1] or source.bucket
     name = datasets.dataset_name(body.name, None, fallback)
@@ -193,11 +134,6 @@ async def _register(
         datasets.register_source, db, broker, settings, source, name=name, tenant_id=tenant
     )
     return DatasetPublic.from_row(row)
-
-
-def _byte_room(db: Database, settings: Settings, tenant: str) -> quotas.ByteRoom:
-    with db.sessionmaker() as session:
-        return quotas.byte_room(session, tenant, settings)
 
 
 @router.get("", response_model=Page[DatasetPublic], responses=error_responses(400, 422))

@@ -6,15 +6,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
-from fastapi import APIRouter, Path
+from fastapi import APIRouter, Path, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from service import evaluations, models_store
 from service.api_keys import Scope
+from service.archive_uploads import archive_or_json_body, is_json, parse_json, receive_dataset
 from service.auth import authorize
-from service.deps import BrokerDep, SessionDep, StorageDep, TenantDep
+from service.datasets import MAX_NAME_LENGTH
+from service.deps import BrokerDep, DbDep, SessionDep, SettingsDep, StorageDep, TenantDep
 from service.http_errors import error_responses
 from service.pagination import DEFAULT_LIMIT, CursorQuery, LimitQuery, page
 from service.schemas import Page
@@ -46,17 +48,26 @@ async def _call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     return await run_in_threadpool(fn, *args, **kwargs)
 
 
+EVALUATION_BODY_DOC = archive_or_json_body(
+    "EvaluationCreate", {"name": {"type": "string", "maxLength": MAX_NAME_LENGTH}}
+)
+
+
 @router.post(
     "/v1/models/{model_id}/evaluations",
     status_code=202,
-    summary="Score a model on a labelled dataset",
+    summary="Score a model on a labelled dataset (a stored one, or an archive sent here)",
     response_model=EvaluationPublic,
     dependencies=TRAIN,
-    responses=error_responses(400, 404, 409),
+    openapi_extra=EVALUATION_BODY_DOC,
+    responses=error_responses(400, 404, 409, 413, 415, 429, 503, 507),
 )
 async def create_evaluation(
     model_id: str,
-    body: EvaluationCreate,
+    request: Request,
+    settings: SettingsDep,
+    db: DbDep,
+    storage: StorageDep,
     session: SessionDep,
     tenant: TenantDep,
     broker: BrokerDep,
@@ -65,13 +76,25 @@ async def create_evaluation(
     (the same runtime and precision) and stores accuracy, macro-F1, per-class precision /
     recall / F1, the confusion matrix, top-k accuracy, the most confused pairs and the
     worst-scored examples. A dataset still processing is waited for. 422 `unknown_labels`
-    when the dataset has classes the model does not know."""
+    when the dataset has classes the model does not know.
+
+    JSON `{"dataset_id"}` names a stored dataset; multipart/form-data with a `file` part (a
+    .zip or .tar.gz of `<class>/<image>` folders, as POST /v1/datasets takes) stores it as a
+    new dataset first (listed with the others, its id in `dataset_id`; its classes are checked
+    once it is ingested)."""
+    if is_json(request):
+        body = await parse_json(request, EvaluationCreate)
+        dataset_id = body.dataset_id
+    else:
+        await _call(models_store.get_model, session, tenant, model_id)  # 404 before the bytes
+        dataset, _ = await receive_dataset(request, settings, db, storage, broker, tenant)
+        dataset_id = dataset.id
     row = await _call(
         evaluations.create_evaluation,
         session,
         tenant,
         model_id,
-        body.dataset_id,
+        dataset_id,
         broker.send_evaluate,
     )
     return EvaluationPublic.from_row(row)

@@ -51,10 +51,12 @@ def valid_body(world: World, method: str, path: str, body: Any) -> Any:
         # bytes; a source under no allowed bucket still reaches the route's checks.
         multipart = isinstance(body, dict) and "file" in body and "source" not in body
         return bodies["dataset"] if multipart else bodies["dataset_source"]
+    # These two take JSON (a stored dataset's id) or an archive beside form fields.
+    sent_archive = isinstance(body, dict) and "file" in body and "dataset_id" not in body
     if (method, path) == ("POST", "/v1/models/{model_id}/evaluations"):
-        return bodies["evaluation"]
+        return bodies["evaluation_archive"] if sent_archive else bodies["evaluation"]
     if (method, path) == ("POST", "/v1/models/{model_id}/batch-predictions"):
-        return bodies["batch_prediction"]
+        return bodies["batch_archive"] if sent_archive else bodies["batch_prediction"]
     if path.endswith("/predict"):
         multipart = isinstance(body, dict) and "files" in body
         return bodies["predict_files"] if multipart else bodies["predict_json"]

@@ -130,6 +130,8 @@ def populate(server: LiveServer, http: httpx.Client) -> World:
             "predict_json": {"instances": [{"image_b64": image}]},
             "predict_files": {"files": [png(1), png(2)]},
             "dataset": {"file": dataset_zip(), "name": "fuzzed"},
+            "evaluation_archive": {"file": dataset_zip(), "name": "fuzzed"},
+            "batch_archive": {"file": dataset_zip(), "top_k": 2, "format": "csv"},
             "dataset_source": {"source": "s3://fuzz-bucket/images/", "name": "fuzzed"},
         },
     )

@@ -26,6 +26,7 @@ import torch
 from bitcore.data.index import DatasetIndex
 from bitcore.models import create_model
 from bitserve_client import ApiError, BatchPredictionFailed, BitserveClient
+from bitserve_client.files import zip_folder
 from service.tables import BatchPrediction
 from tests.imagegen import make_image_folder
 from tests.integration.conftest import JobServer, LiveServer
@@ -177,6 +178,66 @@ def test_jsonl_clamps_top_k_to_the_models_classes(
         answer = http.get(f"/v1/batch-predictions/{done['id']}/output")
     assert answer.headers["content-type"] == "application/x-ndjson"
     assert answer.headers["content-disposition"].endswith(f'"{done["id"]}-predictions.jsonl"')
+
+
+def test_an_archive_sent_with_the_request_is_predicted_with_the_form_s_options(
+    job_server: JobServer, served: dict[str, Any], tmp_path: Path
+) -> None:
+    model_id, folder = served["model"], served["folder"]
+    files = _files(folder)
+    archive = zip_folder(folder, tmp_path / "photos.zip").read_bytes()
+    server = job_server.server
+    with httpx.Client(base_url=server.url, headers=server.headers, timeout=60) as http:
+        answer = http.post(
+            f"/v1/models/{model_id}/batch-predictions",
+            files={"file": ("photos.zip", archive, "application/zip")},
+            data={"top_k": "2", "format": "jsonl", "name": "sent photos"},
+        )
+    assert answer.status_code == 202, answer.text
+    queued = answer.json()
+    assert (queued["top_k"], queued["format"], queued["status"]) == (2, "jsonl", "queued")
+    with _api(job_server) as api:
+        assert api.get_dataset(queued["dataset_id"])["name"] == "sent photos"
+        done = api.wait_for_batch_prediction(queued["id"], timeout=TIMEOUT)
+        path = api.download_batch_predictions(done["id"], tmp_path / "out.jsonl")
+        answers = _served(api, model_id, folder, files)
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [line["file"] for line in lines] == files  # each file once
+    for line, served_answer in zip(lines, answers, strict=True):
+        labels = [(p["label"], p["score"]) for p in line["predictions"]]
+        _assert_same_scores(labels, served_answer, 2)
+
+
+def test_a_sent_archive_with_bad_options_is_refused_and_nothing_is_kept(
+    job_server: JobServer, served: dict[str, Any], tmp_path: Path
+) -> None:
+    model_id, folder = served["model"], served["folder"]
+    archive = zip_folder(folder, tmp_path / "photos.zip").read_bytes()
+    server = job_server.server
+    forms = {
+        "top_k_0": {"top_k": "0"},
+        "top_k_word": {"top_k": "three"},
+        "format": {"format": "xml"},
+        "unknown_field": {"shards": "3"},
+    }
+    with _api(job_server) as api:
+        before = {d["id"] for d in api.list_datasets()}
+    with httpx.Client(base_url=server.url, headers=server.headers, timeout=60) as http:
+        answers = {
+            name: http.post(
+                f"/v1/models/{model_id}/batch-predictions",
+                files={"file": ("photos.zip", archive, "application/zip")},
+                data=form,
+            )
+            for name, form in forms.items()
+        }
+    refused = {name: (a.status_code, a.json()["error"]["code"]) for name, a in answers.items()}
+    assert refused == dict.fromkeys(forms, (422, "invalid_request"))
+    fields = {name: a.json()["error"].get("details") for name, a in answers.items()}
+    assert fields["top_k_0"]["errors"][0]["loc"] == ["body", "top_k"]
+    assert fields["format"]["errors"][0]["loc"] == ["body", "format"]
+    with _api(job_server) as api:
+        assert {d["id"] for d in api.list_datasets()} == before
 
 
 def test_a_file_that_no_longer_decodes_gets_one_row_with_its_error(

@@ -6,14 +6,18 @@ clear 422; a dataset still being ingested is waited for; thumbnails of the worst
 from __future__ import annotations
 
 import io
+from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 from PIL import Image
 from sklearn import metrics as sk
 
 from bitserve_client import ApiError, BitserveClient
+from bitserve_client.errors import EvaluationFailed
+from bitserve_client.files import zip_folder
 from tests.imagegen import make_image_folder
 from tests.integration.conftest import JobServer
 from tests.integration.worker_fixtures import FAST_OVERRIDES
@@ -174,3 +178,85 @@ def test_a_dataset_still_processing_is_waited_for(
         assert result is not None and result["num_examples"] == 4
         assert result["labels_evaluated"] == ["ant", "cow"]
         assert [c["support"] for c in result["per_class"]] == [2, 0, 2]
+
+
+def _zip(folder: Path) -> bytes:
+    return zip_folder(folder, folder.with_suffix(".zip")).read_bytes()
+
+
+def test_an_archive_sent_with_the_request_is_stored_and_scored_as_a_named_dataset(
+    job_server: JobServer, trained: dict[str, Any]
+) -> None:
+    model, tmp = trained["model"], trained["tmp"]
+    folder = make_image_folder(tmp / "sent", {"ant": 3, "bee": 2, "cow": 2}, seed=12)
+    server = job_server.server
+    with httpx.Client(base_url=server.url, headers=server.headers, timeout=60) as http:
+        answer = http.post(
+            f"/v1/models/{model['id']}/evaluations",
+            files={"file": ("sent.zip", _zip(folder), "application/zip")},
+            data={"name": "field photos"},
+        )
+    assert answer.status_code == 202, answer.text
+    queued = answer.json()
+    with _api(job_server) as api:
+        dataset = api.get_dataset(queued["dataset_id"])
+        assert dataset["name"] == "field photos"
+        done = api.wait_for_evaluation(queued["id"], timeout=TIMEOUT)
+        # The same images as a stored dataset, evaluated by id: the same numbers.
+        stored = api.upload_dataset(folder)
+        by_id = api.wait_for_evaluation(
+            api.evaluate_model(model["id"], stored["id"])["id"], timeout=TIMEOUT
+        )
+    result, expected = done["result"], by_id["result"]
+    assert result is not None and expected is not None
+    assert result["num_examples"] == 7
+    assert [c["support"] for c in result["per_class"]] == [3, 2, 2]
+    assert result["confusion_matrix"] == expected["confusion_matrix"]
+    assert result["accuracy"] == expected["accuracy"]
+    assert result["loss"] == pytest.approx(expected["loss"], abs=1e-12)
+
+
+def test_a_sent_archive_is_refused_with_nothing_kept_or_fails_naming_unknown_labels(
+    job_server: JobServer, trained: dict[str, Any]
+) -> None:
+    model, tmp = trained["model"], trained["tmp"]
+    server = job_server.server
+    zoo = _zip(make_image_folder(tmp / "sent-zoo", {"ant": 2, "yak": 2}, seed=13))
+    with _api(job_server) as api:
+        before = [d["id"] for d in api.list_datasets()]
+    with httpx.Client(base_url=server.url, headers=server.headers, timeout=60) as http:
+        missing = http.post(
+            "/v1/models/mdl_" + "a" * 20 + "/evaluations",
+            files={"file": ("zoo.zip", zoo, "application/zip")},
+        )
+        not_an_archive = http.post(
+            f"/v1/models/{model['id']}/evaluations",
+            files={"file": ("notes.zip", b"just text, not a zip", "application/zip")},
+        )
+        stray_field = http.post(
+            f"/v1/models/{model['id']}/evaluations",
+            files={"file": ("zoo.zip", zoo, "application/zip")},
+            data={"dataset_id": "ds_x"},
+        )
+        sent = http.post(
+            f"/v1/models/{model['id']}/evaluations",
+            files={"file": ("zoo.zip", zoo, "application/zip")},
+        )
+    assert (missing.status_code, missing.json()["error"]["code"]) == (404, "not_found")
+    assert (not_an_archive.status_code, not_an_archive.json()["error"]["code"]) == (
+        415,
+        "unsupported_media_type",
+    )
+    assert (stray_field.status_code, stray_field.json()["error"]["code"]) == (
+        422,
+        "invalid_request",
+    )
+    assert sent.status_code == 202, sent.text
+    with _api(job_server) as api:
+        after = [d["id"] for d in api.list_datasets()]
+        # Only the accepted archive became a dataset.
+        assert sorted(set(after) - set(before)) == [sent.json()["dataset_id"]]
+        with pytest.raises(EvaluationFailed) as failed:
+            api.wait_for_evaluation(sent.json()["id"], timeout=TIMEOUT)
+    assert failed.value.code == "unknown_labels"
+    assert "yak" in failed.value.message

@@ -34,7 +34,10 @@ FORBIDDEN = {
         "sse_starlette",
         "uvicorn",
         *(f"service.{name}" for name in ("app", "routers", "deps", "http_errors", "schemas")),
-        *(f"service.{name}" for name in ("pagination", "request_bodies", "uploads", "metrics")),
+        *(
+            f"service.{name}"
+            for name in ("pagination", "request_bodies", "uploads", "archive_uploads", "metrics")
+        ),
         *(f"service.{name}" for name in ("auth", "audit_middleware")),
     ),
 }
@@ -66,6 +69,7 @@ WEB_LAYER = (
     "service.pagination",
     "service.request_bodies",
     "service.uploads",
+    "service.archive_uploads",
     "service.metrics",
     "service.openapi",
     "service.auth",
