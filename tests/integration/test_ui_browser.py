@@ -21,6 +21,7 @@ import io
 import os
 import re
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,9 @@ README_SCREENSHOT = REPO / "docs" / "screenshots" / "web-model.png"
 CLASSES = {"ant": 10, "bee": 10, "cat": 10}
 HELD_OUT = {"ant": 4, "bee": 4, "cat": 4}  # evaluated on the page
 TRAIN_TIMEOUT_MS = 180_000
+# Long enough (a few seconds on 2 cores) for the page to show the curve at several steps
+# before the job ends: progress arrives every 0.2 s on the test server.
+JOB_OVERRIDES = {**FAST_OVERRIDES, "steps": 150}
 
 
 @pytest.fixture(scope="module")
@@ -283,6 +287,32 @@ def _batch_predict_on_the_page(
     page.locator("#batch-predictions").screenshot(path=str(shots / "batch-prediction.png"))
 
 
+def _watch_the_curve_grow(page: Page) -> list[tuple[int, str]]:
+    """(step, the loss chart's pixels as a data URL) each time the read-out's step changes,
+    until the job ends: the curve as the page showed it while training."""
+    readings: list[tuple[int, str]] = []
+    deadline = time.monotonic() + TRAIN_TIMEOUT_MS / 1000
+    while time.monotonic() < deadline:
+        seen = page.evaluate(
+            """() => {
+              const text = document.getElementById("curves-summary").textContent;
+              const step = /^Step (\\d+) /.exec(text);
+              const canvas = document.querySelector("#curves-charts canvas");
+              return {
+                step: step ? Number(step[1]) : null,
+                pixels: canvas ? canvas.toDataURL() : "",
+                ended: document.getElementById("job-result").textContent.startsWith("Model "),
+              };
+            }"""
+        )
+        if seen["step"] is not None and (not readings or readings[-1][0] != seen["step"]):
+            readings.append((seen["step"], seen["pixels"]))
+        if seen["ended"]:
+            return readings
+        page.wait_for_timeout(50)
+    raise AssertionError(f"the job did not end in time; steps shown: {[r[0] for r in readings]}")
+
+
 def _size(count: int) -> str:
     """formatBytes in app.js: decimal units, one decimal above bytes."""
     return f"{count} B" if count < 1000 else f"{count / 1000:.1f} KB"
@@ -317,7 +347,7 @@ def test_the_page_trains_draws_curves_and_shows_the_model_in_a_browser(
         assert page.text_content("#upload-status") == "Uploaded: 30 images in 3 classes."
 
         page.select_option("#base-model", "tiny-R10x0.25")
-        for name, value in FAST_OVERRIDES.items():
+        for name, value in JOB_OVERRIDES.items():
             page.fill(f"#ov-{name}", str(value))
         page.fill("#validation-fraction", "0.3")
         page.click("#start-job")
@@ -326,6 +356,7 @@ def test_the_page_trains_draws_curves_and_shows_the_model_in_a_browser(
             re.compile("^Step "), timeout=TRAIN_TIMEOUT_MS
         )
         page.locator("#step-train").screenshot(path=str(shots / "training.png"))
+        live = _watch_the_curve_grow(page)
         expect(page.locator("#job-result")).to_have_text(
             re.compile("^Model "), timeout=TRAIN_TIMEOUT_MS
         )
@@ -338,7 +369,14 @@ def test_the_page_trains_draws_curves_and_shows_the_model_in_a_browser(
         with httpx.Client(base_url=server.url, headers=server.headers, timeout=30) as http:
             history = http.get(f"/v1/jobs/{job_id}/metrics").json()
             model = http.get(f"/v1/models/{model_id}").json()
-        total = FAST_OVERRIDES["steps"]
+        total = JOB_OVERRIDES["steps"]
+        # The curve grew while the job trained: the read-out at two or more steps before the
+        # last, in order, and the loss chart redrawn between the first and the last of them.
+        steps = [step for step, _ in live]
+        before_end = [(step, pixels) for step, pixels in live if step < total]
+        assert len(before_end) >= 2 and steps == sorted(steps), steps
+        assert before_end[0][1] != before_end[-1][1], steps
+        print(f"steps shown while training: {steps}")
 
         # Two uPlot charts with real canvases; the read-out keeps the training rate, not 0.0.
         assert page.locator("#curves-charts .uplot").count() == 2
