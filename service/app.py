@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
@@ -17,6 +19,8 @@ from service.body_limits import BodyLimitMiddleware
 from service.broker import Broker
 from service.connections import BodyTimeoutMiddleware
 from service.db import Database
+from service.deployment_routing import DeploymentRoutes, read_deployment
+from service.deployment_stats import DeploymentStats, flush_every
 from service.draining import Drain, DrainMiddleware
 from service.http_errors import install_error_handlers
 from service.job_events import DatasetNotifier, JobNotifier
@@ -28,6 +32,7 @@ from service.routers import (
     base_models,
     batch_predictions,
     datasets,
+    deployments,
     evaluations,
     health,
     jobs,
@@ -68,14 +73,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         streams=job_events.streams,
     )
 
+    deployment_routes = DeploymentRoutes(
+        partial(read_deployment, db), model_cache.get, settings.deployment_refresh_seconds
+    )
+    deployment_stats = DeploymentStats()
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if settings.auto_migrate:
             await run_in_threadpool(db.migrate)
         model_cache.start()
+        flushing = asyncio.get_running_loop().create_task(
+            flush_every(deployment_stats, db, settings.deployment_stats_flush_seconds)
+        )
         try:
             yield
         finally:
+            flushing.cancel()
+            await deployment_routes.close()
+            await run_in_threadpool(deployment_stats.flush, db)
             await job_events.close()
             await dataset_events.close()
             await model_cache.close()
@@ -102,6 +118,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.known_models = KnownModels()
     app.state.rate_limiter = rate_limiter
     app.state.job_events = job_events
+    app.state.deployment_routes = deployment_routes
+    app.state.deployment_stats = deployment_stats
+    app.state.shadow_tasks = set()  # shadow copies in flight (service.routers.deployments)
     app.state.dataset_events = dataset_events
     # Set by `bitserve api` on SIGTERM (service.draining): new requests are answered 503.
     app.state.drain = Drain()
@@ -134,6 +153,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         models,
         evaluations,
         batch_predictions,
+        deployments,
         keys,
         tenants,
         audit,

@@ -12,13 +12,14 @@ from __future__ import annotations
 import io
 import logging
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from bitcore.artifacts import (
@@ -30,11 +31,19 @@ from bitcore.artifacts import (
     load_metadata,
 )
 from bitcore.quantize import INT8_FILE
-from service.domain_errors import Gone, NotFound
+from service.domain_errors import Conflict, Gone, NotFound
 from service.ids import new_id
 from service.object_store import ObjectCorrupt, ObjectMissing, ObjectStoreError
 from service.storage import Storage, storage_unavailable
-from service.tables import BatchPrediction, Evaluation, Job, Model, tenant_is
+from service.tables import (
+    BatchPrediction,
+    Deployment,
+    DeploymentTarget,
+    Evaluation,
+    Job,
+    Model,
+    tenant_is,
+)
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +134,9 @@ def delete_model(session: Session, storage: Storage, tenant_id: str | None, mode
     Raises NotFound when the tenant has no such model.
     """
     row = get_model(session, tenant_id, model_id)
+    in_use = deployments_using(session, model_id)
+    if in_use:
+        raise model_in_use(model_id, in_use)
     scored = session.scalars(sa.select(Evaluation.id).where(Evaluation.model_id == model_id)).all()
     batches = session.scalars(
         sa.select(BatchPrediction.id).where(BatchPrediction.model_id == model_id)
@@ -132,12 +144,39 @@ def delete_model(session: Session, storage: Storage, tenant_id: str | None, mode
     # Its evaluations' and batch predictions' rows go with it (ON DELETE CASCADE); a worker
     # running one of them finds its row gone and stops at its next shard.
     session.delete(row)
-    session.commit()
+    try:
+        session.commit()
+    except IntegrityError:  # a deployment took it up since the check (its key RESTRICTs)
+        session.rollback()
+        raise model_in_use(model_id, deployments_using(session, model_id)) from None
     storage.discard("models", model_id)
     for evaluation_id in scored:  # and their thumbnails
         storage.discard("evaluations", evaluation_id)
     for batch_id in batches:  # and their outputs
         storage.discard("batch_predictions", batch_id)
+
+
+def deployments_using(session: Session, model_id: str) -> list[str]:
+    """The names of the deployments that use the model (as a target or the shadow)."""
+    return list(
+        session.scalars(
+            sa.select(Deployment.name)
+            .join(DeploymentTarget, DeploymentTarget.deployment_id == Deployment.id)
+            .where(DeploymentTarget.model_id == model_id)
+            .order_by(Deployment.name)
+            .distinct()
+        )
+    )
+
+
+def model_in_use(model_id: str, names: Sequence[str]) -> Conflict:
+    return Conflict(
+        "model_in_use",
+        f"model {model_id} is used by deployment {', '.join(names)}: point "
+        f"{'it' if len(names) == 1 else 'them'} at another model (PATCH /v1/deployments/NAME) "
+        "or delete it first",
+        {"deployments": list(names)},
+    )
 
 
 def artifact_files(storage: Storage, model_id: str) -> list[Path]:

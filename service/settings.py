@@ -91,6 +91,12 @@ class Settings(BaseSettings):
     # better under load and 15% worse at one request in flight.
     predict_max_queue_delay_ms: float = Field(default=0.0, ge=0)
     model_cache_size: int = Field(default=4, gt=0)
+    # How old a gateway's view of a deployment may get: a change made through another replica
+    # is served here within this (plus the new models' load time here). One indexed read per
+    # deployment per interval.
+    deployment_refresh_seconds: float = Field(default=2.0, ge=0)
+    # How often a gateway adds its deployment figures (service.deployment_stats) to the rows.
+    deployment_stats_flush_seconds: float = Field(default=5.0, gt=0)
     # Where the forward runs (bitcore.runtimes): PyTorch eager, or ONNX Runtime or OpenVINO on
     # the exported graph, checked against eager at load. Default from benchmarks/RESULTS.md,
     # "Inference runtimes (issue 13)": ONNX Runtime beats eager; OpenVINO measured level with it

@@ -303,3 +303,82 @@ class AuditEvent(Base):
     object_id: Mapped[str | None] = mapped_column(sa.String(64))
     status: Mapped[int]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Deployment(Base):
+    """A stable name (per tenant) for the model(s) that answer its predictions: one target, a
+    split by weight, and maybe a shadow (service.deployments). `version` counts its changes."""
+
+    __tablename__ = "deployments"
+    __table_args__ = (
+        # COALESCE: NULL tenants (no API keys) must still collide on the same name.
+        sa.Index(
+            "uq_deployments_tenant_name",
+            sa.func.coalesce(sa.text("tenant_id"), ""),
+            "name",
+            unique=True,
+        ),
+    )
+
+    id: Mapped[str] = mapped_column(sa.String(40), primary_key=True)
+    tenant_id: Mapped[str | None] = mapped_column(sa.String(64))
+    name: Mapped[str] = mapped_column(sa.String(63))
+    version: Mapped[int] = mapped_column(default=1)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class DeploymentTarget(Base):
+    """A model a deployment uses now: a target (weight > 0) or its shadow (weight 0). The
+    foreign key RESTRICTs deleting a model in use (service.models_store names the deployment
+    first; the key is the last word if a race gets past that check)."""
+
+    __tablename__ = "deployment_targets"
+
+    deployment_id: Mapped[str] = mapped_column(
+        sa.ForeignKey("deployments.id", ondelete="CASCADE"), primary_key=True
+    )
+    role: Mapped[str] = mapped_column(sa.String(8), primary_key=True)  # target | shadow
+    model_id: Mapped[str] = mapped_column(
+        sa.ForeignKey("models.id", ondelete="RESTRICT"), primary_key=True, index=True
+    )
+    weight: Mapped[int] = mapped_column(default=0)
+    position: Mapped[int] = mapped_column(default=0)  # the order the caller gave
+
+
+class DeploymentChange(Base):
+    """One change of a deployment, as it happened: who, when, from what, to what."""
+
+    __tablename__ = "deployment_changes"
+    __table_args__ = (sa.Index("ix_deployment_changes_version", "deployment_id", "version"),)
+
+    id: Mapped[str] = mapped_column(sa.String(40), primary_key=True)
+    deployment_id: Mapped[str] = mapped_column(sa.ForeignKey("deployments.id", ondelete="CASCADE"))
+    version: Mapped[int]
+    action: Mapped[str] = mapped_column(sa.String(16))  # created | updated | rolled_back
+    actor: Mapped[str | None] = mapped_column(sa.String(40))  # the API key's id
+    before: Mapped[dict[str, Any] | None]  # {targets: [{model_id, weight}], shadow_model_id}
+    after: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class DeploymentStat(Base):
+    """What a model answered through a deployment, summed over every gateway process (each
+    adds its counts every few seconds: service.deployment_stats)."""
+
+    __tablename__ = "deployment_stats"
+
+    deployment_id: Mapped[str] = mapped_column(
+        sa.ForeignKey("deployments.id", ondelete="CASCADE"), primary_key=True
+    )
+    model_id: Mapped[str] = mapped_column(sa.String(40), primary_key=True)
+    role: Mapped[str] = mapped_column(sa.String(8), primary_key=True)
+    requests: Mapped[int] = mapped_column(sa.BigInteger, default=0)
+    errors: Mapped[int] = mapped_column(sa.BigInteger, default=0)
+    images: Mapped[int] = mapped_column(sa.BigInteger, default=0)
+    latency_ms_sum: Mapped[float] = mapped_column(sa.Float, default=0.0)
+    latency_buckets: Mapped[list[Any]]  # counts per service.deployment_stats.LATENCY_BOUNDS_MS
+    top1: Mapped[dict[str, Any]]  # {label: images whose first label it was}
+    compared: Mapped[int] = mapped_column(sa.BigInteger, default=0)  # shadow: images compared
+    agreed: Mapped[int] = mapped_column(sa.BigInteger, default=0)  # shadow: same first label
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -16,45 +16,26 @@ from fastapi.responses import FileResponse, StreamingResponse
 
 from bitcore.artifacts import ArtifactError
 from bitcore.export import ExportError, ensure_onnx
-from bitcore.predict import InputImageError
 from service import models_store as store
-from service import quotas
 from service.admission import PredictAdmission
 from service.api_keys import Scope
-from service.auth import authorize, principal_of
+from service.auth import authorize
 from service.db import Database
 from service.deps import SessionDep, SettingsDep, StorageDep, TenantDep
 from service.domain_errors import InvalidRequest, Unavailable
 from service.http_errors import error_responses
 from service.known_models import KnownModels
 from service.pagination import DEFAULT_LIMIT, CursorQuery, LimitQuery, page
+from service.predict_calls import (
+    declared_bytes,
+    image_predictions,
+    limit_predict_rate,
+    predict_images,
+)
 from service.request_bodies import FILES_FIELD, read_images
-from service.schemas import ImagePrediction, Label, ModelPublic, Page, PredictResponse
-from service.serving import ModelCache, ModelUnavailable, Overloaded
+from service.schemas import ModelPublic, Page, PredictResponse
+from service.serving import ModelCache
 from service.settings import Settings
-
-
-async def limit_predict_rate(request: Request) -> None:
-    """429 rate_limited past the caller's predict rate: a token bucket per API key (per
-    tenant when auth is off) in this process (service.quotas.RateLimiter), checked after the
-    key and before a byte of the body is read."""
-    principal = principal_of(request)
-    limiter: quotas.RateLimiter = request.app.state.rate_limiter
-    tenant = principal.tenant_id
-    rate = limiter.cached_rate(tenant)
-    if rate is None:
-        app_state = request.app.state
-        rate = await run_in_threadpool(_predict_rate, app_state.db, app_state.settings, tenant)
-        limiter.remember_rate(tenant, rate)
-    wait = limiter.acquire(principal.key_id or f"tenant:{tenant}", rate)
-    if wait > 0:
-        raise quotas.rate_limited(rate, limiter.burst, wait)
-
-
-def _predict_rate(db: Database, settings: Settings, tenant: str) -> float:
-    with db.sessionmaker() as session:
-        return quotas.get_quotas(session, tenant, settings).predict_rate_per_second
-
 
 router = APIRouter(prefix="/v1/models", tags=["models"], responses=error_responses(401, 403, 422))
 READ = [authorize(Scope.PREDICT, Scope.TRAIN)]  # list and read: either scope
@@ -131,10 +112,14 @@ def get_model(model_id: str, session: SessionDep, tenant: TenantDep) -> ModelPub
     return ModelPublic.from_row(store.get_model(session, tenant, model_id))
 
 
-@router.delete("/{model_id}", status_code=204, dependencies=TRAIN, responses=error_responses(404))
+@router.delete(
+    "/{model_id}", status_code=204, dependencies=TRAIN, responses=error_responses(404, 409)
+)
 async def delete_model(
     model_id: str, request: Request, session: SessionDep, storage: StorageDep, tenant: TenantDep
 ) -> Response:
+    """The model, its artifact, evaluations and batch predictions; 409 `model_in_use` while
+    a deployment uses it (as a target or its shadow), naming the deployments."""
     try:
         await run_in_threadpool(store.delete_model, session, storage, tenant, model_id)
     finally:  # also when it failed half-way: the next predict reads the row again
@@ -207,7 +192,7 @@ async def predict(
     await _check_model(request, tenant, model_id)
     # Admitted before a byte of the body is read: a busy server answers 503 at once.
     admission: PredictAdmission = request.app.state.predict_admission
-    with admission.admit(_declared_bytes(request, settings)):
+    with admission.admit(declared_bytes(request, settings)):
         return await _predict(model_id, request, settings, top_k)
 
 
@@ -229,44 +214,12 @@ def _find_model(db: Database, tenant: str, model_id: str) -> None:
         store.get_model(session, tenant, model_id)
 
 
-def _declared_bytes(request: Request, settings: Settings) -> int:
-    declared = request.headers.get("content-length", "")
-    limit = int(settings.predict_max_request_bytes)
-    return min(int(declared), limit) if declared.isdigit() else limit
-
-
 async def _predict(
     model_id: str, request: Request, settings: Settings, top_k: int
 ) -> PredictResponse:
     names, images = await read_images(request, settings)
-    try:
-        results = await _cache(request).predict(model_id, images, top_k)
-    except InputImageError as exc:
-        name = names[exc.index]
-        cause = str(exc.__cause__ or exc)
-        raise InvalidRequest(
-            "invalid_image",
-            f"image {exc.index} ({name}) cannot be used: {cause}",
-            {"index": exc.index, "filename": name, "reason": exc.reason},
-        ) from exc
-    except Overloaded as exc:
-        raise Unavailable(
-            "overloaded",
-            f"the server is busy ({exc}); retry later",
-            {"waiting": exc.waiting, "limit": exc.limit},
-            retry_after=exc.retry_after,
-        ) from exc
-    except ModelUnavailable as exc:
-        raise Unavailable(
-            exc.code, str(exc), {"model_id": model_id}, retry_after=exc.retry_after
-        ) from exc
-    return PredictResponse(
-        model_id=model_id,
-        predictions=[
-            ImagePrediction(top_k=[Label(label=label, score=score) for label, score in ranked])
-            for ranked in results
-        ],
-    )
+    results = await predict_images(_cache(request), model_id, names, images, top_k)
+    return PredictResponse(model_id=model_id, predictions=image_predictions(results))
 
 
 def _cache(request: Request) -> ModelCache:

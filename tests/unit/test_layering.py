@@ -76,6 +76,8 @@ WEB_LAYER = (
     "service.web_security",
     "service.connections",
     "service.job_events",
+    "service.deployment_schemas",
+    "service.predict_calls",
 )
 # The service's domain modules: plain functions over the database and the store, which the
 # routes and the worker call. They raise service.domain_errors kinds and know no HTTP.
@@ -114,6 +116,9 @@ DOMAIN = (
     "object_store",
     "local_cache",
     "sweep",
+    "deployments",
+    "deployment_routing",
+    "deployment_stats",
 )
 
 

@@ -55,7 +55,10 @@ def resolve(spec: dict[str, Any], ref: str) -> dict[str, Any]:
 
 def test_the_walk_covers_every_v1_route(spec: dict[str, Any]) -> None:
     operations = {(path, method) for path, method, _ in v1_operations(spec)}
-    assert len(operations) == 34
+    assert len(operations) == 43
+    assert ("/v1/deployments/{name}/predict", "post") in operations
+    assert ("/v1/deployments/{name}/rollback", "post") in operations
+    assert ("/v1/deployments/{name}", "patch") in operations
     assert ("/v1/jobs/{job_id}/metrics", "get") in operations
     assert ("/v1/models/{model_id}/evaluations", "post") in operations
     assert ("/v1/evaluations/{evaluation_id}/examples/{index}", "get") in operations
