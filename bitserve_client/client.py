@@ -17,7 +17,8 @@ the server did nothing with it, never after a lost answer or another 503. Not re
 artifact download, and the event streams of jobs and datasets (they fall back to polling
 instead). Every other error answer raises ApiError with the server's code, message and
 details; a dataset whose ingestion failed raises DatasetFailed, an ApiError with the code,
-message and details the failed dataset carries.
+message and details the failed dataset carries. A server that never answered (every try
+refused, or timed out connecting) raises ServerUnreachable, which says how to start one.
 """
 
 from __future__ import annotations

@@ -14,8 +14,8 @@ from urllib.parse import quote
 
 import httpx
 
-from bitserve_client.errors import ApiError
-from bitserve_client.retries import IDEMPOTENT_METHODS, RetryPolicy
+from bitserve_client.errors import ApiError, ServerUnreachable
+from bitserve_client.retries import IDEMPOTENT_METHODS, NOT_SENT, RetryPolicy
 
 FilesFactory = Callable[[ExitStack], list[tuple[str, tuple[str, IO[bytes] | bytes, str]]]]
 
@@ -90,7 +90,8 @@ class Transport:
     ) -> httpx.Response:
         """Send; retry what the module docstring lists, at most max_retries times, each wait
         capped at max_retry_wait (Retry-After, else a doubling back-off); raise ApiError on an
-        error answer, or the last httpx.TransportError."""
+        error answer; ServerUnreachable when no try could connect; else the last
+        httpx.TransportError."""
         if idempotent is None:
             idempotent = method in IDEMPOTENT_METHODS
         attempt = 0
@@ -112,6 +113,8 @@ class Transport:
                     exc, idempotent=idempotent, attempt=attempt
                 )
                 if wait is None:
+                    if isinstance(exc, NOT_SENT):  # nothing answered on any try
+                        raise ServerUnreachable.from_error(self.base_url, exc) from exc
                     raise
                 time.sleep(wait)
                 attempt += 1
@@ -138,9 +141,15 @@ class Transport:
         params: dict[str, str] | None = None,
     ) -> Iterator[httpx.Response]:
         wait = timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT
-        with self._http.stream(
-            method, path, headers=headers, timeout=wait, params=params
-        ) as response:
+        with ExitStack() as stack:
+            # Not retried (the module docstring of bitserve_client.client); only the opening
+            # is looked at, so an error of the caller's, inside the block, passes unchanged.
+            try:
+                response = stack.enter_context(
+                    self._http.stream(method, path, headers=headers, timeout=wait, params=params)
+                )
+            except NOT_SENT as exc:
+                raise ServerUnreachable.from_error(self.base_url, exc) from exc
             if response.status_code >= 400:
                 response.read()
                 raise ApiError.from_response(response)
