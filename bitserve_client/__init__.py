@@ -11,6 +11,7 @@ from bitserve_client.errors import (
     DatasetTimeout,
     JobFailed,
     JobTimeout,
+    ServerUnreachable,
 )
 from bitserve_client.files import zip_folder
 from bitserve_client.schema import (
@@ -56,5 +57,6 @@ __all__ = [
     "Predictions",
     "Progress",
     "ProgressEvent",
+    "ServerUnreachable",
     "zip_folder",
 ]

@@ -17,104 +17,58 @@ the server did nothing with it, never after a lost answer or another 503. Not re
 artifact download, and the event streams of jobs and datasets (they fall back to polling
 instead). Every other error answer raises ApiError with the server's code, message and
 details; a dataset whose ingestion failed raises DatasetFailed, an ApiError with the code,
-message and details the failed dataset carries.
+message and details the failed dataset carries. A server that never answered (every try
+refused, or timed out connecting) raises ServerUnreachable, which says how to start one.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
-import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
 from typing import IO, Any, cast
-from urllib.parse import quote
 
 import httpx
 
-from bitserve_client.errors import (
-    ApiError,
-    BatchPredictionFailed,
-    BatchPredictionTimeout,
-    DatasetFailed,
-    DatasetTimeout,
-    EvaluationFailed,
-    EvaluationTimeout,
-    JobFailed,
-    JobTimeout,
-)
-from bitserve_client.files import ImageInput, image_part, is_pil, zip_folder
+from bitserve_client.errors import DatasetFailed, DatasetTimeout, JobFailed, JobTimeout
+from bitserve_client.files import zip_folder
 from bitserve_client.follow import Target, follow
-from bitserve_client.retries import IDEMPOTENT_METHODS, RetryPolicy
 from bitserve_client.schema import (
     AuditEvent,
     BaseModel,
-    BatchPrediction,
     Dataset,
-    Evaluation,
     IngestProgressEvent,
     Job,
     JobEvent,
     JobMetrics,
-    Label,
     Model,
     PlanEstimate,
     ProgressEvent,
     Rejected,
 )
+from bitserve_client.scoring import ScoringMethods
+from bitserve_client.transport import (
+    DEFAULT_URL,
+    FINISHED,
+    PAGE_SIZE,
+    default_api_key,
+    save,
+    seg,
+)
 
-FilesFactory = Callable[[ExitStack], list[tuple[str, tuple[str, IO[bytes] | bytes, str]]]]
-
-DEFAULT_URL = "http://127.0.0.1:8000"
-FINISHED = frozenset({"succeeded", "failed", "cancelled"})
 DATASET_ENDED = frozenset({"ready", "failed"})
 ARCHIVE_TYPES = {".zip": "application/zip", ".tgz": "application/gzip", ".gz": "application/gzip"}
-PAGE_SIZE = 100
 
 
-class BitserveClient:
+class BitserveClient(ScoringMethods):
     """A bitserve server's API. Thread-safe as httpx.Client is; close() or use `with`.
 
     `api_key` defaults to $BITSERVE_API_KEY, else the admin key `bitserve up` wrote to
     $BITSERVE_HOME/admin.key (BITSERVE_HOME defaults to ./.bitserve); api_key="" sends none.
     """
-
-    def __init__(
-        self,
-        base_url: str = DEFAULT_URL,
-        api_key: str | None = None,
-        timeout: float = 60.0,
-        *,
-        max_retries: int = 3,
-        max_retry_wait: float = 30.0,
-        transport: httpx.BaseTransport | None = None,
-    ) -> None:
-        if max_retries < 0 or max_retry_wait < 0:
-            raise ValueError("max_retries and max_retry_wait must be >= 0")
-        headers = {"User-Agent": "bitserve-client/0.1", "Accept": "application/json"}
-        if api_key is None:
-            api_key = default_api_key()
-        if api_key:
-            headers["Authorization"] = f"Bearer {api_key}"
-        self.base_url = base_url.rstrip("/")
-        self.timeout = timeout
-        self.max_retries = max_retries
-        self.max_retry_wait = max_retry_wait
-        self._retry = RetryPolicy(max_retries, max_retry_wait)
-        self._http = httpx.Client(
-            base_url=self.base_url, headers=headers, timeout=timeout, transport=transport
-        )
-
-    def close(self) -> None:
-        self._http.close()
-
-    def __enter__(self) -> BitserveClient:
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.close()
 
     # -- datasets ----------------------------------------------------------------------------
 
@@ -170,7 +124,7 @@ class BitserveClient:
         return cast(Dataset, response.json())
 
     def get_dataset(self, dataset_id: str) -> Dataset:
-        return cast(Dataset, self._get(f"/v1/datasets/{_seg(dataset_id)}"))
+        return cast(Dataset, self._get(f"/v1/datasets/{seg(dataset_id)}"))
 
     def watch_dataset(
         self, dataset_id: str, *, timeout: float | None = None, poll_interval: float = 1.0
@@ -186,7 +140,7 @@ class BitserveClient:
             return DatasetTimeout(dataset_id, after, last)
 
         target = Target(
-            f"/v1/datasets/{_seg(dataset_id)}/events",
+            f"/v1/datasets/{seg(dataset_id)}/events",
             lambda: dict(self.get_dataset(dataset_id)),
             DATASET_ENDED,
             timed_out,
@@ -229,17 +183,17 @@ class BitserveClient:
 
     def rejected_files(self, dataset_id: str, *, page_size: int = PAGE_SIZE) -> Iterator[Rejected]:
         """Every member the upload skipped, with why (a dataset lists only the first 100)."""
-        path = f"/v1/datasets/{_seg(dataset_id)}/rejected"
+        path = f"/v1/datasets/{seg(dataset_id)}/rejected"
         return cast(Iterator[Rejected], self._pages(path, {}, page_size))
 
     def delete_dataset(self, dataset_id: str) -> None:
-        self._request("DELETE", f"/v1/datasets/{_seg(dataset_id)}")
+        self._request("DELETE", f"/v1/datasets/{seg(dataset_id)}")
 
     def plan(self, dataset_id: str, base_model: str, **overrides: Any) -> PlanEstimate:
         """The BiT-HyperRule plan a job on this dataset would get; `overrides` as for jobs
         (steps, batch_size, base_lr, crop, precrop, mixup_alpha, ...) plus validation_fraction."""
         params = {"base_model": base_model, **{k: v for k, v in overrides.items() if v is not None}}
-        return cast(PlanEstimate, self._get(f"/v1/datasets/{_seg(dataset_id)}/plan", params))
+        return cast(PlanEstimate, self._get(f"/v1/datasets/{seg(dataset_id)}/plan", params))
 
     def base_models(self) -> list[BaseModel]:
         return cast(list[BaseModel], self._get("/v1/base-models")["items"])
@@ -278,16 +232,16 @@ class BitserveClient:
         return cast(Job, response.json())
 
     def get_job(self, job_id: str) -> Job:
-        return cast(Job, self._get(f"/v1/jobs/{_seg(job_id)}"))
+        return cast(Job, self._get(f"/v1/jobs/{seg(job_id)}"))
 
     def job_metrics(self, job_id: str) -> JobMetrics:
         """The job's training curves so far: loss, learning rate, images/s, validation."""
-        return cast(JobMetrics, self._get(f"/v1/jobs/{_seg(job_id)}/metrics"))
+        return cast(JobMetrics, self._get(f"/v1/jobs/{seg(job_id)}/metrics"))
 
     def job_metrics_csv(self, job_id: str) -> str:
         """The same curves as CSV: step,loss,lr,images_per_second,val_accuracy,val_loss."""
         answer = self._request(
-            "GET", f"/v1/jobs/{_seg(job_id)}/metrics", headers={"Accept": "text/csv"}
+            "GET", f"/v1/jobs/{seg(job_id)}/metrics", headers={"Accept": "text/csv"}
         )
         return answer.text
 
@@ -297,7 +251,7 @@ class BitserveClient:
         return cast(Iterator[Job], self._pages("/v1/jobs", params, page_size))
 
     def cancel_job(self, job_id: str) -> Job:
-        return cast(Job, self._request("POST", f"/v1/jobs/{_seg(job_id)}/cancel").json())
+        return cast(Job, self._request("POST", f"/v1/jobs/{seg(job_id)}/cancel").json())
 
     def watch_job(
         self, job_id: str, *, timeout: float | None = None, poll_interval: float = 1.0
@@ -315,7 +269,7 @@ class BitserveClient:
             return JobTimeout(job_id, after, last)
 
         target = Target(
-            f"/v1/jobs/{_seg(job_id)}/events",
+            f"/v1/jobs/{seg(job_id)}/events",
             lambda: dict(self.get_job(job_id)),
             FINISHED,
             timed_out,
@@ -355,10 +309,10 @@ class BitserveClient:
         return cast(Iterator[Model], self._pages("/v1/models", {}, page_size))
 
     def get_model(self, model_id: str) -> Model:
-        return cast(Model, self._get(f"/v1/models/{_seg(model_id)}"))
+        return cast(Model, self._get(f"/v1/models/{seg(model_id)}"))
 
     def delete_model(self, model_id: str) -> None:
-        self._request("DELETE", f"/v1/models/{_seg(model_id)}")
+        self._request("DELETE", f"/v1/models/{seg(model_id)}")
 
     def download_artifact(
         self, model_id: str, dest: str | os.PathLike[str], *, format: str = "safetensors"
@@ -372,138 +326,10 @@ class BitserveClient:
         target = Path(dest)
         if target.is_dir():
             target = target / f"{model_id}.{'onnx' if format == 'onnx' else 'zip'}"
-        path = f"/v1/models/{_seg(model_id)}/artifact"
+        path = f"/v1/models/{seg(model_id)}/artifact"
         with self._stream("GET", path, params={"format": format}) as response:
-            _save(response, target)
+            save(response, target)
         return target
-
-    # -- evaluations ---------------------------------------------------------------------------
-
-    def evaluate_model(self, model_id: str, dataset_id: str) -> Evaluation:
-        """Ask a worker to score the model on a labelled dataset (uploaded as any dataset,
-        its class folders named like the model's classes); returns the queued evaluation."""
-        body = {"dataset_id": dataset_id}
-        answer = self._request("POST", f"/v1/models/{_seg(model_id)}/evaluations", json=body)
-        return cast(Evaluation, answer.json())
-
-    def get_evaluation(self, evaluation_id: str) -> Evaluation:
-        return cast(Evaluation, self._get(f"/v1/evaluations/{_seg(evaluation_id)}"))
-
-    def list_evaluations(
-        self, model_id: str, *, page_size: int = PAGE_SIZE
-    ) -> Iterator[Evaluation]:
-        """The model's evaluations, newest first; the last is its fine-tune's validation."""
-        path = f"/v1/models/{_seg(model_id)}/evaluations"
-        return cast(Iterator[Evaluation], self._pages(path, {}, page_size))
-
-    def wait_for_evaluation(
-        self, evaluation_id: str, timeout: float | None = None, *, poll_interval: float = 1.0
-    ) -> Evaluation:
-        """Poll until the evaluation ends; return it if it succeeded, else raise
-        EvaluationFailed (with the server's error code and message); EvaluationTimeout after
-        `timeout` seconds (the evaluation keeps running)."""
-        last, ended = _poll_until_ended(
-            lambda: dict(self.get_evaluation(evaluation_id)), timeout, poll_interval
-        )
-        if not ended:
-            raise EvaluationTimeout(evaluation_id, timeout or 0.0, last)
-        if last["status"] != "succeeded":
-            raise EvaluationFailed(last)
-        return cast(Evaluation, last)
-
-    def example_thumbnail(self, evaluation_id: str, index: int) -> bytes:
-        """The JPEG thumbnail of one of the evaluation's worst-scored examples."""
-        path = f"/v1/evaluations/{_seg(evaluation_id)}/examples/{int(index)}"
-        return self._request("GET", path).content
-
-    # -- batch predictions ---------------------------------------------------------------------
-
-    def create_batch_prediction(
-        self, model_id: str, dataset_id: str, *, top_k: int = 5, format: str = "csv"
-    ) -> BatchPrediction:
-        """Ask a worker to predict every file of a dataset with the model (its class folders
-        are ignored) into one CSV or JSONL file (format "csv" or "jsonl"); returns the queued
-        batch prediction. Files not yet on the server: `upload_dataset` them first (a folder
-        or archive of class folders), then pass its id here."""
-        body = {"dataset_id": dataset_id, "top_k": top_k, "format": format}
-        path = f"/v1/models/{_seg(model_id)}/batch-predictions"
-        return cast(BatchPrediction, self._request("POST", path, json=body).json())
-
-    def get_batch_prediction(self, batch_id: str) -> BatchPrediction:
-        return cast(BatchPrediction, self._get(f"/v1/batch-predictions/{_seg(batch_id)}"))
-
-    def list_batch_predictions(
-        self, model_id: str, *, page_size: int = PAGE_SIZE
-    ) -> Iterator[BatchPrediction]:
-        """The model's batch predictions, newest first."""
-        path = f"/v1/models/{_seg(model_id)}/batch-predictions"
-        return cast(Iterator[BatchPrediction], self._pages(path, {}, page_size))
-
-    def cancel_batch_prediction(self, batch_id: str) -> BatchPrediction:
-        """Cancel it: a queued one at once, a running one after its current shard."""
-        path = f"/v1/batch-predictions/{_seg(batch_id)}/cancel"
-        return cast(BatchPrediction, self._request("POST", path).json())
-
-    def wait_for_batch_prediction(
-        self,
-        batch_id: str,
-        timeout: float | None = None,
-        *,
-        poll_interval: float = 1.0,
-        on_progress: Callable[[BatchPrediction], None] | None = None,
-    ) -> BatchPrediction:
-        """Poll until the batch prediction ends; return it if it succeeded, else raise
-        BatchPredictionFailed (failed, with the server's error, or cancelled);
-        BatchPredictionTimeout after `timeout` seconds (it keeps running). `on_progress` gets
-        each polled state."""
-
-        def poll() -> dict[str, Any]:
-            batch = self.get_batch_prediction(batch_id)
-            if on_progress is not None:
-                on_progress(batch)
-            return dict(batch)
-
-        last, ended = _poll_until_ended(poll, timeout, poll_interval)
-        if not ended:
-            raise BatchPredictionTimeout(batch_id, timeout or 0.0, last)
-        if last["status"] != "succeeded":
-            raise BatchPredictionFailed(last)
-        return cast(BatchPrediction, last)
-
-    def download_batch_predictions(self, batch_id: str, dest: str | os.PathLike[str]) -> Path:
-        """Save a succeeded batch prediction's output to `dest` (a file, or a folder to put
-        `<id>-predictions.csv` or `.jsonl` in); the file appears only once complete. 409
-        `not_finished` (an ApiError) before it succeeded."""
-        target = Path(dest)
-        path = f"/v1/batch-predictions/{_seg(batch_id)}/output"
-        with self._stream("GET", path) as response:
-            if target.is_dir():
-                kind = response.headers.get("content-type", "")
-                suffix = "jsonl" if kind.startswith("application/x-ndjson") else "csv"
-                target = target / f"{batch_id}-predictions.{suffix}"
-            _save(response, target)
-        return target
-
-    def predict(
-        self, model_id: str, images: Sequence[ImageInput], top_k: int = 5
-    ) -> list[list[Label]]:
-        """Classify images (paths, encoded bytes or PIL images): per image, in order, its top_k
-        labels with softmax scores, highest first."""
-        if isinstance(images, (str, bytes, os.PathLike)) or is_pil(images):
-            raise TypeError("images must be a list (of paths, bytes or PIL images)")
-        parts = [image_part(i, image) for i, image in enumerate(images)]
-
-        def files(_: ExitStack) -> list[tuple[str, tuple[str, IO[bytes] | bytes, str]]]:
-            return [("files", (name, data, "application/octet-stream")) for name, data in parts]
-
-        response = self._request(
-            "POST",
-            f"/v1/models/{_seg(model_id)}/predict",
-            params={"top_k": top_k},
-            files=files,
-            idempotent=True,  # a pure function of the model and the images
-        )
-        return [cast(list[Label], p["top_k"]) for p in response.json()["predictions"]]
 
     # -- audit -------------------------------------------------------------------------------
 
@@ -515,135 +341,5 @@ class BitserveClient:
         params = {"tenant": tenant} if tenant is not None else {}
         return cast(Iterator[AuditEvent], self._pages("/v1/audit", params, page_size))
 
-    # -- transport ---------------------------------------------------------------------------
 
-    def _get(self, path: str, params: dict[str, Any] | None = None) -> Any:
-        return self._request("GET", path, params=params).json()
-
-    def _pages(self, path: str, params: dict[str, Any], size: int) -> Iterator[dict[str, Any]]:
-        cursor: str | None = None
-        while True:
-            query = {**params, "limit": size, **({"cursor": cursor} if cursor else {})}
-            page = self._get(path, query)
-            yield from page["items"]
-            cursor = page.get("next_cursor")
-            if not cursor:
-                return
-
-    def _request(
-        self,
-        method: str,
-        path: str,
-        *,
-        params: dict[str, Any] | None = None,
-        json: Any = None,
-        data: dict[str, str] | None = None,
-        files: FilesFactory | None = None,
-        headers: dict[str, str] | None = None,
-        timeout: httpx.Timeout | None = None,
-        idempotent: bool | None = None,
-    ) -> httpx.Response:
-        """Send; retry what the module docstring lists, at most max_retries times, each wait
-        capped at max_retry_wait (Retry-After, else a doubling back-off); raise ApiError on an
-        error answer, or the last httpx.TransportError."""
-        if idempotent is None:
-            idempotent = method in IDEMPOTENT_METHODS
-        attempt = 0
-        while True:
-            try:
-                with ExitStack() as stack:
-                    response = self._http.request(
-                        method,
-                        path,
-                        params=params,
-                        json=json,
-                        data=data,
-                        files=files(stack) if files is not None else None,
-                        headers=headers,
-                        timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT,
-                    )
-            except httpx.TransportError as exc:
-                wait = self._retry.after_lost_connection(
-                    exc, idempotent=idempotent, attempt=attempt
-                )
-                if wait is None:
-                    raise
-                time.sleep(wait)
-                attempt += 1
-                continue
-            if response.status_code < 400:
-                return response
-            error = ApiError.from_response(response)
-            wait = self._retry.after_error(
-                response.status_code, error, idempotent=idempotent, attempt=attempt
-            )
-            if wait is None:
-                raise error
-            time.sleep(wait)
-            attempt += 1
-
-    @contextmanager
-    def _stream(
-        self,
-        method: str,
-        path: str,
-        *,
-        headers: dict[str, str] | None = None,
-        timeout: httpx.Timeout | None = None,
-        params: dict[str, str] | None = None,
-    ) -> Iterator[httpx.Response]:
-        wait = timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT
-        with self._http.stream(
-            method, path, headers=headers, timeout=wait, params=params
-        ) as response:
-            if response.status_code >= 400:
-                response.read()
-                raise ApiError.from_response(response)
-            yield response
-
-
-# -- helpers ---------------------------------------------------------------------------------
-
-
-def default_api_key() -> str | None:
-    """$BITSERVE_API_KEY, else the key in $BITSERVE_HOME/admin.key, else None."""
-    key = os.environ.get("BITSERVE_API_KEY", "").strip()
-    if key:
-        return key
-    path = Path(os.environ.get("BITSERVE_HOME", ".bitserve")).expanduser() / "admin.key"
-    try:
-        return path.read_text(encoding="utf-8").strip() or None
-    except OSError:
-        return None
-
-
-def _seg(value: str) -> str:
-    """An id as one path segment: "../x" can never reach another route."""
-    return quote(value, safe="")
-
-
-def _save(response: httpx.Response, target: Path) -> None:
-    """Stream an answer's body to `target`; the file appears only once complete."""
-    partial = target.with_name(target.name + ".part")
-    try:
-        with partial.open("wb") as out:
-            for chunk in response.iter_bytes(1 << 20):
-                out.write(chunk)
-        partial.replace(target)
-    finally:
-        partial.unlink(missing_ok=True)
-
-
-def _poll_until_ended(
-    get: Callable[[], dict[str, Any]], timeout: float | None, poll_interval: float
-) -> tuple[dict[str, Any], bool]:
-    """`get()` every `poll_interval` seconds until its status has ended, or `timeout` seconds
-    have passed: (the last state, whether it ended)."""
-    deadline = None if timeout is None else time.monotonic() + timeout
-    while True:
-        state = get()
-        if state.get("status") in FINISHED:
-            return state, True
-        if deadline is not None and time.monotonic() >= deadline:
-            return state, False
-        time.sleep(poll_interval)
+__all__ = ["DEFAULT_URL", "BitserveClient", "default_api_key"]

@@ -1,5 +1,5 @@
-"""Errors the client raises: the API's error shape as an exception, a job's unhappy end, and a
-dataset whose ingestion failed."""
+"""Errors the client raises: the API's error shape as an exception, a server that is not
+answering, a job's unhappy end, and a dataset whose ingestion failed."""
 
 from __future__ import annotations
 
@@ -78,6 +78,32 @@ class DatasetFailed(ApiError):
         )
         self.dataset = dataset
         self.dataset_id: str = dataset.get("id", "")
+
+
+class ServerUnreachable(BitserveError, httpx.ConnectError):
+    """Nothing answered at the server's address (connection refused or timed out, or the name
+    did not resolve) on any try: raised once the retries (bitserve_client.retries) are spent.
+
+    Also an httpx.ConnectError, which the client raised bare before, so code that catches that
+    keeps working. `url` is the server's address; `reason` the last connection error's text.
+    """
+
+    def __init__(self, url: str, reason: str = "", *, request: httpx.Request | None = None) -> None:
+        super().__init__(
+            f"the bitserve server at {url} is not answering; start it with `bitserve up` (or "
+            "`docker compose up`), or point BITSERVE_URL / --url at a running one",
+            request=request,
+        )
+        self.url = url
+        self.reason = reason
+
+    @classmethod
+    def from_error(cls, url: str, exc: httpx.TransportError) -> ServerUnreachable:
+        try:
+            request: httpx.Request | None = exc.request
+        except RuntimeError:  # httpx raises it for an error that was made without one
+            request = None
+        return cls(url, str(exc) or type(exc).__name__, request=request)
 
 
 class DatasetTimeout(BitserveError, TimeoutError):

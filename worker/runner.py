@@ -6,6 +6,9 @@ training polls that flag between steps (cooperative cancel, docs/operations.md) 
 into the job's work dir, so a redelivered or reclaimed job resumes where it stopped. The same
 thread stops a job that has run past `job_max_seconds` since its first start: the cancel path
 stops it, and it fails with time_limit_exceeded.
+
+The dataset's index and the base checkpoint are made ready by worker.job_inputs; the training
+callbacks and the throttle on progress writes are worker.job_progress.
 """
 
 from __future__ import annotations
@@ -15,35 +18,33 @@ import multiprocessing
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from datetime import UTC
 from pathlib import Path
-from typing import Any
 
-from bitcore import catalog
 from bitcore.data.index import DatasetIndex
 from bitcore.hyperrule import Plan
 from bitcore.models import MODEL_SPECS
-from bitcore.train import Progress, TrainCallbacks, TrainingCancelled, finetune
+from bitcore.train import Progress, TrainingCancelled, finetune
 from bitcore.train.history import TrainingHistory
 from service import job_runs, jobs, models_store
 from service.broker import Broker
 from service.db import UNAVAILABLE_ERRORS, Database
 from service.ids import new_id, utcnow
-from service.object_store import ObjectCorrupt, ObjectMissing
 from service.settings import Settings
 from service.storage import Storage
-from service.tables import Dataset, Job
+from service.tables import Job
 from worker.checkpoints import CheckpointPublisher, restore
 from worker.failures import (
-    checkpoint_missing_message,
     internal_error_message,
     release_memory,
     resource_failure,
 )
 from worker.identity import new_worker_id
+from worker.job_inputs import JobFailure, base_checkpoint, dataset_index
+from worker.job_progress import RunCallbacks, Throttled, checkpoint_every
 
 log = logging.getLogger(__name__)
 
@@ -55,15 +56,6 @@ FINAL_WRITE_PATIENCE_SECONDS = 300.0
 HISTORY_WRITE_SECONDS = 5.0
 _databases: dict[tuple[int, str], Database] = {}
 _databases_lock = threading.Lock()
-
-
-class JobFailure(Exception):
-    """A failure with an API error code (e.g. checkpoint_missing) and a message for the user."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 def process_database(url: str) -> Database:
@@ -182,7 +174,7 @@ class JobRun:
                 validation_fraction=self.job.validation_fraction,
                 seed=self.job.seed,
                 serving_precision=self.job.serving_precision,
-                callbacks=_Callbacks(self),
+                callbacks=RunCallbacks(self),
                 resume=True,
                 checkpoint_every=self.checkpoint_every,
                 work_dir=self.work_dir,
@@ -251,35 +243,11 @@ class JobRun:
                 retried = True
 
     def _dataset_index(self) -> DatasetIndex:
-        with self.db.sessionmaker() as session:
-            dataset = session.get(Dataset, self.job.dataset_id) if self.job.dataset_id else None
-            if dataset is None or dataset.status != "ready":
-                raise JobFailure(
-                    "dataset_missing", f"dataset {self.job.dataset_id} was deleted or is not ready"
-                )
-        try:  # this node's cache, filled from the object store on a miss
-            self.storage.ensure_local("datasets", dataset.id)
-        except ObjectMissing:
-            raise JobFailure(
-                "dataset_missing", f"dataset {dataset.id} is not in the object store"
-            ) from None
-        except ObjectCorrupt as exc:
-            log.error("job %s: dataset %s: %s", self.job.id, dataset.id, exc)
-            raise JobFailure(
-                "dataset_corrupt",
-                f"dataset {dataset.id} is damaged in the server's object store (a file differs "
-                "from its recorded SHA-256); upload it again",
-            ) from None
-        index_path = self.storage.dataset_index(dataset.id)
-        if not index_path.is_file():
-            raise JobFailure("dataset_missing", f"dataset {dataset.id} has no index on disk")
-        return DatasetIndex.load(index_path)
+        return dataset_index(self.db, self.storage, self.job)
 
     def _base_checkpoint(self) -> Path:
-        """The catalog checkpoint, downloaded first if needed (the job's "downloading" phase),
-        its SHA-256 checked against the pinned or recorded one on every use."""
-        name, directory = self.job.base_model, self.settings.checkpoint_dir
-        path = catalog.local_path(name, directory)
+        """The base checkpoint; its download is the job's "downloading" phase, stopped by a
+        cancel request or the worker's shutdown."""
         total_steps = int(self.job.plan["total_steps"])
 
         def report(done: int, total: int | None) -> None:
@@ -295,33 +263,7 @@ class JobRun:
             if self.cancel.is_set() or self.shutdown.is_set():
                 raise TrainingCancelled(0)
 
-        try:
-            return catalog.pull(
-                name,
-                directory,
-                progress=report,
-                allow_download=self.settings.allow_downloads,
-                base_url=self.settings.checkpoint_base_url,
-                pins=self.settings.checkpoint_sha256,
-                max_bytes=self.settings.checkpoint_max_bytes,
-                allow_insecure=self.settings.allow_insecure_mirror,
-            )
-        except catalog.CheckpointCorrupt as exc:
-            raise corrupt_checkpoint(self.job.id, name, exc) from None
-        except catalog.CheckpointMissing as exc:
-            # The full text names the server's directory: the operator's, in the log.
-            log.warning("job %s: %s", self.job.id, exc)
-            raise JobFailure(
-                "checkpoint_missing",
-                checkpoint_missing_message(name, path, self.settings, "downloads are disabled"),
-            ) from None
-        except (catalog.CheckpointDownloadError, catalog.InsecureMirror) as exc:
-            log.warning("job %s: downloading the %s checkpoint failed: %s", self.job.id, name, exc)
-            raise JobFailure(
-                "checkpoint_missing",
-                checkpoint_missing_message(name, path, self.settings, "the download failed")
-                + " Or set BITSERVE_CHECKPOINT_BASE_URL to a reachable mirror.",
-            ) from None
+        return base_checkpoint(self.job, self.settings, report)
 
     def _time_limit_message(self) -> str:
         limit = self.settings.job_max_seconds
@@ -444,70 +386,6 @@ class JobRun:
                 self.lost.set()
             if state in ("cancel", "lost"):
                 self.cancel.set()
-
-
-class _Callbacks(TrainCallbacks):
-    def __init__(self, run: JobRun) -> None:
-        self.run = run
-
-    def on_progress(self, progress: Progress) -> None:
-        self.run.history.add_progress(progress)
-        self.run.progress(progress)
-        if progress.phase == "training" and progress.step % self.run.checkpoint_every == 0:
-            self.run.save_history(progress.step)  # before the loop writes that checkpoint
-
-    def on_validation(self, step: int, metrics: dict[str, Any]) -> None:
-        self.run.history.add_validation(step, metrics.get("accuracy"), metrics.get("loss"))
-
-    def should_cancel(self) -> bool:
-        return self.run.cancel.is_set() or self.run.shutdown.is_set()
-
-    def on_checkpoint(self, step: int) -> None:
-        self.run.save_history(step)  # e.g. the checkpoint of a cancel or a hand-back
-        self.run.checkpoints.submit(step)
-
-
-class Throttled:
-    """Write at most once per `interval` seconds, but always the first report, a change of
-    phase and the last step (so the stored progress never lags a finished phase)."""
-
-    def __init__(
-        self,
-        write: Callable[[Progress], None],
-        interval: float,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.write, self.interval, self.clock = write, interval, clock
-        self.latest: Progress | None = None
-        self._last_write = -float("inf")
-
-    def __call__(self, progress: Progress) -> None:
-        previous, self.latest = self.latest, progress
-        now = self.clock()
-        due = now - self._last_write >= self.interval
-        phase_changed = previous is None or previous.phase != progress.phase
-        last_step = progress.step == progress.total_steps
-        if due or phase_changed or last_step:
-            self._last_write = now
-            self.write(progress)
-
-
-def corrupt_checkpoint(job_id: str, name: str, exc: Exception) -> JobFailure:
-    """The job error for a checkpoint whose SHA-256 is wrong; the full text (it names the
-    server's files) goes to the log only."""
-    log.error("job %s: %s", job_id, exc)
-    return JobFailure(
-        "checkpoint_corrupt",
-        f"the {name} checkpoint on the server differs from its pinned or recorded SHA-256 (it "
-        "was modified or replaced); an operator should remove it from BITSERVE_CHECKPOINT_DIR "
-        "so that it is downloaded again",
-    )
-
-
-def checkpoint_every(total_steps: int) -> int:
-    """Checkpoint about 10 times per run, at least every 50 steps: a lost worker costs at most
-    a tenth of the run (or 50 steps) when the job resumes elsewhere."""
-    return max(1, min(50, total_steps // 10))
 
 
 def _seconds_left(job: Job, limit: float) -> float:

@@ -6,7 +6,9 @@ Only this package imports click and rich (tests/unit/test_layering.py checks it)
 parsing; `python -m bitserve_client.cli` runs them on a machine without the service.
 
 Modules: app (the root group), remote (connection options, output, one-line errors),
-datasets, jobs, models (and predict), watch (live bar or plain lines), render (text).
+datasets, jobs, models (and predict), watch (live bar or plain lines), render (text; with
+render_scoring for evaluations, batch predictions and predictions, and fmt for numbers and
+tables).
 """
 
 from bitserve_client.cli.app import COMMANDS, cli, main

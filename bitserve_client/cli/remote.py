@@ -29,6 +29,7 @@ from bitserve_client.errors import (
     DatasetTimeout,
     EvaluationFailed,
     JobTimeout,
+    ServerUnreachable,
 )
 
 R = TypeVar("R")
@@ -186,8 +187,10 @@ def _one_line_errors(remote: Remote) -> Iterator[None]:
         fail(f"{exc.code}: {exc.message}{_hint(exc)}")
     except (JobTimeout, DatasetTimeout) as exc:
         fail(str(exc))
-    except (httpx.ConnectError, httpx.ConnectTimeout):
-        fail(f"cannot reach the service at {remote.url}: is it running? (`bitserve up`)")
+    except ServerUnreachable as exc:  # the client's own words: the URL and how to start one
+        fail(str(exc))
+    except (httpx.ConnectError, httpx.ConnectTimeout):  # not through the client's requests
+        fail(str(ServerUnreachable(remote.url)))
     except httpx.TimeoutException:
         fail(f"the service at {remote.url} did not answer in time")
     except httpx.TransportError as exc:

@@ -3,62 +3,47 @@
 Pure functions of the API's objects (docs/api.md), so they are tested without a server. The
 tables are rich Tables without borders (columns split by spaces, like `docker ps`), so their
 lines can still be read by grep and awk; `--json` is the format for programs.
+
+Datasets, jobs and models are here; evaluations, batch predictions and predictions in
+render_scoring, the number formats and table helpers in fmt. This module re-exports both, so
+the commands use `render.<name>` for all of it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from rich.table import Table
-from rich.text import Text
 
-FINISHED = ("succeeded", "failed", "cancelled")
-
-
-# -- numbers ---------------------------------------------------------------------------------
-
-
-def fmt_bytes(count: int | None) -> str:
-    """Decimal units, as disks and downloads are sized: 1234567 -> "1.2 MB"."""
-    if count is None:
-        return "?"
-    value = float(count)
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(value) < 1000 or unit == "TB":
-            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1000
-    raise AssertionError("unreachable")  # pragma: no cover
-
-
-def fmt_duration(seconds: float | None) -> str:
-    """45 -> "45s", 185 -> "3m05s", 3725 -> "1h02m"; None -> "?"."""
-    if seconds is None:
-        return "?"
-    whole = max(0, round(seconds))
-    if whole < 60:
-        return f"{whole}s"
-    minutes, secs = divmod(whole, 60)
-    if minutes < 60:
-        return f"{minutes}m{secs:02d}s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m"
-
-
-def fmt_score(score: float) -> str:
-    return f"{score:.4f}"
-
-
-def fmt_percent(share: float | None) -> str:
-    return "-" if share is None else f"{share * 100:.1f}%"
-
-
-def fmt_time(stamp: str | None) -> str:
-    """An API time to the second: "2026-12-02T08:30:00.123456Z" -> "2026-12-02 08:30:00Z"."""
-    if not stamp:
-        return "-"
-    return stamp[:19].replace("T", " ") + "Z"
-
+from bitserve_client.cli.fmt import (
+    FINISHED,
+    add_row,
+    details_table,
+    fmt_bytes,
+    fmt_duration,
+    fmt_percent,
+    fmt_score,
+    fmt_time,
+    table,
+)
+from bitserve_client.cli.render_scoring import (
+    batch_predictions_table,
+    batch_progress_line,
+    batch_queued_line,
+    batch_status,
+    batch_written_line,
+    confused_table,
+    confused_text,
+    evaluation_figures,
+    evaluation_lines,
+    evaluation_progress_line,
+    evaluation_queued_line,
+    evaluation_status,
+    evaluation_summary,
+    evaluations_table,
+    predictions_table,
+)
 
 # -- jobs ------------------------------------------------------------------------------------
 
@@ -163,218 +148,7 @@ def dataset_summary(dataset: Mapping[str, Any]) -> str:
     return text
 
 
-# -- evaluations -----------------------------------------------------------------------------
-
-
-def evaluation_progress_line(evaluation_id: str, progress: Mapping[str, Any]) -> str:
-    """ "eval_x: scored 40/120 images" (the total is unknown until the worker has listed the
-    dataset)."""
-    done, total = progress.get("done") or 0, progress.get("total")
-    return f"{evaluation_id}: scored {done}/{total if total is not None else '?'} images"
-
-
-def evaluation_queued_line(evaluation: Mapping[str, Any]) -> str:
-    """What `models evaluate --no-wait` ends with."""
-    model_id = evaluation.get("model_id")
-    return (
-        f"evaluation {evaluation.get('id')} {evaluation.get('status')}: model {model_id} on "
-        f"dataset {evaluation.get('dataset_id')} (see it: bitserve models evaluations {model_id})"
-    )
-
-
-def _top3(result: Mapping[str, Any]) -> str:
-    """Top-3 accuracy, or why there is none: the validation run scores top-1 only, and a model
-    of at most 3 classes has its true label in its top 3 by definition (the API leaves it out)."""
-    top_k = result.get("top_k_accuracy")
-    if top_k is None:
-        return "- (not measured)"
-    if "3" not in top_k:
-        return f"- (the model has {len(result.get('classes') or [])} classes)"
-    return fmt_percent(top_k["3"])
-
-
-def _images(result: Mapping[str, Any]) -> str:
-    skipped = result.get("skipped") or 0
-    tail = f" ({skipped} skipped: could not be decoded)" if skipped else ""
-    return f"{result.get('num_examples')}{tail}"
-
-
-def _source(evaluation: Mapping[str, Any]) -> str:
-    if evaluation.get("source") == "validation":
-        return "the fine-tune's validation images"
-    dataset_id = evaluation.get("dataset_id")
-    return f"dataset {dataset_id}" if dataset_id else "a deleted dataset"
-
-
-def evaluation_figures(evaluation: Mapping[str, Any]) -> list[tuple[str, object]]:
-    """The figures of an evaluation that succeeded, as (what, value) rows."""
-    result = evaluation.get("result") or {}
-    loss, macro_f1 = result.get("loss"), result.get("macro_f1")
-    return [
-        ("evaluation", evaluation.get("id")),
-        ("model", evaluation.get("model_id")),
-        ("scored on", _source(evaluation)),
-        ("images", _images(result)),
-        ("accuracy", fmt_percent(result.get("accuracy"))),
-        ("macro-F1", None if macro_f1 is None else f"{macro_f1:.4f}"),
-        ("top-3 accuracy", _top3(result)),
-        ("loss", None if loss is None else f"{loss:.4f}"),
-    ]
-
-
-def confused_text(result: Mapping[str, Any]) -> str:
-    """The most confused pairs on one line: "bee -> ant 2, cow -> ant 1" (true -> predicted,
-    images), or "none"."""
-    pairs = result.get("most_confused") or []
-    return ", ".join(f"{p['label']} -> {p['predicted']} {p['count']}" for p in pairs) or "none"
-
-
-def evaluation_lines(evaluation: Mapping[str, Any]) -> list[str]:
-    """An evaluation that succeeded, in plain lines (a pipe, a log): "what: value" each, the
-    most confused pairs (true -> predicted, images) last."""
-    result = evaluation.get("result") or {}
-    rows = [(k, v) for k, v in evaluation_figures(evaluation) if k != "evaluation"]
-    return [
-        f"evaluation {evaluation.get('id')} {evaluation.get('status')}",
-        *(f"{key}: {'-' if value is None else value}" for key, value in rows),
-        f"most confused (true -> predicted): {confused_text(result)}",
-    ]
-
-
-def evaluation_summary(evaluation: Mapping[str, Any]) -> str:
-    """One line (stderr under --json): "evaluation eval_x succeeded: 12 images, accuracy 83.3%,
-    macro-F1 0.8000, top-3 accuracy 100.0%"."""
-    figures = dict(evaluation_figures(evaluation))
-    result = evaluation.get("result") or {}
-    parts = [f"{result.get('num_examples')} images"] + [
-        f"{key} {'-' if figures[key] is None else figures[key]}"
-        for key in ("accuracy", "macro-F1", "top-3 accuracy")
-    ]
-    return f"evaluation {evaluation.get('id')} {evaluation.get('status')}: {', '.join(parts)}"
-
-
-def confused_table(result: Mapping[str, Any]) -> Table | None:
-    """The most confused pairs, largest first (None when every image was classified right)."""
-    pairs = result.get("most_confused") or []
-    if not pairs:
-        return None
-    grid = table("TRUE LABEL", "PREDICTED", "IMAGES")
-    for pair in pairs:
-        add_row(grid, pair["label"], pair["predicted"], pair["count"])
-    return grid
-
-
-def evaluation_status(evaluation: Mapping[str, Any]) -> str:
-    """ "succeeded", "running 40/120", "failed: unknown_labels"."""
-    status = str(evaluation.get("status") or "unknown")
-    progress = evaluation.get("progress") or {}
-    if status == "running" and progress.get("done") is not None:
-        total = progress.get("total")
-        return f"running {progress['done']}/{total if total is not None else '?'}"
-    if status == "failed":
-        return f"failed: {(evaluation.get('error') or {}).get('code') or 'unknown'}"
-    return status
-
-
-def evaluations_table(items: Iterable[Mapping[str, Any]]) -> Table:
-    grid = table("ID", "SOURCE", "STATUS", "ACCURACY", "MACRO-F1", "IMAGES", "DATASET", "CREATED")
-    for e in items:
-        result = e.get("result") or {}
-        macro_f1 = result.get("macro_f1")
-        add_row(
-            grid,
-            e.get("id"),
-            e.get("source"),
-            evaluation_status(e),
-            fmt_percent(result.get("accuracy")),
-            None if macro_f1 is None else f"{macro_f1:.4f}",
-            result.get("num_examples"),
-            e.get("dataset_id"),
-            fmt_time(e.get("created_at")),
-        )
-    return grid
-
-
-# -- batch predictions -----------------------------------------------------------------------
-
-
-def _of(done: Any, total: Any) -> str:
-    return f"{done or 0}/{total if total is not None else '?'}"
-
-
-def batch_progress_line(batch_id: str, progress: Mapping[str, Any]) -> str:
-    """ "bp_x: shard 2/5, 128/300 images" (the totals are unknown until a worker has read the
-    dataset)."""
-    shards = _of(progress.get("shards_done"), progress.get("shards_total"))
-    images = _of(progress.get("images_done"), progress.get("images_total"))
-    return f"{batch_id}: shard {shards}, {images} images"
-
-
-def batch_queued_line(batch: Mapping[str, Any]) -> str:
-    """What `models batch-predict --no-wait` ends with."""
-    model_id = batch.get("model_id")
-    return (
-        f"batch prediction {batch.get('id')} {batch.get('status')}: model {model_id} on "
-        f"dataset {batch.get('dataset_id')}, top {batch.get('top_k')}, {batch.get('format')} "
-        f"(see it: bitserve models batch-predictions {model_id})"
-    )
-
-
-def batch_written_line(batch: Mapping[str, Any], path: str) -> str:
-    """The last line of `models batch-predict`: the file written and its row count, e.g.
-    "wrote bp_x.csv: 12 rows (1 error), 1.2 kB, batch prediction bp_x"."""
-    result = batch.get("result") or {}
-    rows, errors = result.get("rows"), result.get("errors") or 0
-    error_text = f", {errors} error{'s' if errors != 1 else ''}" if errors else ""
-    return (
-        f"wrote {path}: {rows} row{'s' if rows != 1 else ''}{error_text} "
-        f"({fmt_bytes(result.get('bytes'))}, batch prediction {batch.get('id')})"
-    )
-
-
-def batch_status(batch: Mapping[str, Any]) -> str:
-    """ "succeeded", "running 2/5 shards", "failed: dataset_failed"."""
-    status = str(batch.get("status") or "unknown")
-    progress = batch.get("progress") or {}
-    if status in ("running", "cancelling") and progress.get("shards_total") is not None:
-        return f"{status} {_of(progress.get('shards_done'), progress['shards_total'])} shards"
-    if status == "failed":
-        return f"failed: {(batch.get('error') or {}).get('code') or 'unknown'}"
-    return status
-
-
-def batch_predictions_table(items: Iterable[Mapping[str, Any]]) -> Table:
-    grid = table("ID", "STATUS", "FORMAT", "TOP-K", "ROWS", "ERRORS", "DATASET", "CREATED")
-    for b in items:
-        result = b.get("result") or {}
-        add_row(
-            grid,
-            b.get("id"),
-            batch_status(b),
-            b.get("format"),
-            b.get("top_k"),
-            result.get("rows"),
-            result.get("errors"),
-            b.get("dataset_id"),
-            fmt_time(b.get("created_at")),
-        )
-    return grid
-
-
 # -- tables ----------------------------------------------------------------------------------
-
-
-def table(*columns: str) -> Table:
-    """A borderless table; cells are added as Text, never parsed as rich markup (a dataset
-    may be named "[bold]x")."""
-    grid = Table(box=None, pad_edge=False, show_edge=False, header_style="bold")
-    for column in columns:
-        grid.add_column(column, no_wrap=True, overflow="fold")
-    return grid
-
-
-def add_row(grid: Table, *cells: object) -> None:
-    grid.add_row(*(Text("-" if cell is None else str(cell)) for cell in cells))
 
 
 def datasets_table(items: Iterable[Mapping[str, Any]]) -> Table:
@@ -428,16 +202,6 @@ def models_table(items: Iterable[Mapping[str, Any]]) -> Table:
             m.get("job_id"),
             fmt_time(m.get("created_at")),
         )
-    return grid
-
-
-def details_table(rows: Sequence[tuple[str, object]]) -> Table:
-    """`show`: one "field  value" line per row."""
-    grid = Table(box=None, pad_edge=False, show_edge=False, show_header=False)
-    grid.add_column(style="bold", no_wrap=True)
-    grid.add_column(overflow="fold")
-    for key, value in rows:
-        grid.add_row(Text(key), Text("-" if value is None else str(value)))
     return grid
 
 
@@ -554,12 +318,43 @@ def per_class_table(m: Mapping[str, Any]) -> Table | None:
     return grid
 
 
-def predictions_table(files: Sequence[str], ranked: Sequence[Sequence[Mapping[str, Any]]]) -> Table:
-    """One line per image: the file, its top label and score, then the runners-up if asked."""
-    others = any(len(labels) > 1 for labels in ranked)
-    grid = table("FILE", "LABEL", "SCORE", *(["NEXT"] if others else []))
-    for name, labels in zip(files, ranked, strict=True):
-        top = labels[0]
-        rest = ", ".join(f"{x['label']} {fmt_score(x['score'])}" for x in labels[1:])
-        add_row(grid, name, top["label"], fmt_score(top["score"]), *([rest] if others else []))
-    return grid
+__all__ = [
+    "FINISHED",
+    "add_row",
+    "batch_predictions_table",
+    "batch_progress_line",
+    "batch_queued_line",
+    "batch_status",
+    "batch_written_line",
+    "confused_table",
+    "confused_text",
+    "dataset_progress_line",
+    "dataset_rows",
+    "dataset_summary",
+    "datasets_table",
+    "details_table",
+    "evaluation_figures",
+    "evaluation_lines",
+    "evaluation_progress_line",
+    "evaluation_queued_line",
+    "evaluation_status",
+    "evaluation_summary",
+    "evaluations_table",
+    "fmt_bytes",
+    "fmt_duration",
+    "fmt_percent",
+    "fmt_score",
+    "fmt_time",
+    "job_created_line",
+    "job_progress_details",
+    "job_progress_line",
+    "job_rows",
+    "job_stage",
+    "job_summary",
+    "jobs_table",
+    "model_rows",
+    "models_table",
+    "per_class_table",
+    "predictions_table",
+    "table",
+]

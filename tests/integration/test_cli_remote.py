@@ -694,7 +694,10 @@ def test_a_stopped_service_is_one_line_without_a_traceback(cli: Cli, tmp_path: P
     with socket.socket() as sock:  # a port nothing listens on
         sock.bind(("127.0.0.1", 0))
         url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    line = f"bitserve: cannot reach the service at {url}: is it running? (`bitserve up`)"
+    line = (
+        f"bitserve: the bitserve server at {url} is not answering; start it with `bitserve up` "
+        "(or `docker compose up`), or point BITSERVE_URL / --url at a running one"
+    )
     run = cli("jobs", "list", url=url)
     assert (run.rc, run.out, run.err) == (1, "", line + "\n")
     archive = tmp_path / "photos.zip"

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -613,6 +616,13 @@ def test_predict_requests_are_batched(tmp_path: Path) -> None:
 # -- the command line, in process --------------------------------------------------------------
 
 
+NOT_ANSWERING = (
+    "bitserve: the bitserve server at {} is not answering; start it with `bitserve up` (or "
+    "`docker compose up`), or point BITSERVE_URL / --url at a running one\n"
+)
+ROOT = Path(__file__).resolve().parents[2]
+
+
 @pytest.fixture
 def closed_url() -> str:
     """A loopback URL nothing listens on."""
@@ -628,13 +638,30 @@ def test_a_service_that_is_not_running_is_one_line_and_exit_1(
     assert main(["models", "list", "--json"]) == 1
     captured = capsys.readouterr()
     assert captured.out == ""
-    assert captured.err == (
-        f"bitserve: cannot reach the service at {closed_url}: is it running? (`bitserve up`)\n"
-    )
+    assert captured.err == NOT_ANSWERING.format(closed_url)
     # --url wins over the environment; the entry point hands the command over.
     assert service_cli.main(["jobs", "show", "job_x", "--url", closed_url + "/"]) == 1
-    assert capsys.readouterr().err.startswith(
-        f"bitserve: cannot reach the service at {closed_url}:"
+    assert capsys.readouterr().err == NOT_ANSWERING.format(closed_url)
+
+
+def test_a_service_that_is_not_running_is_one_line_on_stderr_from_a_fresh_process(
+    closed_url: str, tmp_path: Path
+) -> None:
+    # The client's retries back off before it gives up; the program then prints one line.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BITSERVE_")}
+    env.update(BITSERVE_URL=closed_url, BITSERVE_HOME=str(tmp_path), PYTHONPATH=str(ROOT))
+    done = subprocess.run(
+        [sys.executable, "-m", "bitserve_client.cli", "jobs", "list"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (done.returncode, done.stdout, done.stderr) == (
+        1,
+        "",
+        NOT_ANSWERING.format(closed_url),
     )
 
 
@@ -690,7 +717,7 @@ def test_usage_errors_exit_2_before_any_request(
     assert main(argv if "--url" in argv else [*argv, "--url", closed_url]) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and message in captured.err
-    assert "cannot reach" not in captured.err
+    assert "not answering" not in captured.err
 
 
 def test_an_empty_folder_is_a_usage_error(

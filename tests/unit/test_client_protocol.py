@@ -26,6 +26,7 @@ from bitserve_client import (
     JobEvent,
     JobFailed,
     JobTimeout,
+    ServerUnreachable,
     zip_folder,
 )
 from bitserve_client.errors import retry_after_seconds
@@ -524,16 +525,56 @@ def test_a_lost_connection_is_retried_for_idempotent_calls_only() -> None:
         assert server.connections == 1
 
 
-def test_a_refused_connection_is_retried_with_backoff_then_raised() -> None:
+def _closed_url() -> str:
     import socket
 
-    with socket.socket() as sock:  # a port with nothing listening
+    with socket.socket() as sock:  # a port with nothing listening once it is closed
         sock.bind(("127.0.0.1", 0))
-        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    with BitserveClient(url, max_retries=2) as api, pytest.raises(httpx.ConnectError):
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+NOT_ANSWERING = (
+    "the bitserve server at {} is not answering; start it with `bitserve up` (or "
+    "`docker compose up`), or point BITSERVE_URL / --url at a running one"
+)
+
+
+def test_a_refused_connection_is_retried_with_backoff_then_raised() -> None:
+    url = _closed_url()
+    with (
+        BitserveClient(url + "/", max_retries=2) as api,
+        pytest.raises(ServerUnreachable) as caught,
+    ):
         started = time.monotonic()
         api.cancel_job("job_x")  # nothing was sent: safe to retry even a POST
     assert time.monotonic() - started >= 0.25 + 0.5  # backed off twice
+    assert str(caught.value) == NOT_ANSWERING.format(url)
+    assert caught.value.url == url
+    assert "refused" in caught.value.reason.lower()
+    # Still the httpx error the client raised before, caused by the last try's.
+    assert isinstance(caught.value, httpx.ConnectError)
+    assert isinstance(caught.value.__cause__, httpx.ConnectError)
+    assert not isinstance(caught.value.__cause__, ServerUnreachable)
+    assert caught.value.request.url == f"{url}/v1/jobs/job_x/cancel"
+
+
+def test_a_refused_stream_is_not_retried_and_says_the_server_is_not_answering(
+    tmp_path: Path,
+) -> None:
+    url = _closed_url()
+    with BitserveClient(url, max_retries=3) as api, pytest.raises(ServerUnreachable) as caught:
+        started = time.monotonic()
+        api.download_artifact("mdl_x", tmp_path)
+    assert time.monotonic() - started < 0.25  # the download is not retried (no back-off)
+    assert str(caught.value) == NOT_ANSWERING.format(url)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_job_watch_falls_back_to_polling_then_says_the_server_is_not_answering() -> None:
+    url = _closed_url()
+    with BitserveClient(url, max_retries=1) as api, pytest.raises(ServerUnreachable) as caught:
+        api.wait_for_job("job_x", timeout=30)
+    assert str(caught.value) == NOT_ANSWERING.format(url)
 
 
 def test_503_is_retried_for_a_post_only_when_it_says_nothing_was_done() -> None:
