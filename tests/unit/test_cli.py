@@ -170,6 +170,7 @@ def test_finetune_and_predict_input_errors(
     )
     code, _, err = _run(["predict", str(tmp_path / "nope"), "a.png"], capsys)
     assert (code, err) == (2, f"error: artifact directory {tmp_path / 'nope'} does not exist\n")
+    (tmp_path / "metadata.json").write_text("{}")  # looks like an artifact to the cheap check
     code, _, err = _run(["predict", str(tmp_path), str(tmp_path / "a.png")], capsys)
     assert (code, err) == (2, f"error: image {tmp_path / 'a.png'} does not exist\n")
 
