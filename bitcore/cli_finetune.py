@@ -149,7 +149,8 @@ def run(args: argparse.Namespace, known_models: list[str], index_and_plan: objec
         return 0
     print(describe_result(result))
     if mode != "quiet":
-        print(f"training curves: {', '.join(str(p) for p in curves)}", file=sys.stderr)
+        names = ", ".join(p.name for p in curves)
+        print(f"training curves: {names} in {result.artifact_dir}", file=sys.stderr)
     return 0
 
 
