@@ -110,7 +110,7 @@ def test_ctrl_c_checkpoints_and_the_rerun_resumes_to_the_same_weights(
     assert code == 130
     again = run(argv(dataset, tmp_path / "c", "--restart"))
     assert again.returncode == 0 and "resuming" not in again.stderr
-    assert [ln for ln in again.stderr.splitlines() if ln.startswith("step ")][0].startswith(
+    assert next(ln for ln in again.stderr.splitlines() if ln.startswith("step ")).startswith(
         f"step 1/{STEPS} "
     )
     assert "resumed from" not in again.stdout
