@@ -2,77 +2,152 @@
 
     python -m bitcore plan DIR [--resolution code|paper] [--set steps=200 ...] [--json]
     python -m bitcore finetune DIR --base-model BiT-M-R50x1 --out OUT [--set ...]
-    python -m bitcore predict ARTIFACT IMG... [--top-k 5]
-    python -m bitcore checkpoints list [--dir DIR] | pull NAME... [--dir DIR]
+    python -m bitcore predict ARTIFACT IMG... [--top-k 5] [--json]
+    python -m bitcore checkpoints list [--dir DIR] [--json] | pull NAME... [--dir DIR]
 
-User errors (bad folder, bad override, unknown model, unreadable image) print one line to
-stderr and exit with status 2; a traceback means a bug.
+User errors (bad folder, bad override, unknown model, unreadable image, an --out that cannot or
+should not be written, a bad path: OSError, ValueError) print one line to stderr and exit with
+status 2; Ctrl-C exits 130; anything else is a bug (exit 1, a traceback with --debug).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
+import bitcore
 from bitcore import hyperrule
+from bitcore.cli_checks import (
+    FROM_SCRATCH_MODELS,
+    UserError,
+    check_overrides,
+    cli_words,
+    describe_os_error,
+    flat_folder_hint,
+)
+from bitcore.cli_commands import cmd_checkpoints, cmd_predict
 from bitcore.data import DatasetError, DatasetIndex, index_directory, stratified_split
 from bitcore.hyperrule import Plan, PlanError
 from bitcore.images import ImageError
 
-if TYPE_CHECKING:
-    from bitcore.train import FinetuneResult, Progress, TrainCallbacks
-
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
 
-
-class UserError(Exception):
-    """A problem with the command line or its inputs; printed as one line, exit status 2."""
+__all__ = ["UserError", "main"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    debug = bool(getattr(args, "debug", False))
     try:
         result: int = args.command(args)
         return result
-    except (UserError, DatasetError, PlanError, ImageError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        print("\ninterrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except BrokenPipeError:  # e.g. `... | head`: stop quietly, as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except (UserError, DatasetError, PlanError, ImageError) as exc:
+        return _user_error(str(exc), debug)
+    except OSError as exc:  # a path that cannot be read or written: name it
+        return _user_error(describe_os_error(exc), debug)
+    except ValueError as exc:  # bad input found by the library (artifact, checkpoint, resume)
+        return _user_error(str(exc), debug)
     except Exception as exc:
         if _is_user_error(exc):
-            print(f"error: {exc}", file=sys.stderr)
-            return EXIT_USER_ERROR
-        raise
+            return _user_error(str(exc), debug)
+        if debug:
+            raise
+        print(
+            f"error: {type(exc).__name__}: {exc} (a bug: run again with --debug for the "
+            "traceback and report it)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def _user_error(message: str, debug: bool) -> int:
+    if debug:
+        traceback.print_exc()
+    print(f"error: {cli_words(message)}", file=sys.stderr)
+    return EXIT_USER_ERROR
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown after each option's help; the examples (epilog) kept as written."""
+
+
+def _examples(*lines: str) -> str:
+    return "examples:\n" + "\n".join(f"  {line}" for line in lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m bitcore",
         description="Fine-tune BiT (Big Transfer) models with the BiT-HyperRule.",
+        formatter_class=_HelpFormatter,
+        epilog=_examples(
+            "python -m bitcore plan my_images/",
+            "python -m bitcore checkpoints pull BiT-M-R50x1",
+            "python -m bitcore finetune my_images/ --base-model BiT-M-R50x1 --out model/",
+            "python -m bitcore predict model/ photo.jpg --top-k 3",
+        )
+        + "\n\nexit status: 0 ok, 2 bad usage or input, 130 interrupted, 1 anything else",
     )
+    parser.add_argument("--version", action="version", version=f"bitcore {bitcore.__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     commands = parser.add_subparsers(dest="name", required=True, metavar="COMMAND")
 
-    plan_cmd = commands.add_parser("plan", help="index a class-folder dataset and show its plan")
+    def command(name: str, text: str, *examples: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(
+            name,
+            help=text,
+            description=text[0].upper() + text[1:] + ".",
+            formatter_class=_HelpFormatter,
+            epilog=_examples(*examples),
+        )
+        sub.add_argument(
+            "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks"
+        )
+        return sub
+
+    plan_cmd = command(
+        "plan",
+        "index a class-folder dataset and show its HyperRule plan",
+        "python -m bitcore plan my_images/",
+        "python -m bitcore plan my_images/ --set steps=500 --json",
+    )
     _add_plan_options(plan_cmd)
     plan_cmd.add_argument("--json", action="store_true", help="print one JSON document")
     plan_cmd.set_defaults(command=cmd_plan)
 
-    tune = commands.add_parser("finetune", help="fine-tune a base model on a class-folder dataset")
+    tune = command(
+        "finetune",
+        "fine-tune a base model on a class-folder dataset and write an artifact",
+        "python -m bitcore finetune my_images/ --base-model BiT-M-R50x1 --out model/",
+        "python -m bitcore finetune my_images/ --base-model tiny-R10x0.25 --from-scratch "
+        "--out tiny/ --set steps=200",
+        "python -m bitcore finetune my_images/ --base-model BiT-M-R50x1 --out model/ --json "
+        "> log.jsonl",
+        "Ctrl-C saves a checkpoint in OUT.work/; the same command again resumes from it.",
+    )
     _add_plan_options(tune)
-    tune.add_argument("--base-model", required=True, help="registry name, e.g. BiT-M-R50x1")
-    tune.add_argument("--out", required=True, type=Path, help="artifact directory to write")
+    tune.add_argument(
+        "--base-model",
+        required=True,
+        help="a BiT model (see `checkpoints list`, e.g. BiT-M-R50x1), or one trained "
+        f"--from-scratch: {', '.join(FROM_SCRATCH_MODELS)}",
+    )
+    tune.add_argument(
+        "--out", required=True, type=Path, help="artifact folder to write (new or empty)"
+    )
     weights = tune.add_mutually_exclusive_group()
     weights.add_argument("--from-scratch", action="store_true", help="random init, no checkpoint")
     weights.add_argument(
@@ -86,35 +161,83 @@ def build_parser() -> argparse.ArgumentParser:
         help="int8: also write model.int8.onnx if it agrees with fp32 on >= 99.5%% of the "
         "validation split (recorded in metadata.json's metrics.precision)",
     )
+    tune.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing artifact at --out, or write into a non-empty folder",
+    )
+    tune.add_argument(
+        "--restart",
+        action="store_true",
+        help="discard the checkpoint an interrupted run left in OUT.work/ and start at step 0",
+    )
+    tune.add_argument(
+        "--keep-cache",
+        action="store_true",
+        help="keep OUT.work/ (decoded image caches) after success; by default it is removed",
+    )
+    _add_output_options(tune, progress=True)
     tune.set_defaults(command=cmd_finetune)
 
-    pred = commands.add_parser("predict", help="classify images with a fine-tuned artifact")
-    pred.add_argument("artifact", type=Path, help="artifact directory (model.safetensors + json)")
-    pred.add_argument("images", type=Path, nargs="+", metavar="IMG")
-    pred.add_argument("--top-k", type=_positive_int, default=5)
+    pred = command(
+        "predict",
+        "classify images with a fine-tuned artifact",
+        "python -m bitcore predict model/ photo.jpg other.png --top-k 3",
+        "python -m bitcore predict model/ photos/*.jpg --json",
+    )
+    pred.add_argument("artifact", type=Path, help="artifact folder (model.safetensors + json)")
+    pred.add_argument(
+        "images", type=Path, nargs="+", metavar="IMG", help="image files (JPEG, PNG, ...)"
+    )
+    pred.add_argument(
+        "--top-k", type=_positive_int, default=5, help="how many classes to show per image"
+    )
     pred.add_argument("--device", help="cpu, cuda, mps, xla (default: best available)")
+    _add_output_options(pred, progress=False)
     pred.set_defaults(command=cmd_predict)
 
-    ckpt = commands.add_parser("checkpoints", help="list or download base checkpoints")
+    ckpt = command(
+        "checkpoints",
+        "list or download base checkpoints",
+        "python -m bitcore checkpoints list",
+        "python -m bitcore checkpoints pull BiT-M-R50x1 BiT-S-R50x1",
+    )
     ckpt_commands = ckpt.add_subparsers(dest="action", required=True, metavar="ACTION")
     store = argparse.ArgumentParser(add_help=False)
     store.add_argument(
         "--dir", type=Path, help="checkpoint directory (default: $BITSERVE_CHECKPOINT_DIR)"
     )
-    ckpt_commands.add_parser(
-        "list", parents=[store], help="the catalog and what is present locally"
+    listing = ckpt_commands.add_parser(
+        "list",
+        parents=[store],
+        help="the catalog and what is present locally",
+        formatter_class=_HelpFormatter,
+        epilog=_examples("python -m bitcore checkpoints list --json"),
     )
+    listing.add_argument("--json", action="store_true", help="print one JSON document")
     pull = ckpt_commands.add_parser(
-        "pull", parents=[store], help="download checkpoints into the local store"
+        "pull",
+        parents=[store],
+        help="download checkpoints into the local store",
+        formatter_class=_HelpFormatter,
+        epilog=_examples("python -m bitcore checkpoints pull BiT-M-R50x1"),
     )
-    pull.add_argument("checkpoint_names", metavar="NAME", nargs="+")
+    pull.add_argument("checkpoint_names", metavar="NAME", nargs="+", help="catalog names")
     ckpt.set_defaults(command=cmd_checkpoints)
     return parser
 
 
 def _add_plan_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("dataset", type=Path, metavar="DIR", help="<class>/<image> folder")
-    parser.add_argument("--resolution", choices=["code", "paper"], default="code")
+    parser.add_argument(
+        "dataset", type=Path, metavar="DIR", help="a folder of class folders: DIR/<class>/<image>"
+    )
+    parser.add_argument(
+        "--resolution",
+        choices=["code", "paper"],
+        default="code",
+        help="code: the reference code's sizes (160/128 for small images); paper: the "
+        "paper's (e.g. 448/384 for large images)",
+    )
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -124,8 +247,37 @@ def _add_plan_options(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help=f"override the rule ({', '.join(hyperrule.OVERRIDABLE)}); repeatable",
     )
-    parser.add_argument("--validation-fraction", type=float, default=0.1)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--validation-fraction",
+        type=float,
+        default=0.1,
+        help="share of each class held out to validate, in [0, 1)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the split, data order and augmentation"
+    )
+
+
+def _add_output_options(parser: argparse.ArgumentParser, *, progress: bool) -> None:
+    group = parser.add_mutually_exclusive_group()
+    if progress:
+        group.add_argument(
+            "--json",
+            action="store_true",
+            help="JSON lines on stdout: progress, then the result (event: result)",
+        )
+        group.add_argument(
+            "--quiet", action="store_true", help="no progress; only the result and errors"
+        )
+        parser.add_argument(
+            "--log-every",
+            type=float,
+            default=30.0,
+            metavar="SECONDS",
+            help="when stderr is not a terminal (or with --json): a progress line this often",
+        )
+    else:
+        group.add_argument("--json", action="store_true", help="print one JSON document")
 
 
 def _override(text: str) -> tuple[str, int | float]:
@@ -153,10 +305,16 @@ def _positive_int(text: str) -> int:
 
 def _index_and_plan(args: argparse.Namespace) -> tuple[DatasetIndex, Plan, int]:
     """Index the folder and plan on the training split's size (what the rule is defined on)."""
+    check_overrides(key for key, _ in args.overrides)
     fraction = args.validation_fraction
     if not 0.0 <= fraction < 1.0:  # checked before the (possibly long) decode of every image
-        raise UserError(f"validation_fraction must be in [0, 1), got {fraction}")
-    index = _index_with_progress(args.dataset)
+        raise UserError(f"--validation-fraction must be in [0, 1), got {fraction}")
+    try:
+        index = _index_with_progress(args.dataset)
+    except DatasetError as exc:
+        if exc.code != "too_few_classes":
+            raise
+        raise UserError(f"{exc}{flat_folder_hint(args.dataset)}") from exc
     train, _ = stratified_split(index.samples, fraction, args.seed)
     plan = hyperrule.plan(
         len(train),
@@ -239,50 +397,9 @@ def format_plan(plan: Plan) -> str:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
+    from bitcore import cli_finetune
 
-    known = _known_base_models()
-    if args.base_model not in known:
-        raise UserError(f"unknown base model {args.base_model!r}; known: {', '.join(known)}")
-    if args.checkpoint is not None and not args.checkpoint.is_file():
-        raise UserError(f"checkpoint file {args.checkpoint} does not exist")
-    if args.device is not None:
-        from bitcore.devices import select_device
-
-        try:
-            select_device(args.device)
-        except (RuntimeError, ValueError) as exc:  # "cuda requested but not available", typos
-            raise UserError(str(exc)) from exc
-    index, plan, num_train = _index_and_plan(args)
-    print(format_summary(index, num_train), file=sys.stderr)
-    print(format_plan(plan), file=sys.stderr)
-
-    from bitcore.curves import write_curves
-    from bitcore.train import finetune
-
-    # The curves of an interrupted run are kept beside its checkpoints, so a resumed run's
-    # curves start at step 1 too.
-    pending = Path(args.out).with_name(Path(args.out).name + ".work") / PENDING_CURVES
-    recorder = _CurveRecorder(pending)
-    with tqdm(total=plan.total_steps, desc="fine-tuning", unit="step", file=sys.stderr) as bar:
-        result = finetune(
-            index,
-            args.base_model,
-            plan,
-            args.out,
-            device=args.device,
-            checkpoint=args.checkpoint,
-            from_scratch=args.from_scratch,
-            validation_fraction=args.validation_fraction,
-            seed=args.seed,
-            callbacks=_progress_bar_callbacks(bar, recorder),
-            serving_precision=args.serving_precision,
-        )
-    curves = write_curves(recorder.history, plan, result.artifact_dir)
-    pending.unlink(missing_ok=True)
-    print(_describe_result(result))
-    print(f"training curves: {', '.join(str(p) for p in curves)}", file=sys.stderr)
-    return 0
+    return cli_finetune.run(args, _known_base_models(), _index_and_plan)
 
 
 def _known_base_models() -> list[str]:
@@ -291,125 +408,6 @@ def _known_base_models() -> list[str]:
     from bitcore.models import MODEL_SPECS
 
     return sorted(set(MODEL_SPECS) | set(CATALOG))
-
-
-PENDING_CURVES = "curves.pending.json"
-
-
-class _CurveRecorder:
-    """The run's TrainingHistory, saved at every checkpoint so a resumed run continues it."""
-
-    def __init__(self, path: Path) -> None:
-        from bitcore.train.history import TrainingHistory
-
-        self.path = path
-        self.history = TrainingHistory()
-        # A damaged file only loses the earlier part of the curve, never the training.
-        with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
-            self.history = TrainingHistory.from_dict(json.loads(path.read_text()))
-
-    def save(self) -> None:
-        from bitcore.atomic import write_json_atomic
-
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self.path, self.history.to_dict(), indent=None)
-
-
-def _progress_bar_callbacks(bar: Any, recorder: _CurveRecorder | None = None) -> TrainCallbacks:
-    """Training callbacks that drive a tqdm bar (Ctrl-C, not should_cancel, stops the CLI) and
-    record the curves."""
-    from bitcore.train import TrainCallbacks
-
-    class ProgressBar(TrainCallbacks):
-        def on_validation(self, step: int, metrics: dict[str, Any]) -> None:
-            if recorder is not None:
-                recorder.history.add_validation(step, metrics["accuracy"], metrics["loss"])
-
-        def on_checkpoint(self, step: int) -> None:
-            if recorder is not None:
-                recorder.save()
-
-        def on_progress(self, progress: Progress) -> None:
-            if recorder is not None:
-                recorder.history.add_progress(progress)
-            postfix = {"phase": progress.phase, "lr": f"{progress.lr or 0.0:.2g}"}
-            if progress.loss is not None:
-                postfix["loss"] = f"{progress.loss:.4f}"
-            if progress.images_per_second:
-                postfix["img/s"] = f"{progress.images_per_second:.1f}"
-            bar.set_postfix(postfix, refresh=False)  # shown by the update below
-            bar.total = progress.total_steps
-            bar.update(max(0, progress.step - bar.n))
-
-    return ProgressBar()
-
-
-def _describe_result(result: FinetuneResult) -> str:
-    line = (
-        f"artifact written to {result.artifact_dir} ({result.steps} steps, {result.seconds:.0f} s"
-    )
-    if result.resumed_from is not None:
-        line += f", resumed from step {result.resumed_from}"
-    line += ")"
-    accuracy = result.metrics.get("accuracy")
-    if accuracy is not None:
-        line += f"; validation accuracy {accuracy:.4f}"
-    precision = result.metrics.get("precision")
-    if precision is not None:
-        line += f"; serving {precision['served']}: {precision['reason']}"
-    return line
-
-
-def cmd_predict(args: argparse.Namespace) -> int:
-    if not args.artifact.is_dir():
-        raise UserError(f"artifact directory {args.artifact} does not exist")
-    payloads = []
-    for path in args.images:
-        if not path.is_file():
-            raise UserError(f"image {path} does not exist")
-        payloads.append(path.read_bytes())
-
-    from bitcore.predict import Predictor
-
-    try:
-        predictor = Predictor.load(args.artifact, device=args.device)
-    except RuntimeError as exc:  # the requested device is not available
-        raise UserError(str(exc)) from exc
-    try:
-        results = predictor.predict(payloads, args.top_k)
-    except ImageError as exc:
-        index = getattr(exc, "index", None)
-        name = args.images[index] if isinstance(index, int) else "an image"
-        message = str(exc).removeprefix(f"image {index}: ")
-        raise UserError(f"cannot use {name}: {message}") from exc
-    for path, top in zip(args.images, results, strict=True):
-        print(path)
-        for label, score in top:
-            print(f"  {score:.4f}  {label}")
-    return 0
-
-
-def cmd_checkpoints(args: argparse.Namespace) -> int:
-    from bitcore import catalog
-
-    directory = args.dir if args.dir is not None else catalog.checkpoint_dir()
-    if args.action == "list":
-        print(f"checkpoint directory: {directory}")
-        print(f"{'name':<24} {'download':>9}  {'present':<7}  upstream")
-        for name, entry in catalog.CATALOG.items():
-            size = f"{entry.approx_bytes / 2**20:.0f} MiB"
-            present = "yes" if catalog.is_present(name, directory) else "no"
-            print(f"{name:<24} {size:>9}  {present:<7}  {entry.upstream}")
-        return 0
-    # Every name is checked before the first (possibly long) download starts.
-    for name in args.checkpoint_names:
-        if name not in catalog.CATALOG:
-            raise UserError(
-                f"unknown checkpoint {name!r}; see `python -m bitcore checkpoints list`"
-            )
-    for name in args.checkpoint_names:
-        print(catalog.pull_with_progress_bar(name, directory), flush=True)
-    return 0
 
 
 def _is_user_error(exc: Exception) -> bool:

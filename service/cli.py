@@ -69,6 +69,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    try:
+        return _run(args)
+    except StartupError as exc:
+        print(f"bitserve: {exc}", file=sys.stderr, flush=True)
+        return 2
+
+
+class StartupError(Exception):
+    """Settings or BITSERVE_HOME cannot be used: one line naming the variable or path."""
+
+
+def _run(args: argparse.Namespace) -> int:
     # Before anything is created: the database, uploads, logs and every child process's files
     # are private to the service's user (0o600 files, 0o700 directories; docs/security.md).
     os.umask(PRIVATE_UMASK)
@@ -78,7 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "port", None):
         os.environ["BITSERVE_PORT"] = str(args.port)
     get_settings.cache_clear()
-    settings = get_settings()
+    settings = load_settings()
+    check_home(settings)
     if args.command == "keys":
         return cmd_keys(settings, args)
     if args.command == "storage":
@@ -89,10 +102,67 @@ def main(argv: Sequence[str] | None = None) -> int:
     return int(handler[args.command](settings))
 
 
+def load_settings() -> Settings:
+    """The settings, or StartupError naming the variable that is wrong and what it expects
+    (pydantic's follow-on errors, e.g. defaults that could not be computed, left out)."""
+    from pydantic import ValidationError
+
+    try:
+        return get_settings()
+    except ValidationError as exc:
+        real = [e for e in exc.errors() if e["type"] != "default_factory_not_called"]
+        described = []
+        for error in real or exc.errors():
+            field = str(error["loc"][0]) if error["loc"] else ""
+            shown = repr(error.get("input")) if "input" in error else "its value"
+            message = str(error["msg"])
+            described.append(
+                f"{env_name(field)}={shown} is not valid: {message[:1].lower()}{message[1:]}"
+            )
+        raise StartupError("; ".join(described)) from None
+
+
+def env_name(field: str) -> str:
+    """The environment variable a Settings field is read from."""
+    alias = (
+        Settings.model_fields[field].validation_alias if field in Settings.model_fields else None
+    )
+    choices = getattr(alias, "choices", None)
+    if choices:  # AliasChoices(name, BITSERVE_NAME, *other names): the prefixed one
+        return str(choices[1])
+    return f"BITSERVE_{field.upper()}" if field else "a BITSERVE_ setting"
+
+
+def check_home(settings: Settings) -> None:
+    """BITSERVE_HOME must be (or become) a writable directory: refused here in one line rather
+    than as SQLite's "unable to open database file" after a page of traceback."""
+    home = settings.home
+    try:
+        make_private_dir(home)
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise StartupError(
+            f"BITSERVE_HOME={home} cannot be used ({reason.lower()}); set BITSERVE_HOME to a "
+            "writable directory"
+        ) from None
+    if not home.is_dir() or not os.access(home, os.W_OK | os.X_OK):
+        raise StartupError(
+            f"BITSERVE_HOME={home} is not a writable directory; set BITSERVE_HOME to one"
+        )
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="bitserve", description="Fine-tune BiT models and serve them over REST."
+        prog="bitserve",
+        description="Fine-tune BiT models and serve them over REST.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+        "  bitserve up                      # everything on this machine, data in ./.bitserve\n"
+        "  BITSERVE_PORT=9000 bitserve up   # settings are environment variables (README)\n"
+        "  bitserve jobs list               # work with the running service\n"
+        "\nexit status: 0 ok, 2 bad usage or settings, 1 anything else",
     )
+    parser.add_argument("--version", action="version", version=f"bitserve {_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     up = commands.add_parser(
         "up", help="migrate, then run the API, a training worker and an ingest worker"
@@ -126,6 +196,12 @@ def _parser() -> argparse.ArgumentParser:
     for name, text in REMOTE_COMMANDS.items():  # listed here, parsed by bitserve_client.cli
         commands.add_parser(name, help=text, add_help=False)
     return parser
+
+
+def _version() -> str:
+    from bitcore import __version__
+
+    return __version__
 
 
 # -- commands ------------------------------------------------------------------------------

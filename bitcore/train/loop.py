@@ -144,7 +144,9 @@ def _run_loop(
     ctx = _Context(config, device, reporter, rank, world_size, optimizer, model)
     scale = config.micro_batch_size / plan.batch_size
     window: deque[tuple[float, int]] = deque(maxlen=RATE_WINDOW + 1)
-    window.append((time.perf_counter(), 0))
+    # From the step this run starts at: a resumed run's first rate is not (start + 1) steps'
+    # worth of images over one step's time.
+    window.append((time.perf_counter(), start))
     batches = iter(loader)
     end_step = step_marker(device)  # XLA: mark_step() after each optimizer step
     net.train()

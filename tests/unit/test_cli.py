@@ -99,7 +99,7 @@ def test_plan_large_images_paper_resolution_and_float_override(
         (["--set", "foo=1"], "error: unknown override(s) ['foo']"),
         (["--set", "crop=200"], "error: crop (200) must be <= precrop (160)"),
         (["--set", "steps=0"], "error: steps must be >= 1, got 0"),
-        (["--validation-fraction", "1"], "error: validation_fraction must be in [0, 1), got 1.0"),
+        (["--validation-fraction", "1"], "error: --validation-fraction must be in [0, 1), got 1.0"),
     ],
 )
 def test_plan_bad_values_are_one_line_errors(
@@ -147,7 +147,7 @@ def test_finetune_and_predict_input_errors(
     code, _, err = _run(
         ["finetune", str(tmp_path / "ds"), "--base-model", "BiT-Z-R1", "--out", "o"], capsys
     )
-    assert code == 2 and err.startswith("error: unknown base model 'BiT-Z-R1'; known: ")
+    assert code == 2 and err.startswith("error: unknown base model 'BiT-Z-R1'; ")
     code, _, err = _run(
         [
             "finetune",
@@ -161,9 +161,16 @@ def test_finetune_and_predict_input_errors(
         ],
         capsys,
     )
-    assert (code, err) == (2, f"error: checkpoint file {tmp_path / 'none.npz'} does not exist\n")
+    assert (code, err) == (
+        2,
+        (
+            f"error: checkpoint file {tmp_path / 'none.npz'} does not exist; expected an official "
+            "BiT .npz file\n"
+        ),
+    )
     code, _, err = _run(["predict", str(tmp_path / "nope"), "a.png"], capsys)
     assert (code, err) == (2, f"error: artifact directory {tmp_path / 'nope'} does not exist\n")
+    (tmp_path / "metadata.json").write_text("{}")  # looks like an artifact to the cheap check
     code, _, err = _run(["predict", str(tmp_path), str(tmp_path / "a.png")], capsys)
     assert (code, err) == (2, f"error: image {tmp_path / 'a.png'} does not exist\n")
 
@@ -302,7 +309,8 @@ def test_checkpoints_list_and_pull_errors(
     code, _, err = _run(["checkpoints", "pull", "BiT-X-R1"], capsys)
     assert (code, err) == (
         2,
-        "error: unknown checkpoint 'BiT-X-R1'; see `python -m bitcore checkpoints list`\n",
+        "error: unknown checkpoint 'BiT-X-R1'; did you mean BiT-S-R50x1? see "
+        "`python -m bitcore checkpoints list`\n",
     )
     with socket.socket() as probe:  # a loopback port that nothing listens on
         probe.bind(("127.0.0.1", 0))
