@@ -30,6 +30,7 @@ def real_ids(world: World, method: str, path: str) -> dict[str, list[str]]:
             "dataset_id": [world.dataset, *world.doomed_datasets],
             "model_id": world.doomed_models,
             "key_id": world.doomed_keys,  # never the key the fuzzer sends
+            "name": world.doomed_deployments,
         }
     return {
         "dataset_id": [world.dataset],
@@ -38,6 +39,7 @@ def real_ids(world: World, method: str, path: str) -> dict[str, list[str]]:
         "evaluation_id": [world.evaluation],
         "batch_prediction_id": [world.batch_prediction],
         "tenant": [world.tenant],
+        "name": [world.deployment],
     }
 
 
@@ -57,6 +59,10 @@ def valid_body(world: World, method: str, path: str, body: Any) -> Any:
         return bodies["evaluation_archive"] if sent_archive else bodies["evaluation"]
     if (method, path) == ("POST", "/v1/models/{model_id}/batch-predictions"):
         return bodies["batch_archive"] if sent_archive else bodies["batch_prediction"]
+    if (method, path) == ("POST", "/v1/deployments"):
+        return bodies["deployment"]
+    if (method, path) == ("PATCH", "/v1/deployments/{name}"):
+        return bodies["deployment_update"]
     if path.endswith("/predict"):
         multipart = isinstance(body, dict) and "files" in body
         return bodies["predict_files"] if multipart else bodies["predict_json"]

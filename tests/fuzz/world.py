@@ -66,6 +66,8 @@ class World:
     doomed_keys: list[str]
     evaluation: str  # queued (no worker takes it): its examples answer 404
     batch_prediction: str  # queued (no worker takes it): its output answers 409
+    deployment: str  # a name for `model`, never changed: its rollback answers 409
+    doomed_deployments: list[str]
     tenant: str = DEFAULT_TENANT
     valid_bodies: dict[str, object] = field(default_factory=dict)
 
@@ -112,6 +114,10 @@ def populate(server: LiveServer, http: httpx.Client) -> World:
     evaluation = _post(http, f"/v1/models/{model}/evaluations", json=evaluation_body)["id"]
     batch_body = {"dataset_id": dataset, "top_k": 2, "format": "jsonl"}
     batch = _post(http, f"/v1/models/{model}/batch-predictions", json=batch_body)["id"]
+    deployments = [
+        _post(http, "/v1/deployments", json={"name": name, "model_id": model})["name"]
+        for name in ("kept", "doomed-0", "doomed-1")
+    ]
     return World(
         server=server,
         dataset=dataset,
@@ -123,7 +129,11 @@ def populate(server: LiveServer, http: httpx.Client) -> World:
         doomed_keys=keys,
         evaluation=evaluation,
         batch_prediction=batch,
+        deployment=deployments[0],
+        doomed_deployments=deployments[1:],
         valid_bodies={
+            "deployment": {"name": "fuzzed", "model_id": model},
+            "deployment_update": {"model_id": model},
             "evaluation": evaluation_body,
             "batch_prediction": batch_body,
             "job": job_body,

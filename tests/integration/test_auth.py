@@ -126,6 +126,8 @@ def objects(live_server_instance: LiveServer, tmp_path_factory: pytest.TempPathF
             f"/v1/models/{model_id}/batch-predictions", json={"dataset_id": dataset_id}
         )
         assert batch.status_code == 202, batch.text
+        deployment = http.post("/v1/deployments", json={"name": "pets", "model_id": model_id})
+        assert deployment.status_code == 201, deployment.text
     with state.db.sessionmaker() as session:
         viewed = api_keys.create_key(
             session, tenant_id="default", scopes=[Scope.PREDICT], pepper=None, name="a key"
@@ -139,6 +141,7 @@ def objects(live_server_instance: LiveServer, tmp_path_factory: pytest.TempPathF
         "evaluation_id": evaluation.json()["id"],
         "index": "0",
         "batch_prediction_id": batch.json()["id"],
+        "name": "pets",
     }
     png = encode(class_image(0, 2, (40, 48), seed=9), "PNG")
     return Objects(ids, archive.getvalue(), png)
@@ -153,6 +156,8 @@ BODIES: dict[str, Callable[[Objects], dict[str, Any]]] = {
     "BatchPredictionCreate": lambda o: {"json": {"dataset_id": o.ids["dataset_id"]}},
     "KeyCreate": lambda o: {"json": {"scopes": ["predict"]}},
     "QuotasUpdate": lambda o: {"json": {}},
+    "DeploymentCreate": lambda o: {"json": {"name": "cats", "model_id": o.ids["model_id"]}},
+    "DeploymentUpdate": lambda o: {"json": {"model_id": o.ids["model_id"]}},
     "multipart/form-data": lambda o: {"files": {"file": ("pets.zip", o.zip_bytes)}},
 }
 PREDICT_BODY = lambda o: {"files": [("files", ("a.png", o.png))]}  # noqa: E731
@@ -215,7 +220,8 @@ def _assert_error(response: httpx.Response, status: int, code: str, route: Route
 
 
 def test_the_walk_sees_every_route(routes: list[Route]) -> None:
-    assert len(routes) == 34  # with job metrics, 4 evaluation and 5 batch prediction routes
+    # With job metrics, 4 evaluation, 5 batch prediction and 9 deployment routes.
+    assert len(routes) == 43
     assert {str(r) for r in routes if r.scopes == {"admin"}} >= {
         "POST /v1/keys",
         "GET /v1/keys",
@@ -260,11 +266,15 @@ def test_a_key_without_the_routes_scope_answers_403(
             response = _call(http, request_of(route, objects), keys.by_scope[scope])
             _assert_error(response, 403, "insufficient_scope", route)
             assert response.json()["error"]["details"]["needed"] == sorted(route.scopes)
-    # Reading models, their evaluations and batch predictions is every non-admin scope's
-    # business (train and predict alike).
+    # Reading models, their evaluations, batch predictions and deployments is every non-admin
+    # scope's business (train and predict alike).
     assert sorted(unrefusable) == [
         "GET /v1/batch-predictions/{batch_prediction_id}",
         "GET /v1/batch-predictions/{batch_prediction_id}/output",
+        "GET /v1/deployments",
+        "GET /v1/deployments/{name}",
+        "GET /v1/deployments/{name}/history",
+        "GET /v1/deployments/{name}/stats",
         "GET /v1/evaluations/{evaluation_id}",
         "GET /v1/evaluations/{evaluation_id}/examples/{index}",
         "GET /v1/models",
