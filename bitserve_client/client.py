@@ -210,10 +210,16 @@ class BitserveClient(ScoringMethods):
         name: str | None = None,
         idempotency_key: str | None = None,
         serving_precision: str = "fp32",
+        *,
+        deploy_to: str | None = None,
+        deploy_if_better: bool = False,
     ) -> Job:
         """Queue a fine-tuning job. The Idempotency-Key (given, or a fresh one) makes a retried
         request return the same job instead of starting another. serving_precision="int8":
-        serve in int8 if it agrees with float32 on the validation split (metrics.precision)."""
+        serve in int8 if it agrees with float32 on the validation split (metrics.precision).
+        deploy_to="pets": point that deployment at the model when the job succeeds (made if
+        missing); with deploy_if_better, only if it scores higher than the deployment's current
+        target on the job's validation split (the job's `deployment` says what happened)."""
         body: dict[str, Any] = {
             "dataset_id": dataset_id,
             "base_model": base_model,
@@ -225,6 +231,10 @@ class BitserveClient(ScoringMethods):
             body["serving_precision"] = serving_precision
         if name is not None:
             body["name"] = name
+        if deploy_to is not None:
+            body["deploy_to"] = deploy_to
+        if deploy_if_better:
+            body["deploy_if_better"] = True
         key = idempotency_key or f"bitserve-client-{uuid.uuid4().hex}"
         response = self._request(
             "POST", "/v1/jobs", json=body, headers={"Idempotency-Key": key}, idempotent=True

@@ -230,6 +230,19 @@ class JobMetrics(TypedDict):
     validation: list[ValidationPoint]
 
 
+class DeployOutcome(TypedDict):
+    """What a job's deploy_to did when it succeeded."""
+
+    deployment: str
+    deployed: bool
+    action: Literal["created", "updated", "kept", "failed"]
+    version: int | None
+    accuracy: float | None
+    incumbent_model_id: str | None
+    incumbent_accuracy: float | None
+    reason: str
+
+
 class Job(TypedDict):
     id: str
     name: str | None
@@ -246,6 +259,9 @@ class Job(TypedDict):
     error: JobErrorBody | None
     model_id: str | None
     metrics: Metrics | None
+    deploy_to: str | None
+    deploy_if_better: bool
+    deployment: DeployOutcome | None
     created_at: str
     started_at: str | None
     finished_at: str | None

@@ -7,13 +7,11 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from service.deployments import MAX_TARGETS, Targets
+from service.deployments import MAX_TARGETS, NAME_PATTERN, Targets
 from service.schema_base import Schema, Stored, Timestamp
 from service.schemas import PredictResponse
 from service.tables import Deployment, DeploymentChange
 
-# A DNS label (RFC 1123): what a name that may end up in a host name or a path must be.
-NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
 MODEL_ID = Field(min_length=1, max_length=40)
 
 

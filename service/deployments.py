@@ -27,6 +27,8 @@ from service.tables import Deployment, DeploymentChange, DeploymentTarget, Model
 TARGET, SHADOW = "target", "shadow"
 CREATED, UPDATED, ROLLED_BACK = "created", "updated", "rolled_back"
 MAX_TARGETS = 5
+# A DNS label (RFC 1123): what a name that may end up in a host name or a path must be.
+NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
 
 
 @dataclass(frozen=True)
@@ -108,22 +110,29 @@ def check_targets(session: Session, tenant_id: str | None, targets: Targets) -> 
 
 
 def create_deployment(
-    session: Session, tenant_id: str | None, name: str, targets: Targets, actor: str | None
+    session: Session,
+    tenant_id: str | None,
+    name: str,
+    targets: Targets,
+    actor: str | None,
+    *,
+    commit: bool = True,
 ) -> Deployment:
+    """Made and recorded (committed unless `commit` is False: a caller's transaction)."""
     check_targets(session, tenant_id, targets)
     now = utcnow()
     row = Deployment(
         id=new_id("dep"), tenant_id=tenant_id, name=name, version=1, created_at=now, updated_at=now
     )
-    session.add(row)
     try:
-        session.flush()
+        with session.begin_nested():  # a taken name undoes this row only
+            session.add(row)
+            session.flush()
     except IntegrityError:
-        session.rollback()
         raise _exists(name) from None
     _write_targets(session, row.id, targets)
     _record(session, row, CREATED, actor, None, targets)
-    session.commit()
+    _finish(session, commit)
     return row
 
 
@@ -136,6 +145,7 @@ def update_deployment(
     *,
     action: str = UPDATED,
     expected_version: int | None = None,
+    commit: bool = True,
 ) -> Deployment:
     """Point `name` at `targets` (a no-op when they are what it points at). With
     `expected_version`, refuse (409 version_changed) if another change landed first."""
@@ -149,14 +159,15 @@ def update_deployment(
         )
     before = targets_of(session, row.id)
     if before == targets:
-        session.rollback()
+        if commit:
+            session.rollback()  # releases the row lock
         return row
     row.version += 1
     row.updated_at = utcnow()
     session.execute(sa.delete(DeploymentTarget).where(DeploymentTarget.deployment_id == row.id))
     _write_targets(session, row.id, targets)
     _record(session, row, action, actor, before, targets)
-    session.commit()
+    _finish(session, commit)
     return row
 
 
@@ -246,6 +257,13 @@ def _record(
             created_at=row.updated_at,
         )
     )
+
+
+def _finish(session: Session, commit: bool) -> None:
+    if commit:
+        session.commit()
+    else:
+        session.flush()
 
 
 def _exists(name: str) -> Conflict:

@@ -153,11 +153,12 @@ def finish_succeeded(
     *,
     progress: Mapping[str, Any] | None = None,
     history: Mapping[str, Any] | None = None,
+    deploy: Callable[[Session], Mapping[str, Any]] | None = None,
     now: datetime | None = None,
 ) -> Model | None:
-    """Model row + job succeeded (+ its final curves) in ONE transaction; None if cancel was
-    requested meanwhile (or the job is no longer ours): then the caller discards the
-    artifact."""
+    """Model row + job succeeded (+ its final curves, + its deploy_to carried out by `deploy`,
+    whose outcome is recorded on the job) in ONE transaction; None if cancel was requested
+    meanwhile (or the job is no longer ours): then the caller discards the artifact."""
     now = now or utcnow()
     job = session.get(Job, job_id, populate_existing=True)
     if job is None:
@@ -191,6 +192,9 @@ def finish_succeeded(
     record_validation(session, model, trained.metrics)
     if history is not None:
         _store_history(session, job_id, history, now)
+    if deploy is not None:
+        outcome = dict(deploy(session))
+        session.execute(sa.update(Job).where(Job.id == job_id).values(deployment=outcome))
     session.commit()
     return model
 

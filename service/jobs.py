@@ -53,12 +53,19 @@ class JobRequest:
     serving_precision: str = "fp32"
     overrides: dict[str, Any] = field(default_factory=dict)
     name: str | None = None
+    deploy_to: str | None = None
+    deploy_if_better: bool = False
 
     def fingerprint(self) -> str:
         fields = asdict(self)
-        if fields["serving_precision"] == "fp32":
-            # Absent when default: requests recorded before the field existed replay as before.
-            del fields["serving_precision"]
+        # Absent when default: requests recorded before the fields existed replay as before.
+        for key, default in (
+            ("serving_precision", "fp32"),
+            ("deploy_to", None),
+            ("deploy_if_better", False),
+        ):
+            if fields[key] == default:
+                del fields[key]
         canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -178,6 +185,8 @@ def create_job(
         validation_fraction=request.validation_fraction,
         seed=request.seed,
         serving_precision=request.serving_precision,
+        deploy_to=request.deploy_to,
+        deploy_if_better=request.deploy_if_better,
         overrides=dict(request.overrides),
         idempotency_key=idempotency_key,
         request_hash=digest,

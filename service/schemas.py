@@ -244,6 +244,23 @@ class Metrics(Stored):
 # -- jobs ---------------------------------------------------------------------------------
 
 
+class DeployOutcome(Stored):
+    """What a job's `deploy_to` did when the job succeeded (worker.deploy)."""
+
+    deployment: str
+    deployed: bool = Field(description="the deployment points at this job's model now")
+    action: Literal["created", "updated", "kept", "failed"]
+    version: int | None = Field(description="the deployment's version after it")
+    accuracy: float | None = Field(
+        description="deploy_if_better: the new model's accuracy on the job's validation split"
+    )
+    incumbent_model_id: str | None
+    incumbent_accuracy: float | None = Field(
+        description="deploy_if_better: the former target's accuracy on the same images"
+    )
+    reason: str
+
+
 class JobErrorInfo(Schema):
     code: str
     message: str
@@ -319,6 +336,9 @@ class JobPublic(Schema):
     error: JobErrorInfo | None
     model_id: str | None
     metrics: Metrics | None
+    deploy_to: str | None = Field(description="a deployment to update when it succeeds")
+    deploy_if_better: bool
+    deployment: DeployOutcome | None = Field(description="what deploy_to did (once it ended)")
     created_at: Timestamp
     started_at: Timestamp | None
     finished_at: Timestamp | None
@@ -352,6 +372,9 @@ class JobPublic(Schema):
             error=error,
             model_id=job.model_id,
             metrics=Metrics.model_validate(job.metrics) if job.metrics is not None else None,
+            deploy_to=job.deploy_to,
+            deploy_if_better=bool(job.deploy_if_better),
+            deployment=DeployOutcome.model_validate(job.deployment) if job.deployment else None,
             created_at=job.created_at,
             started_at=job.started_at,
             finished_at=job.finished_at,

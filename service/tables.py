@@ -137,6 +137,10 @@ class Job(Base):
     serving_precision: Mapped[str] = mapped_column(
         sa.String(8), default="fp32", server_default="fp32"
     )
+    # A deployment to point at the model when the job succeeds (worker.deploy), and the outcome.
+    deploy_to: Mapped[str | None] = mapped_column(sa.String(63))
+    deploy_if_better: Mapped[bool] = mapped_column(default=False, server_default=sa.false())
+    deployment: Mapped[dict[str, Any] | None]
     overrides: Mapped[dict[str, Any]] = mapped_column(default=dict)
     idempotency_key: Mapped[str | None] = mapped_column(sa.String(200))
     request_hash: Mapped[str | None] = mapped_column(sa.String(64))

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from datetime import UTC
+from functools import partial
 from pathlib import Path
 
 from bitcore.data.index import DatasetIndex
@@ -36,6 +37,7 @@ from service.ids import new_id, utcnow
 from service.settings import Settings
 from service.storage import Storage
 from service.tables import Job
+from worker import deploy
 from worker.checkpoints import CheckpointPublisher, restore
 from worker.failures import (
     internal_error_message,
@@ -194,7 +196,11 @@ class JobRun:
         # The durable copy first: once the job says succeeded, any node can serve the model.
         self.published = True
         self.storage.publish("models", self.model_id)
-        if not self._record_success(trained, final):
+        # deploy_to: decided now (scoring takes a while), carried out with the success.
+        decision = deploy.decide(
+            self.db, self.storage, self.settings, self.job, self.model_id, index
+        )
+        if not self._record_success(trained, final, decision):
             # cancel requested after the last step, or the job was taken over
             self._drop_model()
             return self._cancelled()
@@ -202,7 +208,12 @@ class JobRun:
         log.info("job %s succeeded: model %s", self.job.id, self.model_id)
         return "succeeded"
 
-    def _record_success(self, trained: models_store.TrainedModel, final: Progress) -> bool:
+    def _record_success(
+        self,
+        trained: models_store.TrainedModel,
+        final: Progress,
+        decision: deploy.Decision | None = None,
+    ) -> bool:
         """Commit the model and the job's success; True if this attempt's model was recorded.
 
         The database may be down at the very moment a long run ends: keep trying (with
@@ -227,6 +238,7 @@ class JobRun:
                         trained,
                         progress=final.to_dict(),
                         history=self.history.to_dict(),
+                        deploy=partial(deploy.apply, decision=decision) if decision else None,
                     )
                 return model is not None
             except UNAVAILABLE_ERRORS as exc:

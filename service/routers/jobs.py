@@ -20,6 +20,7 @@ from service import jobs
 from service.api_keys import Scope
 from service.auth import authorize
 from service.db import Database
+from service.deployments import NAME_PATTERN
 from service.deps import BrokerDep, DbDep, PrincipalDep, SessionDep, SettingsDep, TenantDep
 from service.http_errors import error_responses
 from service.job_events import JobNotifier
@@ -73,6 +74,23 @@ class JobCreate(BaseModel):
     )
     overrides: OverridesRequest = Field(default_factory=lambda: OverridesRequest.model_validate({}))
     name: NameStr | None = Field(default=None, max_length=200)
+    deploy_to: str | None = Field(
+        default=None,
+        max_length=63,
+        pattern=NAME_PATTERN,
+        description=(
+            "a deployment to point at the new model when the job succeeds (made if the tenant "
+            "has none of that name); job.deployment says what happened"
+        ),
+    )
+    deploy_if_better: bool = Field(
+        default=False,
+        strict=True,
+        description=(
+            "with deploy_to: only if the new model's accuracy on the job's validation split "
+            "beats the deployment's current target's on the same images (both as served)"
+        ),
+    )
 
 
 async def _call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

@@ -152,7 +152,7 @@ def test_migrations_match_the_tables(backend: str, migrated_db: str, tmp_path: P
     try:
         with db.engine.connect() as conn:
             context = MigrationContext.configure(conn)
-            assert context.get_current_revision() == "0009"  # 0009_deployments
+            assert context.get_current_revision() == "0010"  # 0010_job_deploy_to
             with warnings.catch_warnings():  # SQLite cannot reflect the expression index
                 warnings.simplefilter("ignore")
                 diff = compare_metadata(context, Base.metadata)

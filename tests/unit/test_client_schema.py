@@ -33,6 +33,7 @@ SAME_SHAPE = {
     "Metrics": "Metrics",
     "PrecisionCheck": "PrecisionCheck",
     "Job": "JobPublic",
+    "DeployOutcome": "DeployOutcome",
     "TrainingPoint": "TrainingPoint",
     "ValidationPoint": "ValidationPoint",
     "ScheduleMarks": "ScheduleMarks",
