@@ -70,6 +70,21 @@ class Metrics:
             registry=r,
         )
         self.predict_images = Counter("bitserve_predict_images", "images classified", registry=r)
+        # Deployments (service.routers.deployments): who answered each name, how fast; the
+        # first-label distribution is in GET /v1/deployments/{name}/stats (labels are data).
+        self.deployment_requests = Counter(
+            "bitserve_deployment_requests",
+            "predict requests through a deployment, by the model that answered (or its shadow)",
+            ["tenant", "deployment", "model", "role", "outcome"],
+            registry=r,
+        )
+        self.deployment_latency = Histogram(
+            "bitserve_deployment_predict_seconds",
+            "time a deployment's model took to answer (decode + queue + forward)",
+            ["tenant", "deployment", "model", "role"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         # Set once at start-up by ModelCache.start (bitcore.cpus): what the pools are sized for.
         self.available_cpus = Gauge(
             "bitserve_available_cpus",

@@ -303,22 +303,17 @@ async def predict(
     with admission.admit(declared_bytes(request, settings)):
         names, images = await read_images(request, settings)
         cache: ModelCache = request.app.state.models
-        stats = _stats(request)
-        deployment_id = route.resolved.deployment_id
+        state = request.app.state
         started = time.perf_counter()
         try:
             results = await predict_images(cache, model_id, names, images, top_k)
         except Exception:
-            stats.record(
-                deployment_id, model_id, deployments.TARGET, latency_ms=_ms(started), error=True
-            )
+            _count(state, tenant, route, model_id, deployments.TARGET, started, error=True)
             raise
         firsts = [ranked[0][0] if ranked else "" for ranked in results]
-        stats.record(
-            deployment_id, model_id, deployments.TARGET, latency_ms=_ms(started), labels=firsts
-        )
+        _count(state, tenant, route, model_id, deployments.TARGET, started, labels=firsts)
         if route.shadow is not None:
-            _send_shadow(request, route, names, images, firsts)
+            _send_shadow(request, tenant, route, names, images, firsts)
     return DeploymentPredictResponse(
         deployment=route.resolved.name,
         version=route.version,
@@ -327,12 +322,43 @@ async def predict(
     )
 
 
-def _ms(started: float) -> float:
-    return (time.perf_counter() - started) * 1000
+def _count(
+    state: Any,
+    tenant: str,
+    route: Route,
+    model_id: str,
+    role: str,
+    started: float,
+    *,
+    labels: list[str] | None = None,
+    error: bool = False,
+    agreed: int | None = None,
+) -> None:
+    """One answer (or failure) of a deployment's model: into the figures and the metrics."""
+    seconds = time.perf_counter() - started
+    name = route.resolved.name
+    stats: DeploymentStats = state.deployment_stats
+    stats.record(
+        route.resolved.deployment_id,
+        model_id,
+        role,
+        latency_ms=seconds * 1000,
+        labels=labels or [],
+        error=error,
+        agreed=agreed,
+    )
+    outcome = "error" if error else "ok"
+    state.metrics.deployment_requests.labels(tenant, name, model_id, role, outcome).inc()
+    state.metrics.deployment_latency.labels(tenant, name, model_id, role).observe(seconds)
 
 
 def _send_shadow(
-    request: Request, route: Route, names: list[str], images: list[bytes], firsts: list[str]
+    request: Request,
+    tenant: str,
+    route: Route,
+    names: list[str],
+    images: list[bytes],
+    firsts: list[str],
 ) -> None:
     in_flight: set[asyncio.Task[None]] = request.app.state.shadow_tasks
     if len(in_flight) >= MAX_SHADOW_IN_FLIGHT:
@@ -342,17 +368,16 @@ def _send_shadow(
             len(in_flight),
         )
         return
-    cache: ModelCache = request.app.state.models
     task = asyncio.get_running_loop().create_task(
-        _shadow(cache, _stats(request), route, names, images, firsts)
+        _shadow(request.app.state, tenant, route, names, images, firsts)
     )
     in_flight.add(task)
     task.add_done_callback(in_flight.discard)
 
 
 async def _shadow(
-    cache: ModelCache,
-    stats: DeploymentStats,
+    state: Any,
+    tenant: str,
     route: Route,
     names: list[str],
     images: list[bytes],
@@ -360,24 +385,17 @@ async def _shadow(
 ) -> None:
     shadow = route.shadow
     assert shadow is not None
-    deployment_id = route.resolved.deployment_id
+    cache: ModelCache = state.models
     started = time.perf_counter()
     try:
         results = await predict_images(cache, shadow, names, images, 1)
     except Exception as exc:
-        stats.record(deployment_id, shadow, deployments.SHADOW, latency_ms=_ms(started), error=True)
+        _count(state, tenant, route, shadow, deployments.SHADOW, started, error=True)
         log.info("deployment %s: shadow %s failed: %s", route.resolved.name, shadow, exc)
         return
     labels = [ranked[0][0] if ranked else "" for ranked in results]
     agreed = sum(a == b for a, b in zip(labels, firsts, strict=True))
-    stats.record(
-        deployment_id,
-        shadow,
-        deployments.SHADOW,
-        latency_ms=_ms(started),
-        labels=labels,
-        agreed=agreed,
-    )
+    _count(state, tenant, route, shadow, deployments.SHADOW, started, labels=labels, agreed=agreed)
 
 
 async def _settled(request: Request, session: Session, tenant: str, name: str) -> DeploymentPublic:

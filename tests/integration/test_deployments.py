@@ -294,6 +294,13 @@ def test_a_90_10_split_is_exact_over_each_100_requests(
     assert sum(figures[models["a"]]["top1_labels"].values()) == 270
     latency = figures[models["a"]]["latency_ms"]
     assert latency["mean"] > 0 and latency["p50"] is not None and latency["p50"] <= latency["p95"]
+    # The same counts in the gateway's Prometheus metrics.
+    text = http.get("/metrics").text
+    for model, count in ((models["a"], 270), (models["b"], 30)):
+        labels = (
+            f'deployment="{name}",model="{model}",outcome="ok",role="target",tenant="default"'
+        )
+        assert f"bitserve_deployment_requests_total{{{labels}}} {count}.0" in text
     http.delete(f"/v1/deployments/{name}")
 
 
