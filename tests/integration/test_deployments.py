@@ -269,6 +269,24 @@ def test_promote_and_roll_back_under_load_without_a_failed_request(
     http.delete(f"/v1/deployments/{name}")
 
 
+def test_a_change_is_loaded_before_it_is_committed(
+    server: LiveServer, models: dict[str, str], http: httpx.Client
+) -> None:
+    name = _name("warm")
+    assert (
+        http.post("/v1/deployments", json={"name": name, "model_id": models["a"]}).status_code
+        == 201
+    )
+    cache = server.app.state.models
+    cache.evict(models["c"])
+    assert models["c"] not in cache.loaded
+    changed = http.patch(f"/v1/deployments/{name}", json={"model_id": models["c"]})
+    assert changed.status_code == 200
+    # Loaded (and checked) before the answer: the first request through the name waits for no load.
+    assert models["c"] in cache.loaded
+    http.delete(f"/v1/deployments/{name}")
+
+
 def test_a_90_10_split_is_exact_over_each_100_requests(
     server: LiveServer, models: dict[str, str], http: httpx.Client
 ) -> None:
@@ -297,9 +315,7 @@ def test_a_90_10_split_is_exact_over_each_100_requests(
     # The same counts in the gateway's Prometheus metrics.
     text = http.get("/metrics").text
     for model, count in ((models["a"], 270), (models["b"], 30)):
-        labels = (
-            f'deployment="{name}",model="{model}",outcome="ok",role="target",tenant="default"'
-        )
+        labels = f'deployment="{name}",model="{model}",outcome="ok",role="target",tenant="default"'
         assert f"bitserve_deployment_requests_total{{{labels}}} {count}.0" in text
     http.delete(f"/v1/deployments/{name}")
 
@@ -412,6 +428,19 @@ def test_a_second_api_process_follows_a_change_within_the_bound(
                 )
                 time.sleep(0.05)
             followed = time.monotonic() - at
+            # A model the second process has never loaded: it keeps answering with the old one
+            # while it loads the new one, then switches; no request fails meanwhile.
+            assert (
+                http.patch(f"/v1/deployments/{name}", json={"model_id": models["c"]}).status_code
+                == 200
+            )
+            seen = []
+            while not seen or seen[-1] != models["c"]:
+                answer = _predict(second, f"/v1/deployments/{name}/predict")
+                assert answer.status_code == 200, answer.text
+                seen.append(answer.json()["model_id"])
+                assert time.monotonic() - at < 60, seen
+            assert set(seen) <= {models["b"], models["c"]}
     finally:
         api.terminate()
         api.wait(30)
