@@ -34,7 +34,7 @@ from typing import IO, Any, cast
 import httpx
 
 from bitserve_client.errors import DatasetFailed, DatasetTimeout, JobFailed, JobTimeout
-from bitserve_client.files import zip_folder
+from bitserve_client.files import ARCHIVE_TYPES, zip_folder
 from bitserve_client.follow import Target, follow
 from bitserve_client.schema import (
     AuditEvent,
@@ -60,7 +60,6 @@ from bitserve_client.transport import (
 )
 
 DATASET_ENDED = frozenset({"ready", "failed"})
-ARCHIVE_TYPES = {".zip": "application/zip", ".tgz": "application/gzip", ".gz": "application/gzip"}
 
 
 class BitserveClient(ScoringMethods):

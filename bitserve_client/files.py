@@ -13,6 +13,9 @@ if TYPE_CHECKING:
 
 ImageInput = Union[str, "os.PathLike[str]", bytes, "PILImage"]
 
+# What an archive upload is sent as, by its suffix (the server judges it by its content).
+ARCHIVE_TYPES = {".zip": "application/zip", ".tgz": "application/gzip", ".gz": "application/gzip"}
+
 
 def zip_folder(folder: Path, out: Path) -> Path:
     """Zip the files under `folder` (relative paths; hidden files and folders left out)."""

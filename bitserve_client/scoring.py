@@ -4,10 +4,13 @@ a whole dataset, and predict on images sent with the request (BitserveClient inh
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from typing import IO, Any, cast
+
+import httpx
 
 from bitserve_client.errors import (
     BatchPredictionFailed,
@@ -15,7 +18,7 @@ from bitserve_client.errors import (
     EvaluationFailed,
     EvaluationTimeout,
 )
-from bitserve_client.files import ImageInput, image_part, is_pil
+from bitserve_client.files import ARCHIVE_TYPES, ImageInput, image_part, is_pil, zip_folder
 from bitserve_client.schema import BatchPrediction, Evaluation, Label
 from bitserve_client.transport import PAGE_SIZE, Transport, poll_until_ended, save, seg
 
@@ -23,13 +26,51 @@ from bitserve_client.transport import PAGE_SIZE, Transport, poll_until_ended, sa
 class ScoringMethods(Transport):
     """Evaluations, batch predictions and predict (retries and errors: bitserve_client.client)."""
 
+    def _post_archive(
+        self, path: str, archive: str | os.PathLike[str], fields: dict[str, str]
+    ) -> httpx.Response:
+        """POST a .zip / .tar.gz (or a folder, zipped into a temp file first) as the `file`
+        part of a multipart form, beside `fields`; streamed, opened again per retry."""
+        source = Path(archive)
+        if not source.exists():
+            raise FileNotFoundError(f"no such file or folder: {source}")
+        with ExitStack() as cleanup:
+            if source.is_dir():
+                tmp = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="bitserve-upload-"))
+                source = zip_folder(source, Path(tmp) / f"{source.name or 'dataset'}.zip")
+            media = ARCHIVE_TYPES.get(source.suffix.lower(), "application/octet-stream")
+
+            def files(stack: ExitStack) -> list[tuple[str, tuple[str, IO[bytes] | bytes, str]]]:
+                return [("file", (source.name, stack.enter_context(source.open("rb")), media))]
+
+            # No read timeout: the server stores the whole archive before it answers.
+            wait = httpx.Timeout(self.timeout, read=None)
+            return self._request("POST", path, files=files, data=fields, timeout=wait)
+
     # -- evaluations ---------------------------------------------------------------------------
 
-    def evaluate_model(self, model_id: str, dataset_id: str) -> Evaluation:
-        """Ask a worker to score the model on a labelled dataset (uploaded as any dataset,
-        its class folders named like the model's classes); returns the queued evaluation."""
-        body = {"dataset_id": dataset_id}
-        answer = self._request("POST", f"/v1/models/{seg(model_id)}/evaluations", json=body)
+    def evaluate_model(
+        self,
+        model_id: str,
+        dataset_id: str | None = None,
+        *,
+        archive: str | os.PathLike[str] | None = None,
+        name: str | None = None,
+    ) -> Evaluation:
+        """Ask a worker to score the model on a labelled dataset, its class folders named like
+        the model's classes: a stored one (`dataset_id`), or `archive` (a .zip / .tar.gz of
+        `<class>/<image>` folders, or such a folder, zipped first) sent in the same request
+        and stored as a new dataset (`name`; its id is the evaluation's dataset_id). Returns
+        the queued evaluation."""
+        path = f"/v1/models/{seg(model_id)}/evaluations"
+        if archive is not None:
+            if dataset_id is not None:
+                raise ValueError("give dataset_id or archive, not both")
+            fields = {"name": name} if name is not None else {}
+            return cast(Evaluation, self._post_archive(path, archive, fields).json())
+        if dataset_id is None:
+            raise ValueError("give dataset_id or archive")
+        answer = self._request("POST", path, json={"dataset_id": dataset_id})
         return cast(Evaluation, answer.json())
 
     def get_evaluation(self, evaluation_id: str) -> Evaluation:
@@ -65,14 +106,31 @@ class ScoringMethods(Transport):
     # -- batch predictions ---------------------------------------------------------------------
 
     def create_batch_prediction(
-        self, model_id: str, dataset_id: str, *, top_k: int = 5, format: str = "csv"
+        self,
+        model_id: str,
+        dataset_id: str | None = None,
+        *,
+        archive: str | os.PathLike[str] | None = None,
+        name: str | None = None,
+        top_k: int = 5,
+        format: str = "csv",
     ) -> BatchPrediction:
         """Ask a worker to predict every file of a dataset with the model (its class folders
-        are ignored) into one CSV or JSONL file (format "csv" or "jsonl"); returns the queued
-        batch prediction. Files not yet on the server: `upload_dataset` them first (a folder
-        or archive of class folders), then pass its id here."""
-        body = {"dataset_id": dataset_id, "top_k": top_k, "format": format}
+        are ignored) into one CSV or JSONL file (format "csv" or "jsonl"): a stored dataset
+        (`dataset_id`), or `archive` (a .zip / .tar.gz laid out as a dataset, or such a
+        folder, zipped first) sent in the same request and stored as a new dataset (`name`).
+        Returns the queued batch prediction."""
         path = f"/v1/models/{seg(model_id)}/batch-predictions"
+        if archive is not None:
+            if dataset_id is not None:
+                raise ValueError("give dataset_id or archive, not both")
+            fields = {"top_k": str(top_k), "format": format}
+            if name is not None:
+                fields["name"] = name
+            return cast(BatchPrediction, self._post_archive(path, archive, fields).json())
+        if dataset_id is None:
+            raise ValueError("give dataset_id or archive")
+        body = {"dataset_id": dataset_id, "top_k": top_k, "format": format}
         return cast(BatchPrediction, self._request("POST", path, json=body).json())
 
     def get_batch_prediction(self, batch_id: str) -> BatchPrediction:
