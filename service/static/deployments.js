@@ -204,9 +204,8 @@ async function refreshDeployments() {
       }, `Delete deployment ${d.name}`),
     );
   }
-  const selected = items.find((d) => d.name === deploymentState.selected);
-  if (deploymentState.selected && !selected) closeDeployment();
-  else if (selected) showDeploymentForm(selected);
+  // The detail stays as shown (its form may hold a change being made), unless it went.
+  if (deploymentState.selected && !items.some((d) => d.name === deploymentState.selected)) closeDeployment();
 }
 
 function closeDeployment() {
@@ -271,11 +270,12 @@ async function refreshDeploymentStats() {
   if (ticket === deploymentState.view) showDeploymentStats(stats);
 }
 
-// A change went through: the list, the form, the figures and the history again.
+// A change went through: the list, the form, the figures and the history again; said once
+// they are all in (the form is then the deployment's, and what is chosen next stays).
 async function deploymentChanged(d, what) {
-  deploymentStatus(`${d.name} ${what}: version ${d.version}, serves ${splitText(d.targets)}.`);
   await refreshDeployments();
   await showDeployment(d.name);
+  deploymentStatus(`${d.name} ${what}: version ${d.version}, serves ${splitText(d.targets)}.`);
 }
 
 async function createDeployment() {
@@ -285,10 +285,11 @@ async function createDeployment() {
   $("deploy-status").textContent = `Creating ${body.name} (its model is loaded and warmed first)…`;
   try {
     const d = await api("POST", `/v1/deployments`, { json: body });
-    $("deploy-status").textContent = `Created ${d.name}: serves ${splitText(d.targets)}.`;
     $("deploy-name").value = "";
     await refreshDeployments();
     await showDeployment(d.name);
+    deploymentStatus("");
+    $("deploy-status").textContent = `Created ${d.name}: serves ${splitText(d.targets)}.`;
   } catch (err) {
     $("deploy-status").textContent = "";
     throw err;
