@@ -30,6 +30,7 @@ STATIC = {
     "docs.js": "text/javascript; charset=utf-8",
     "curves.js": "text/javascript; charset=utf-8",
     "quality.js": "text/javascript; charset=utf-8",
+    "deployments.js": "text/javascript; charset=utf-8",
     # uPlot, copied from its npm package (vendor/uplot/README.md): no CDN.
     "vendor/uplot/uPlot.iife.min.js": "text/javascript; charset=utf-8",
     "vendor/uplot/uPlot.min.css": "text/css; charset=utf-8",

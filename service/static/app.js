@@ -707,6 +707,7 @@ async function refreshLists(select = {}) {
   const modelLabel = (m) => `${m.id} (${m.base_model}: ${(m.classes || []).join(", ")})`;
   setOptions($("model-select"), models.items, modelLabel, select.model);
   setOptions($("quality-model"), models.items, modelLabel, select.model);
+  setDeploymentModels(models.items); // deployments.js
   // "Compare with" may be nothing: its first option.
   const compare = $("compare-model");
   const compared = compare.value;
@@ -1015,7 +1016,7 @@ async function startBatchPrediction() {
 
 // Everything the page shows, loaded again (on start, and whenever the key changes).
 async function loadAll() {
-  await Promise.all([loadBaseModels(), refreshLists()]);
+  await Promise.all([loadBaseModels(), refreshLists(), refreshDeployments()]);
   await showQuality();
   const running = document.querySelector("#jobs-list tbody tr");
   if (running && running.cells[1].textContent === "running") await followJob(running.cells[0].textContent);
@@ -1077,6 +1078,7 @@ function init() {
     event.preventDefault();
     guarded(startBatchPrediction);
   });
+  initDeployments(); // deployments.js: its own section's handlers
   window.addEventListener("resize", () => { if (state.chart) state.chart.resize(); });
 
   const zone = $("drop-zone");

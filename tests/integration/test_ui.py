@@ -41,9 +41,12 @@ STATIC = Path(__file__).resolve().parents[2] / "service" / "static"
 APP_JS = STATIC / "app.js"
 CURVES_JS = STATIC / "curves.js"
 QUALITY_JS = STATIC / "quality.js"
+DEPLOYMENTS_JS = STATIC / "deployments.js"
 UPLOT_JS = STATIC / "vendor" / "uplot" / "uPlot.iife.min.js"
 # In the order index.html loads them (classic scripts: one global scope).
-PAGE_SCRIPTS = [UPLOT_JS, CURVES_JS, QUALITY_JS, APP_JS]
+PAGE_SCRIPTS = [UPLOT_JS, CURVES_JS, QUALITY_JS, APP_JS, DEPLOYMENTS_JS]
+# The scripts that talk to the API (through app.js's api()) and look elements up with $().
+CALLING_SCRIPTS = [APP_JS, DEPLOYMENTS_JS]
 SMOKE_JS = Path(__file__).resolve().parent / "ui_smoke.js"
 PAGE_IDS = {
     "error",
@@ -94,6 +97,24 @@ PAGE_IDS = {
     "evaluate-progress",
     "evaluations-list",
     "evaluation-output",
+    "step-deployments",
+    "deploy-form",
+    "deploy-name",
+    "deploy-model",
+    "deploy-button",
+    "deploy-status",
+    "deployments-list",
+    "deployment-detail",
+    "change-form",
+    "change-model",
+    "change-second",
+    "shadow-model",
+    "change-button",
+    "shadow-button",
+    "rollback-button",
+    "stats-refresh",
+    "deployment-stats",
+    "deployment-history",
 }
 # api("GET", `/v1/datasets/${seg(id)}/plan`, ...) and apiStream("GET", `...`, ...)
 CALL = re.compile(r"\bapi(?:Stream)?\(\s*\"(GET|POST|PUT|PATCH|DELETE)\"\s*,\s*`([^`]*)`")
@@ -153,6 +174,7 @@ def test_the_page_is_served_at_root_with_its_elements(client: httpx.Client) -> N
         "/ui/curves.js",
         "/ui/quality.js",
         "/ui/app.js",
+        "/ui/deployments.js",
     ]
 
 
@@ -164,6 +186,7 @@ def test_the_page_is_served_at_root_with_its_elements(client: httpx.Client) -> N
         ("/ui/index.html", "text/html; charset=utf-8"),
         ("/ui/curves.js", "text/javascript; charset=utf-8"),
         ("/ui/quality.js", "text/javascript; charset=utf-8"),
+        ("/ui/deployments.js", "text/javascript; charset=utf-8"),
         ("/ui/vendor/uplot/uPlot.iife.min.js", "text/javascript; charset=utf-8"),
         ("/ui/vendor/uplot/uPlot.min.css", "text/css; charset=utf-8"),
     ],
@@ -193,8 +216,9 @@ def test_only_listed_files_are_served(client: httpx.Client, path: str) -> None:
 
 
 def _calls() -> list[tuple[str, str]]:
-    """(method, path template with {} for each ${...}) of every API call in app.js."""
-    source = APP_JS.read_text()
+    """(method, path template with {} for each ${...}) of every API call in the page's
+    scripts."""
+    source = "\n".join(script.read_text() for script in CALLING_SCRIPTS)
     return [(m, re.sub(r"\$\{[^}]*\}", "{}", p)) for m, p in CALL.findall(source)]
 
 
@@ -207,7 +231,7 @@ def test_the_script_calls_only_routes_in_the_openapi(client: httpx.Client) -> No
     }
     calls = _calls()
     missing = sorted(set(calls) - routes)
-    assert not missing, f"app.js calls routes the app does not have: {missing}"
+    assert not missing, f"the page calls routes the app does not have: {missing}"
     # The calls the page is built around are all there (the regex did not silently miss them).
     assert {
         ("GET", "/v1/base-models"),
@@ -232,15 +256,25 @@ def test_the_script_calls_only_routes_in_the_openapi(client: httpx.Client) -> No
         ("GET", "/v1/batch-predictions/{}"),
         ("POST", "/v1/batch-predictions/{}/cancel"),
         ("GET", "/v1/batch-predictions/{}/output"),
+        ("GET", "/v1/deployments"),
+        ("POST", "/v1/deployments"),
+        ("GET", "/v1/deployments/{}"),
+        ("PATCH", "/v1/deployments/{}"),
+        ("DELETE", "/v1/deployments/{}"),
+        ("POST", "/v1/deployments/{}/rollback"),
+        ("GET", "/v1/deployments/{}/history"),
+        ("GET", "/v1/deployments/{}/stats"),
     } <= set(calls)
     # No request bypasses api(): every /v1 path literal in the script is one of the calls.
-    literals = re.findall(r"[`\"'](/v1/[^`\"']*)[`\"']", APP_JS.read_text())
+    sources = "\n".join(script.read_text() for script in CALLING_SCRIPTS)
+    literals = re.findall(r"[`\"'](/v1/[^`\"']*)[`\"']", sources)
     assert len(literals) == len(calls)
     assert "/" not in spec["paths"]  # the page is not part of the API
 
 
 def test_every_element_the_script_looks_up_exists(client: httpx.Client) -> None:
-    wanted = set(re.findall(r"\$\(\"([a-z0-9-]+)\"\)", APP_JS.read_text()))
+    sources = "\n".join(script.read_text() for script in CALLING_SCRIPTS)
+    wanted = set(re.findall(r"\$\(\"([a-z0-9-]+)\"\)", sources))
     wanted |= {f"ov-{n}" for n in ("steps", "batch_size", "base_lr", "crop", "precrop")}
     assert len(wanted) > 20
     assert wanted <= set(_page(client).ids), wanted - set(_page(client).ids)
@@ -560,7 +594,7 @@ const vm = require("vm");
 const context = vm.createContext({});
 for (const file of process.argv.slice(1)) vm.runInContext(fs.readFileSync(file, "utf8"), context, {filename: file});
 console.log(JSON.stringify(vm.runInContext(
-  "[typeof uPlot, typeof CurveStore, typeof TrainingCurves, typeof qualityView, typeof comparisonView, typeof SseParser]",
+  "[typeof uPlot, typeof CurveStore, typeof TrainingCurves, typeof qualityView, typeof comparisonView, typeof SseParser, typeof deploymentStatsTable, typeof initDeployments]",
   context)));
 """
 
@@ -574,7 +608,130 @@ def test_the_page_scripts_share_one_scope_without_clashes() -> None:
         timeout=30,
     )
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout) == ["function"] * 6
+    assert json.loads(done.stdout) == ["function"] * 8
+
+
+DEPLOYMENTS_CHECK = r"""
+const d = require(process.argv[1]);
+const out = {};
+const a = {model_id: "mdl_a", weight: 90};
+const b = {model_id: "mdl_b", weight: 10};
+out.splits = [[{model_id: "mdl_a", weight: 1}], [a, b], [{model_id: "x", weight: 1}, {model_id: "y", weight: 2}], []]
+  .map(d.splitText);
+out.targets = [null, {targets: [a, b], shadow_model_id: "mdl_c"}, {targets: [a], shadow_model_id: null}].map(d.targetsText);
+out.history = d.historyTexts({version: 3, action: "rolled_back", actor: "key_x", at: "2024-01-01T00:00:00Z",
+  before: {targets: [a, b], shadow_model_id: null}, after: {targets: [{model_id: "mdl_a", weight: 1}], shadow_model_id: null}});
+out.created = d.historyTexts({version: 1, action: "created", actor: null, before: null,
+  after: {targets: [{model_id: "mdl_a", weight: 1}], shadow_model_id: null}});
+const stats = {deployment: "pets", version: 2, models: [
+  {model_id: "mdl_a", role: "target", weight: 90, requests: 9, errors: 1, images: 8,
+   latency_ms: {mean: 12.3456, p50: 25, p95: null}, top1_labels: {"1": 2, ant: 5, bee: 2}, agreement: null},
+  {model_id: "mdl_b", role: "target", weight: 10, requests: 0, errors: 0, images: 0, latency_ms: null,
+   top1_labels: {}, agreement: null},
+  {model_id: "mdl_c", role: "shadow", weight: null, requests: 8, errors: 0, images: 8,
+   latency_ms: {mean: 4, p50: 5, p95: 10}, top1_labels: {ant: 8}, agreement: {compared: 8, agreed: 7}},
+  {model_id: "mdl_d", role: "shadow", weight: null, requests: 0, errors: 0, images: 0, latency_ms: null,
+   top1_labels: {}, agreement: {compared: 0, agreed: 0}},
+]};
+out.rows = d.statsRows(stats);
+out.top = stats.models.map((m) => d.topLabels(m, 2));
+out.changes = [
+  ["mdl_a", "90", "", "10"], ["mdl_a", "90", "mdl_b", "10"], ["mdl_a", " 3 ", "mdl_b", "1"],
+  ["", "1", "mdl_b", "1"], ["mdl_a", "1", "mdl_a", "1"], ["mdl_a", "0", "mdl_b", "1"],
+  ["mdl_a", "1.5", "mdl_b", "1"], ["mdl_a", "10001", "mdl_b", "1"], ["mdl_a", "", "mdl_b", "1"],
+].map((c) => d.changeBody(...c));
+out.creates = [[" pets ", "mdl_a"], ["Pets", "mdl_a"], ["my_pets", "mdl_a"], ["-pets", "mdl_a"],
+  ["a".repeat(63), "mdl_a"], ["a".repeat(64), "mdl_a"], ["pets", ""]].map((c) => d.createBody(...c));
+console.log(JSON.stringify(out));
+"""
+
+
+def test_the_deployments_views_pure_parts_with_node() -> None:
+    node = _node()
+    subprocess.run([node, "--check", str(DEPLOYMENTS_JS)], check=True, timeout=30)
+    done = subprocess.run(
+        [node, "-e", DEPLOYMENTS_CHECK, str(DEPLOYMENTS_JS)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["splits"] == [
+        "mdl_a",
+        "mdl_a 90 (90%), mdl_b 10 (10%)",
+        "x 1 (33.3%), y 2 (66.7%)",
+        "",
+    ]
+    assert out["targets"] == [
+        "–",
+        "mdl_a 90 (90%), mdl_b 10 (10%); shadow mdl_c",
+        "mdl_a",
+    ]
+    assert out["history"] == [
+        "3",
+        "rolled back",
+        "key_x",
+        "mdl_a 90 (90%), mdl_b 10 (10%)",
+        "mdl_a",
+    ]
+    assert out["created"] == ["1", "created", "–", "–", "mdl_a"]
+    # One column per model; the weight's share is of the targets' weights; p95 above the last
+    # latency bucket reads "> 10 s"; agreement only where a shadow compared something.
+    assert out["rows"] == [
+        ["Role", "target", "target", "shadow", "shadow"],
+        ["Weight", "90 (90%)", "10 (10%)", "–", "–"],
+        ["Requests", "9", "0", "8", "0"],
+        ["Errors", "1", "0", "0", "0"],
+        ["Images", "8", "0", "8", "0"],
+        ["Mean latency", "12.3 ms", "–", "4.0 ms", "–"],
+        ["p50 latency", "≤ 25 ms", "–", "≤ 5 ms", "–"],
+        ["p95 latency", "> 10 s", "–", "≤ 10 ms", "–"],
+        ["Shadow agreement", "–", "–", "87.5% (7 of 8 images)", "–"],
+    ]
+    # Most frequent first, then by name ("1" is not put first by the object's key order).
+    assert out["top"] == [
+        [{"label": "ant", "count": 5, "share": 5 / 9}, {"label": "1", "count": 2, "share": 2 / 9}],
+        [],
+        [{"label": "ant", "count": 8, "share": 1}],
+        [],
+    ]
+    weights_error = {"error": "Weights: whole numbers from 1 to 10000."}
+    assert out["changes"] == [
+        {"body": {"model_id": "mdl_a"}},
+        {
+            "body": {
+                "targets": [
+                    {"model_id": "mdl_a", "weight": 90},
+                    {"model_id": "mdl_b", "weight": 10},
+                ]
+            }
+        },
+        {
+            "body": {
+                "targets": [{"model_id": "mdl_a", "weight": 3}, {"model_id": "mdl_b", "weight": 1}]
+            }
+        },
+        {"error": "Choose the model it should serve."},
+        {"error": "A split needs two different models."},
+        weights_error,
+        weights_error,
+        weights_error,
+        weights_error,
+    ]
+    name_error = {
+        "error": "Name: lower-case letters, digits and hyphens (a DNS label: at most 63, no "
+        "hyphen first or last)."
+    }
+    assert out["creates"] == [
+        {"body": {"name": "pets", "model_id": "mdl_a"}},
+        name_error,
+        name_error,
+        name_error,
+        {"body": {"name": "a" * 63, "model_id": "mdl_a"}},
+        name_error,
+        {"error": "Choose the model it should serve (train or publish one first)."},
+    ]
 
 
 # -- the page's flows, run by node against the real server -------------------------------------

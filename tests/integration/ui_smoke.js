@@ -233,7 +233,11 @@ async function keyScenario(out) {
 }
 
 async function main() {
-  require(appPath);
+  // app.js and deployments.js (which calls app.js's api() and $()) as the browser runs them:
+  // classic scripts in the one global scope, after curves.js and quality.js.
+  for (const file of [appPath, path.join(path.dirname(appPath), "deployments.js")]) {
+    vm.runInThisContext(fs.readFileSync(file, "utf8"), { filename: file });
+  }
   const out = {};
   if (args.scenario === "key") {
     await keyScenario(out);
