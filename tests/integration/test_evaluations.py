@@ -260,3 +260,23 @@ def test_a_sent_archive_is_refused_with_nothing_kept_or_fails_naming_unknown_lab
             api.wait_for_evaluation(sent.json()["id"], timeout=TIMEOUT)
     assert failed.value.code == "unknown_labels"
     assert "yak" in failed.value.message
+
+
+def test_the_client_sends_a_folder_with_the_evaluation(
+    job_server: JobServer, trained: dict[str, Any]
+) -> None:
+    model, tmp = trained["model"], trained["tmp"]
+    folder = make_image_folder(tmp / "client-sent", {"bee": 2, "cow": 3}, seed=21)
+    with _api(job_server) as api:
+        queued = api.evaluate_model(model["id"], archive=folder, name="sent by the client")
+        assert api.get_dataset(queued["dataset_id"] or "")["name"] == "sent by the client"
+        done = api.wait_for_evaluation(queued["id"], timeout=TIMEOUT)
+        with pytest.raises(ValueError, match="not both"):
+            api.evaluate_model(model["id"], "ds_x", archive=folder)
+        batch = api.create_batch_prediction(model["id"], archive=folder, top_k=1, format="jsonl")
+        finished = api.wait_for_batch_prediction(batch["id"], timeout=TIMEOUT)
+    result = done["result"]
+    assert result is not None and result["num_examples"] == 5
+    assert [c["support"] for c in result["per_class"]] == [0, 2, 3]
+    assert (finished["top_k"], finished["format"]) == (1, "jsonl")
+    assert finished["result"] is not None and finished["result"]["rows"] == 5
