@@ -120,15 +120,23 @@ def create_deployment(
 ) -> Deployment:
     """Made and recorded (committed unless `commit` is False: a caller's transaction)."""
     check_targets(session, tenant_id, targets)
+    taken = session.scalars(
+        sa.select(Deployment.id).where(
+            tenant_is(Deployment.tenant_id, tenant_id), Deployment.name == name
+        )
+    ).first()
+    if taken is not None:
+        raise _exists(name)
     now = utcnow()
     row = Deployment(
         id=new_id("dep"), tenant_id=tenant_id, name=name, version=1, created_at=now, updated_at=now
     )
+    session.add(row)
     try:
-        with session.begin_nested():  # a taken name undoes this row only
-            session.add(row)
-            session.flush()
-    except IntegrityError:
+        session.flush()
+    except IntegrityError:  # made by a concurrent request since the check
+        if commit:
+            session.rollback()
         raise _exists(name) from None
     _write_targets(session, row.id, targets)
     _record(session, row, CREATED, actor, None, targets)

@@ -11,7 +11,7 @@ import sqlalchemy as sa
 
 from service.db import Database, migrate
 from service.settings import Settings
-from service.tables import Dataset, Job, Model, Tenant
+from service.tables import Dataset, Deployment, Job, Model, Tenant
 from tests.services import create_database, drop_database
 
 
@@ -37,7 +37,8 @@ def database(
 @pytest.fixture
 def db(database: Database) -> Database:
     with database.sessionmaker() as session:  # each test starts from empty tables
-        for table in (Model, Job, Dataset, Tenant):
+        # Deployments first: their targets keep models from being deleted.
+        for table in (Deployment, Model, Job, Dataset, Tenant):
             session.execute(sa.delete(table))
         session.commit()
     return database
