@@ -9,11 +9,13 @@
 
 Retries (bounded by `max_retries` and `max_retry_wait`, docs/api.md "Retries"): a 429 answer,
 and a 503 `shutting_down` or `too_many_uploads` (refused before any work), are retried after
-their Retry-After for every call; other 503 answers and lost connections (refused, reset, closed without an answer:
-a gateway restarting) only for idempotent calls: GET, DELETE, predict (a pure function) and job
-creation (sent with an Idempotency-Key, a fresh one per call unless given, so a retry never
-starts a second job). An upload (a POST that creates a dataset) is thus sent again only when
-the server did nothing with it, never after a lost answer or another 503. Not retried: the streamed
+their Retry-After for every call; other 503 answers and lost connections (refused, reset,
+closed without an answer: a gateway restarting) only for idempotent calls: GET, DELETE,
+predict (a pure function, through a model or a deployment), a deployment's update (it states
+the whole new target set) and job creation (sent with an Idempotency-Key, a fresh one per
+call unless given, so a retry never starts a second job). An upload (a POST that creates a
+dataset), a deployment's creation or rollback are thus sent again only when the server did
+nothing with them, never after a lost answer or another 503. Not retried: the streamed
 artifact download, and the event streams of jobs and datasets (they fall back to polling
 instead). Every other error answer raises ApiError with the server's code, message and
 details; a dataset whose ingestion failed raises DatasetFailed, an ApiError with the code,
@@ -33,6 +35,7 @@ from typing import IO, Any, cast
 
 import httpx
 
+from bitserve_client.deployments import DeploymentMethods
 from bitserve_client.errors import DatasetFailed, DatasetTimeout, JobFailed, JobTimeout
 from bitserve_client.files import ARCHIVE_TYPES, zip_folder
 from bitserve_client.follow import Target, follow
@@ -62,7 +65,7 @@ from bitserve_client.transport import (
 DATASET_ENDED = frozenset({"ready", "failed"})
 
 
-class BitserveClient(ScoringMethods):
+class BitserveClient(ScoringMethods, DeploymentMethods):
     """A bitserve server's API. Thread-safe as httpx.Client is; close() or use `with`.
 
     `api_key` defaults to $BITSERVE_API_KEY, else the admin key `bitserve up` wrote to

@@ -5,8 +5,9 @@ from __future__ import annotations
 import io
 import os
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Union
+from typing import IO, TYPE_CHECKING, Union
 
 if TYPE_CHECKING:
     from PIL.Image import Image as PILImage
@@ -32,6 +33,16 @@ def zip_folder(folder: Path, out: Path) -> Path:
     if count == 0:
         raise ValueError(f"{folder} has no files to upload (expected <class>/<image> folders)")
     return out
+
+
+def image_parts(
+    images: Sequence[ImageInput],
+) -> list[tuple[str, tuple[str, IO[bytes] | bytes, str]]]:
+    """The multipart `files` of a predict request (the model's route or a deployment's)."""
+    if isinstance(images, (str, bytes, os.PathLike)) or is_pil(images):
+        raise TypeError("images must be a list (of paths, bytes or PIL images)")
+    parts = [image_part(i, image) for i, image in enumerate(images)]
+    return [("files", (name, data, "application/octet-stream")) for name, data in parts]
 
 
 def image_part(index: int, image: ImageInput) -> tuple[str, bytes]:

@@ -300,6 +300,76 @@ class Predictions(TypedDict):
     predictions: list[ImagePrediction]
 
 
+class TargetWeight(TypedDict):
+    model_id: str
+    weight: int  # a share of the requests
+
+
+class Deployment(TypedDict):
+    """A stable name for served models (POST/GET/PATCH /v1/deployments, .../rollback)."""
+
+    name: str
+    targets: list[TargetWeight]  # who answers, and each one's share
+    shadow_model_id: str | None  # gets a copy of each request; its answers are never returned
+    version: int  # 1 when created, +1 per change
+    created_at: str
+    updated_at: str
+
+
+class Targets(TypedDict):
+    targets: list[TargetWeight]
+    shadow_model_id: str | None
+
+
+class DeploymentChange(TypedDict):
+    """One entry of GET /v1/deployments/{name}/history."""
+
+    version: int
+    action: Literal["created", "updated", "rolled_back"]
+    actor: str | None  # the id of the API key that made the change
+    at: str
+    before: Targets | None  # None when it was created
+    after: Targets
+
+
+class DeploymentPrediction(Predictions):
+    """POST /v1/deployments/{name}/predict: `model_id` is the model that answered."""
+
+    deployment: str
+    version: int  # the deployment's version that answered
+
+
+class LatencyMs(TypedDict):
+    mean: float
+    p50: float | None  # upper bound of the bucket (None: over 10 s)
+    p95: float | None
+
+
+class Agreement(TypedDict):
+    compared: int  # images the shadow answered beside a target
+    agreed: int  # of those, how many got the same first label
+
+
+class ModelFigures(TypedDict):
+    model_id: str
+    role: Literal["target", "shadow"]
+    weight: int | None  # its share now (None: the shadow, or no longer used)
+    requests: int
+    errors: int
+    images: int
+    latency_ms: LatencyMs | None
+    top1_labels: dict[str, int]  # images per first label, most frequent first
+    agreement: Agreement | None
+
+
+class DeploymentStats(TypedDict):
+    """GET /v1/deployments/{name}/stats: per model, over every gateway."""
+
+    deployment: str
+    version: int
+    models: list[ModelFigures]
+
+
 class QuotaUsage(TypedDict):
     active_jobs: int
     stored_bytes: int

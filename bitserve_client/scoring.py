@@ -18,7 +18,7 @@ from bitserve_client.errors import (
     EvaluationFailed,
     EvaluationTimeout,
 )
-from bitserve_client.files import ARCHIVE_TYPES, ImageInput, image_part, is_pil, zip_folder
+from bitserve_client.files import ARCHIVE_TYPES, ImageInput, image_parts, zip_folder
 from bitserve_client.schema import BatchPrediction, Evaluation, Label
 from bitserve_client.transport import PAGE_SIZE, Transport, poll_until_ended, save, seg
 
@@ -193,18 +193,12 @@ class ScoringMethods(Transport):
     ) -> list[list[Label]]:
         """Classify images (paths, encoded bytes or PIL images): per image, in order, its top_k
         labels with softmax scores, highest first."""
-        if isinstance(images, (str, bytes, os.PathLike)) or is_pil(images):
-            raise TypeError("images must be a list (of paths, bytes or PIL images)")
-        parts = [image_part(i, image) for i, image in enumerate(images)]
-
-        def files(_: ExitStack) -> list[tuple[str, tuple[str, IO[bytes] | bytes, str]]]:
-            return [("files", (name, data, "application/octet-stream")) for name, data in parts]
-
+        parts = image_parts(images)
         response = self._request(
             "POST",
             f"/v1/models/{seg(model_id)}/predict",
             params={"top_k": top_k},
-            files=files,
+            files=lambda _: parts,
             idempotent=True,  # a pure function of the model and the images
         )
         return [cast(list[Label], p["top_k"]) for p in response.json()["predictions"]]

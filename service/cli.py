@@ -1,6 +1,6 @@
 """The `bitserve` command: `up` (everything on one machine), `api`, `worker`, `migrate`,
-`keys` (service.cli_keys) and `storage sweep` (service.sweep); `datasets`, `jobs`, `models`
-and `predict` work with a running service and are handed to bitserve_client.cli.
+`keys` (service.cli_keys) and `storage sweep` (service.sweep); `datasets`, `jobs`, `models`,
+`predict` and `deployments` work with a running service and are handed to bitserve_client.cli.
 
 `bitserve up` is the embedded default: with nothing configured it keeps everything under
 BITSERVE_HOME (SQLite database, kombu's SQLAlchemy transport as the broker, the artifact
@@ -55,6 +55,7 @@ REMOTE_COMMANDS = {
     "jobs": "start, watch, list, show or cancel fine-tuning jobs on a running service",
     "models": "list, show, export or delete models on a running service",
     "predict": "classify images with a model on a running service",
+    "deployments": "stable names for models on a running service: create, split, roll back",
 }
 
 

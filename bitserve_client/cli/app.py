@@ -1,4 +1,4 @@
-"""The root of the remote commands: `bitserve datasets|jobs|models|predict ...`."""
+"""The root of the remote commands: `bitserve datasets|jobs|models|predict|deployments ...`."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ from collections.abc import Sequence
 import click
 
 from bitserve_client.cli.datasets import datasets
+from bitserve_client.cli.deployments import deployments
 from bitserve_client.cli.jobs import jobs
 from bitserve_client.cli.models import models, predict
 
-COMMANDS = ("datasets", "jobs", "models", "predict")
+COMMANDS = ("datasets", "jobs", "models", "predict", "deployments")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -27,6 +28,7 @@ cli.add_command(datasets)
 cli.add_command(jobs)
 cli.add_command(models)
 cli.add_command(predict)
+cli.add_command(deployments)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
