@@ -90,6 +90,17 @@ def jobs() -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Split and training seed.")
 @click.option("--name", help="A name for the job and its model.")
 @click.option(
+    "--deploy-to",
+    metavar="NAME",
+    help="A deployment to point at the model when the job succeeds (made if missing).",
+)
+@click.option(
+    "--deploy-if-better",
+    is_flag=True,
+    help="With --deploy-to: only if the model beats the deployment's current target on the "
+    "job's validation split.",
+)
+@click.option(
     "--watch",
     "follow_job",
     is_flag=True,
@@ -105,9 +116,16 @@ def create(
     validation_fraction: float,
     seed: int,
     name: str | None,
+    deploy_to: str | None,
+    deploy_if_better: bool,
     follow_job: bool,
 ) -> None:
-    """Queue a fine-tuning job on a dataset."""
+    """Queue a fine-tuning job on a dataset.
+
+    Example: bitserve jobs create --dataset ds_... --base-model BiT-M-R50x1 --deploy-to pets
+    --deploy-if-better --watch"""
+    if deploy_if_better and deploy_to is None:
+        raise click.UsageError("--deploy-if-better needs --deploy-to NAME")
     job = remote.client.create_job(
         dataset_id,
         base_model,
@@ -116,6 +134,8 @@ def create(
         seed=seed,
         name=name,
         serving_precision=serving_precision,
+        deploy_to=deploy_to,
+        deploy_if_better=deploy_if_better,
     )
     if follow_job:
         follow_to_end(remote, job)
@@ -174,5 +194,7 @@ def follow_to_end(remote: Remote, job: Mapping[str, Any]) -> None:
         click.get_current_context().exit(130)
     remote.emit(final)
     remote.note(render.job_summary(final))
+    if final.get("deployment"):
+        remote.note(render.deploy_outcome_line(final["deployment"]))
     if final.get("status") != "succeeded":
         click.get_current_context().exit(1)

@@ -103,6 +103,18 @@ def job_summary(job: Mapping[str, Any]) -> str:
     return f"job {job.get('id')} {status}: {', '.join(parts)}"
 
 
+def deploy_outcome_line(outcome: Mapping[str, Any]) -> str:
+    """What a job's --deploy-to did, e.g. "deployment pets: updated (v2): the new model beat
+    the current target (accuracy 95.0% vs 90.0%)"."""
+    version = f" (v{outcome['version']})" if outcome.get("version") is not None else ""
+    line = f"deployment {outcome.get('deployment')}: {outcome.get('action')}{version}: "
+    line += str(outcome.get("reason", ""))
+    new, old = outcome.get("accuracy"), outcome.get("incumbent_accuracy")
+    if new is not None and old is not None:
+        line += f" (accuracy {fmt_percent(new)} vs {fmt_percent(old)})"
+    return line
+
+
 def job_created_line(job: Mapping[str, Any]) -> str:
     plan = job.get("plan") or {}
     return (

@@ -5,6 +5,7 @@ happened, and the deployment's history names the job."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -15,6 +16,7 @@ from bitcore.models import create_model
 from bitserve_client import BitserveClient
 from tests.imagegen import make_image_folder
 from tests.integration.conftest import JobServer
+from tests.integration.test_cli_remote import run_cli
 from tests.integration.worker_fixtures import FAST_OVERRIDES
 from tests.model_fixtures import publish_model
 
@@ -152,3 +154,23 @@ def test_a_bad_deployment_name_is_refused_before_the_job_is_queued(
         )
     assert (refused.status_code, refused.json()["error"]["code"]) == (422, "invalid_request")
     assert (not_a_bool.status_code, not_a_bool.json()["error"]["code"]) == (422, "invalid_request")
+
+
+def test_the_cli_deploys_a_job_and_says_so(
+    job_server: JobServer, dataset: str, tmp_path: Path
+) -> None:
+    server = job_server.server
+    steps = [f"--set={key}={value}" for key, value in OVERRIDES.items()]
+    args = ["jobs", "create", "--dataset", dataset, "--base-model", "tiny-R10x0.25", *steps]
+    refused = run_cli(server.url, server.key, *args, "--deploy-if-better", home=tmp_path)
+    assert refused.rc == 2 and "--deploy-if-better needs --deploy-to NAME" in refused.err
+    done = run_cli(
+        server.url, server.key, *args, "--deploy-to", "cli-pets", "--watch", home=tmp_path
+    )
+    assert done.rc == 0, done.err
+    lines = done.out.strip().splitlines()  # the summary lines end stdout (no --json)
+    assert lines[-1] == "deployment cli-pets: created (v1): the deployment was made"
+    with httpx.Client(base_url=server.url, headers=server.headers, timeout=60) as http:
+        targets = http.get("/v1/deployments/cli-pets").json()["targets"]
+        job = next(j for j in http.get("/v1/jobs").json()["items"] if j["deploy_to"] == "cli-pets")
+    assert targets == [{"model_id": job["model_id"], "weight": 1}]
