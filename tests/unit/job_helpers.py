@@ -6,7 +6,7 @@ from service import jobs
 from service.db import Database
 from service.ids import new_id
 from service.settings import Settings
-from service.tables import Dataset, Job
+from service.tables import Dataset, Job, Model
 
 CLASSES = [{"name": "cat", "count": 7}, {"name": "dog", "count": 5}, {"name": "eel", "count": 2}]
 # The state-machine tests create many jobs of one tenant: no quota in their way.
@@ -61,3 +61,28 @@ def load(db: Database, job_id: str) -> Job:
         job = session.get(Job, job_id)
         assert job is not None
         return job
+
+
+def add_model(
+    db: Database,
+    tenant: str | None = None,
+    classes: tuple[str, ...] = ("cat", "dog", "eel"),
+) -> str:
+    """A model row (no artifact: for the state machines that never load it)."""
+    model_id = new_id("mdl")
+    with db.sessionmaker() as session:
+        session.add(
+            Model(
+                id=model_id,
+                tenant_id=tenant,
+                job_id=None,
+                base_model="tiny-R10x0.25",
+                classes=list(classes),
+                plan={},
+                metrics=None,
+                input={"crop": 32, "mean": [0.5] * 3, "std": [0.5] * 3},
+                storage_key=f"models/{model_id}",
+            )
+        )
+        session.commit()
+    return model_id

@@ -17,31 +17,11 @@ from service import batch_prediction_runs as runs
 from service import batch_predictions, held_rows
 from service.db import Database
 from service.domain_errors import Conflict, NotFound
-from service.ids import new_id, utcnow
+from service.ids import utcnow
 from service.settings import Settings
-from service.tables import BatchPrediction, Model
-from tests.unit.job_helpers import add_dataset
+from service.tables import BatchPrediction
+from tests.unit.job_helpers import add_dataset, add_model
 from worker.batch_predict import Row, count_rows, header, render
-
-
-def add_model(db: Database, tenant: str | None = None) -> str:
-    model_id = new_id("mdl")
-    with db.sessionmaker() as session:
-        session.add(
-            Model(
-                id=model_id,
-                tenant_id=tenant,
-                job_id=None,
-                base_model="tiny-R10x0.25",
-                classes=["cat", "dog", "eel"],
-                plan={},
-                metrics=None,
-                input={"crop": 32, "mean": [0.5] * 3, "std": [0.5] * 3},
-                storage_key=f"models/{model_id}",
-            )
-        )
-        session.commit()
-    return model_id
 
 
 def create(

@@ -18,32 +18,12 @@ from service.deployment_routing import DeploymentRoutes, Resolved, Route, read_d
 from service.deployment_stats import LATENCY_BOUNDS_MS, DeploymentStats, percentile_ms
 from service.deployments import Targets
 from service.domain_errors import Conflict, InvalidRequest, NotFound
-from service.ids import new_id
 from service.settings import Settings
 from service.storage import Storage
 from service.tables import Model
+from tests.unit.job_helpers import add_model
 
 TENANT = "team"
-
-
-def add_model(db: Database, classes: tuple[str, ...] = ("cat", "dog"), tenant: str = TENANT) -> str:
-    model_id = new_id("mdl")
-    with db.sessionmaker() as session:
-        session.add(
-            Model(
-                id=model_id,
-                tenant_id=tenant,
-                job_id=None,
-                base_model="tiny-R10x0.25",
-                classes=list(classes),
-                plan={},
-                metrics=None,
-                input={"crop": 32, "mean": [0.5] * 3, "std": [0.5] * 3},
-                storage_key=f"models/{model_id}",
-            )
-        )
-        session.commit()
-    return model_id
 
 
 def one(model_id: str) -> Targets:
@@ -51,7 +31,7 @@ def one(model_id: str) -> Targets:
 
 
 def test_versions_history_and_rollback(db: Database) -> None:
-    a, b, c = add_model(db), add_model(db), add_model(db)
+    a, b, c = add_model(db, TENANT), add_model(db, TENANT), add_model(db, TENANT)
     with db.sessionmaker() as session:
         made = deployments.create_deployment(session, TENANT, "pets", one(a), "key_1")
         assert made.version == 1
@@ -83,8 +63,8 @@ def test_versions_history_and_rollback(db: Database) -> None:
 
 
 def test_refusals(db: Database) -> None:
-    a, b = add_model(db), add_model(db)
-    other_classes = add_model(db, ("eel", "fox"))
+    a, b = add_model(db, TENANT), add_model(db, TENANT)
+    other_classes = add_model(db, TENANT, ("eel", "fox"))
     theirs = add_model(db, tenant="others")
     with db.sessionmaker() as session:
         deployments.create_deployment(session, TENANT, "pets", one(a), None)
@@ -120,7 +100,7 @@ def test_refusals(db: Database) -> None:
 
 def test_a_model_in_use_is_not_deleted(db: Database, tmp_path: Path) -> None:
     storage = Storage.from_settings(Settings(home=tmp_path))
-    target, shadow = add_model(db), add_model(db)
+    target, shadow = add_model(db, TENANT), add_model(db, TENANT)
     with db.sessionmaker() as session:
         deployments.create_deployment(
             session, TENANT, "pets", Targets(((target, 1),), shadow), None
@@ -141,7 +121,7 @@ def test_a_model_in_use_is_not_deleted(db: Database, tmp_path: Path) -> None:
 
 
 def test_figures_add_up_over_flushes(db: Database) -> None:
-    a, shadow = add_model(db), add_model(db)
+    a, shadow = add_model(db, TENANT), add_model(db, TENANT)
     with db.sessionmaker() as session:
         row = deployments.create_deployment(session, TENANT, "pets", one(a), None)
     stats = DeploymentStats()
@@ -202,7 +182,7 @@ def test_weighted_round_robin_is_exact_in_every_window(
 
 
 def test_a_gateway_keeps_the_old_version_until_the_new_models_are_loaded(db: Database) -> None:
-    a, b = add_model(db), add_model(db)
+    a, b = add_model(db, TENANT), add_model(db, TENANT)
     with db.sessionmaker() as session:
         deployments.create_deployment(session, TENANT, "pets", one(a), None)
 
@@ -245,7 +225,7 @@ def test_a_gateway_keeps_the_old_version_until_the_new_models_are_loaded(db: Dat
 
 
 def test_a_gateway_reads_again_only_after_the_bound(db: Database) -> None:
-    a, b = add_model(db), add_model(db)
+    a, b = add_model(db, TENANT), add_model(db, TENANT)
     with db.sessionmaker() as session:
         deployments.create_deployment(session, TENANT, "pets", one(a), None)
 

@@ -14,10 +14,10 @@ import sqlalchemy as sa
 from service import evaluation_runs as runs
 from service import evaluations, held_rows
 from service.db import Database
-from service.ids import new_id, utcnow
+from service.ids import utcnow
 from service.settings import Settings
-from service.tables import Dataset, Evaluation, Model
-from tests.unit.job_helpers import add_dataset
+from service.tables import Dataset, Evaluation
+from tests.unit.job_helpers import add_dataset, add_model
 
 STARTED = {"done": 0, "total": None}
 
@@ -30,26 +30,6 @@ def clean(db: Database) -> Iterator[Database]:
         session.execute(sa.delete(Evaluation))
         session.commit()
     yield db
-
-
-def add_model(db: Database) -> str:
-    model_id = new_id("mdl")
-    with db.sessionmaker() as session:
-        session.add(
-            Model(
-                id=model_id,
-                tenant_id=None,
-                job_id=None,
-                base_model="tiny-R10x0.25",
-                classes=["cat", "dog", "eel"],
-                plan={},
-                metrics=None,
-                input={"crop": 32, "mean": [0.5] * 3, "std": [0.5] * 3},
-                storage_key=f"models/{model_id}",
-            )
-        )
-        session.commit()
-    return model_id
 
 
 def create(db: Database, dataset_id: str | None = None, sent: list[str] | None = None) -> str:
