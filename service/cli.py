@@ -36,6 +36,7 @@ from uvicorn.config import LOGGING_CONFIG
 from bitcore.atomic import PRIVATE_UMASK, make_private_dir
 from service.cli_keys import ADMIN_KEY_FILE, cmd_keys, ensure_admin_key
 from service.cli_keys import add_parser as add_keys_parser
+from service.cli_settings import StartupError, check_home, load_settings
 from service.log_format import FORMATTERS, LogFormat
 from service.settings import Settings, get_settings
 from service.supervisor import Supervisor
@@ -77,10 +78,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
-class StartupError(Exception):
-    """Settings or BITSERVE_HOME cannot be used: one line naming the variable or path."""
-
-
 def _run(args: argparse.Namespace) -> int:
     # Before anything is created: the database, uploads, logs and every child process's files
     # are private to the service's user (0o600 files, 0o700 directories; docs/security.md).
@@ -101,55 +98,6 @@ def _run(args: argparse.Namespace) -> int:
         return cmd_worker(settings, parse_roles(args.queues))
     handler = {"up": cmd_up, "api": cmd_api, "migrate": cmd_migrate}
     return int(handler[args.command](settings))
-
-
-def load_settings() -> Settings:
-    """The settings, or StartupError naming the variable that is wrong and what it expects
-    (pydantic's follow-on errors, e.g. defaults that could not be computed, left out)."""
-    from pydantic import ValidationError
-
-    try:
-        return get_settings()
-    except ValidationError as exc:
-        real = [e for e in exc.errors() if e["type"] != "default_factory_not_called"]
-        described = []
-        for error in real or exc.errors():
-            field = str(error["loc"][0]) if error["loc"] else ""
-            shown = repr(error.get("input")) if "input" in error else "its value"
-            message = str(error["msg"])
-            described.append(
-                f"{env_name(field)}={shown} is not valid: {message[:1].lower()}{message[1:]}"
-            )
-        raise StartupError("; ".join(described)) from None
-
-
-def env_name(field: str) -> str:
-    """The environment variable a Settings field is read from."""
-    alias = (
-        Settings.model_fields[field].validation_alias if field in Settings.model_fields else None
-    )
-    choices = getattr(alias, "choices", None)
-    if choices:  # AliasChoices(name, BITSERVE_NAME, *other names): the prefixed one
-        return str(choices[1])
-    return f"BITSERVE_{field.upper()}" if field else "a BITSERVE_ setting"
-
-
-def check_home(settings: Settings) -> None:
-    """BITSERVE_HOME must be (or become) a writable directory: refused here in one line rather
-    than as SQLite's "unable to open database file" after a page of traceback."""
-    home = settings.home
-    try:
-        make_private_dir(home)
-    except OSError as exc:
-        reason = exc.strerror or type(exc).__name__
-        raise StartupError(
-            f"BITSERVE_HOME={home} cannot be used ({reason.lower()}); set BITSERVE_HOME to a "
-            "writable directory"
-        ) from None
-    if not home.is_dir() or not os.access(home, os.W_OK | os.X_OK):
-        raise StartupError(
-            f"BITSERVE_HOME={home} is not a writable directory; set BITSERVE_HOME to one"
-        )
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -119,6 +119,7 @@ DOMAIN = (
     "deployments",
     "deployment_routing",
     "deployment_stats",
+    "cli_settings",
 )
 
 
