@@ -16,7 +16,6 @@ from bitserve_client.errors import (
 from bitserve_client.files import zip_folder
 from bitserve_client.schema import (
     BaseModel,
-    BatchPrediction,
     Dataset,
     Deployment,
     DeploymentChange,
@@ -35,6 +34,7 @@ from bitserve_client.schema import (
     Progress,
     ProgressEvent,
 )
+from bitserve_client.schema_scoring import BatchPrediction, Evaluation
 
 __all__ = [
     "ApiError",
@@ -51,6 +51,7 @@ __all__ = [
     "DeploymentChange",
     "DeploymentPrediction",
     "DeploymentStats",
+    "Evaluation",
     "IngestProgress",
     "IngestProgressEvent",
     "Job",

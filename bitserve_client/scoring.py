@@ -19,7 +19,8 @@ from bitserve_client.errors import (
     EvaluationTimeout,
 )
 from bitserve_client.files import ARCHIVE_TYPES, ImageInput, image_parts, zip_folder
-from bitserve_client.schema import BatchPrediction, Evaluation, Label
+from bitserve_client.schema import Label
+from bitserve_client.schema_scoring import BatchPrediction, Evaluation
 from bitserve_client.transport import PAGE_SIZE, Transport, poll_until_ended, save, seg
 
 

@@ -7,12 +7,13 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from service import api_keys, audit
+from service.admin_schemas import AuditEventPublic
 from service.api_keys import Scope
 from service.auth import authorize
 from service.deps import PrincipalDep, SessionDep, TenantQuery
 from service.http_errors import error_responses
 from service.pagination import DEFAULT_LIMIT, CursorQuery, LimitQuery, page
-from service.schemas import AuditEventPublic, Page
+from service.schemas import Page
 
 router = APIRouter(
     prefix="/v1/audit",

@@ -9,13 +9,14 @@ from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from service import api_keys
+from service.admin_schemas import KeyCreate, KeyCreated, KeyPublic
 from service.api_keys import Scope
 from service.auth import PrincipalCache, authorize
 from service.deps import PrincipalDep, SessionDep, SettingsDep, TenantQuery
 from service.domain_errors import Forbidden
 from service.http_errors import error_responses
 from service.pagination import DEFAULT_LIMIT, CursorQuery, LimitQuery, page
-from service.schemas import KeyCreate, KeyCreated, KeyPublic, Page
+from service.schemas import Page
 
 router = APIRouter(
     prefix="/v1/keys",

@@ -10,12 +10,12 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from service import api_keys, quotas
+from service.admin_schemas import QuotasUpdate, TenantQuotas
 from service.api_keys import Principal, Scope
 from service.auth import authorize
 from service.deps import PrincipalDep, SessionDep, SettingsDep
 from service.domain_errors import Forbidden, NotFound
 from service.http_errors import error_responses
-from service.schemas import QuotasUpdate, TenantQuotas
 
 router = APIRouter(
     prefix="/v1/tenants",

@@ -77,6 +77,7 @@ WEB_LAYER = (
     "service.connections",
     "service.job_events",
     "service.deployment_schemas",
+    "service.admin_schemas",
     "service.predict_calls",
 )
 # The service's domain modules: plain functions over the database and the store, which the

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from pydantic import BaseModel, ValidationError
 
+from service.admin_schemas import KeyCreate, QuotasUpdate
 from service.routers.jobs import JobCreate
-from service.schemas import KeyCreate, QuotasUpdate
 
 JOB = {"dataset_id": "ds_x"}
 KEY = {"scopes": ["predict"]}
