@@ -24,8 +24,8 @@ from playwright.sync_api import Browser, Page, expect
 from bitcore.models import create_model
 from tests.imagegen import class_image, encode
 from tests.integration.conftest import LiveServer, make_settings
-from tests.integration.test_ui import _to_fixed
 from tests.integration.test_ui_browser import PageErrors, browser  # noqa: F401 (a fixture)
+from tests.integration.ui_helpers import _to_fixed
 from tests.model_fixtures import publish_model
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
