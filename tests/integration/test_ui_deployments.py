@@ -5,7 +5,7 @@ off the page (each model's column equal to GET .../stats), roll back, read the h
 to GET .../history), delete it. No console error or uncaught exception (the real
 Content-Security-Policy included); screenshots go to a folder the test prints.
 
-test_ui.py runs the section's pure parts in node; test_deployments.py tests the API itself.
+test_ui_views.py runs the section's pure parts in node; test_deployments.py tests the API itself.
 """
 
 from __future__ import annotations
