@@ -1,5 +1,5 @@
 // bitserve's page: plain JS, no build step, no external assets. Every request goes through
-// api() / apiStream() with a literal path (tests/integration/test_ui.py checks each one against
+// api() / apiStream() with a literal path (tests/integration/test_ui_page.py checks each one against
 // the app's OpenAPI), so the page can only call routes the server has.
 "use strict";
 

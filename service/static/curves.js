@@ -3,7 +3,7 @@
 // from GET /v1/jobs/{id}/metrics (when the panel opens and when the job ends); while the job
 // trains, each progress event adds its step (app.js does the fetching and feeds CurveStore).
 // Drawn with uPlot (vendor/uplot, loaded before this file); CurveStore is plain data, also
-// loaded by node in tests/integration/test_ui.py.
+// loaded by node in tests/integration/test_ui_views.py.
 "use strict";
 
 // Live points are kept to about this many: the page may follow a job for hours, and the

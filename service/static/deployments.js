@@ -5,8 +5,8 @@
 // Loaded after app.js (classic scripts, one global scope): it calls that file's api(), $(),
 // seg(), guarded(), button(), cell() and setOptions(), and quality.js's table builders, only
 // when the page runs, never while loading, so node can load its pure parts alone
-// (tests/integration/test_ui.py). Every request is an api() call with a literal template
-// path: test_ui.py checks each against the app's OpenAPI, as it does app.js's.
+// (tests/integration/test_ui_views.py). Every request is an api() call with a literal template
+// path: test_ui_page.py checks each against the app's OpenAPI, as it does app.js's.
 "use strict";
 
 const DEPLOYMENT_NAME = /^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$/;

@@ -6,7 +6,7 @@
 // elements only (app.js fetches); styles come from style.css classes, and the few values that
 // vary per cell (a bar's length, a cell's share) are set through element.style, which the
 // page's Content-Security-Policy allows (style attributes in markup it would block).
-// The pure parts are loaded by node in tests/integration/test_ui.py.
+// The pure parts are loaded by node in tests/integration/test_ui_views.py.
 "use strict";
 
 const qualityPercent = (v) => (typeof v === "number" && Number.isFinite(v) ? `${(100 * v).toFixed(1)}%` : "–");

@@ -1,5 +1,5 @@
 """`bitserve deployments ...` as a user runs it: the `bitserve` entry point in a real subprocess
-(tests/integration/test_cli_remote.py `run_cli`) against the session's REAL uvicorn server on
+(tests/integration/cli_helpers.py `run_cli`) against the session's REAL uvicorn server on
 PostgreSQL + Redis. Output is captured, so stdout is no terminal: tables come as plain lines,
 their columns split by two spaces or more. Every answer is compared with what the API itself
 answers (through bitserve_client). Usage errors, which never reach a server, run in-process.
@@ -16,8 +16,8 @@ import pytest
 
 from bitserve_client import BitserveClient
 from bitserve_client.cli import main
+from tests.integration.cli_helpers import Cli, Run, run_cli
 from tests.integration.conftest import LiveServer
-from tests.integration.test_cli_remote import Cli, Run, run_cli
 from tests.integration.test_client_deployments import png, publish, unique
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]

@@ -15,8 +15,8 @@ import torch
 from bitcore.models import create_model
 from bitserve_client import BitserveClient
 from tests.imagegen import make_image_folder
+from tests.integration.cli_helpers import run_cli
 from tests.integration.conftest import JobServer
-from tests.integration.test_cli_remote import run_cli
 from tests.integration.worker_fixtures import FAST_OVERRIDES
 from tests.model_fixtures import publish_model
 

@@ -4,9 +4,10 @@ curves, open the new model, evaluate it on a second dataset uploaded on the page
 matrix, figures and worst examples' thumbnails), label that dataset with a batch prediction and
 download its CSV through the page's link, compare it with a second model.
 
-What a browser adds to test_ui.py's node runs: the real uPlot drawing into real canvases, the
-real Content-Security-Policy (a violation is a console error, and any console error or
-uncaught exception fails the test), the CSS (the confusion matrix's shading, the bars' lengths).
+What a browser adds to the node runs (test_ui_scripts.py, test_ui_views.py, test_ui_flows.py):
+the real uPlot drawing into real canvases, the real Content-Security-Policy (a violation is a
+console error, and any console error or uncaught exception fails the test), the CSS (the
+confusion matrix's shading, the bars' lengths).
 Screenshots go to a folder the test prints; with BITSERVE_UPDATE_SCREENSHOTS=1 the model view
 is also written to docs/screenshots/web-model.png (the README's picture).
 

@@ -5,7 +5,7 @@ off the page (each model's column equal to GET .../stats), roll back, read the h
 to GET .../history), delete it. No console error or uncaught exception (the real
 Content-Security-Policy included); screenshots go to a folder the test prints.
 
-test_ui.py runs the section's pure parts in node; test_deployments.py tests the API itself.
+test_ui_views.py runs the section's pure parts in node; test_deployments.py tests the API itself.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from playwright.sync_api import Browser, Page, expect
 from bitcore.models import create_model
 from tests.imagegen import class_image, encode
 from tests.integration.conftest import LiveServer, make_settings
-from tests.integration.test_ui import _to_fixed
 from tests.integration.test_ui_browser import PageErrors, browser  # noqa: F401 (a fixture)
+from tests.integration.ui_helpers import _to_fixed
 from tests.model_fixtures import publish_model
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
