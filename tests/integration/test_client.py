@@ -1,6 +1,7 @@
 """bitserve_client against a REAL uvicorn server on PostgreSQL + Redis (tests/conftest.py).
 What a healthy server never does (503 then 200, a cut event stream) is in
-tests/unit/test_client_protocol.py, against a scripted loopback server.
+tests/unit/test_client_retries.py and tests/unit/test_client_waiting.py, against a scripted
+loopback server.
 
 Uploads are ingested by the session server's own ingest worker: upload_dataset waits for the
 dataset to be ready (or raises DatasetFailed) unless told wait=False.
