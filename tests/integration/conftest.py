@@ -38,6 +38,7 @@ from tests.integration.worker_fixtures import (
     fast_job_settings,
 )
 from tests.moto_s3 import moto_server, use_endpoint
+from tests.services import create_database, drop_database
 
 STARTUP_TIMEOUT_S = 30.0
 
@@ -142,6 +143,23 @@ def migrated_db(postgres_url: str) -> str:
     """The session's PostgreSQL database, at the latest schema (Alembic upgrade head)."""
     migrate(postgres_url)
     return postgres_url
+
+
+@pytest.fixture(scope="module")
+def own_database(postgres_admin_url: str) -> Iterator[str]:
+    """A migrated PostgreSQL database for this module alone, dropped after it.
+
+    For tests that kill workers and wait for a repair: every worker's reconciler repairs the
+    jobs (and evaluations, batch predictions) of its whole database and re-sends them to its
+    own queues. On the session's database the session server's ingest worker, whose queues are
+    not the module's private ones, could take a killed worker's job back first and send it
+    where no worker of the test listens (seen once in CI)."""
+    url, name = create_database(postgres_admin_url)
+    try:
+        migrate(url)
+        yield url
+    finally:
+        drop_database(postgres_admin_url, name)
 
 
 @pytest.fixture(scope="session")

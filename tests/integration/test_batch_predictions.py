@@ -344,11 +344,11 @@ class Slow:
 
 @pytest.fixture(scope="module")
 def slow(
-    tmp_path_factory: pytest.TempPathFactory, migrated_db: str, redis_url: str
+    tmp_path_factory: pytest.TempPathFactory, own_database: str, redis_url: str
 ) -> Iterator[Slow]:
     home = tmp_path_factory.mktemp("batch-slow")
     settings = fast_job_settings(
-        home, database_url=migrated_db, broker_url=redis_url, batch_shard_size=2
+        home, database_url=own_database, broker_url=redis_url, batch_shard_size=2
     )
     server = LiveServer(settings, ingest=True).start()
     try:

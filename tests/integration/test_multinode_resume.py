@@ -75,7 +75,7 @@ def job_keys(bucket: str, job_id: str) -> list[str]:
 def test_a_job_resumes_on_another_node_from_the_published_checkpoint(
     s3_env: str,
     tmp_path: Path,
-    migrated_db: str,
+    own_database: str,
     redis_url: str,
     start_server: Callable[..., LiveServer],
 ) -> None:
@@ -84,7 +84,7 @@ def test_a_job_resumes_on_another_node_from_the_published_checkpoint(
     def node(name: str, **overrides: Any) -> Any:
         return fast_job_settings(
             tmp_path / name,
-            database_url=migrated_db,
+            database_url=own_database,
             broker_url=redis_url,
             storage_url=f"s3://{bucket}/bitserve",
             **overrides,
@@ -109,7 +109,7 @@ def test_a_job_resumes_on_another_node_from_the_published_checkpoint(
     )
     assert response.status_code == 202, response.text
     job_id = response.json()["id"]
-    db = Database(migrated_db)
+    db = Database(own_database)
     try:
         worker_a = WorkerProcess(node("a", train_queue=api.train_queue)).start()
         try:

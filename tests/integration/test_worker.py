@@ -74,11 +74,10 @@ class Env:
 
 @pytest.fixture(scope="module")
 def env(
-    tmp_path_factory: pytest.TempPathFactory, postgres_url: str, redis_url: str
+    tmp_path_factory: pytest.TempPathFactory, own_database: str, redis_url: str
 ) -> Iterator[Env]:
-    migrate(postgres_url)
     settings = fast_job_settings(
-        tmp_path_factory.mktemp("worker"), database_url=postgres_url, broker_url=redis_url
+        tmp_path_factory.mktemp("worker"), database_url=own_database, broker_url=redis_url
     )
     environment = Env(settings)
     yield environment
