@@ -3,15 +3,13 @@
 Models are real bitcore artifacts of the tiny architecture, published through
 service.job_runs.finish_succeeded as a finished job is (tests.model_fixtures): one with random
 weights (every image gets its own answer, so order matters) and one whose head is set so its
-scores are KNOWN exactly. Also test images, their multipart parts, and the error-shape check.
+scores are KNOWN exactly. Also test images and their multipart parts.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
 
-import httpx
 import pytest
 import torch
 
@@ -78,14 +76,6 @@ def _images(count: int, fmt: str = "PNG") -> list[bytes]:
 
 def _files(images: list[bytes]) -> list[tuple[str, tuple[str, bytes]]]:
     return [("files", (f"img{i}.png", data)) for i, data in enumerate(images)]
-
-
-def assert_error(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
-    assert response.status_code == status, response.text
-    body: dict[str, Any] = response.json()["error"]
-    assert body["code"] == code, body
-    assert body["message"]
-    return body
 
 
 # Registered as `random_model`: a test module imports random_model_fixture, and its tests

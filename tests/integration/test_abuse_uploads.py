@@ -17,20 +17,13 @@ import pytest
 
 from service.settings import Settings
 from tests.imagegen import class_image, encode
+from tests.integration.api_errors import assert_error
 from tests.integration.conftest import LiveServer, make_key, make_settings
 from tests.integration.datasets_helpers import upload_failed, upload_ready
 
 pytestmark = pytest.mark.integration
 
 MIB = 1 << 20
-
-
-def _error(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
-    assert response.status_code == status, response.text
-    body: dict[str, Any] = response.json()["error"]
-    assert body["code"] == code, body
-    assert body["message"]
-    return body
 
 
 def _pngs() -> dict[str, bytes]:
@@ -174,14 +167,14 @@ def test_rejection_list_is_capped_inline_and_paged_on_its_own_route(
     assert [item for items in pages for item in items] == expected
 
     bad = http.get(f"/v1/datasets/{dataset['id']}/rejected", params={"cursor": "bm90IG91cnM"})
-    _error(bad, 400, "invalid_cursor")
-    _error(http.get("/v1/datasets/ds_nope/rejected"), 404, "not_found")
+    assert_error(bad, 400, "invalid_cursor")
+    assert_error(http.get("/v1/datasets/ds_nope/rejected"), 404, "not_found")
     # Another tenant's dataset looks like no dataset at all.
     other = make_key(live_server_instance.app.state.db, live_server_instance.settings, "t-other")
     response = http.get(
         f"/v1/datasets/{dataset['id']}/rejected", headers={"Authorization": f"Bearer {other}"}
     )
-    _error(response, 404, "not_found")
+    assert_error(response, 404, "not_found")
     _healthy(http)
 
 
@@ -210,7 +203,7 @@ def test_upload_without_free_disk_is_refused_before_the_body_is_read(
     # More margin than any disk has free: the store "is full" for this upload.
     server = tight_server(upload_free_disk_margin_bytes=1 << 60)
     with httpx.Client(base_url=server.url, timeout=60, headers=server.headers) as http:
-        body = _error(_upload(http, _zip(_pngs())), 507, "insufficient_storage")
+        body = assert_error(_upload(http, _zip(_pngs())), 507, "insufficient_storage")
         assert body["details"]["needed_bytes"] > body["details"]["free_bytes"]
         assert _dataset_names(server) == set()
         tmp = Path(server.settings.artifact_root) / "tmp"
@@ -256,7 +249,7 @@ def test_concurrent_upload_cap_answers_503_with_retry_after(
         _wait_for(lambda: slots.active == 1)
         with httpx.Client(base_url=server.url, timeout=60, headers=server.headers) as http:
             response = _upload(http, _zip(_pngs()))
-            body = _error(response, 503, "too_many_uploads")
+            body = assert_error(response, 503, "too_many_uploads")
             assert response.headers["retry-after"] == "5"
             assert body["details"] == {"limit": 1}
             stalled.close()
@@ -274,14 +267,14 @@ def test_upload_form_takes_only_its_known_fields(http: httpx.Client) -> None:
     # The original: 100k extra fields (386 MB) took the gateway to 1.82 GB. Refused at the
     # first unknown part, which names it; a known field twice is refused too.
     fields = {f"f{i}": "x" * 100 for i in range(1000)}
-    body = _error(_upload(http, _zip(_pngs()), **fields), 422, "invalid_request")
+    body = assert_error(_upload(http, _zip(_pngs()), **fields), 422, "invalid_request")
     assert body["details"] == {"field": "f0"}
     parts = [("file", ("a.zip", _zip(_pngs()), "application/zip")), ("name", ("", b"one"))]
     twice = http.post(
         "/v1/datasets",
         files=[*parts, ("name", (None, b"two"))],  # type: ignore[list-item]
     )
-    _error(twice, 422, "invalid_request")
+    assert_error(twice, 422, "invalid_request")
     _healthy(http)
 
 
@@ -339,7 +332,7 @@ def test_json_bodies_over_the_cap_are_refused_before_they_are_read(
     response = http.post(
         "/v1/jobs", content=chunked(), headers={"content-type": "application/json"}
     )
-    _error(response, 413, "payload_too_large")
+    assert_error(response, 413, "payload_too_large")
     # Within the cap the route reads and judges the body as before.
     padded = {"dataset_id": "ds_" + "x" * 1000, "base_model": "tiny-R10x0.25"}
     assert http.post("/v1/jobs", json=padded).status_code in (404, 422)

@@ -21,6 +21,7 @@ import pytest
 
 from service.settings import Settings
 from tests.imagegen import make_archive, make_image_folder
+from tests.integration.api_errors import assert_error
 from tests.integration.conftest import LiveServer, make_key
 from tests.integration.datasets_helpers import post_archive, upload_ended
 from tests.integration.worker_fixtures import WorkerProcess, add_dataset, fast_job_settings
@@ -71,13 +72,6 @@ def _folders(settings: Settings) -> list[str]:
         if (store / kind).exists()
         for p in (store / kind).iterdir()
     )
-
-
-def _error(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
-    assert response.status_code == status, response.text
-    error: dict[str, Any] = response.json()["error"]
-    assert error["code"] == code and error["message"], error
-    return error
 
 
 class Stream(threading.Thread):
@@ -202,12 +196,12 @@ def test_events_of_unknown_or_foreign_datasets_answer_404(
 ) -> None:
     with httpx.Client(base_url=server.url, headers=server.headers, timeout=60) as http:
         ours = _accepted(http, _archive(tmp_path, "pets", {"a": 2, "b": 2}))
-        _error(http.get("/v1/datasets/ds_aaaaaaaaaaaaaaaaaaaa/events"), 404, "not_found")
+        assert_error(http.get("/v1/datasets/ds_aaaaaaaaaaaaaaaaaaaa/events"), 404, "not_found")
         other = make_key(server.app.state.db, server.settings, tenant="t-events-other")
         foreign = http.get(
             f"/v1/datasets/{ours}/events", headers={"Authorization": f"Bearer {other}"}
         )
-        error = _error(foreign, 404, "not_found")
+        error = assert_error(foreign, 404, "not_found")
         assert error["message"] == f"dataset {ours!r} does not exist" and error["details"] == {}
         assert server.app.state.dataset_events.streams == {}  # a refused stream holds no place
 
@@ -235,7 +229,7 @@ def test_dataset_and_job_streams_share_the_per_key_cap(
         )
         for path in (dataset_path, job_path):
             refused = http.get(path)
-            error = _error(refused, 429, "too_many_streams")
+            error = assert_error(refused, 429, "too_many_streams")
             assert error["details"] == {"limit": 2}
             assert refused.headers["retry-after"] == "5"
         # The job ends (cancelled while queued), and so does its stream.
@@ -247,7 +241,7 @@ def test_dataset_and_job_streams_share_the_per_key_cap(
             with http.stream("GET", dataset_path) as extra:
                 if extra.status_code == 200:
                     refused = http.get(job_path)
-                    _error(refused, 429, "too_many_streams")
+                    assert_error(refused, 429, "too_many_streams")
                     break
             assert time.monotonic() < deadline, "the ended stream's place was not given back"
             time.sleep(0.05)
@@ -269,7 +263,7 @@ def _assert_not_ready(http: httpx.Client, dataset_id: str, status: str) -> None:
         http.get(f"/v1/datasets/{dataset_id}/plan"),
         http.get(f"/v1/datasets/{dataset_id}/rejected"),
     ):
-        error = _error(response, 409, "dataset_not_ready")
+        error = assert_error(response, 409, "dataset_not_ready")
         assert error["details"] == {"status": status}, response.request.url
         assert dataset_id in error["message"]
 
@@ -298,7 +292,7 @@ def test_delete_of_a_processing_dataset_removes_its_stored_upload(
         assert stored.is_dir() and any(stored.iterdir())  # the archive, waiting for a worker
         assert _folders(server.settings) == [f"uploads/{dataset_id}"]
         assert http.delete(f"/v1/datasets/{dataset_id}").status_code == 204
-        _error(http.get(f"/v1/datasets/{dataset_id}"), 404, "not_found")
+        assert_error(http.get(f"/v1/datasets/{dataset_id}"), 404, "not_found")
         assert not stored.exists()
         assert _folders(server.settings) == []
-        _error(http.delete(f"/v1/datasets/{dataset_id}"), 404, "not_found")
+        assert_error(http.delete(f"/v1/datasets/{dataset_id}"), 404, "not_found")

@@ -20,6 +20,7 @@ import torch
 from bitcore import costs, hyperrule
 from bitcore.models import create_model
 from tests.imagegen import make_archive, make_image_folder
+from tests.integration.api_errors import assert_error
 from tests.integration.conftest import LiveServer, make_settings
 from tests.integration.datasets_helpers import upload_ready
 from tests.integration.worker_fixtures import (
@@ -77,13 +78,6 @@ def _assert_healthy(http: httpx.Client, dataset_id: str) -> None:
     assert plan.status_code == 200, plan.text
 
 
-def _error(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
-    assert response.status_code == status, response.text
-    error: dict[str, Any] = response.json()["error"]
-    assert error["code"] == code and error["message"], error
-    return error
-
-
 # -- typed, bounded overrides ---------------------------------------------------------------
 
 
@@ -92,7 +86,7 @@ def test_unbounded_plan_overrides_are_refused(http: httpx.Client, dataset_id: st
     # steps=1000000000000 answered 200.
     params = {**HUGE, "steps": HUGE_STEPS}
     response = http.get(f"/v1/datasets/{dataset_id}/plan", params=params)
-    error = _error(response, 422, "invalid_request")
+    error = assert_error(response, 422, "invalid_request")
     assert error["details"]["field"] == "steps"  # the first of the query's parameters
     assert {tuple(e["loc"]) for e in error["details"]["errors"]} == {
         ("query", "steps"),
@@ -108,7 +102,7 @@ def test_unbounded_job_overrides_are_refused(http: httpx.Client, dataset_id: str
     # POST /v1/jobs accepted the same overrides (steps 1e12: an ETA of 3.2e11 s).
     before = _job_ids(http)
     body = {"dataset_id": dataset_id, "overrides": {**HUGE, "steps": HUGE_STEPS}}
-    error = _error(http.post("/v1/jobs", json=body), 422, "invalid_request")
+    error = assert_error(http.post("/v1/jobs", json=body), 422, "invalid_request")
     assert error["details"]["field"] == "overrides.steps"
     assert {tuple(e["loc"]) for e in error["details"]["errors"]} == {
         ("body", "overrides", name) for name in ("steps", "batch_size", "crop", "precrop")
@@ -138,7 +132,7 @@ def test_each_override_bound_names_its_field(
     http: httpx.Client, dataset_id: str, overrides: dict[str, Any], field: str
 ) -> None:
     body = {"dataset_id": dataset_id, "base_model": "tiny-R10x0.25", "overrides": overrides}
-    error = _error(http.post("/v1/jobs", json=body), 422, "invalid_request")
+    error = assert_error(http.post("/v1/jobs", json=body), 422, "invalid_request")
     assert error["details"]["field"] == field
     assert field in error["message"]
 
@@ -162,7 +156,7 @@ def test_overrides_at_their_bounds_are_accepted(http: httpx.Client, dataset_id: 
     http.post(f"/v1/jobs/{response.json()['id']}/cancel")
     # How the bounded values fit together stays the planner's: crop over precrop.
     crossed = {**body, "overrides": {"crop": 1024, "precrop": 512}}
-    error = _error(http.post("/v1/jobs", json=crossed), 422, "invalid_override")
+    error = assert_error(http.post("/v1/jobs", json=crossed), 422, "invalid_override")
     assert error["details"] == {"field": "overrides.crop"}
 
 
@@ -190,7 +184,7 @@ def test_a_job_past_the_memory_limit_is_refused(http: httpx.Client, dataset_id: 
     before = _job_ids(http)
     overrides = {"batch_size": 4096, "micro_batch_size": 4096, "crop": 1024, "precrop": 1024}
     body = {"dataset_id": dataset_id, "base_model": "BiT-M-R152x4", "overrides": overrides}
-    error = _error(http.post("/v1/jobs", json=body), 422, "job_too_expensive")
+    error = assert_error(http.post("/v1/jobs", json=body), 422, "job_too_expensive")
     details = error["details"]
     assert (details["resource"], details["limit"], details["setting"]) == (
         "memory_bytes",
@@ -202,7 +196,7 @@ def test_a_job_past_the_memory_limit_is_refused(http: httpx.Client, dataset_id: 
     plan = http.get(
         f"/v1/datasets/{dataset_id}/plan", params=overrides | {"base_model": body["base_model"]}
     )
-    assert _error(plan, 422, "job_too_expensive")["details"] == details
+    assert assert_error(plan, 422, "job_too_expensive")["details"] == details
     _assert_healthy(http, dataset_id)
 
 
@@ -230,7 +224,7 @@ def test_cache_and_images_limits_are_settings(
         # precrop 1000 on a 12-image dataset: 36 MB of pixels, but each image is cached in at
         # most its own file's bytes, so the estimate is the archive's bound.
         big_cache = {**base, "overrides": {"precrop": 1000, "steps": 10, "batch_size": 4}}
-        error = _error(client.post("/v1/jobs", json=big_cache), 422, "job_too_expensive")
+        error = assert_error(client.post("/v1/jobs", json=big_cache), 422, "job_too_expensive")
         assert error["details"] == {
             "resource": "cache_bytes",
             "estimate": 2 * archive_bytes,
@@ -241,14 +235,14 @@ def test_cache_and_images_limits_are_settings(
             "ask for a smaller dataset (its images are cached in about their bytes)"
         )
         small = {"precrop": 50, "crop": 48, "steps": 10, "batch_size": 4}
-        error = _error(
+        error = assert_error(
             client.post("/v1/jobs", json={**base, "overrides": small}), 422, "job_too_expensive"
         )
         assert error["details"]["estimate"] == NUM_IMAGES * 50 * 50 * 3
         assert error["message"].endswith("ask for a smaller precrop")
         fits = {"precrop": 48, "crop": 48}  # the cache within its limit
         long_run = {**base, "overrides": {"steps": 101, "batch_size": 10, **fits}}
-        error = _error(client.post("/v1/jobs", json=long_run), 422, "job_too_expensive")
+        error = assert_error(client.post("/v1/jobs", json=long_run), 422, "job_too_expensive")
         assert error["details"] == {
             "resource": "images_processed",
             "estimate": 1010,
@@ -268,12 +262,12 @@ def test_deep_json_in_overrides_is_a_4xx(http: httpx.Client, dataset_id: str) ->
     deep = "[" * 900 + "]" * 900
     raw = f'{{"dataset_id": "{dataset_id}", "overrides": {deep}}}'
     response = http.post("/v1/jobs", content=raw, headers={"content-type": "application/json"})
-    error = _error(response, 422, "invalid_request")
+    error = assert_error(response, 422, "invalid_request")
     assert error["details"]["field"] == "overrides"
     deeper = "[" * 5000 + "]" * 5000  # past the JSON parser's own stack
     raw = f'{{"dataset_id": "{dataset_id}", "overrides": {deeper}}}'
     response = http.post("/v1/jobs", content=raw, headers={"content-type": "application/json"})
-    _error(response, 400, "malformed_request")
+    assert_error(response, 400, "malformed_request")
     _assert_healthy(http, dataset_id)
 
 
@@ -291,7 +285,7 @@ def test_deep_predict_json_is_a_4xx(
         content=raw,
         headers={"content-type": "application/json"},
     )
-    error = _error(response, 400, "malformed_request")
+    error = assert_error(response, 400, "malformed_request")
     assert error["message"] == "the body's JSON is nested too deeply to parse"
     assert json.loads(response.text)["error"]["details"] == {}
     _assert_healthy(http, dataset_id)

@@ -20,6 +20,7 @@ from bitcore.artifacts import INPUT_RESIZE
 from bitcore.predict import Predictor
 from service.known_models import KnownModels
 from service.tables import Model
+from tests.integration.api_errors import assert_error
 from tests.integration.conftest import LiveServer
 from tests.integration.models_helpers import (
     CLASSES,
@@ -28,7 +29,6 @@ from tests.integration.models_helpers import (
     _files,
     _images,
     _publish,
-    assert_error,
     random_model_fixture,  # noqa: F401 (the fixture random_model)
 )
 from tests.model_fixtures import fixture_plan

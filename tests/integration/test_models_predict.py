@@ -21,6 +21,7 @@ import pytest
 from bitcore.predict import Predictor
 from service.ids import new_id
 from service.settings import Settings
+from tests.integration.api_errors import assert_error
 from tests.integration.conftest import LiveServer, make_settings
 from tests.integration.models_helpers import (
     CLASSES,
@@ -28,7 +29,6 @@ from tests.integration.models_helpers import (
     _add_model,
     _files,
     _images,
-    assert_error,
     random_model_fixture,  # noqa: F401 (the fixture random_model)
 )
 
